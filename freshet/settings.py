@@ -1,0 +1,193 @@
+"""Settings for every freshet process, read once at start-up.
+
+Values come from `FRESHET_*` environment variables, then an optional TOML file
+(`FRESHET_CONFIG`), then defaults. Anything unknown or invalid fails fast with one
+line naming the setting and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+PREFIX = "FRESHET_"
+
+
+class SettingsError(ValueError):
+    """A setting is unknown or has a value freshet cannot use."""
+
+
+def _secret(default: str = "") -> Any:
+    return field(default=default, repr=False, metadata={"secret": True})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob freshet has; the env var is `FRESHET_` + the upper-cased name."""
+
+    # Kafka. Empty bootstrap servers mean "use the embedded broker".
+    kafka_bootstrap_servers: str = ""
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = ""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = _secret()
+    kafka_ssl_cafile: str = ""
+    # Tansu holds a JoinGroup for session_timeout/2: keep this short (DESIGN.md).
+    kafka_session_timeout_ms: int = 8000
+    # Faust's hard-coded 1.5 s fetch wait would cost seconds of freshness.
+    kafka_fetch_max_wait_ms: int = 20
+    kafka_partitions: int = 4
+
+    # Redis. Empty means "use the embedded server".
+    redis_url: str = _secret()
+
+    data_dir: str = "data"
+    feature_repo: str = "feature_repo"
+    mlflow_tracking_uri: str = ""
+
+    topic_deadletter: str = "freshet.deadletter"
+    topic_predictions: str = "freshet.predictions"
+    topic_labels: str = "freshet.labels"
+    topic_drift: str = "freshet.drift"
+    topic_retrain: str = "freshet.retrain"
+    topic_models: str = "freshet.models"
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    api_token: str = _secret()
+    max_body_bytes: int = 1_000_000
+
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.data_path / 'mlflow.db'}"
+
+    def kafka_client_config(self) -> dict[str, str]:
+        """librdkafka (confluent-kafka) client options, security passed through."""
+        conf = {
+            "bootstrap.servers": self.kafka_bootstrap_servers,
+            "security.protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_sasl_mechanism:
+            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
+            conf["sasl.username"] = self.kafka_sasl_username
+            conf["sasl.password"] = self.kafka_sasl_password
+        if self.kafka_ssl_cafile:
+            conf["ssl.ca.location"] = self.kafka_ssl_cafile
+        return conf
+
+    def with_endpoints(self, kafka: str, redis_url: str) -> "Settings":
+        return dataclasses.replace(self, kafka_bootstrap_servers=kafka, redis_url=redis_url)
+
+    def public_view(self) -> dict[str, Any]:
+        """The settings with secrets masked, for logs and `freshet config`."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = "***" if f.metadata.get("secret") and value else value
+        return out
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_CHOICES = {
+    "kafka_security_protocol": {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"},
+    "kafka_sasl_mechanism": {"", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"},
+    "log_level": {"DEBUG", "INFO", "WARNING", "ERROR"},
+}
+_POSITIVE = {"kafka_session_timeout_ms", "kafka_partitions", "max_body_bytes"}
+
+
+def _env_name(name: str) -> str:
+    return PREFIX + name.upper()
+
+
+def _validate(s: Settings) -> None:
+    for name, allowed in _CHOICES.items():
+        if getattr(s, name) not in allowed:
+            raise SettingsError(
+                f"{_env_name(name)}={getattr(s, name)!r} is not allowed; use one of {sorted(allowed)}"
+            )
+    for name in _POSITIVE:
+        if getattr(s, name) <= 0:
+            raise SettingsError(f"{_env_name(name)} must be a positive integer, got {getattr(s, name)}")
+    if not 0 <= s.kafka_fetch_max_wait_ms <= 5000:
+        raise SettingsError(
+            f"{_env_name('kafka_fetch_max_wait_ms')}={s.kafka_fetch_max_wait_ms} must be 0..5000 "
+            "(about 10-50 ms keeps features fresh)"
+        )
+    if not 0 < s.http_port < 65536:
+        raise SettingsError(f"{_env_name('http_port')}={s.http_port} must be a TCP port 1..65535")
+    if s.redis_url and urlparse(s.redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise SettingsError(
+            f"{_env_name('redis_url')} must look like redis://[:password@]host:port/db or rediss://... "
+            f"(got scheme {urlparse(s.redis_url).scheme!r})"
+        )
+    if s.kafka_sasl_mechanism and not s.kafka_security_protocol.startswith("SASL"):
+        raise SettingsError(
+            f"{_env_name('kafka_sasl_mechanism')} is set but {_env_name('kafka_security_protocol')}="
+            f"{s.kafka_security_protocol}; use SASL_PLAINTEXT or SASL_SSL"
+        )
+    for topic in ("deadletter", "predictions", "labels", "drift", "retrain", "models"):
+        if not getattr(s, f"topic_{topic}"):
+            raise SettingsError(f"{_env_name('topic_' + topic)} must not be empty")
+
+
+def _coerce(name: str, raw: Any, source: str) -> Any:
+    kind = _FIELDS[name].type
+    if kind == "int" or kind is int:
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{source} must be an integer, got {raw!r}") from None
+    return str(raw)
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None, **overrides: Any
+) -> Settings:
+    """Build Settings from env vars, the optional FRESHET_CONFIG file and overrides."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    config_file = env.get(PREFIX + "CONFIG")
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise SettingsError(f"FRESHET_CONFIG={config_file} does not exist; point it at a TOML file")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"FRESHET_CONFIG={config_file} is not valid TOML: {exc}") from None
+        for key, raw in data.items():
+            if key not in _FIELDS:
+                raise SettingsError(f"{config_file}: unknown setting {key!r}; known: {', '.join(_FIELDS)}")
+            values[key] = _coerce(key, raw, f"{config_file}: {key}")
+    for key, raw in env.items():
+        if not key.startswith(PREFIX) or key == PREFIX + "CONFIG":
+            continue
+        name = key[len(PREFIX):].lower()
+        if name not in _FIELDS:
+            raise SettingsError(
+                f"unknown setting {key}; known: {', '.join(_env_name(n) for n in _FIELDS)}"
+            )
+        values[name] = _coerce(name, raw, key)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)
+
+
+def settings_table() -> list[tuple[str, str]]:
+    """(env var, default) for every setting, for docs and `freshet config --help`."""
+    defaults = Settings()
+    return [(_env_name(n), str(getattr(defaults, n))) for n in _FIELDS]
