@@ -16,6 +16,9 @@ from typing import Any, Mapping
 from urllib.parse import urlparse
 
 PREFIX = "FRESHET_"
+# Read by feature_repo/ (feature_store.yaml, definitions.py) or the test harness,
+# not by this object; freshet sets the Feast ones itself from the settings below.
+PASSTHROUGH = {"FRESHET_CONFIG", "FRESHET_FEAST_REDIS", "FRESHET_TRANSACTIONS_TOPIC", "FRESHET_TESTCONTAINERS"}
 
 
 class SettingsError(ValueError):
@@ -175,7 +178,7 @@ def load_settings(
                 raise SettingsError(f"{config_file}: unknown setting {key!r}; known: {', '.join(_FIELDS)}")
             values[key] = _coerce(key, raw, f"{config_file}: {key}")
     for key, raw in env.items():
-        if not key.startswith(PREFIX) or key == PREFIX + "CONFIG":
+        if not key.startswith(PREFIX) or key in PASSTHROUGH:
             continue
         name = key[len(PREFIX):].lower()
         if name not in _FIELDS:

@@ -1,0 +1,225 @@
+"""The Feast registry as freshet reads it: stream feature views turned into plain specs.
+
+`feature_repo/` is the only place features are declared; every stage (stream,
+backfill, serving, monitor) gets names, types, windows and sources from here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from freshet.settings import Settings
+from freshet.stack import feast_connection_string
+
+log = logging.getLogger("freshet.features")
+
+FUNCTIONS = ("count", "sum", "mean", "min", "max", "last", "count_distinct")
+
+# Spark DDL types (as in Feast's JsonFormat) -> the python types freshet accepts.
+DDL_TYPES = {
+    "string": "string", "varchar": "string",
+    "int": "int", "integer": "int", "bigint": "int", "long": "int", "smallint": "int",
+    "double": "float", "float": "float", "decimal": "float",
+    "boolean": "bool", "bool": "bool",
+    "timestamp": "timestamp",
+}
+
+
+class FeatureRepoError(ValueError):
+    """The feature repo or registry cannot be used; the message names the object and the fix."""
+
+
+@dataclass(frozen=True)
+class AggregationSpec:
+    name: str  # output feature name (Feast's resolved_name)
+    column: str
+    function: str
+    window_s: int
+    slide_s: int
+    dtype: str  # Feast value type name: INT64, DOUBLE, STRING
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    name: str
+    join_keys: tuple[str, ...]
+    join_key_types: tuple[str, ...]  # Feast ValueType names
+    ttl_s: int
+    topic: str
+    timestamp_field: str
+    source_schema: dict[str, str]  # column -> string/int/float/bool/timestamp
+    lateness_s: int
+    aggregations: tuple[AggregationSpec, ...]
+    offline_path: str
+    online: bool = True
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [a.name for a in self.aggregations]
+
+    @property
+    def tile_s(self) -> int:
+        """Tile width: the gcd of every window and slide, so each window is whole tiles."""
+        from math import gcd
+
+        g = 0
+        for a in self.aggregations:
+            g = gcd(gcd(g, a.window_s), a.slide_s)
+        return g
+
+    @property
+    def max_window_s(self) -> int:
+        return max(a.window_s for a in self.aggregations)
+
+
+@dataclass
+class FeatureRegistry:
+    project: str
+    views: dict[str, ViewSpec]
+    feature_services: dict[str, list[str]] = field(default_factory=dict)  # service -> "view:feature"
+
+    def views_by_topic(self) -> dict[str, list[ViewSpec]]:
+        out: dict[str, list[ViewSpec]] = {}
+        for v in self.views.values():
+            out.setdefault(v.topic, []).append(v)
+        return out
+
+
+def feast_env(settings: Settings) -> dict[str, str]:
+    """The env vars feature_store.yaml and definitions.py read."""
+    return {
+        "FRESHET_DATA_DIR": str(settings.data_path),
+        "FRESHET_FEAST_REDIS": feast_connection_string(settings.redis_url or "redis://localhost:6379"),
+        "FRESHET_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "localhost:9092",
+    }
+
+
+def repo_path(settings: Settings) -> Path:
+    path = Path(settings.feature_repo).expanduser().resolve()
+    if not (path / "feature_store.yaml").is_file():
+        raise FeatureRepoError(
+            f"no feature_store.yaml in {path}; set FRESHET_FEATURE_REPO to the Feast repo directory"
+        )
+    return path
+
+
+def repo_config(settings: Settings):
+    """Feast's RepoConfig for this deployment, endpoints substituted from settings."""
+    from feast.repo_config import RepoConfig
+
+    path = repo_path(settings)
+    env = feast_env(settings)
+    text = (path / "feature_store.yaml").read_text()
+    text = re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), os.environ.get(m.group(1), m.group(0))), text)
+    raw = yaml.safe_load(text)
+    return RepoConfig(repo_path=path, **raw)
+
+
+def feature_store(settings: Settings):
+    from feast import FeatureStore
+
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    return FeatureStore(config=repo_config(settings), repo_path=str(repo_path(settings)))
+
+
+def apply(settings: Settings, extra_env: dict[str, str] | None = None) -> None:
+    """`feast apply` the repo against this deployment (a subprocess, so definitions see fresh env)."""
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **feast_env(settings), **(extra_env or {})}
+    feast = Path(sys.executable).with_name("feast")
+    proc = subprocess.run(
+        [str(feast), "-c", str(repo_path(settings)), "apply"], env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+    if proc.returncode != 0:
+        raise FeatureRepoError(f"feast apply failed:\n{proc.stderr.strip()[-2000:]}")
+    log.info("feast apply: %s", proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "ok")
+
+
+def load_registry(settings: Settings, store=None) -> FeatureRegistry:
+    """Read every stream feature view from the Feast registry and check freshet can run it."""
+    store = store or feature_store(settings)
+    views = {}
+    for sfv in store.list_stream_feature_views():
+        views[sfv.name] = _view_spec(sfv)
+    if not views:
+        raise FeatureRepoError(
+            "the Feast registry has no stream feature views; run 'freshet apply' "
+            f"(or 'feast -c {settings.feature_repo} apply') first"
+        )
+    services = {}
+    for svc in store.list_feature_services():
+        services[svc.name] = [
+            f"{proj.name}:{f.name}" for proj in svc.feature_view_projections for f in proj.features
+        ]
+    return FeatureRegistry(store.project, views, services)
+
+
+def parse_ddl(ddl: str) -> dict[str, str]:
+    out = {}
+    for part in filter(None, (p.strip() for p in ddl.split(","))):
+        name, _, kind = part.partition(" ")
+        kind = kind.strip().lower()
+        if kind not in DDL_TYPES:
+            raise FeatureRepoError(f"column {name!r} has type {kind!r}; supported: {sorted(DDL_TYPES)}")
+        out[name] = DDL_TYPES[kind]
+    return out
+
+
+def _seconds(td: timedelta | None) -> int:
+    return int(td.total_seconds()) if td else 0
+
+
+def _view_spec(sfv: Any) -> ViewSpec:
+    src = sfv.stream_source
+    opts = getattr(src, "kafka_options", None)
+    if opts is None:
+        raise FeatureRepoError(f"stream feature view {sfv.name!r}: source {src.name!r} is not a KafkaSource")
+    schema = parse_ddl(opts.message_format.schema_json)
+    ts_field = src.timestamp_field
+    if schema.get(ts_field) not in ("timestamp", "int", "float"):
+        raise FeatureRepoError(f"view {sfv.name!r}: timestamp field {ts_field!r} is not in the source schema")
+    dtypes = {f.name: str(f.dtype.to_value_type().name) for f in sfv.features}
+    join_keys = tuple(sfv.entities and [c.name for c in sfv.entity_columns] or [])
+    if not join_keys:
+        raise FeatureRepoError(f"view {sfv.name!r} has no entities")
+    key_types = tuple(str(c.dtype.to_value_type().name) for c in sfv.entity_columns)
+    for k in join_keys:
+        if k not in schema:
+            raise FeatureRepoError(f"view {sfv.name!r}: join key {k!r} is not a field of topic {opts.topic!r}")
+    aggs = []
+    for a in sfv.aggregations:
+        name = a.resolved_name(a.time_window)
+        if a.function not in FUNCTIONS:
+            raise FeatureRepoError(f"view {sfv.name!r}: aggregation {name!r} uses function {a.function!r}; "
+                                   f"supported: {', '.join(FUNCTIONS)}")
+        if a.column not in schema:
+            raise FeatureRepoError(f"view {sfv.name!r}: aggregation {name!r} reads column {a.column!r}, "
+                                   f"which the source schema lacks")
+        if name not in dtypes:
+            raise FeatureRepoError(f"view {sfv.name!r}: aggregation {name!r} has no Field in the schema; "
+                                   f"add Field(name={name!r}, dtype=...)")
+        window_s, slide_s = _seconds(a.time_window), _seconds(a.slide_interval) or _seconds(a.time_window)
+        if window_s <= 0 or window_s % slide_s:
+            raise FeatureRepoError(f"view {sfv.name!r}: aggregation {name!r} needs a time_window that is a "
+                                   f"whole multiple of its slide_interval")
+        aggs.append(AggregationSpec(name, a.column, a.function, window_s, slide_s, dtypes[name]))
+    if not aggs:
+        raise FeatureRepoError(f"view {sfv.name!r} declares no aggregations")
+    batch = src.batch_source
+    return ViewSpec(
+        name=sfv.name, join_keys=join_keys, join_key_types=key_types, ttl_s=_seconds(sfv.ttl),
+        topic=opts.topic, timestamp_field=ts_field, source_schema=schema,
+        lateness_s=_seconds(opts.watermark_delay_threshold), aggregations=tuple(aggs),
+        offline_path=getattr(batch, "path", "") if batch else "", online=sfv.online,
+    )

