@@ -80,6 +80,8 @@ def producer(settings: Settings, **overrides) -> Producer:
         "batch.num.messages": 10000,
         "enable.idempotence": False,  # Tansu lacks InitProducerId v0 (DESIGN.md)
         "acks": "all",
+        # Java's (and aiokafka's) partitioner: a key lands where Faust's tables expect it.
+        "partitioner": "murmur2_random",
         "log_level": 3,
     }
     conf.update(overrides)

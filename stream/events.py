@@ -1,0 +1,106 @@
+"""Decoding and validating source events against the KafkaSource schema.
+
+A bad event is never dropped: `EventDecoder.decode` returns the reason, and the
+engine sends the original bytes with that reason to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+from freshet.features import ViewSpec
+
+
+class EventError(ValueError):
+    """Why an event cannot be used; becomes the dead-letter record's `error`."""
+
+
+def parse_timestamp(value: Any, field: str) -> float:
+    """Epoch seconds (int/float; milliseconds are recognised by size) or ISO-8601 -> epoch seconds."""
+    if isinstance(value, bool):
+        raise EventError(f"field {field!r} must be a timestamp, got bool")
+    if isinstance(value, (int, float)):
+        # 1e11 s is year 5138: anything above is milliseconds
+        return value / 1000.0 if value > 1e11 else float(value)
+    if isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise EventError(f"field {field!r} is not an ISO-8601 timestamp: {value[:40]!r}") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        return dt.timestamp()
+    raise EventError(f"field {field!r} must be a timestamp, got {type(value).__name__}")
+
+
+_CHECKS = {
+    "string": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+}
+
+
+class EventDecoder:
+    """Validates the events of one topic for every view that reads it.
+
+    Required: the timestamp field, every view's join keys and aggregated columns.
+    Other schema fields are optional but must have the declared type when present.
+
+    >>> from freshet.features import AggregationSpec, ViewSpec
+    >>> v = ViewSpec("v", ("card_id",), ("STRING",), 0, "tx", "ts",
+    ...              {"card_id": "string", "amount": "float", "ts": "timestamp"}, 0,
+    ...              (AggregationSpec("sum_amount_60s", "amount", "sum", 60, 60, "DOUBLE"),), "")
+    >>> d = EventDecoder([v])
+    >>> d.decode(b'{"card_id": "c1", "amount": 3, "ts": 1700000000}')
+    (1700000000.0, {'card_id': 'c1', 'amount': 3.0, 'ts': 1700000000})
+    >>> d.decode(b'{"card_id": "c1", "amount": "3", "ts": 1}')
+    Traceback (most recent call last):
+    ...
+    stream.events.EventError: field 'amount' must be float, got str
+    """
+
+    def __init__(self, views: list[ViewSpec]):
+        first = views[0]
+        self.topic = first.topic
+        self.timestamp_field = first.timestamp_field
+        schema: dict[str, str] = {}
+        for v in views:
+            schema.update(v.source_schema)
+            if v.timestamp_field != self.timestamp_field:
+                raise ValueError(f"views on topic {self.topic!r} disagree on the timestamp field")
+        self.schema = schema
+        required = {self.timestamp_field}
+        for v in views:
+            required.update(v.join_keys)
+            required.update(a.column for a in v.aggregations)
+        self.required = tuple(sorted(required))
+        self.typed = tuple((name, kind) for name, kind in schema.items()
+                           if kind != "timestamp" and name != self.timestamp_field)
+
+    def decode(self, raw: bytes | None) -> tuple[float, dict[str, Any]]:
+        if not raw:
+            raise EventError("empty message")
+        try:
+            event = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise EventError(f"not valid JSON: {exc}") from None
+        if not isinstance(event, dict):
+            raise EventError("event must be a JSON object")
+        for name in self.required:
+            if event.get(name) is None:
+                raise EventError(f"missing field {name!r}")
+        for name, kind in self.typed:
+            value = event.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, _CHECKS[kind]) or (kind in ("int", "float") and isinstance(value, bool)):
+                raise EventError(f"field {name!r} must be {kind}, got {type(value).__name__}")
+            if kind == "float":
+                if value != value or value in (float("inf"), float("-inf")):
+                    raise EventError(f"field {name!r} must be a finite number")
+                event[name] = float(value)
+        return parse_timestamp(event[self.timestamp_field], self.timestamp_field), event

@@ -1,0 +1,54 @@
+"""The offline store as the stream writes it: immutable Parquet part files.
+
+Feast's file store rewrites the whole file on every write (DESIGN.md), so the stream
+appends part files instead (write, then atomic rename) under `date=YYYY-MM-DD/`
+directories that Feast's FileSource and pyarrow datasets read as one table.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+PARTITION = "date"
+
+
+def raw_log_path(data_dir: Path, topic: str) -> Path:
+    return Path(data_dir) / "offline" / "raw" / topic
+
+
+def append_parts(root: Path, table: pa.Table, ts_column: str, prefix: str = "part") -> list[Path]:
+    """Append `table` as one part file per UTC date of `ts_column`; returns the files written."""
+    if table.num_rows == 0:
+        return []
+    root = Path(root)
+    dates = pc.strftime(table[ts_column], format="%Y-%m-%d")
+    written = []
+    for date in pc.unique(dates).to_pylist():
+        part = table.filter(pc.equal(dates, date)) if len(set(dates.to_pylist())) > 1 else table
+        directory = root / f"{PARTITION}={date}"
+        directory.mkdir(parents=True, exist_ok=True)
+        name = f"{prefix}-{uuid.uuid4().hex}.parquet"
+        tmp = directory / f".{name}.tmp"
+        pq.write_table(part, tmp, compression="zstd")
+        os.replace(tmp, directory / name)
+        written.append(directory / name)
+    return written
+
+
+def read_parts(root: Path, columns: list[str] | None = None) -> pa.Table | None:
+    """All part files under `root` as one table (hidden temp files skipped), or None if empty."""
+    root = Path(root)
+    if not root.exists():
+        return None
+    files = sorted(str(p) for p in root.rglob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        return None
+    dataset = ds.dataset(files, format="parquet")
+    return dataset.to_table(columns=columns)
