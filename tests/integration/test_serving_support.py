@@ -1,0 +1,47 @@
+"""Shared by the serving tests: the example feature repo applied once per test session.
+
+`feast apply` costs ~15 s, so the first module that asks applies the repo into a
+session-wide data dir and later modules reuse that registry. Holds no tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from freshet.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[2] / "feature_repo"
+
+
+@pytest.fixture(scope="session")
+def applied_settings(services, tmp_path_factory) -> Settings:
+    """Settings whose data dir holds a registry with the example feature repo applied."""
+    from freshet import features
+
+    data_dir = tmp_path_factory.getbasetemp() / "serving-applied"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
+    settings = load_settings(env, kafka_bootstrap_servers=services.kafka, redis_url=services.redis_url,
+                             data_dir=str(data_dir), feature_repo=str(REPO))
+    if not (data_dir / "registry.db").exists():
+        features.apply(settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def feast_store(applied_settings):
+    from freshet import features
+
+    return features.feature_store(applied_settings)
+
+
+def with_topics(settings: Settings, unique: str, **overrides) -> Settings:
+    """The applied settings with this test's own topics (and any other overrides)."""
+    return dataclasses.replace(
+        settings, topic_predictions=f"{unique}.predictions", topic_models=f"{unique}.models",
+        topic_labels=f"{unique}.labels", topic_drift=f"{unique}.drift", topic_retrain=f"{unique}.retrain",
+        topic_deadletter=f"{unique}.deadletter", **overrides,
+    )
