@@ -205,8 +205,8 @@ def encode_timestamp(ts: float | int | datetime) -> bytes:
     return out + b"\x10" + _varint(nanos) if nanos else out
 
 
-def decode_timestamp(b: bytes | None) -> float | None:
-    """Seconds since the epoch of Timestamp bytes; None when the field is absent."""
+def timestamp_parts(b: bytes | None) -> tuple[int, int] | None:
+    """(seconds, nanos) of Timestamp bytes; None when the field is absent."""
     if b is None:
         return None
     seconds = nanos = 0
@@ -218,7 +218,13 @@ def decode_timestamp(b: bytes | None) -> float | None:
             seconds = _signed64(value)
         elif tag == 0x10:
             nanos = value
-    return seconds + nanos / 1e9
+    return seconds, nanos
+
+
+def decode_timestamp(b: bytes | None) -> float | None:
+    """Seconds since the epoch of Timestamp bytes; None when the field is absent."""
+    parts = timestamp_parts(b)
+    return None if parts is None else parts[0] + parts[1] / 1e9
 
 
 # ---------------------------------------------------------------------------
@@ -278,9 +284,11 @@ class ViewLayout:
     def from_feast(cls, fv: Any) -> "ViewLayout":
         """From a Feast FeatureView / StreamFeatureView."""
         cols = list(fv.entity_columns)
+        keys = tuple(c.name for c in cols)
+        # a stream feature view's schema lists its join keys among its features: they are not
         return cls(
-            fv.name, tuple(c.name for c in cols), tuple(c.dtype.to_value_type().name for c in cols),
-            {f.name: f.dtype.to_value_type().name for f in fv.features},
+            fv.name, keys, tuple(c.dtype.to_value_type().name for c in cols),
+            {f.name: f.dtype.to_value_type().name for f in fv.features if f.name not in keys},
             int(fv.ttl.total_seconds()) if fv.ttl else 0,
         )
 

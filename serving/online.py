@@ -1,0 +1,679 @@
+"""Online feature reads straight from Feast's Redis layout, one pipelined round trip per request.
+
+Owns the read plan (feature refs -> views, hash fields and TTLs, resolved once from the
+Feast registry and again when it changes), the Redis connections of the hot path and
+the result, where every value carries a status: PRESENT, NULL_VALUE, NOT_FOUND (the
+entity has no row for that view) or OUTSIDE_MAX_AGE (older than the view's TTL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import os
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+from urllib.parse import parse_qs, unquote, urlparse
+
+import hiredis
+
+from freshet.redis_layout import OnlineLayout, ViewLayout, decode_value, timestamp_parts
+from freshet.settings import Settings
+
+log = logging.getLogger("freshet.serving.online")
+
+PRESENT, NULL_VALUE, NOT_FOUND, OUTSIDE_MAX_AGE = "PRESENT", "NULL_VALUE", "NOT_FOUND", "OUTSIDE_MAX_AGE"
+EPOCH_RFC3339 = "1970-01-01T00:00:00Z"
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis did not answer; the message says where and why. Reads recover when it returns."""
+
+
+class RequestError(ValueError):
+    """A read request is malformed; `field` names the part of the request that is wrong."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class UnknownFeature(LookupError):
+    """A feature view, feature or feature service the registry does not have."""
+
+    def __init__(self, kind: str, name: str, hint: str = ""):
+        super().__init__(f"unknown {kind} {name!r}" + (f"; {hint}" if hint else ""))
+        self.kind = kind
+        self.name = name
+
+
+# ---------------------------------------------------------------------------
+# Redis connections: RESP over a plain socket, parsed by hiredis
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RedisEndpoint:
+    host: str = "127.0.0.1"
+    port: int = 6379
+    path: str = ""  # unix socket
+    db: int = 0
+    username: str = ""
+    password: str = ""
+    tls: bool = False
+
+    @classmethod
+    def from_url(cls, url: str) -> "RedisEndpoint":
+        u = urlparse(url)
+        query = parse_qs(u.query)
+        db = (u.path or "/").lstrip("/") if u.scheme != "unix" else ""
+        db = db or query.get("db", ["0"])[0]
+        return cls(
+            host=u.hostname or "127.0.0.1", port=u.port or 6379, path=u.path if u.scheme == "unix" else "",
+            db=int(db or 0), username=unquote(u.username or ""), password=unquote(u.password or ""),
+            tls=u.scheme == "rediss",
+        )
+
+    def __str__(self) -> str:
+        return self.path or f"{self.host}:{self.port}"
+
+    def handshake(self) -> tuple[bytes, int]:
+        """The commands sent on connect (AUTH, SELECT) and how many replies they give."""
+        cmds = []
+        if self.password:
+            auth = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
+            cmds.append(hiredis.pack_command(auth))
+        if self.db:
+            cmds.append(hiredis.pack_command(("SELECT", str(self.db))))
+        return b"".join(cmds), len(cmds)
+
+
+def _check_replies(replies: list, endpoint: RedisEndpoint) -> list:
+    for r in replies:
+        if isinstance(r, hiredis.ReplyError):
+            raise RedisUnavailable(f"Redis at {endpoint} replied with an error: {r}")
+    return replies
+
+
+class RespConnection:
+    """A blocking connection for in-process readers; one per thread, reconnects on next use."""
+
+    def __init__(self, endpoint: RedisEndpoint, timeout: float = 1.0):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def _connect(self) -> tuple[socket.socket, Any]:
+        ep = self.endpoint
+        try:
+            if ep.path:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self.timeout)
+                sock.connect(ep.path)
+            else:
+                sock = socket.create_connection((ep.host, ep.port), timeout=self.timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if ep.tls:
+                    sock = ssl.create_default_context().wrap_socket(sock, server_hostname=ep.host)
+        except OSError as exc:
+            raise RedisUnavailable(f"Redis at {ep} is unreachable: {exc.strerror or exc}") from None
+        conn = (sock, hiredis.Reader())
+        blob, n = ep.handshake()
+        if n:
+            _check_replies(self._roundtrip(conn, blob, n), ep)
+        return conn
+
+    def _roundtrip(self, conn, blob: bytes, n: int) -> list:
+        sock, reader = conn
+        sock.sendall(blob)
+        out = []
+        while len(out) < n:
+            reply = reader.gets()
+            if reply is False:
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise ConnectionResetError("connection closed by Redis")
+                reader.feed(data)
+            else:
+                out.append(reply)
+        return out
+
+    def execute(self, blob: bytes, n: int) -> list:
+        """Send `n` packed commands, return their `n` replies (error replies as hiredis.ReplyError)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        try:
+            return self._roundtrip(conn, blob, n)
+        except (OSError, hiredis.ProtocolError) as exc:
+            self.close()
+            reason = "timed out" if isinstance(exc, socket.timeout) else (getattr(exc, "strerror", None) or exc)
+            raise RedisUnavailable(f"Redis at {self.endpoint} failed: {reason}") from None
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn:
+            try:
+                conn[0].close()
+            except OSError:
+                pass
+
+
+class _Waiter:
+    __slots__ = ("future", "n", "replies", "started")
+
+    def __init__(self, future: asyncio.Future, n: int):
+        self.future = future
+        self.n = n
+        self.replies: list = []
+        self.started = time.monotonic()
+
+
+class _RespProtocol(asyncio.Protocol):
+    """Pipelined RESP: requests are written as they come; replies resolve them in order."""
+
+    def __init__(self, endpoint: RedisEndpoint):
+        self.endpoint = endpoint
+        self.reader = hiredis.Reader()
+        self.waiters: collections.deque[_Waiter] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiters = self.waiters
+        while waiters:
+            reply = self.reader.gets()
+            if reply is False:
+                return
+            w = waiters[0]
+            w.replies.append(reply)
+            if len(w.replies) == w.n:
+                waiters.popleft()
+                if not w.future.done():
+                    w.future.set_result(w.replies)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.fail(RedisUnavailable(f"Redis at {self.endpoint} closed the connection"
+                                   + (f": {exc}" if exc else "")))
+
+    def fail(self, error: Exception) -> None:
+        while self.waiters:
+            w = self.waiters.popleft()
+            if not w.future.done():
+                w.future.set_exception(error)
+
+    def send(self, blob: bytes, n: int) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append(_Waiter(fut, n))
+        self.transport.write(blob)
+        return fut
+
+
+class AsyncRespClient:
+    """Non-blocking Redis for the server's event loop: one multiplexed connection, reconnects.
+
+    A request waiting longer than `timeout` aborts the connection and fails every request
+    on it with RedisUnavailable; the next request reconnects.
+    """
+
+    def __init__(self, endpoint: RedisEndpoint, timeout: float = 1.0, retry_after: float = 0.2):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self._proto: _RespProtocol | None = None
+        self._connecting: asyncio.Future | None = None
+        self._failed_at = 0.0
+        self._last_error = ""
+        self._watchdog: asyncio.Task | None = None
+
+    async def _connect(self) -> _RespProtocol:
+        loop = asyncio.get_running_loop()
+        ep = self.endpoint
+        try:
+            if ep.path:
+                _, proto = await asyncio.wait_for(
+                    loop.create_unix_connection(lambda: _RespProtocol(ep), ep.path), self.timeout)
+            else:
+                ctx = ssl.create_default_context() if ep.tls else None
+                _, proto = await asyncio.wait_for(loop.create_connection(
+                    lambda: _RespProtocol(ep), ep.host, ep.port, ssl=ctx,
+                    server_hostname=ep.host if ctx else None), self.timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = "connect timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
+            raise RedisUnavailable(f"Redis at {ep} is unreachable: {reason}") from None
+        blob, n = ep.handshake()
+        if n:
+            try:
+                _check_replies(await asyncio.wait_for(proto.send(blob, n), self.timeout), ep)
+            except BaseException:
+                proto.transport.abort()
+                raise
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = loop.create_task(self._watch())
+        return proto
+
+    async def _connection(self) -> _RespProtocol:
+        proto = self._proto
+        if proto is not None and not proto.closed:
+            return proto
+        if self._connecting is None:
+            if time.monotonic() - self._failed_at < self.retry_after:
+                raise RedisUnavailable(self._last_error)
+            self._connecting = asyncio.ensure_future(self._connect())
+            self._connecting.add_done_callback(self._connected)
+        return await asyncio.shield(self._connecting)
+
+    def _connected(self, fut: asyncio.Future) -> None:
+        self._connecting = None
+        if fut.cancelled():
+            return
+        if fut.exception() is not None:
+            self._failed_at = time.monotonic()
+            self._last_error = str(fut.exception())
+        else:
+            self._proto = fut.result()
+
+    async def execute(self, blob: bytes, n: int) -> list:
+        proto = self._proto
+        if proto is None or proto.closed:
+            proto = await self._connection()
+        return await proto.send(blob, n)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.1, self.timeout / 4))
+            proto = self._proto
+            if proto is None or proto.closed or not proto.waiters:
+                continue
+            if time.monotonic() - proto.waiters[0].started > self.timeout:
+                proto.fail(RedisUnavailable(f"Redis at {self.endpoint} did not answer within "
+                                            f"{self.timeout:g}s"))
+                proto.transport.abort()
+
+    async def ping(self) -> None:
+        replies = await asyncio.wait_for(self.execute(b"*1\r\n$4\r\nPING\r\n", 1), self.timeout)
+        _check_replies(replies, self.endpoint)
+
+    async def close(self) -> None:
+        if self._watchdog:
+            self._watchdog.cancel()
+        if self._proto and self._proto.transport:
+            self._proto.transport.close()
+        self._proto = None
+
+
+# ---------------------------------------------------------------------------
+# registry -> read plans
+# ---------------------------------------------------------------------------
+
+@dataclass
+class ServingRegistry:
+    """What serving needs of the Feast registry: every online view and feature service."""
+
+    project: str
+    views: dict[str, ViewLayout]
+    feature_services: dict[str, list[tuple[str, str, str]]]  # service -> (view, feature, output prefix)
+
+    @classmethod
+    def from_store(cls, store: Any) -> "ServingRegistry":
+        views: dict[str, ViewLayout] = {}
+        for fv in [*store.list_feature_views(), *store.list_stream_feature_views()]:
+            if getattr(fv, "online", True):
+                views[fv.name] = ViewLayout.from_feast(fv)
+        services = {}
+        for svc in store.list_feature_services():
+            services[svc.name] = [(p.name, f.name, p.name_to_use())
+                                  for p in svc.feature_view_projections for f in p.features]
+        return cls(store.project, views, services)
+
+
+@dataclass
+class _ViewRead:
+    view: ViewLayout
+    codec: Any
+    features: list[str]
+    out_index: list[int]  # output position of each feature
+    head: bytes  # "*<n>\r\n$5\r\nHMGET\r\n"
+    fields_resp: bytes  # the hash fields, RESP-packed, `_ts:<view>` last
+    join_keys: tuple[str, ...]
+
+
+@dataclass
+class ReadPlan:
+    """How to read one set of features: which hashes, which fields, where each value goes."""
+
+    feature_names: list[str]  # output names, in request order
+    refs: list[str]  # "view:feature", in request order
+    views: list[_ViewRead]
+    join_keys: list[str]  # every join key the views need
+
+
+def _pack_bulk(b: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
+def _rfc3339(parts: tuple[int, int] | None, _cache: dict = {}) -> str:  # noqa: B006 - a deliberate memo
+    if not parts or parts == (0, 0):
+        return EPOCH_RFC3339
+    s = _cache.get(parts)
+    if s is None:
+        seconds, nanos = parts
+        base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        if nanos == 0:
+            s = base + "Z"
+        elif nanos % 1_000_000 == 0:
+            s = f"{base}.{nanos // 1_000_000:03d}Z"
+        elif nanos % 1000 == 0:
+            s = f"{base}.{nanos // 1000:06d}Z"
+        else:
+            s = f"{base}.{nanos:09d}Z"
+        if len(_cache) > 50_000:
+            _cache.clear()
+        _cache[parts] = s
+    return s
+
+
+def _json_float(v: Any) -> Any:
+    # NaN/Infinity are not JSON numbers: protobuf's JSON mapping (and Feast) use strings
+    if type(v) is float and not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+    return v
+
+
+@dataclass
+class OnlineFeatures:
+    """Feature values for a batch of entity rows, column-major like Feast's response."""
+
+    entity_names: list[str]
+    entity_values: list[list[Any]]
+    feature_names: list[str]
+    values: list[list[Any]]  # [feature][row]
+    statuses: list[list[str]]  # [feature][row]
+    event_ts: list[list[tuple[int, int] | None]]  # [feature][row], (seconds, nanos) or None
+    view_ts: dict[str, list[float | None]] = field(default_factory=dict)  # view -> per row, epoch s
+
+    @property
+    def rows(self) -> int:
+        return len(self.values[0]) if self.values else (len(self.entity_values[0]) if self.entity_values else 0)
+
+    def row(self, i: int) -> dict[str, Any]:
+        return {name: col[i] for name, col in zip(self.feature_names, self.values)}
+
+    def to_feast_dict(self) -> dict[str, Any]:
+        """The JSON body Feast's feature server returns for /get-online-features."""
+        results = []
+        n = self.rows
+        for vals in self.entity_values:
+            results.append({"values": vals, "statuses": [PRESENT] * n, "event_timestamps": [EPOCH_RFC3339] * n})
+        for vals, statuses, stamps in zip(self.values, self.statuses, self.event_ts):
+            results.append({
+                "values": [_json_float(v) for v in vals],
+                "statuses": statuses,
+                "event_timestamps": [_rfc3339(t) for t in stamps],
+            })
+        return {"metadata": {"feature_names": [*self.entity_names, *self.feature_names]}, "results": results}
+
+
+_KEY_TYPES = {"STRING": (str,), "INT64": (int,), "INT32": (int,), "UNIX_TIMESTAMP": (int,), "BYTES": (bytes,)}
+
+
+class OnlineFeatureReader:
+    """Reads feature vectors from Redis in Feast's layout, without Feast on the request path.
+
+    >>> reader = OnlineFeatureReader(settings)                        # doctest: +SKIP
+    >>> plan = reader.plan(["card_txn_stats:sum_amount_300s"])       # doctest: +SKIP
+    >>> reader.read(plan, {"card_id": ["c1", "c2"]}).row(0)           # doctest: +SKIP
+    {'sum_amount_300s': 42.5}
+
+    `read` blocks (in-process use); `read_async` runs on the server's event loop. The
+    registry is re-read when its file changes (checked at most every `refresh_s`).
+    """
+
+    def __init__(self, settings: Settings, store: Any = None, registry: ServingRegistry | None = None,
+                 timeout: float = 1.0, refresh_s: float = 1.0):
+        self.settings = settings
+        self.endpoint = RedisEndpoint.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+        self.timeout = timeout
+        self.refresh_s = refresh_s
+        self._store = store
+        self._registry_path = self._file_registry_path()
+        self._mtime = self._registry_mtime()
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+        self._install(registry or ServingRegistry.from_store(self._feature_store()))
+        self.sync = RespConnection(self.endpoint, timeout)
+        self.aio = AsyncRespClient(self.endpoint, timeout)
+
+    # -- registry -----------------------------------------------------------
+
+    def _feature_store(self):
+        if self._store is None:
+            from freshet.features import feature_store
+
+            self._store = feature_store(self.settings)
+        return self._store
+
+    def _file_registry_path(self) -> Path | None:
+        try:
+            from freshet.features import repo_config
+
+            reg = repo_config(self.settings).registry
+            path = reg if isinstance(reg, str) else getattr(reg, "path", "")
+            if path and "://" not in str(path):
+                return Path(path)
+        except Exception as exc:  # noqa: BLE001 - no file registry means: refresh on a timer
+            log.debug("registry path unknown (%s); refreshing on a timer", exc)
+        return None
+
+    def _registry_mtime(self) -> float:
+        if self._registry_path is None:
+            return 0.0
+        try:
+            return os.stat(self._registry_path).st_mtime_ns
+        except OSError:
+            return 0.0
+
+    def _install(self, registry: ServingRegistry) -> None:
+        self.registry = registry
+        self.layout = OnlineLayout(registry.project, registry.views)
+        self._plans: dict[tuple, ReadPlan] = {}
+        self.generation = getattr(self, "generation", 0) + 1
+
+    def refresh_if_changed(self, force: bool = False) -> bool:
+        """Re-read the registry if its file changed (or on every call for non-file registries)."""
+        mtime = self._registry_mtime()
+        if not force and self._registry_path is not None and mtime == self._mtime:
+            return False
+        with self._lock:
+            store = self._feature_store()
+            store.refresh_registry()
+            registry = ServingRegistry.from_store(store)
+            self._mtime = mtime
+            if registry == self.registry:
+                return False
+            self._install(registry)
+        log.info("feature registry changed: %d views, %d feature services now served",
+                 len(registry.views), len(registry.feature_services))
+        return True
+
+    def _maybe_refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked >= self.refresh_s:
+            self._checked = now
+            self.refresh_if_changed()
+
+    # -- planning -----------------------------------------------------------
+
+    def plan(self, features: Sequence[str] = (), feature_service: str | None = None,
+             full_feature_names: bool = False) -> ReadPlan:
+        """Resolve feature refs ("view:feature") or a feature service into a read plan (cached)."""
+        cache_key = (tuple(features), feature_service, full_feature_names)
+        plan = self._plans.get(cache_key)
+        if plan is None:
+            plan = self._plans[cache_key] = self._make_plan(features, feature_service, full_feature_names)
+        return plan
+
+    def _make_plan(self, features, feature_service, full) -> ReadPlan:
+        reg = self.registry
+        triples: list[tuple[str, str, str]] = []
+        if feature_service:
+            if feature_service not in reg.feature_services:
+                raise UnknownFeature("feature service", feature_service,
+                                     f"known: {', '.join(sorted(reg.feature_services)) or 'none'}")
+            triples = list(reg.feature_services[feature_service])
+        else:
+            if not features:
+                raise RequestError("features", "give a list of 'view:feature' refs or a feature_service")
+            for i, ref in enumerate(features):
+                if not isinstance(ref, str) or ref.count(":") != 1 or ref.startswith(":") or ref.endswith(":"):
+                    raise RequestError(f"features[{i}]", f"{ref!r} is not a 'feature_view:feature' reference")
+                view, feat = ref.split(":")
+                triples.append((view, feat, view))
+        by_view: dict[str, _ViewRead] = {}
+        names, refs = [], []
+        for view, feat, prefix in triples:
+            layout = reg.views.get(view)
+            if layout is None:
+                raise UnknownFeature("feature view", view, f"known: {', '.join(sorted(reg.views))}")
+            if feat not in layout.features:
+                raise UnknownFeature("feature", f"{view}:{feat}")
+            vr = by_view.get(view)
+            if vr is None:
+                vr = by_view[view] = _ViewRead(layout, self.layout._codec(view), [], [], b"", b"",
+                                               layout.join_keys)
+            vr.features.append(feat)
+            vr.out_index.append(len(names))
+            names.append(f"{prefix}__{feat}" if full else feat)
+            refs.append(f"{view}:{feat}")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise RequestError("features", f"duplicate feature names {dupes}; set full_feature_names=true "
+                                           "or request each once")
+        for vr in by_view.values():
+            fields = self.layout.read_fields(vr.view.name, vr.features)
+            vr.head = b"*%d\r\n$5\r\nHMGET\r\n" % (len(fields) + 2)
+            vr.fields_resp = b"".join(_pack_bulk(f) for f in fields)
+        join_keys = list(dict.fromkeys(k for vr in by_view.values() for k in vr.join_keys))
+        return ReadPlan(names, refs, list(by_view.values()), join_keys)
+
+    # -- reading ------------------------------------------------------------
+
+    def _check_entities(self, plan: ReadPlan, entities: Mapping[str, Any]) -> int:
+        if not isinstance(entities, Mapping) or not entities:
+            raise RequestError("entities", "must be an object mapping each join key to a list of values")
+        n = None
+        for name, col in entities.items():
+            if not isinstance(col, list):
+                raise RequestError(f"entities.{name}", "must be a list of values")
+            if n is None:
+                n = len(col)
+            elif len(col) != n:
+                raise RequestError(f"entities.{name}", f"has {len(col)} values but other join keys have {n}")
+        for vr in plan.views:
+            for key, kind in zip(vr.view.join_keys, vr.view.join_key_types):
+                col = entities.get(key)
+                if col is None:
+                    raise RequestError(f"entities.{key}", f"missing; feature view {vr.view.name!r} is keyed by "
+                                                          f"{list(vr.view.join_keys)}")
+                allowed = _KEY_TYPES.get(kind, (object,))
+                for i, v in enumerate(col):
+                    if not isinstance(v, allowed) or isinstance(v, bool):
+                        raise RequestError(f"entities.{key}[{i}]", f"{v!r} is not a {kind.lower()}")
+        return n or 0
+
+    def _pack(self, plan: ReadPlan, entities: Mapping[str, list], n_rows: int) -> tuple[bytes, int, list]:
+        parts: list[bytes] = []
+        slots: list[list[int]] = []
+        count = 0
+        for vr in plan.views:
+            cols = [entities[k] for k in vr.join_keys]
+            seen: dict[bytes, int] = {}
+            row_slots = []
+            key_of = vr.codec.key
+            for r in range(n_rows):
+                key = key_of([c[r] for c in cols])
+                j = seen.get(key)
+                if j is None:
+                    j = seen[key] = count
+                    count += 1
+                    parts += (vr.head, b"$%d\r\n" % len(key), key, b"\r\n", vr.fields_resp)
+                row_slots.append(j)
+            slots.append(row_slots)
+        return b"".join(parts), count, slots
+
+    def _decode(self, plan: ReadPlan, entities: Mapping[str, list], n_rows: int, replies: list,
+                slots: list) -> OnlineFeatures:
+        n_out = len(plan.feature_names)
+        values: list[list] = [[None] * n_rows for _ in range(n_out)]
+        statuses: list[list] = [[NOT_FOUND] * n_rows for _ in range(n_out)]
+        stamps: list[list] = [[None] * n_rows for _ in range(n_out)]
+        view_ts: dict[str, list] = {}
+        now = time.time()
+        for vr, row_slots in zip(plan.views, slots):
+            nf = len(vr.features)
+            ttl = vr.view.ttl_s
+            out_index = vr.out_index
+            vts = view_ts[vr.view.name] = [None] * n_rows
+            for r, j in enumerate(row_slots):
+                reply = replies[j]
+                if isinstance(reply, hiredis.ReplyError):
+                    raise RedisUnavailable(f"Redis at {self.endpoint} replied with an error: {reply}")
+                parts = timestamp_parts(reply[nf])
+                if parts is None:
+                    continue  # no row for this entity in this view: NOT_FOUND
+                ts = parts[0] + parts[1] / 1e9
+                vts[r] = ts
+                stale = ttl and now - ts > ttl
+                for k in range(nf):
+                    o = out_index[k]
+                    v = decode_value(reply[k])
+                    values[o][r] = v
+                    stamps[o][r] = parts
+                    statuses[o][r] = OUTSIDE_MAX_AGE if stale else (NULL_VALUE if v is None else PRESENT)
+        names = list(entities)
+        return OnlineFeatures(names, [entities[k] for k in names], plan.feature_names, values, statuses,
+                              stamps, view_ts)
+
+    def read(self, plan: ReadPlan, entities: Mapping[str, Any]) -> OnlineFeatures:
+        """Read every entity row of `plan` in one round trip (blocking)."""
+        self._maybe_refresh()
+        n = self._check_entities(plan, entities)
+        blob, count, slots = self._pack(plan, entities, n)
+        replies = self.sync.execute(blob, count) if count else []
+        return self._decode(plan, entities, n, replies, slots)
+
+    async def read_async(self, plan: ReadPlan, entities: Mapping[str, Any]) -> OnlineFeatures:
+        """Read every entity row of `plan` in one round trip on the running event loop."""
+        n = self._check_entities(plan, entities)
+        blob, count, slots = self._pack(plan, entities, n)
+        replies = await self.aio.execute(blob, count) if count else []
+        return self._decode(plan, entities, n, replies, slots)
+
+    def get_online_features(self, features: Sequence[str] = (), entity_rows: Sequence[Mapping] = (),
+                            feature_service: str | None = None, full_feature_names: bool = False) -> OnlineFeatures:
+        """Convenience with FeatureStore.get_online_features' argument shape (rows of dicts)."""
+        plan = self.plan(features, feature_service, full_feature_names)
+        entities: dict[str, list] = {}
+        for row in entity_rows:
+            for k, v in row.items():
+                entities.setdefault(k, []).append(v)
+        return self.read(plan, entities)
+
+    def close(self) -> None:
+        self.sync.close()
