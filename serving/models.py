@@ -1,0 +1,554 @@
+"""Models on the MLflow registry, in a format that is read, never unpickled.
+
+Owns the export of a scikit-learn pipeline (imputer, scaler, logistic regression) to
+JSON parameters scored with numpy, registration with lineage (Feast's tag names where
+they exist), promotion and rollback through an MLflow alias, the `freshet.models`
+event on every change, and the follower that hot-swaps the served version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from freshet.contracts import ModelEvent
+from freshet.settings import Settings
+
+log = logging.getLogger("freshet.serving.models")
+
+MODEL_NAME = "fraud"
+CHAMPION = "champion"
+FORMAT = "freshet.linear-classifier/1"
+MODEL_FILE = "model.json"
+EXPERIMENT = "freshet"
+HISTORY_TAG = "freshet.champion_history"  # promoted versions, oldest first: what rollback walks back
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+class ModelNotFound(LookupError):
+    """No such registered model, version or alias; the message says which and what exists."""
+
+
+class UnsupportedModel(ValueError):
+    """The estimator cannot be exported to the safe format; the message names the step."""
+
+
+# ---------------------------------------------------------------------------
+# the safe format: a linear classifier as plain numbers
+# ---------------------------------------------------------------------------
+
+def _step_name(obj: Any) -> str:
+    return type(obj).__name__
+
+
+def export_sklearn(pipeline: Any, feature_names: Sequence[str]) -> dict[str, Any]:
+    """JSON-able parameters of [SimpleImputer] -> [StandardScaler] -> LogisticRegression (binary).
+
+    Missing inputs (None, NaN) are filled with the imputer's statistics when there is
+    an imputer, else with the scaler's mean (0 after scaling), else with 0.
+    """
+    steps = [s for _, s in pipeline.steps] if hasattr(pipeline, "steps") else [pipeline]
+    *pre, clf = steps
+    if _step_name(clf) != "LogisticRegression":
+        raise UnsupportedModel(f"the last step must be LogisticRegression, got {_step_name(clf)}")
+    coef = np.asarray(clf.coef_, dtype=float)
+    if coef.shape[0] != 1 or len(clf.classes_) != 2:
+        raise UnsupportedModel(f"only binary classifiers are supported; got classes {list(clf.classes_)}")
+    n = coef.shape[1]
+    if len(feature_names) != n:
+        raise UnsupportedModel(f"{len(feature_names)} feature names for a model fitted on {n} features")
+    mean, scale, fill = np.zeros(n), np.ones(n), None
+    for step in pre:
+        name = _step_name(step)
+        if name == "SimpleImputer":
+            if not (isinstance(step.missing_values, float) and math.isnan(step.missing_values)):
+                raise UnsupportedModel("SimpleImputer must impute missing_values=np.nan")
+            if getattr(step, "add_indicator", False):
+                raise UnsupportedModel("SimpleImputer(add_indicator=True) is not supported")
+            fill = np.asarray(step.statistics_, dtype=float)
+        elif name == "StandardScaler":
+            if step.with_mean:
+                mean = np.asarray(step.mean_, dtype=float)
+            if step.with_std:
+                scale = np.asarray(step.scale_, dtype=float)
+        else:
+            raise UnsupportedModel(f"pipeline step {name} is not supported; use SimpleImputer, "
+                                   "StandardScaler and LogisticRegression")
+    if fill is None:
+        fill = mean.copy()
+    return {
+        "format": FORMAT,
+        "feature_names": list(feature_names),
+        "fill": fill.tolist(),
+        "mean": mean.tolist(),
+        "scale": scale.tolist(),
+        "coef": coef[0].tolist(),
+        "intercept": float(np.asarray(clf.intercept_).ravel()[0]),
+        "classes": [c.item() if hasattr(c, "item") else c for c in clf.classes_],
+        "threshold": 0.5,
+    }
+
+
+@dataclass
+class LinearModel:
+    """A registered model version, scored with numpy: p = sigmoid(((x - mean) / scale) . coef + b).
+
+    >>> m = LinearModel.from_dict({"format": FORMAT, "feature_names": ["a", "b"], "fill": [0, 0],
+    ...     "mean": [1.0, 0.0], "scale": [2.0, 1.0], "coef": [1.0, -1.0], "intercept": 0.0,
+    ...     "classes": [0, 1], "threshold": 0.5})
+    >>> round(m.score_one([3.0, 1.0]), 6), m.label(0.5)
+    (0.5, 0)
+    """
+
+    feature_names: list[str]
+    fill: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    classes: list[Any]
+    threshold: float = 0.5
+    name: str = ""
+    version: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], name: str = "", version: str = "") -> "LinearModel":
+        if d.get("format") != FORMAT:
+            raise UnsupportedModel(f"model format {d.get('format')!r} is not {FORMAT!r}")
+        arr = {k: np.asarray(d[k], dtype=float) for k in ("fill", "mean", "scale", "coef")}
+        n = len(d["feature_names"])
+        if any(len(a) != n for a in arr.values()):
+            raise UnsupportedModel("model parameters and feature_names differ in length")
+        return cls(list(d["feature_names"]), arr["fill"], arr["mean"], arr["scale"], arr["coef"],
+                   float(d["intercept"]), list(d["classes"]), float(d.get("threshold", 0.5)), name, version)
+
+    def matrix(self, rows: Sequence[Sequence[Any]]) -> np.ndarray:
+        """Rows of raw inputs (None for missing) as a float matrix with missing values filled."""
+        x = np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=float)
+        missing = np.isnan(x)
+        if missing.any():
+            x[missing] = np.broadcast_to(self.fill, x.shape)[missing]
+        return x
+
+    def predict_proba(self, rows: Sequence[Sequence[Any]]) -> np.ndarray:
+        """P(class 1) per row, equal to the exported pipeline's predict_proba(x)[:, 1]."""
+        z = ((self.matrix(rows) - self.mean) / self.scale) @ self.coef + self.intercept
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def score_one(self, row: Sequence[Any]) -> float:
+        return float(self.predict_proba([row])[0])
+
+    def label(self, p: float) -> Any:
+        return self.classes[1] if p > self.threshold else self.classes[0]
+
+
+# ---------------------------------------------------------------------------
+# the registry: MLflow
+# ---------------------------------------------------------------------------
+
+def _flat_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, Mapping):
+            out.update(_flat_params(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v)[:500]
+    return out
+
+
+def _window_str(window: Any) -> tuple[str, str]:
+    if isinstance(window, Mapping):
+        return str(window.get("start", "")), str(window.get("end", ""))
+    if isinstance(window, (list, tuple)) and len(window) == 2:
+        return str(window[0]), str(window[1])
+    return str(window or ""), ""
+
+
+class ModelRegistry:
+    """freshet's models in the MLflow registry at settings.mlflow_uri.
+
+    Versions are MLflow model versions; the served one is the `champion` alias; the
+    order of promotions (for rollback) is a tag on the registered model.
+    """
+
+    def __init__(self, settings: Settings, publish_events: bool = True):
+        from mlflow import MlflowClient
+
+        self.settings = settings
+        self.uri = settings.mlflow_uri
+        if self.uri.startswith("sqlite:"):
+            settings.data_path.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.publish_events = publish_events
+        self._cache: dict[tuple[str, str], LinearModel] = {}
+        self._lock = threading.Lock()
+
+    # -- helpers --------------------------------------------------------------
+
+    def _experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(EXPERIMENT)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:") or self.uri.startswith("file:"):
+            location = (self.settings.data_path / "mlartifacts").as_uri()
+        try:
+            return self.client.create_experiment(EXPERIMENT, artifact_location=location)
+        except Exception:  # noqa: BLE001 - a concurrent creator won: use theirs
+            return self.client.get_experiment_by_name(EXPERIMENT).experiment_id
+
+    def _registered(self, name: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_registered_model(name)
+        except MlflowException:
+            known = [m.name for m in self.client.search_registered_models()]
+            raise ModelNotFound(f"no registered model {name!r}; known: {', '.join(known) or 'none'}") from None
+
+    def _version(self, name: str, ref: str | int):
+        from mlflow.exceptions import MlflowException
+
+        ref = str(ref)
+        try:
+            if ref.isdigit():
+                return self.client.get_model_version(name, ref)
+            return self.client.get_model_version_by_alias(name, ref)
+        except MlflowException:
+            self._registered(name)
+            kind = "version" if ref.isdigit() else "alias"
+            raise ModelNotFound(f"model {name!r} has no {kind} {ref!r}") from None
+
+    def _history(self, name: str) -> list[str]:
+        raw = self._registered(name).tags.get(HISTORY_TAG, "[]")
+        try:
+            return [str(v) for v in json.loads(raw)]
+        except ValueError:
+            return []
+
+    # -- writing --------------------------------------------------------------
+
+    def register_sklearn(self, name: str, pipeline: Any, feature_names: Sequence[str],
+                         lineage: Mapping[str, Any] | None = None,
+                         metrics: Mapping[str, float] | None = None) -> str:
+        """Export, log and register one version; returns its version number (not promoted)."""
+        from mlflow.entities import Metric, Param
+
+        lineage = dict(lineage or {})
+        doc = export_sklearn(pipeline, feature_names)
+        refs = [f for f in feature_names if ":" in f]
+        service = str(lineage.get("feature_service", ""))
+        start, end = _window_str(lineage.get("training_window"))
+        tags = {
+            "mlflow.runName": f"{name}-train",
+            "feast.project": str(lineage.get("project", "freshet")),
+            "feast.feature_refs": ",".join(refs),
+            "feast.feature_views": ",".join(sorted({r.split(":")[0] for r in refs})),
+            "freshet.model": name,
+            "freshet.format": FORMAT,
+            "freshet.feature_names": json.dumps(list(feature_names)),
+            "freshet.training_start": start,
+            "freshet.training_end": end,
+            "freshet.dataset_fingerprint": str(lineage.get("dataset_fingerprint", "")),
+            "freshet.seed": str(lineage.get("seed", "")),
+            "freshet.lineage": json.dumps(lineage, default=str)[:4900],
+        }
+        if service:
+            tags["feast.feature_service"] = service
+        params = {}
+        final = pipeline.steps[-1][1] if hasattr(pipeline, "steps") else pipeline
+        params.update(_flat_params(final.get_params(), "model."))
+        params.update(_flat_params(lineage.get("params", {})))
+        if "seed" in lineage:
+            params["seed"] = str(lineage["seed"])
+        now = int(time.time() * 1000)
+        run = self.client.create_run(self._experiment_id(), tags=tags)
+        run_id = run.info.run_id
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+            params=[Param(k, v) for k, v in params.items()],
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, MODEL_FILE).write_text(json.dumps(doc))
+            Path(tmp, "lineage.json").write_text(json.dumps(lineage, default=str, indent=2))
+            self.client.log_artifacts(run_id, tmp, artifact_path="model")
+        self.client.set_terminated(run_id)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, description="freshet model, served from its champion alias")
+        except MlflowException:
+            pass  # already registered
+        version_tags = {"freshet.format": FORMAT, "freshet.dataset_fingerprint": tags["freshet.dataset_fingerprint"],
+                        "freshet.training_window": f"{start}/{end}"}
+        if service:
+            version_tags["feast.feature_service"] = service
+        mv = self.client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run_id,
+                                              tags=version_tags)
+        log.info("registered %s version %s (run %s)", name, mv.version, run_id)
+        return str(mv.version)
+
+    def promote(self, name: str, version: str | int, alias: str = CHAMPION) -> ModelEvent:
+        """Make `version` the served one; publishes a freshet.models event. Returns that event."""
+        version = str(self._version(name, version).version)
+        with self._lock:
+            history = self._history(name)
+            self.client.set_registered_model_alias(name, alias, version)
+            if not history or history[-1] != version:
+                history.append(version)
+            self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-100:]))
+        log.info("promoted %s version %s to %s", name, version, alias)
+        return self._announce(name, version, alias)
+
+    def rollback(self, name: str, alias: str = CHAMPION) -> ModelEvent:
+        """Serve the version promoted before the current one again; publishes the event."""
+        with self._lock:
+            history = self._history(name)
+            current = self.current_version(name, alias)
+            while history and history[-1] == current:
+                history.pop()
+            if not history:
+                raise ModelNotFound(f"model {name!r} has no earlier promoted version to roll back to")
+            version = history[-1]
+            self.client.set_registered_model_alias(name, alias, version)
+            self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        log.info("rolled %s back from version %s to %s", name, current, version)
+        return self._announce(name, version, alias)
+
+    def _announce(self, name: str, version: str, alias: str) -> ModelEvent:
+        mv = self.client.get_model_version(name, version)
+        metrics = dict(self.client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
+        event = ModelEvent(model=name, version=version, stage=alias, metrics=metrics)
+        if self.publish_events:
+            publish_model_event(self.settings, event)
+        return event
+
+    # -- reading --------------------------------------------------------------
+
+    def current_version(self, name: str, alias: str = CHAMPION) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            return None
+
+    def load(self, name: str, ref: str | int = CHAMPION) -> LinearModel:
+        """The model of a version number or alias, read from its JSON artifact (cached per version)."""
+        mv = self._version(name, ref)
+        key = (name, str(mv.version))
+        model = self._cache.get(key)
+        if model is not None:
+            return model
+        if mv.tags.get("freshet.format", FORMAT) != FORMAT:
+            raise UnsupportedModel(f"model {name!r} version {mv.version} is in format "
+                                   f"{mv.tags.get('freshet.format')!r}; freshet serves only {FORMAT!r}")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.client.download_artifacts(mv.run_id, f"model/{MODEL_FILE}", tmp)
+            doc = json.loads(Path(path).read_text())  # JSON only: nothing is unpickled
+        model = LinearModel.from_dict(doc, name, str(mv.version))
+        model.info = {"run_id": mv.run_id, "source": mv.source}
+        self._cache[key] = model
+        return model
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        """Every version, newest first, with aliases, metrics, parameters and lineage."""
+        reg = self._registered(name)
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (reg.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        out = []
+        for mv in self.client.search_model_versions(f"name='{name}'"):
+            out.append(self._describe(mv, aliases.get(str(mv.version), [])))
+        return sorted(out, key=lambda d: int(d["version"]), reverse=True)
+
+    def _describe(self, mv, aliases: list[str]) -> dict[str, Any]:
+        run = self.client.get_run(mv.run_id) if mv.run_id else None
+        tags = run.data.tags if run else {}
+        return {
+            "version": str(mv.version),
+            "aliases": aliases,
+            "stage": CHAMPION if CHAMPION in aliases else (aliases[0] if aliases else "registered"),
+            "created_at": mv.creation_timestamp / 1000 if mv.creation_timestamp else None,
+            "run_id": mv.run_id,
+            "metrics": dict(run.data.metrics) if run else {},
+            "params": dict(run.data.params) if run else {},
+            "feature_service": tags.get("feast.feature_service", ""),
+            "feature_names": json.loads(tags.get("freshet.feature_names", "[]")),
+            "training_window": {"start": tags.get("freshet.training_start", ""),
+                                "end": tags.get("freshet.training_end", "")},
+            "dataset_fingerprint": tags.get("freshet.dataset_fingerprint", ""),
+            "seed": tags.get("freshet.seed", ""),
+        }
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every registered model with the version each alias points at."""
+        return [{"name": m.name, "aliases": {a: str(v) for a, v in (m.aliases or {}).items()},
+                 "description": m.description or ""}
+                for m in self.client.search_registered_models()]
+
+
+def publish_model_event(settings: Settings, event: ModelEvent, timeout: float = 5.0) -> bool:
+    """Send a freshet.models event; False (logged) if Kafka is unreachable: followers also poll."""
+    if not settings.kafka_bootstrap_servers:
+        return False
+    from freshet import kafka
+
+    try:
+        kafka.ensure_topics(settings, [settings.topic_models], timeout=timeout)
+        p = kafka.producer(settings, **{"message.timeout.ms": int(timeout * 1000)})
+        p.produce(settings.topic_models, key=event.key(), value=event.encode())
+        if p.flush(timeout) == 0:
+            return True
+    except Exception as exc:  # noqa: BLE001 - the registry already changed; followers poll it
+        log.warning("could not publish model event for %s v%s: %s", event.model, event.version, exc)
+        return False
+    log.warning("model event for %s v%s not delivered within %.0fs; servers will pick it up by polling",
+                event.model, event.version, timeout)
+    return False
+
+
+# -- what the retraining worker calls ---------------------------------------------
+
+def register_sklearn_model(settings: Settings, name: str, pipeline: Any, feature_names: Sequence[str],
+                           lineage: Mapping[str, Any], metrics: Mapping[str, float]) -> str:
+    """Register a fitted pipeline as a new version of `name`; returns the version (not promoted).
+
+    `feature_names` are the model's inputs in order: Feast refs ("view:feature") read from
+    the online store, or request-time field names. `lineage` may hold feature_service,
+    training_window ((start, end) or {"start", "end"}), dataset_fingerprint, seed, params
+    (dict) and anything else worth keeping.
+    """
+    return ModelRegistry(settings).register_sklearn(name, pipeline, feature_names, lineage, metrics)
+
+
+def load_model(settings: Settings, name: str, version: str | int = CHAMPION) -> LinearModel:
+    """A version (number) or alias ("champion") of `name`, from its JSON artifact."""
+    return ModelRegistry(settings).load(name, version)
+
+
+def promote(settings: Settings, name: str, version: str | int) -> ModelEvent:
+    return ModelRegistry(settings).promote(name, version)
+
+
+def rollback(settings: Settings, name: str) -> ModelEvent:
+    return ModelRegistry(settings).rollback(name)
+
+
+# ---------------------------------------------------------------------------
+# hot swap
+# ---------------------------------------------------------------------------
+
+class ModelFollower:
+    """Keeps `model` at the registry's champion: follows freshet.models, polls as a fallback.
+
+    A request reads `follower.model` once and uses that object throughout, so a swap
+    never fails or mixes versions within a request.
+    """
+
+    def __init__(self, settings: Settings, name: str = MODEL_NAME, registry: ModelRegistry | None = None,
+                 alias: str = CHAMPION, poll_s: float = 30.0,
+                 on_change: Callable[[LinearModel | None, LinearModel], None] | None = None):
+        self.settings = settings
+        self.name = name
+        self.alias = alias
+        self.poll_s = poll_s
+        self.on_change = on_change
+        self.registry = registry or ModelRegistry(settings, publish_events=False)
+        self.model: LinearModel | None = None
+        self.last_error = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._check_lock = threading.Lock()
+
+    def check(self) -> bool:
+        """Load and switch to the champion if it changed; True if the served version changed."""
+        with self._check_lock:
+            try:
+                version = self.registry.current_version(self.name, self.alias)
+                if version is None:
+                    self.last_error = f"no version of model {self.name!r} has the alias {self.alias!r}"
+                    return False
+                if self.model is not None and self.model.version == version:
+                    return False
+                new = self.registry.load(self.name, version)
+            except Exception as exc:  # noqa: BLE001 - keep serving the current version
+                self.last_error = f"could not load model {self.name!r}: {exc}"
+                log.warning("%s", self.last_error)
+                return False
+            old, self.model = self.model, new
+            self.last_error = ""
+        log.info("serving model %s version %s (was %s)", self.name, new.version, old.version if old else "none")
+        if self.on_change:
+            self.on_change(old, new)
+        return True
+
+    def start(self) -> None:
+        self.check()
+        self._thread = threading.Thread(target=self._run, name="freshet-model-follower", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
+
+    def _consumer(self):
+        from confluent_kafka import OFFSET_END, TopicPartition
+
+        from freshet import kafka
+
+        if not self.settings.kafka_bootstrap_servers:
+            return None
+        try:
+            kafka.ensure_topics(self.settings, [self.settings.topic_models], timeout=2)
+            c = kafka.consumer(self.settings, f"freshet-serve-{uuid.uuid4().hex[:8]}",
+                               **{"auto.offset.reset": "latest"})
+            meta = c.list_topics(self.settings.topic_models, timeout=5).topics[self.settings.topic_models]
+            # assign, not subscribe: every server sees every event, no group join to wait for
+            c.assign([TopicPartition(self.settings.topic_models, p, OFFSET_END) for p in meta.partitions])
+            return c
+        except Exception as exc:  # noqa: BLE001 - polling the registry still works
+            log.warning("not following %s (%s); polling the registry every %.0fs",
+                        self.settings.topic_models, exc, self.poll_s)
+            return None
+
+    def _run(self) -> None:
+        consumer, retry_at = None, 0.0
+        next_poll = time.monotonic() + self.poll_s
+        try:
+            while not self._stop.is_set():
+                if consumer is None and time.monotonic() >= retry_at:
+                    consumer = self._consumer()
+                    retry_at = time.monotonic() + max(self.poll_s, 30.0)
+                if consumer is None:
+                    self._stop.wait(min(self.poll_s, 0.5))
+                else:
+                    msg = consumer.poll(0.2)
+                    if msg is not None and not msg.error():
+                        try:
+                            event = ModelEvent.decode(msg.value())
+                            if event.model == self.name:
+                                self.check()
+                        except ValueError as exc:
+                            log.warning("ignoring bad %s message: %s", self.settings.topic_models, exc)
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + self.poll_s
+                    self.check()
+        finally:
+            if consumer is not None:
+                consumer.close()
