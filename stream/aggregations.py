@@ -62,6 +62,14 @@ class ViewAggregator:
         self.distinct_columns = sorted({a.column for a in view.aggregations if a.function == "count_distinct"})
         self.last_columns = sorted({a.column for a in view.aggregations if a.function == "last"})
         self.specs = view.aggregations
+        # column -> (specs, index of the accumulator each spec reads); specs sharing a
+        # window and slide share an accumulator
+        self._tiled_windows: dict[str, tuple[list, list, list]] = {}
+        for column in self.tiled_columns:
+            specs = [a for a in view.aggregations if a.column == column and a.function in _TILED]
+            shapes = list(dict.fromkeys((a.window_s, a.slide_s) for a in specs))
+            first = [next(a for a in specs if (a.window_s, a.slide_s) == shape) for shape in shapes]
+            self._tiled_windows[column] = (first, specs, [shapes.index((a.window_s, a.slide_s)) for a in specs])
 
     def new_state(self) -> dict:
         return {
@@ -126,26 +134,34 @@ class ViewAggregator:
                 out[spec.name] = 0 if spec.function in ("count", "count_distinct") else (
                     0.0 if spec.function == "sum" else None)
             return out
+        # one pass over a column's tiles answers every window of that column
+        for column, (shapes, specs, index) in self._tiled_windows.items():
+            starts = [window_start(as_of, spec) for spec in shapes]
+            acc = [[0, 0.0, None, None] for _ in starts]
+            for t, part in state["tiles"][column].items():
+                if t > as_of:
+                    continue
+                for i, start in enumerate(starts):
+                    if t >= start:  # tile starts are aligned, so a tile is wholly in or out
+                        a = acc[i]
+                        a[0] += part[0]
+                        a[1] += part[1]
+                        if a[2] is None or part[2] < a[2]:
+                            a[2] = part[2]
+                        if a[3] is None or part[3] > a[3]:
+                            a[3] = part[3]
+            for spec, i in zip(specs, index):
+                out[spec.name] = _TILED[spec.function](*acc[i])
         for spec in self.specs:
-            start = window_start(as_of, spec)
             fn = spec.function
-            if fn in _TILED:
-                n, total, lo, hi = 0, 0.0, None, None
-                for t, part in state["tiles"][spec.column].items():
-                    # a tile belongs to the window when its start is inside it; starts
-                    # are aligned to the tile width, which divides every window
-                    if start <= t <= as_of:
-                        n += part[0]
-                        total += part[1]
-                        lo = part[2] if lo is None or part[2] < lo else lo
-                        hi = part[3] if hi is None or part[3] > hi else hi
-                out[spec.name] = _TILED[fn](n, total, lo, hi)
-            elif fn == "count_distinct":
+            if fn == "count_distinct":
+                start = window_start(as_of, spec)
                 out[spec.name] = sum(1 for ts in state["distinct"][spec.column].values() if start <= ts <= as_of)
-            else:  # last
+            elif fn == "last":
+                start = window_start(as_of, spec)
                 cur = state["last"][spec.column]
                 out[spec.name] = cur[1] if cur is not None and start <= cur[0] <= as_of else None
-        return out
+        return {spec.name: out[spec.name] for spec in self.specs}
 
     # JSON round trip for the Faust table changelog (tile keys become strings in JSON)
     @staticmethod

@@ -52,3 +52,30 @@ def read_parts(root: Path, columns: list[str] | None = None) -> pa.Table | None:
         return None
     dataset = ds.dataset(files, format="parquet")
     return dataset.to_table(columns=columns)
+
+
+class PartBuffer:
+    """Collects tables per dataset and writes them as part files on `flush`.
+
+    The engine flushes before every offset commit, so whatever Kafka considers
+    consumed is already on disk; a crash before that replays into new parts, and
+    readers drop the duplicates by (partition, offset).
+    """
+
+    def __init__(self, max_rows: int = 200_000):
+        self.max_rows = max_rows
+        self._pending: dict[tuple[str, str], list[pa.Table]] = {}
+        self.rows = 0
+
+    def add(self, root: Path | str, table: pa.Table, ts_column: str) -> bool:
+        """Queue a table; True when the buffer is full and should be flushed now."""
+        self._pending.setdefault((str(root), ts_column), []).append(table)
+        self.rows += table.num_rows
+        return self.rows >= self.max_rows
+
+    def flush(self) -> list[Path]:
+        pending, self._pending, self.rows = self._pending, {}, 0
+        written = []
+        for (root, ts_column), tables in pending.items():
+            written += append_parts(Path(root), pa.concat_tables(tables, promote_options="permissive"), ts_column)
+        return written

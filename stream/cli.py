@@ -1,0 +1,87 @@
+"""Subcommands of the stream stage: stream, produce, backfill, training-set."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("freshet.stream")
+
+
+def cmd_stream(args, settings) -> int:
+    from freshet import features, kafka
+    from freshet.cli import resolve_endpoints
+    from stream.engine import StreamEngine
+
+    settings = resolve_endpoints(settings)
+    kafka.check_reachable(settings)
+    registry = features.load_registry(settings)
+    topics = list(registry.views_by_topic())
+    kafka.ensure_topics(settings, [*topics, settings.topic_deadletter])
+    engine = StreamEngine(settings, registry, app_id=args.app_id)
+    log.info("stream worker %s: %d views on topics %s", args.app_id, len(registry.views), ", ".join(topics))
+    sys.argv = [sys.argv[0]]  # Faust's worker parses argv; ours is already parsed
+    engine.run()
+    return 0
+
+
+def cmd_backfill(args, settings) -> int:
+    from stream.backfill import main
+
+    return main(args, settings)
+
+
+def cmd_training_set(args, settings) -> int:
+    from stream.backfill import training_set_main
+
+    return training_set_main(args, settings)
+
+
+def cmd_produce(args, settings) -> int:
+    from freshet.cli import resolve_endpoints
+    from stream import workload
+
+    return workload.main(args, resolve_endpoints(settings)) or 0
+
+
+def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
+    p = sub.add_parser(
+        "stream", help="run a stream worker computing the registry's stream feature views",
+        description="Faust worker: consumes every KafkaSource topic of the registry's stream feature "
+                    "views, writes features to Redis (Feast layout) and Parquet. Start more processes "
+                    "with the same --app-id to share partitions.")
+    p.add_argument("--app-id", default="freshet-stream", help="consumer group and table namespace")
+    handlers["stream"] = cmd_stream
+
+    p = sub.add_parser(
+        "backfill", help="recompute features from the offline raw log (or a Parquet/CSV file)",
+        description="Replays events through the same aggregation code as the stream, producing "
+                    "point-in-time feature rows; --online also writes the latest values to Redis.")
+    p.add_argument("--input", help="Parquet or CSV file of events (default: the offline raw log)")
+    p.add_argument("--view", action="append", help="only these views (repeatable)")
+    p.add_argument("--online", action="store_true", help="write the latest value per entity to Redis")
+    p.add_argument("--output", help="write point-in-time feature rows to this Parquet file")
+    handlers["backfill"] = cmd_backfill
+
+    p = sub.add_parser(
+        "training-set", help="join labels to features as of each label's time",
+        description="Point-in-time correct training set: for every label row, every feature of the "
+                    "feature service as of the label's timestamp, recomputed from the raw event log. "
+                    "Rows with no events in a window get empty-window values, never dropped.")
+    p.add_argument("--labels", required=True, help="Parquet/CSV with entity keys, event_ts and label")
+    p.add_argument("--feature-service", default=None, help="default: the registry's only/first service")
+    p.add_argument("--output", required=True, help="Parquet file to write")
+    handlers["training-set"] = cmd_training_set
+
+    p = sub.add_parser("produce", help="publish the example card-transaction workload to Kafka")
+    try:
+        from stream import workload
+    except ImportError:
+        workload = None
+    if workload is not None and hasattr(workload, "add_arguments"):
+        workload.add_arguments(p)
+        handlers["produce"] = cmd_produce
+    else:
+        p.set_defaults(_unavailable=True)
+        handlers["produce"] = lambda a, s: (print("produce is not available in this build"), 2)[1]
