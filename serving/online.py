@@ -526,7 +526,10 @@ class OnlineFeatureReader:
         cache_key = (tuple(features), feature_service, full_feature_names)
         plan = self._plans.get(cache_key)
         if plan is None:
-            plan = self._plans[cache_key] = self._make_plan(features, feature_service, full_feature_names)
+            plan = self._make_plan(features, feature_service, full_feature_names)
+            if len(self._plans) >= 1024:  # bounded: clients choose the feature lists
+                self._plans.clear()
+            self._plans[cache_key] = plan
         return plan
 
     def _make_plan(self, features, feature_service, full) -> ReadPlan:

@@ -6,8 +6,11 @@ session-wide data dir and later modules reuse that registry. Holds no tests.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -45,3 +48,39 @@ def with_topics(settings: Settings, unique: str, **overrides) -> Settings:
         topic_labels=f"{unique}.labels", topic_drift=f"{unique}.drift", topic_retrain=f"{unique}.retrain",
         topic_deadletter=f"{unique}.deadletter", **overrides,
     )
+
+
+@contextlib.contextmanager
+def serve(app):
+    """Run an ASGI app under uvicorn in a thread on a free loopback port; yields its base URL."""
+    import uvicorn
+
+    from freshet.stack import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning",
+                                           loop="asyncio", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "the server did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def fit_fraud_pipeline(seed: int = 0, n_features: int = 3):
+    """A small StandardScaler + LogisticRegression fitted on synthetic data."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(300, n_features)) * 10 + 5
+    y = (x[:, 0] + rng.normal(size=300) * 5 > 5).astype(int)
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.1 + seed)).fit(x, y)

@@ -1,0 +1,666 @@
+"""The HTTP API: feature vectors, predictions, model admin, health and metrics.
+
+Owns routing, bearer-token auth, request validation and the mapping of errors to
+statuses. The hot endpoints (/get-online-features, /predict, /health, /ready, /metrics)
+are answered by a small ASGI router in front of FastAPI; FastAPI serves the model
+admin endpoints and the OpenAPI docs, which describe every endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import orjson
+from fastapi import Body, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
+
+from freshet.settings import Settings
+from serving.models import MODEL_NAME, LinearModel, ModelFollower, ModelNotFound, ModelRegistry
+from serving.online import (
+    PRESENT, OnlineFeatureReader, ReadPlan, RedisUnavailable, RequestError, UnknownFeature,
+)
+from serving.predictions import PredictionLog
+
+log = logging.getLogger("freshet.serving")
+
+TOKEN_FILE = "api-token"
+PUBLIC = frozenset({"/health", "/ready", "/metrics"})
+JSON = b"application/json"
+LATENCY_BUCKETS = (.0001, .00025, .0005, .00075, .001, .0015, .0025, .005, .0075, .01, .025, .05, .1, .25, .5, 1, 2.5)
+AGE_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 6 * 3600, 86400, 2 * 86400, 7 * 86400)
+
+
+class HTTPError(Exception):
+    """An answer other than 200: status, a message, and the request field it concerns."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, headers: list | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.headers = headers or []
+
+    def body(self) -> bytes:
+        doc: dict[str, Any] = {"detail": self.message, "status": self.status}
+        if self.field:
+            doc["field"] = self.field
+        return orjson.dumps(doc)
+
+
+def as_http_error(exc: Exception) -> HTTPError:
+    """The answer for an error the read path raises: 422 bad field, 404 unknown name, 503 Redis down."""
+    if isinstance(exc, HTTPError):
+        return exc
+    if isinstance(exc, RequestError):
+        return HTTPError(422, exc.message, exc.field)
+    if isinstance(exc, UnknownFeature):
+        return HTTPError(404, str(exc))
+    if isinstance(exc, RedisUnavailable):
+        return HTTPError(503, f"the online store is unavailable: {exc}", headers=[(b"retry-after", b"1")])
+    raise TypeError(exc)
+
+
+def resolve_token(settings: Settings) -> str:
+    """settings.api_token, else the token in <data_dir>/api-token, else a new one written there (0600)."""
+    if settings.api_token:
+        return settings.api_token
+    path = settings.data_path / TOKEN_FILE
+    if path.is_file() and (path.stat().st_mode & 0o077) == 0:
+        token = path.read_text().strip()
+        if token:
+            log.info("API token read from %s", path)
+            return token
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.chmod(path, 0o600)
+    log.warning("FRESHET_API_TOKEN is not set: generated an API token, written to %s (mode 0600); "
+                "send it as 'Authorization: Bearer <token>'", path)
+    return token
+
+
+def _loads(body: bytes) -> Any:
+    if not body:
+        raise HTTPError(400, "the request body is empty; send a JSON object", "body")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise HTTPError(400, f"the request body is not valid JSON: {exc}", "body") from None
+
+
+def _expect(value: Any, kinds: type | tuple, field: str, what: str) -> Any:
+    if not isinstance(value, kinds):
+        raise HTTPError(422, f"must be {what}, got {_json_type(value)}", field)
+    return value
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+class _PredictPlan:
+    """How one model version reads its inputs: feature refs from Redis, the rest from the request."""
+
+    def __init__(self, model: LinearModel, reader: OnlineFeatureReader):
+        refs = [f for f in model.feature_names if ":" in f]
+        self.read: ReadPlan | None = reader.plan(refs, full_feature_names=True) if refs else None
+        self.fields = [f for f in model.feature_names if ":" not in f]
+        position = {r: i for i, r in enumerate(self.read.refs)} if self.read else {}
+        # per model input: (True, index into the read result) or (False, request field name)
+        self.inputs = [(True, position[f]) if ":" in f else (False, f) for f in model.feature_names]
+        self.key_types: dict[str, str] = {}
+        for vr in (self.read.views if self.read else []):
+            self.key_types.update(zip(vr.view.join_keys, vr.view.join_key_types))
+        self.generation = reader.generation
+
+
+class ServingApp:
+    """The ASGI application. Build it with `create_app`."""
+
+    def __init__(self, settings: Settings, reader: OnlineFeatureReader, registry: ModelRegistry | None,
+                 follower: ModelFollower | None, prediction_log: PredictionLog | None, token: str,
+                 model_name: str = MODEL_NAME):
+        self.settings = settings
+        self.reader = reader
+        self.registry = registry
+        self.follower = follower
+        self.prediction_log = prediction_log
+        self.model_name = model_name
+        self._token = ("Bearer " + token).encode()
+        self.max_body = settings.max_body_bytes
+        self._predict_plans: dict[int, _PredictPlan] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._init_metrics()
+        self.routes: dict[tuple[str, str], Callable[[bytes], Awaitable[tuple[int, bytes, bytes]]]] = {
+            ("POST", "/get-online-features"): self.get_online_features,
+            ("POST", "/predict"): self.predict,
+            ("GET", "/health"): self.health,
+            ("GET", "/ready"): self.ready,
+            ("GET", "/metrics"): self.metrics,
+        }
+        self.api = _admin_api(self)
+        if follower is not None:
+            follower.on_change = self._model_changed
+
+    # -- metrics ---------------------------------------------------------------
+
+    def _init_metrics(self) -> None:
+        r = self.metrics_registry = CollectorRegistry(auto_describe=True)
+        self._latency = Histogram("freshet_http_request_duration_seconds", "HTTP request latency by endpoint",
+                                  ["endpoint"], registry=r, buckets=LATENCY_BUCKETS)
+        self._requests = Counter("freshet_http_requests", "HTTP requests by endpoint and status",
+                                 ["endpoint", "status"], registry=r)
+        self._feature_age = Histogram("freshet_feature_age_seconds", "Age of the feature values served, by view",
+                                      ["view"], registry=r, buckets=AGE_BUCKETS)
+        self._feature_status = Counter("freshet_feature_values", "Feature values served, by status",
+                                       ["status"], registry=r)
+        self._model_version = Gauge("freshet_model_version", "Model version in use", ["model"], registry=r)
+        self._model_info = Gauge("freshet_model_info", "1 for the model version in use, 0 for versions served before", ["model", "version"],
+                                 registry=r)
+        self._predictions = Counter("freshet_predictions", "Predictions answered", ["model", "version"], registry=r)
+        r.register(_LogCollector(self))
+        self._latency_child: dict[str, Any] = {}
+        self._count_child: dict[tuple[str, int], Any] = {}
+        self._age_child: dict[str, Any] = {}
+
+    def _observe(self, endpoint: str, status: int, seconds: float) -> None:
+        child = self._latency_child.get(endpoint)
+        if child is None:
+            child = self._latency_child[endpoint] = self._latency.labels(endpoint)
+        child.observe(seconds)
+        key = (endpoint, status)
+        counter = self._count_child.get(key)
+        if counter is None:
+            counter = self._count_child[key] = self._requests.labels(endpoint, str(status))
+        counter.inc()
+
+    def _observe_features(self, result) -> None:
+        now = time.time()
+        for view, stamps in result.view_ts.items():
+            child = self._age_child.get(view)
+            if child is None:
+                child = self._age_child[view] = self._feature_age.labels(view)
+            for ts in stamps:
+                if ts is not None:
+                    child.observe(now - ts)
+        counts: dict[str, int] = {}
+        for statuses in result.statuses:
+            for s in statuses:
+                counts[s] = counts.get(s, 0) + 1
+        for s, n in counts.items():
+            self._feature_status.labels(s).inc(n)
+
+    def _model_changed(self, old: LinearModel | None, new: LinearModel) -> None:
+        if old is not None:
+            self._model_info.labels(old.name, old.version).set(0)
+        self._model_info.labels(new.name, new.version).set(1)
+        if new.version.isdigit():
+            self._model_version.labels(new.name).set(int(new.version))
+
+    # -- ASGI ------------------------------------------------------------------
+
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+    async def _http(self, scope, receive, send) -> None:
+        started = time.perf_counter()
+        path = scope["path"]
+        method = scope["method"]
+        handler = self.routes.get((method, path))
+        endpoint = path if handler is not None else _endpoint_label(path)
+        headers = scope["headers"]
+        status = 500
+        try:
+            if path not in PUBLIC and not self._authorized(headers):
+                raise HTTPError(401, "missing or wrong bearer token; send 'Authorization: Bearer <token>'",
+                                headers=[(b"www-authenticate", b"Bearer")])
+            if handler is None:
+                status = await self._delegate(scope, receive, send)
+                return
+            body = await self._read_body(headers, receive) if method == "POST" else b""
+            status, payload, content_type = await handler(body)
+            await _respond(send, status, payload, content_type)
+        except (HTTPError, RequestError, UnknownFeature, RedisUnavailable) as exc:
+            err = as_http_error(exc)
+            status = err.status
+            await _respond(send, status, err.body(), JSON, err.headers)
+        except _Disconnected:
+            status = 499
+        except Exception:  # noqa: BLE001 - answer 500 and keep serving
+            log.exception("%s %s failed", method, path)
+            status = 500
+            await _respond(send, 500, HTTPError(500, "internal error; see the server log").body(), JSON)
+        finally:
+            self._observe(endpoint, status, time.perf_counter() - started)
+
+    def _authorized(self, headers) -> bool:
+        for name, value in headers:
+            if name == b"authorization":
+                return hmac.compare_digest(value, self._token)
+        return False
+
+    async def _read_body(self, headers, receive) -> bytes:
+        for name, value in headers:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise HTTPError(400, "Content-Length is not a number", "content-length") from None
+                if declared > self.max_body:
+                    raise HTTPError(413, f"request body of {declared} bytes exceeds the limit of "
+                                         f"{self.max_body} (FRESHET_MAX_BODY_BYTES)", "body")
+                break
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise HTTPError(413, f"request body exceeds the limit of {self.max_body} bytes "
+                                     "(FRESHET_MAX_BODY_BYTES)", "body")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _delegate(self, scope, receive, send) -> int:
+        status = 500
+
+        async def capture(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.api(scope, receive, capture)
+        return status
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:  # noqa: BLE001 - report, uvicorn exits
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        if self.prediction_log is not None:
+            self.prediction_log.start()
+        if self.follower is not None:
+            await asyncio.to_thread(self.follower.start)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_registry()))
+        log.info("serving on %s:%s (model %s %s)", self.settings.http_host, self.settings.http_port,
+                 self.model_name, self.follower.model.version if self.follower and self.follower.model else "none")
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.follower is not None:
+            await asyncio.to_thread(self.follower.stop)
+        if self.prediction_log is not None:
+            await asyncio.to_thread(self.prediction_log.close)
+        await self.reader.aio.close()
+
+    async def _refresh_registry(self) -> None:
+        while True:
+            await asyncio.sleep(self.reader.refresh_s or 1.0)
+            try:
+                await asyncio.to_thread(self.reader.refresh_if_changed)
+            except Exception as exc:  # noqa: BLE001 - keep serving with the registry we have
+                log.warning("feature registry refresh failed: %s", exc)
+
+    # -- endpoints -------------------------------------------------------------
+
+    async def get_online_features(self, body: bytes) -> tuple[int, bytes, bytes]:
+        """Feast's /get-online-features: the same request and response JSON."""
+        req = _expect(_loads(body), dict, "body", "a JSON object")
+        features = _expect(req.get("features") or [], list, "features", "a list of 'view:feature' strings")
+        service = req.get("feature_service")
+        if service is not None:
+            _expect(service, str, "feature_service", "a string")
+        full = _expect(req.get("full_feature_names", False), bool, "full_feature_names", "true or false")
+        if "entities" not in req:
+            raise HTTPError(422, "missing; send {\"entities\": {\"<join key>\": [values...]}}", "entities")
+        try:
+            plan = self.reader.plan(features, service, full)
+            result = await self.reader.read_async(plan, req["entities"])
+        except TypeError:  # unhashable feature refs
+            raise HTTPError(422, "must be a list of 'view:feature' strings", "features") from None
+        self._observe_features(result)
+        return 200, orjson.dumps(result.to_feast_dict()), JSON
+
+    async def predict(self, body: bytes) -> tuple[int, bytes, bytes]:
+        """Score one instance or a batch with the served model version."""
+        model = self.follower.model if self.follower is not None else None
+        if model is None:
+            reason = self.follower.last_error if self.follower is not None else "model serving is off"
+            raise HTTPError(503, f"no model to serve: {reason}; promote a version of {self.model_name!r} "
+                                 "(freshet retrain --bootstrap)", headers=[(b"retry-after", b"5")])
+        req = _expect(_loads(body), dict, "body", "a JSON object")
+        wanted = req.get("model")
+        if wanted is not None and wanted != model.name:
+            raise HTTPError(404, f"model {wanted!r} is not served here; this server serves {model.name!r}", "model")
+        batch = "instances" in req
+        instances = _expect(req["instances"], list, "instances", "a list of objects") if batch else [req]
+        if not instances:
+            raise HTTPError(422, "must hold at least one instance", "instances")
+        plan = self._predict_plan(model)
+        prefix = (lambda i: f"instances[{i}].") if batch else (lambda i: "")
+        columns: dict[str, list] = {k: [] for k in plan.key_types}
+        fields_rows = []
+        for i, inst in enumerate(instances):
+            _expect(inst, dict, f"instances[{i}]" if batch else "body", "a JSON object")
+            ents = _expect(inst.get("entities", {}), dict, f"{prefix(i)}entities", "an object of join keys")
+            for key, kind in plan.key_types.items():
+                v = ents.get(key)
+                if v is None:
+                    raise HTTPError(422, f"missing; model {model.name!r} reads features keyed by {key!r}",
+                                    f"{prefix(i)}entities.{key}")
+                if not _key_ok(v, kind):
+                    raise HTTPError(422, f"{v!r} is not a {kind.lower()}", f"{prefix(i)}entities.{key}")
+                columns[key].append(v)
+            fields = _expect(inst.get("fields", {}), dict, f"{prefix(i)}fields", "an object of request fields")
+            for name in plan.fields:
+                v = fields.get(name)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    raise HTTPError(422, f"must be a number or null, got {_json_type(v)}",
+                                    f"{prefix(i)}fields.{name}")
+            fields_rows.append(fields)
+        result = await self.reader.read_async(plan.read, columns) if plan.read else None
+        rows = []
+        for r, fields in enumerate(fields_rows):
+            x = []
+            for from_store, ref in plan.inputs:
+                if from_store:  # missing, null and stale values go to the model as missing
+                    x.append(result.values[ref][r] if result.statuses[ref][r] == PRESENT else None)
+                else:
+                    x.append(fields.get(ref))
+            rows.append(x)
+        scores = model.predict_proba(rows)
+        now = time.time()
+        names = model.feature_names
+        out = []
+        log_ = self.prediction_log
+        for r, x in enumerate(rows):
+            score = float(scores[r])
+            label = model.label(score)
+            request_id = uuid.uuid4().hex
+            features = dict(zip(names, x))
+            entities = {k: col[r] for k, col in columns.items()}
+            prediction = {"score": score, "label": label}
+            if log_ is not None:
+                log_.publish(request_id, model.name, model.version, entities, features, prediction, now)
+            out.append({"request_id": request_id, "score": score, "label": label, "features": features,
+                        "missing": [n for n, v in features.items() if v is None]})
+        self._predictions.labels(model.name, model.version).inc(len(out))
+        if result is not None:
+            self._observe_features(result)
+        head = {"model": model.name, "model_version": model.version}
+        doc = {**head, "predictions": out} if batch else {**head, **out[0]}
+        return 200, orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), JSON
+
+    def _predict_plan(self, model: LinearModel) -> _PredictPlan:
+        plan = self._predict_plans.get(id(model))
+        if plan is None or plan.generation != self.reader.generation:
+            try:
+                plan = _PredictPlan(model, self.reader)
+            except (UnknownFeature, RequestError) as exc:
+                raise HTTPError(503, f"model {model.name!r} version {model.version} needs features the "
+                                     f"registry does not serve: {exc}") from None
+            if len(self._predict_plans) > 16:
+                self._predict_plans.clear()
+            self._predict_plans[id(model)] = plan
+        return plan
+
+    async def health(self, body: bytes) -> tuple[int, bytes, bytes]:
+        return 200, b'{"status":"ok"}', JSON
+
+    async def ready(self, body: bytes) -> tuple[int, bytes, bytes]:
+        checks: dict[str, str] = {}
+        try:
+            await self.reader.aio.ping()
+            checks["redis"] = "ok"
+        except (RedisUnavailable, asyncio.TimeoutError) as exc:
+            checks["redis"] = str(exc) or "timed out"
+        if self.follower is None:
+            checks["model"] = "model serving is off"
+        elif self.follower.model is None:
+            checks["model"] = self.follower.last_error or "no model loaded yet"
+        else:
+            checks["model"] = "ok"
+        ok = all(v == "ok" for v in checks.values())
+        model = self.follower.model if self.follower else None
+        doc = {"ready": ok, "checks": checks,
+               "model": {"name": model.name, "version": model.version} if model else None}
+        return (200 if ok else 503), orjson.dumps(doc), JSON
+
+    async def metrics(self, body: bytes) -> tuple[int, bytes, bytes]:
+        return 200, generate_latest(self.metrics_registry), CONTENT_TYPE_LATEST.encode()
+
+
+class _Disconnected(Exception):
+    pass
+
+
+def _key_ok(v: Any, kind: str) -> bool:
+    if kind == "STRING":
+        return isinstance(v, str)
+    if kind in ("INT64", "INT32", "UNIX_TIMESTAMP"):
+        return isinstance(v, int) and not isinstance(v, bool)
+    return True
+
+
+def _endpoint_label(path: str) -> str:
+    if path.startswith("/models/"):
+        parts = path.strip("/").split("/")
+        return "/models/{name}" + ("/" + parts[2] if len(parts) > 2 else "")
+    if path in ("/models", "/docs", "/openapi.json", "/redoc"):
+        return path
+    return "other"
+
+
+async def _respond(send, status: int, body: bytes, content_type: bytes, headers: list | None = None) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body)),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _LogCollector:
+    """Prometheus view of the prediction log's counters."""
+
+    def __init__(self, app: ServingApp):
+        self.app = app
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        plog = self.app.prediction_log
+        published = CounterMetricFamily("freshet_predictions_logged", "Predictions handed to the Kafka producer")
+        dropped = CounterMetricFamily("freshet_predictions_dropped", "Predictions not logged, by reason",
+                                      labels=["reason"])
+        pending = GaugeMetricFamily("freshet_prediction_log_pending", "Predictions queued for Kafka")
+        if plog is not None:
+            published.add_metric([], plog.published)
+            for reason, n in plog.dropped.items():
+                dropped.add_metric([reason], n)
+            pending.add_metric([], plog.pending)
+        yield published
+        yield dropped
+        yield pending
+
+
+# ---------------------------------------------------------------------------
+# FastAPI: admin endpoints and the OpenAPI description of everything
+# ---------------------------------------------------------------------------
+
+# Request bodies as the OpenAPI docs show them (the hot paths validate by hand, naming the field).
+class GetOnlineFeaturesRequest(BaseModel):
+    entities: dict[str, list[Any]] = Field(..., examples=[{"card_id": ["c1"], "merchant_id": ["m1"]}])
+    features: list[str] = Field([], examples=[["card_txn_stats:sum_amount_300s"]])
+    feature_service: str | None = None
+    full_feature_names: bool = False
+
+
+class Instance(BaseModel):
+    entities: dict[str, Any] = Field(..., examples=[{"card_id": "c1", "merchant_id": "m1"}])
+    fields: dict[str, float | None] = Field({}, examples=[{"amount": 42.5}])
+
+
+class PredictRequest(BaseModel):
+    entities: dict[str, Any] | None = Field(None, examples=[{"card_id": "c1", "merchant_id": "m1"}])
+    fields: dict[str, float | None] | None = None
+    instances: list[Instance] | None = Field(None, description="the batch form; then leave entities out")
+    model: str | None = None
+
+
+class PromoteRequest(BaseModel):
+    version: str = Field(..., examples=["3"])
+
+
+def _admin_api(app: ServingApp):
+
+    api = FastAPI(
+        title="freshet serving",
+        description="Feature vectors (Feast's feature-server shapes), predictions from the model version the "
+                    "registry serves, model admin, health and metrics. Every endpoint but /health, /ready and "
+                    "/metrics needs 'Authorization: Bearer <token>'.",
+        version="1",
+    )
+
+    async def _call(handler, request: Request):
+        try:
+            status, body, ctype = await handler(await request.body())
+        except (HTTPError, RequestError, UnknownFeature, RedisUnavailable) as exc:
+            err = as_http_error(exc)
+            return Response(err.body(), err.status, media_type="application/json")
+        return Response(body, status, media_type=ctype.decode())
+
+    # These five are answered by ServingApp before FastAPI sees them; declared here for the docs.
+    @api.post("/get-online-features", tags=["features"], summary="Feature vectors (Feast's request/response)")
+    async def get_online_features(request: Request, _: GetOnlineFeaturesRequest = Body(...)):
+        return await _call(app.get_online_features, request)
+
+    @api.post("/predict", tags=["predictions"],
+              summary="Score one instance (entities + fields) or a batch (instances) with the served model")
+    async def predict(request: Request, _: PredictRequest = Body(...)):
+        return await _call(app.predict, request)
+
+    @api.get("/health", tags=["operations"], summary="Liveness")
+    async def health(request: Request):
+        return await _call(app.health, request)
+
+    @api.get("/ready", tags=["operations"], summary="Readiness: Redis reachable and a model loaded")
+    async def ready(request: Request):
+        return await _call(app.ready, request)
+
+    @api.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+    async def metrics(request: Request):
+        return await _call(app.metrics, request)
+
+    def registry() -> ModelRegistry:
+        if app.registry is None:
+            raise HTTPError(503, "no model registry configured")
+        return app.registry
+
+    @api.exception_handler(HTTPError)
+    async def _http_error(request, exc: HTTPError):
+        return Response(exc.body(), exc.status, media_type="application/json")
+
+    @api.exception_handler(ModelNotFound)
+    async def _not_found(request, exc: ModelNotFound):
+        return JSONResponse({"detail": str(exc), "status": 404}, 404)
+
+    @api.get("/models", tags=["models"], summary="Registered models and what their aliases point at")
+    def list_models():
+        served = app.follower.model if app.follower else None
+        return {"models": registry().models(),
+                "serving": {"name": served.name, "version": served.version} if served else None}
+
+    @api.get("/models/{name}", tags=["models"],
+             summary="Versions of a model: stage, metrics, parameters, training lineage")
+    def get_model(name: str):
+        reg = registry()
+        served = app.follower.model if app.follower and app.follower.model and app.follower.model.name == name \
+            else None
+        return {"name": name, "champion": reg.current_version(name), "serving": served.version if served else None,
+                "versions": reg.versions(name)}
+
+    @api.post("/models/{name}/promote", tags=["models"], summary="Serve this version (admin)")
+    def promote(name: str, req: PromoteRequest):
+        event = registry().promote(name, req.version)
+        if app.follower is not None and name == app.follower.name:
+            app.follower.check()  # this server switches now; others follow the event
+        return event.to_dict()
+
+    @api.post("/models/{name}/rollback", tags=["models"], summary="Serve the previously promoted version (admin)")
+    def rollback(name: str):
+        event = registry().rollback(name)
+        if app.follower is not None and name == app.follower.name:
+            app.follower.check()
+        return event.to_dict()
+
+    return api
+
+
+# ---------------------------------------------------------------------------
+# construction and running
+# ---------------------------------------------------------------------------
+
+def create_app(settings: Settings, *, model_name: str = MODEL_NAME, reader: OnlineFeatureReader | None = None,
+               registry: ModelRegistry | None = None, follow_models: bool = True, log_predictions: bool = True,
+               model_poll_s: float = 30.0, token: str | None = None) -> ServingApp:
+    """Build the ASGI app: feature reader, model registry and follower, prediction log, auth token."""
+    token = token or resolve_token(settings)
+    reader = reader or OnlineFeatureReader(settings)
+    follower = None
+    if follow_models:
+        registry = registry or ModelRegistry(settings)
+        follower = ModelFollower(settings, model_name, registry=registry, poll_s=model_poll_s)
+    plog = PredictionLog(settings) if log_predictions else None
+    return ServingApp(settings, reader, registry, follower, plog, token, model_name)
+
+
+def run(settings: Settings, model_name: str = MODEL_NAME) -> None:
+    """Serve on settings.http_host:http_port until interrupted (what `freshet serve` calls)."""
+    import uvicorn
+
+    app = create_app(settings, model_name=model_name)
+    uvicorn.run(app, host=settings.http_host, port=settings.http_port, loop="uvloop", http="httptools",
+                lifespan="on", access_log=False, log_level=settings.log_level.lower(),
+                limit_concurrency=10_000, backlog=4096, timeout_keep_alive=30)
+
+
+def token_path(settings: Settings) -> Path:
+    return settings.data_path / TOKEN_FILE

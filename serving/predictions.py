@@ -1,0 +1,121 @@
+"""The prediction log: every prediction served, published to freshet.predictions for the monitor.
+
+Publishing never blocks or fails a request: messages go into librdkafka's bounded
+in-memory queue and are sent by its own threads. When the queue is full (Kafka down
+long enough) or a message cannot be delivered, the loss is counted, not raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import orjson
+
+from freshet.contracts import Prediction
+from freshet.settings import Settings
+
+log = logging.getLogger("freshet.serving.predictions")
+
+
+def encode_prediction(request_id: str, model: str, model_version: str, entities: dict[str, Any],
+                      features: dict[str, Any], prediction: dict[str, Any], ts: float | None = None) -> bytes:
+    """A freshet.predictions/1 message (what Prediction.encode gives, without building the object)."""
+    return orjson.dumps({
+        "schema": Prediction.SCHEMA, "request_id": request_id, "model": model, "model_version": model_version,
+        "entities": entities, "features": features, "prediction": prediction, "ts": ts or time.time(),
+    }, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+class PredictionLog:
+    """Bounded, non-blocking publisher of freshet.predictions/1 messages.
+
+    `published` counts messages handed to the producer, `dropped` those lost, by reason:
+    `buffer_full` (the queue of `max_pending` messages was full), `undelivered` (Kafka did
+    not take them within `delivery_timeout_s`) and `disabled` (no Kafka configured).
+    """
+
+    def __init__(self, settings: Settings, max_pending: int = 100_000, delivery_timeout_s: float = 60.0):
+        self.settings = settings
+        self.topic = settings.topic_predictions
+        self.max_pending = max_pending
+        self.published = 0
+        self.dropped = {"buffer_full": 0, "undelivered": 0, "disabled": 0}
+        self.enabled = bool(settings.kafka_bootstrap_servers)
+        self._producer = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.enabled:
+            from freshet import kafka
+
+            self._producer = kafka.producer(settings, **{
+                "queue.buffering.max.messages": max_pending,
+                "queue.buffering.max.kbytes": 256 * 1024,
+                "message.timeout.ms": int(delivery_timeout_s * 1000),
+                "linger.ms": 20,
+                "acks": 1,
+                # only failures come back to Python: a callback per message would cost the request path
+                "delivery.report.only.error": True,
+                "on_delivery": self._on_delivery,
+            })
+        else:
+            log.warning("no Kafka configured: predictions are answered but not logged")
+
+    def _on_delivery(self, err, msg) -> None:
+        if err is not None:
+            self.dropped["undelivered"] += 1
+
+    @property
+    def pending(self) -> int:
+        return len(self._producer) if self._producer is not None else 0
+
+    def publish(self, request_id: str, model: str, model_version: str, entities: dict[str, Any],
+                features: dict[str, Any], prediction: dict[str, Any], ts: float | None = None) -> bool:
+        """Queue one freshet.predictions/1 message; False (and counted) if it was dropped."""
+        if self._producer is None:
+            self.dropped["disabled"] += 1
+            return False
+        value = encode_prediction(request_id, model, model_version, entities, features, prediction, ts)
+        try:
+            self._producer.produce(self.topic, value, request_id.encode())
+        except BufferError:
+            self.dropped["buffer_full"] += 1
+            return False
+        self.published += 1
+        return True
+
+    def start(self) -> None:
+        """Create the topic if needed and serve delivery reports, in a background thread."""
+        if self._producer is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="freshet-prediction-log", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        from freshet import kafka
+
+        topic_ready = False
+        retry_at = 0.0
+        while not self._stop.is_set():
+            if not topic_ready and time.monotonic() >= retry_at:
+                try:
+                    kafka.ensure_topics(self.settings, [self.topic], timeout=5)
+                    topic_ready = True
+                except Exception as exc:  # noqa: BLE001 - keep answering; retry later
+                    log.warning("prediction log topic %s not ready (%s); retrying", self.topic, exc)
+                    retry_at = time.monotonic() + 10
+            self._producer.poll(0.2)  # waits in librdkafka, without the GIL
+
+    def flush(self, timeout: float = 5.0) -> int:
+        """Wait for queued messages to be delivered; returns how many are still queued."""
+        return self._producer.flush(timeout) if self._producer is not None else 0
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout)
+        left = self.flush(timeout)
+        if left:
+            log.warning("%d predictions were not delivered before shutdown", left)
+        self._producer = None  # destroyed now, not at interpreter exit
