@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import os
 import secrets
 import time
-import uuid
+from bisect import bisect_left
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import orjson
 from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
@@ -145,6 +146,9 @@ class ServingApp:
         self.max_body = settings.max_body_bytes
         self._predict_plans: dict[int, _PredictPlan] = {}
         self._tasks: list[asyncio.Task] = []
+        # request ids: 64 random bits per process + a counter, unique without a syscall per request
+        self._id_prefix = secrets.token_hex(8)
+        self._ids = itertools.count()
         self._init_metrics()
         self.routes: dict[tuple[str, str], Callable[[bytes], Awaitable[tuple[int, bytes, bytes]]]] = {
             ("POST", "/get-online-features"): self.get_online_features,
@@ -161,49 +165,45 @@ class ServingApp:
 
     def _init_metrics(self) -> None:
         r = self.metrics_registry = CollectorRegistry(auto_describe=True)
-        self._latency = Histogram("freshet_http_request_duration_seconds", "HTTP request latency by endpoint",
-                                  ["endpoint"], registry=r, buckets=LATENCY_BUCKETS)
-        self._requests = Counter("freshet_http_requests", "HTTP requests by endpoint and status",
-                                 ["endpoint", "status"], registry=r)
-        self._feature_age = Histogram("freshet_feature_age_seconds", "Age of the feature values served, by view",
-                                      ["view"], registry=r, buckets=AGE_BUCKETS)
-        self._feature_status = Counter("freshet_feature_values", "Feature values served, by status",
-                                       ["status"], registry=r)
+        # Per-request metrics are plain counters exposed by a collector: prometheus_client's own
+        # children cost several microseconds each (more in multiprocess mode, which importing
+        # feast switches on), on the path every request takes.
+        self.latency: dict[str, _Histogram] = {}
+        self.requests: dict[tuple[str, int], int] = {}
+        self.feature_age: dict[str, _Histogram] = {}
+        self.feature_rows: dict[tuple[str, str], int] = {}
+        self.predictions: dict[tuple[str, str], int] = {}
         self._model_version = Gauge("freshet_model_version", "Model version in use", ["model"], registry=r)
-        self._model_info = Gauge("freshet_model_info", "1 for the model version in use, 0 for versions served before", ["model", "version"],
-                                 registry=r)
-        self._predictions = Counter("freshet_predictions", "Predictions answered", ["model", "version"], registry=r)
-        r.register(_LogCollector(self))
-        self._latency_child: dict[str, Any] = {}
-        self._count_child: dict[tuple[str, int], Any] = {}
-        self._age_child: dict[str, Any] = {}
+        self._model_info = Gauge("freshet_model_info", "1 for the model version in use, 0 for versions "
+                                 "served before", ["model", "version"], registry=r)
+        r.register(_HotMetrics(self))
 
     def _observe(self, endpoint: str, status: int, seconds: float) -> None:
-        child = self._latency_child.get(endpoint)
-        if child is None:
-            child = self._latency_child[endpoint] = self._latency.labels(endpoint)
-        child.observe(seconds)
+        hist = self.latency.get(endpoint)
+        if hist is None:
+            hist = self.latency[endpoint] = _Histogram(LATENCY_BUCKETS)
+        hist.observe(seconds)
         key = (endpoint, status)
-        counter = self._count_child.get(key)
-        if counter is None:
-            counter = self._count_child[key] = self._requests.labels(endpoint, str(status))
-        counter.inc()
+        self.requests[key] = self.requests.get(key, 0) + 1
 
     def _observe_features(self, result) -> None:
         now = time.time()
+        views = self.reader.layout.views
+        rows = self.feature_rows
         for view, stamps in result.view_ts.items():
-            child = self._age_child.get(view)
-            if child is None:
-                child = self._age_child[view] = self._feature_age.labels(view)
+            hist = self.feature_age.get(view)
+            if hist is None:
+                hist = self.feature_age[view] = _Histogram(AGE_BUCKETS)
+            ttl = views[view].ttl_s if view in views else 0
             for ts in stamps:
-                if ts is not None:
-                    child.observe(now - ts)
-        counts: dict[str, int] = {}
-        for statuses in result.statuses:
-            for s in statuses:
-                counts[s] = counts.get(s, 0) + 1
-        for s, n in counts.items():
-            self._feature_status.labels(s).inc(n)
+                if ts is None:
+                    status = "not_found"
+                else:
+                    age = now - ts
+                    hist.observe(age)
+                    status = "stale" if ttl and age > ttl else "present"
+                key = (view, status)
+                rows[key] = rows.get(key, 0) + 1
 
     def _model_changed(self, old: LinearModel | None, new: LinearModel) -> None:
         if old is not None:
@@ -406,7 +406,7 @@ class ServingApp:
                 else:
                     x.append(fields.get(ref))
             rows.append(x)
-        scores = model.predict_proba(rows)
+        scores = [model.score_one(rows[0])] if len(rows) == 1 else model.predict_proba(rows)
         now = time.time()
         names = model.feature_names
         out = []
@@ -414,7 +414,7 @@ class ServingApp:
         for r, x in enumerate(rows):
             score = float(scores[r])
             label = model.label(score)
-            request_id = uuid.uuid4().hex
+            request_id = f"{self._id_prefix}{next(self._ids):016x}"
             features = dict(zip(names, x))
             entities = {k: col[r] for k, col in columns.items()}
             prediction = {"score": score, "label": label}
@@ -422,7 +422,8 @@ class ServingApp:
                 log_.publish(request_id, model.name, model.version, entities, features, prediction, now)
             out.append({"request_id": request_id, "score": score, "label": label, "features": features,
                         "missing": [n for n, v in features.items() if v is None]})
-        self._predictions.labels(model.name, model.version).inc(len(out))
+        key = (model.name, model.version)
+        self.predictions[key] = self.predictions.get(key, 0) + len(out)
         if result is not None:
             self._observe_features(result)
         head = {"model": model.name, "model_version": model.version}
@@ -496,8 +497,30 @@ async def _respond(send, status: int, body: bytes, content_type: bytes, headers:
     await send({"type": "http.response.body", "body": body})
 
 
-class _LogCollector:
-    """Prometheus view of the prediction log's counters."""
+class _Histogram:
+    """A Prometheus histogram without locks: observed from the event loop thread only."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # buckets are "<= le"
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, int]]:
+        out, total = [], 0
+        for bound, n in zip((*map(str, self.bounds), "+Inf"), self.counts):
+            total += n
+            out.append((bound, total))
+        return out
+
+
+class _HotMetrics:
+    """Prometheus view of the per-request counters and of the prediction log."""
 
     def __init__(self, app: ServingApp):
         self.app = app
@@ -506,7 +529,32 @@ class _LogCollector:
         return []
 
     def collect(self):
-        plog = self.app.prediction_log
+        app = self.app
+        latency = HistogramMetricFamily("freshet_http_request_duration_seconds", "HTTP request latency by endpoint",
+                                        labels=["endpoint"])
+        for endpoint, h in list(app.latency.items()):
+            latency.add_metric([endpoint], h.buckets(), h.sum)
+        yield latency
+        requests = CounterMetricFamily("freshet_http_requests", "HTTP requests by endpoint and status",
+                                       labels=["endpoint", "status"])
+        for (endpoint, status), n in list(app.requests.items()):
+            requests.add_metric([endpoint, str(status)], n)
+        yield requests
+        age = HistogramMetricFamily("freshet_feature_age_seconds", "Age of the feature rows served, by view",
+                                    labels=["view"])
+        for view, h in list(app.feature_age.items()):
+            age.add_metric([view], h.buckets(), h.sum)
+        yield age
+        rows = CounterMetricFamily("freshet_feature_rows", "Entity rows read per view: present, stale (older "
+                                   "than the view's TTL) or not_found", labels=["view", "status"])
+        for (view, status), n in list(app.feature_rows.items()):
+            rows.add_metric([view, status], n)
+        yield rows
+        preds = CounterMetricFamily("freshet_predictions", "Predictions answered", labels=["model", "version"])
+        for (model, version), n in list(app.predictions.items()):
+            preds.add_metric([model, version], n)
+        yield preds
+        plog = app.prediction_log
         published = CounterMetricFamily("freshet_predictions_logged", "Predictions handed to the Kafka producer")
         dropped = CounterMetricFamily("freshet_predictions_dropped", "Predictions not logged, by reason",
                                       labels=["reason"])
@@ -520,10 +568,6 @@ class _LogCollector:
         yield dropped
         yield pending
 
-
-# ---------------------------------------------------------------------------
-# FastAPI: admin endpoints and the OpenAPI description of everything
-# ---------------------------------------------------------------------------
 
 # Request bodies as the OpenAPI docs show them (the hot paths validate by hand, naming the field).
 class GetOnlineFeaturesRequest(BaseModel):
@@ -658,7 +702,7 @@ def run(settings: Settings, model_name: str = MODEL_NAME) -> None:
 
     app = create_app(settings, model_name=model_name)
     uvicorn.run(app, host=settings.http_host, port=settings.http_port, loop="uvloop", http="httptools",
-                lifespan="on", access_log=False, log_level=settings.log_level.lower(),
+                lifespan="on", access_log=False, log_level=settings.log_level.lower(), server_header=False,
                 limit_concurrency=10_000, backlog=4096, timeout_keep_alive=30)
 
 

@@ -148,8 +148,21 @@ class LinearModel:
         z = ((self.matrix(rows) - self.mean) / self.scale) @ self.coef + self.intercept
         return 1.0 / (1.0 + np.exp(-z))
 
+    def __post_init__(self) -> None:
+        # plain floats for score_one: numpy's per-call overhead dwarfs a 40-term dot product
+        self._terms = list(zip(self.fill.tolist(), self.mean.tolist(), self.scale.tolist(), self.coef.tolist()))
+
     def score_one(self, row: Sequence[Any]) -> float:
-        return float(self.predict_proba([row])[0])
+        """P(class 1) of one row, in plain Python (same value as predict_proba to ~1e-15)."""
+        z = self.intercept
+        for v, (fill, mean, scale, coef) in zip(row, self._terms):
+            if v is None or v != v:
+                v = fill
+            z += (v - mean) / scale * coef
+        if z >= 0:
+            return 1.0 / (1.0 + math.exp(-z))
+        e = math.exp(z)
+        return e / (1.0 + e)
 
     def label(self, p: float) -> Any:
         return self.classes[1] if p > self.threshold else self.classes[0]
@@ -191,7 +204,14 @@ class ModelRegistry:
         self.uri = settings.mlflow_uri
         if self.uri.startswith("sqlite:"):
             settings.data_path.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        for attempt in range(5):
+            try:
+                self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+                break
+            except Exception:  # noqa: BLE001 - two processes creating the sqlite schema at once
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
         self.publish_events = publish_events
         self._cache: dict[tuple[str, str], LinearModel] = {}
         self._lock = threading.Lock()
@@ -529,7 +549,7 @@ class ModelFollower:
 
     def _run(self) -> None:
         consumer, retry_at = None, 0.0
-        next_poll = time.monotonic() + self.poll_s
+        next_poll = time.monotonic() + (self.poll_s if self.model else min(self.poll_s, 2.0))
         try:
             while not self._stop.is_set():
                 if consumer is None and time.monotonic() >= retry_at:
@@ -547,8 +567,9 @@ class ModelFollower:
                         except ValueError as exc:
                             log.warning("ignoring bad %s message: %s", self.settings.topic_models, exc)
                 if time.monotonic() >= next_poll:
-                    next_poll = time.monotonic() + self.poll_s
                     self.check()
+                    # a server still waiting for its first model asks more often
+                    next_poll = time.monotonic() + (self.poll_s if self.model else min(self.poll_s, 2.0))
         finally:
             if consumer is not None:
                 consumer.close()

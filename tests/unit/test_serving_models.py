@@ -41,6 +41,8 @@ def test_exported_model_scores_equal_sklearn_predict_proba(make):
     rows = [[None if np.isnan(v) else float(v) for v in r] for r in x]
     np.testing.assert_allclose(model.predict_proba(rows), pipe.predict_proba(x)[:, 1], rtol=1e-12, atol=1e-15)
     assert [model.label(p) for p in model.predict_proba(rows)] == list(pipe.predict(x))
+    one = [model.score_one(r) for r in rows]
+    np.testing.assert_allclose(one, pipe.predict_proba(x)[:, 1], rtol=1e-12, atol=1e-15)
 
 
 def test_missing_inputs_without_an_imputer_are_filled_with_the_training_mean():
