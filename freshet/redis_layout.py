@@ -504,11 +504,14 @@ class OnlineLayout:
         codec = self._codec(view)
         ttl = self.key_ttl_s
         script = self._write_if_newer
+        sync_pipe = not hasattr(pipe, "__aenter__")
         n = 0
         for key_values, values, event_ts in rows:
             key = codec.key(key_values)
-            if only_newer:
+            if only_newer and sync_pipe:
                 script(keys=[key], args=codec.encode(values, event_ts), client=pipe)
+            elif only_newer:  # an asyncio pipeline cannot load the script first: EVAL (cached by Redis)
+                pipe.execute_command("EVAL", _WRITE_IF_NEWER, 1, key, *codec.encode(values, event_ts))
             else:
                 pipe.execute_command("HSET", key, *codec.encode(values, event_ts))
             if ttl:
@@ -527,6 +530,34 @@ class OnlineLayout:
             n = self.write_rows(pipe, view, rows, only_newer)
             pipe.execute()
             return n
+        blob, replies, n = self.pack_rows(view, rows, only_newer)
+        if n:
+            try:
+                self._send(client, blob, replies)
+            except redis.exceptions.NoScriptError:
+                # every EVALSHA failed alike, so nothing was written: load the script and resend
+                client.script_load(_WRITE_IF_NEWER)
+                self._send(client, blob, replies)
+        return n
+
+    async def write_async(self, client: Any, view: str, rows: Iterable[Row], only_newer: bool = False) -> int:
+        """`write` for a redis.asyncio client (the stream engine's event loop)."""
+        if not hasattr(client, "connection_pool"):
+            pipe = client.pipeline(transaction=False)
+            n = self.write_rows(pipe, view, rows, only_newer)
+            await pipe.execute()
+            return n
+        blob, replies, n = self.pack_rows(view, rows, only_newer)
+        if n:
+            try:
+                await self._send_async(client, blob, replies)
+            except redis.exceptions.NoScriptError:
+                await client.script_load(_WRITE_IF_NEWER)
+                await self._send_async(client, blob, replies)
+        return n
+
+    def pack_rows(self, view: str, rows: Iterable[Row], only_newer: bool = False) -> tuple[bytes, int, int]:
+        """The rows as RESP commands: (bytes to send, replies to read, rows) for any transport."""
         codec = self._codec(view)
         sha = self._write_if_newer.sha.encode()
         head = (b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n" + sha + b"\r\n$1\r\n1\r\n", 6) if only_newer \
@@ -542,16 +573,7 @@ class OnlineLayout:
                 out.append(b"*3\r\n$6\r\nEXPIRE\r\n%s%s" % (_bulk(key), ttl))
                 replies += 1
             n += 1
-        if not n:
-            return 0
-        blob = b"".join(out)
-        try:
-            self._send(client, blob, replies)
-        except redis.exceptions.NoScriptError:
-            # every EVALSHA failed alike, so nothing was written: load the script and resend
-            client.script_load(_WRITE_IF_NEWER)
-            self._send(client, blob, replies)
-        return n
+        return b"".join(out), replies, n
 
     @staticmethod
     def _send(client: Any, blob: bytes, replies: int) -> None:
@@ -572,6 +594,26 @@ class OnlineLayout:
             raise
         finally:
             pool.release(conn)
+
+    @staticmethod
+    async def _send_async(client: Any, blob: bytes, replies: int) -> None:
+        pool = client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command([blob])
+            error = None
+            for _ in range(replies):
+                try:
+                    await conn.read_response()
+                except redis.ResponseError as exc:
+                    error = error or exc
+            if error:
+                raise error
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
 
     # -- reading ------------------------------------------------------------
 

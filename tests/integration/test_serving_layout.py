@@ -137,3 +137,29 @@ def test_direct_write_equals_pipelined_write_and_keeps_order_rules(registry, lay
     [(ts, values)] = layout.read_rows(client, "card_txn_stats", [card], ["last_amount_300s", "sum_amount_300s"])
     assert ts == t + 10
     assert values == {"last_amount_300s": 2.0, "sum_amount_300s": vals["sum_amount_300s"]}
+
+
+def test_asyncio_writes_equal_sync_writes_including_only_newer(registry, layout, client, applied_settings, unique):  # noqa: F811
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    vals = _card_values(registry, 6.5)
+
+    async def scenario():
+        aclient = aioredis.Redis.from_url(applied_settings.redis_url)
+        try:
+            await layout.write_async(aclient, "card_txn_stats", [((f"{unique}-a",), vals, 1.7e9)])
+            pipe = aclient.pipeline(transaction=False)
+            layout.write_rows(pipe, "card_txn_stats", [((f"{unique}-a",), {"last_amount_300s": 1.0}, 1.7e9 - 1),
+                                                        ((f"{unique}-b",), vals, 1.7e9)], only_newer=True)
+            await pipe.execute()
+            await layout.write_async(aclient, "card_txn_stats", [((f"{unique}-b",), {"last_amount_300s": 2.0},
+                                                                  1.7e9 + 1)], only_newer=True)
+        finally:
+            await aclient.aclose()
+
+    asyncio.run(scenario())
+    a, b = layout.read_rows(client, "card_txn_stats", [(f"{unique}-a",), (f"{unique}-b",)])
+    assert a == (1.7e9, vals)  # the older only_newer row was skipped
+    assert b == (1.7e9 + 1, {**vals, "last_amount_300s": 2.0})
