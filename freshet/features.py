@@ -62,6 +62,12 @@ class ViewSpec:
     aggregations: tuple[AggregationSpec, ...]
     offline_path: str
     online: bool = True
+    message_key: str = ""  # the event field producers key messages by (KafkaSource tag)
+
+    @property
+    def keyed_by_message(self) -> bool:
+        """True when events arrive in the partition that owns their entity: no repartition."""
+        return self.join_keys == (self.message_key,)
 
     @property
     def feature_names(self) -> list[str]:
@@ -222,4 +228,5 @@ def _view_spec(sfv: Any) -> ViewSpec:
         topic=opts.topic, timestamp_field=ts_field, source_schema=schema,
         lateness_s=_seconds(opts.watermark_delay_threshold), aggregations=tuple(aggs),
         offline_path=getattr(batch, "path", "") if batch else "", online=sfv.online,
+        message_key=(src.tags or {}).get("freshet.message_key", ""),
     )

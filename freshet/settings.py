@@ -95,6 +95,13 @@ class Settings:
     def with_endpoints(self, kafka: str, redis_url: str) -> "Settings":
         return dataclasses.replace(self, kafka_bootstrap_servers=kafka, redis_url=redis_url)
 
+    def to_env(self) -> dict[str, str]:
+        """FRESHET_* variables that make a child process load these same settings."""
+        env = {_env_name(f.name): str(getattr(self, f.name)) for f in dataclasses.fields(self)
+               if getattr(self, f.name) != f.default}
+        env[_env_name("data_dir")] = str(self.data_path)
+        return env
+
     def public_view(self) -> dict[str, Any]:
         """The settings with secrets masked, for logs and `freshet config`."""
         out = {}

@@ -6,10 +6,14 @@ per-entity tiles in changelog-backed Faust tables; changed entities are written 
 Redis in Feast's layout and to the offline feature log.
 
 Delivery is at-least-once with exactly-once effects: each entity's state records
-the last source offset applied per partition, so a replay after a crash is skipped.
-Events whose partition is not the one the entity's table key maps to are first
-re-keyed through an internal repartition topic (for example merchant views on a
-topic keyed by card).
+the last source offset applied per partition, so a replay after a crash is skipped,
+and offsets are committed only after the offline parts, table changelog and
+repartition messages they cover are durable.
+
+Each entity has exactly one writer. A view keyed by the field producers key
+messages by (the KafkaSource tag `freshet.message_key`) is computed in the source
+partition; any other view (merchant views on a topic keyed by card) first sends its
+events through an internal repartition topic keyed by its entity.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import weakref
+
 import aiokafka
 import faust
 import faust.transport.drivers.aiokafka as faust_aiokafka
@@ -29,6 +35,7 @@ import orjson
 import pyarrow as pa
 import redis.asyncio as aioredis
 from aiokafka.partitioner import murmur2
+from faust.streams import _current_event
 
 from freshet.contracts import DeadLetter
 from freshet.features import FeatureRegistry, ViewSpec
@@ -108,24 +115,28 @@ class ViewProcessor:
             self.live[key] = state
         return state
 
-    async def apply(self, items: list[tuple[bytes, float, dict, str, int]], counters: Counters) -> None:
+    async def apply(self, items: list[tuple[bytes, float, dict, str, int, Any]], counters: Counters) -> None:
+        """Apply (key, event time, row, source "topic:partition", source offset, Faust event)."""
         t0 = time.perf_counter()
-        changed: dict[bytes, tuple[dict, dict]] = {}
-        for key, ts, row, source, offset in items:
+        changed: dict[bytes, tuple[dict, dict, Any]] = {}
+        for key, ts, row, source, offset, event in items:
             state = self._state(key)
             if state["offsets"].get(source, -1) >= offset:
                 counters.duplicates_skipped += 1
                 continue
             self.agg.update(state, ts, row)
             state["offsets"][source] = offset
-            changed[key] = (state, row)
+            changed[key] = (state, row, event)
         counters.timed("aggregate", t0)
         if not changed:
             return
         t0 = time.perf_counter()
         rows = []
-        for key, (state, row) in changed.items():
+        for key, (state, row, event) in changed.items():
             self.agg.evict(state)
+            # The changelog partition is the partition of the event that brought the
+            # update, as for any Faust table; a batch spans partitions, so say which.
+            _current_event.set(weakref.ref(event))
             self.table[key] = state
             rows.append((tuple(row[k] for k in self.view.join_keys), self.agg.result(state), state["max_ts"]))
         counters.timed("table_and_result", t0)
@@ -204,7 +215,7 @@ class StreamEngine:
         self.repartition_topics = {}
         for view in registry.views.values():
             table = self.app.Table(f"state-{view.name}", default=None, partitions=self.partitions,
-                                   key_type=bytes, value_type=None, use_partitioner=True)
+                                   key_type=bytes, value_type=None)
             self.processors[view.name] = ViewProcessor(view, table, self.sink)
             topic = self.app.topic(f"{app_id}-{view.name}-repartition", partitions=self.partitions,
                                    key_serializer="raw", value_serializer="raw", internal=True)
@@ -220,12 +231,15 @@ class StreamEngine:
         self._flush_before_commit()
 
     def _flush_before_commit(self) -> None:
-        """Offsets are committed only after the offline parts they cover are on disk."""
+        """Offsets are committed only after what they cover is durable: the offline parts
+        on disk, and the table changelog and repartition messages acknowledged by Kafka
+        (Faust itself waits only for messages attached to events)."""
         consumer = self.app.consumer
         commit = consumer.force_commit
 
         async def force_commit(*args, **kwargs):
             await self.flush_offline()
+            await self.app.producer.flush()
             return await commit(*args, **kwargs)
 
         consumer.force_commit = force_commit
@@ -281,34 +295,53 @@ class StreamEngine:
                     accepted.append((message.partition, message.offset, ts, row))
                 if not accepted:
                     continue
+                events_by_offset = {(e.message.partition, e.message.offset): e for e in events}
                 self.counters.accepted += len(accepted)
                 self.counters.timed("decode", t0)
                 t0 = time.perf_counter()
                 await self._append_raw(raw_root, decoder, accepted)
                 self.counters.timed("raw_log", t0)
                 for view in views:
-                    direct = []
-                    # events for entities owned by other partitions travel in one message
-                    # per destination partition, not one per event
-                    outgoing: dict[int, list] = {}
-                    for partition, offset, ts, row in accepted:
-                        key = entity_key(view, row)
-                        source = f"{topic}:{partition}"
-                        owner = self._owner_partition(key)
-                        if owner == partition:
-                            direct.append((key, ts, row, source, offset))
-                        else:
-                            outgoing.setdefault(owner, []).append(
-                                (key.decode("latin-1"), ts, {c: row.get(c) for c in needed[view.name]},
-                                 source, offset))
-                    for owner, items in outgoing.items():
-                        await self.repartition_topics[view.name].send(
-                            key=b"%d" % owner, value=orjson.dumps(items), partition=owner)
-                        self.counters.repartitioned += len(items)
-                    if direct:
-                        await self.processors[view.name].apply(direct, self.counters)
+                    if view.keyed_by_message:
+                        await self._apply_direct(view, topic, accepted, events_by_offset)
+                    else:
+                        await self._repartition(view, topic, accepted, needed[view.name])
 
         return ingest
+
+    async def _apply_direct(self, view: ViewSpec, topic: str, accepted, events) -> None:
+        """A view keyed by the message key is computed in the partition the event came in.
+
+        Each entity must then always arrive in the same partition, the one its key maps
+        to; an event that does not is dead-lettered rather than split across two states.
+        """
+        items = []
+        for partition, offset, ts, row in accepted:
+            key = entity_key(view, row)
+            owner = self._owner_partition(key)
+            if owner != partition:
+                await self._dead_letter(
+                    events[(partition, offset)].message,
+                    f"misrouted: {view.message_key}={key.decode(errors='replace')!r} belongs in partition "
+                    f"{owner}, arrived in {partition}; key events by {view.message_key} with the murmur2 "
+                    "partitioner (Java's default; librdkafka 'murmur2_random')")
+                continue
+            items.append((key, ts, row, f"{topic}:{partition}", offset, events[(partition, offset)]))
+        if items:
+            await self.processors[view.name].apply(items, self.counters)
+
+    async def _repartition(self, view: ViewSpec, topic: str, accepted, columns: list[str]) -> None:
+        """Every event of the view travels to the partition owning its entity, one message
+        per destination partition, so each entity has exactly one writer."""
+        outgoing: dict[int, list] = {}
+        for partition, offset, ts, row in accepted:
+            key = entity_key(view, row)
+            outgoing.setdefault(self._owner_partition(key), []).append(
+                (key.decode("latin-1"), ts, {c: row.get(c) for c in columns}, f"{topic}:{partition}", offset))
+        for owner, items in outgoing.items():
+            await self.repartition_topics[view.name].send(key=b"%d" % owner, value=orjson.dumps(items),
+                                                          partition=owner)
+            self.counters.repartitioned += len(items)
 
     def _repartitioned_agent(self, view: ViewSpec):
         async def apply(stream):
@@ -316,7 +349,7 @@ class StreamEngine:
                 items = []
                 for event in events:
                     for key, ts, row, source, offset in orjson.loads(event.message.value):
-                        items.append((key.encode("latin-1"), ts, row, source, offset))
+                        items.append((key.encode("latin-1"), ts, row, source, offset, event))
                 await self.processors[view.name].apply(items, self.counters)
 
         return apply
@@ -344,8 +377,10 @@ class StreamEngine:
             await self.flush_offline()
 
     async def flush_offline(self) -> None:
+        # In the event loop on purpose: no batch may be processed (and acked) between
+        # this flush and the offset commit that follows it.
         t0 = time.perf_counter()
-        await asyncio.to_thread(self.sink.offline.flush)
+        self.sink.offline.flush()
         self.counters.timed("offline_flush", t0)
 
     def run(self) -> None:

@@ -1,0 +1,220 @@
+"""Backfill and training sets: the stream's aggregations replayed over the offline raw log.
+
+Both run the same `ViewAggregator` as the stream engine, in event-time order, so
+the feature values they produce are the ones the stream would have served.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from freshet.features import FeatureRegistry, ViewSpec
+from freshet.settings import Settings
+from stream.aggregations import ViewAggregator
+from stream.events import parse_timestamp
+from stream.offline import raw_log_path, read_parts
+
+log = logging.getLogger("freshet.backfill")
+
+
+def load_events(settings: Settings, topic: str, path: str | None = None) -> pd.DataFrame:
+    """Events of a topic, deduplicated by (partition, offset) and sorted by event time.
+
+    From `path` (Parquet or CSV) when given, else the offline raw log the stream wrote.
+    """
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"--input {path} does not exist")
+        df = pd.read_csv(p) if p.suffix.lower() == ".csv" else pd.read_parquet(p)
+    else:
+        table = read_parts(raw_log_path(settings.data_path, topic))
+        if table is None:
+            return pd.DataFrame()
+        df = table.to_pandas()
+    if {"_partition", "_offset"} <= set(df.columns):
+        # at-least-once: a replay after a crash may have appended the same events again
+        df = df.drop_duplicates(["_partition", "_offset"], keep="first")
+    return df
+
+
+def _epoch_seconds(series: pd.Series) -> np.ndarray:
+    if pd.api.types.is_datetime64_any_dtype(series):
+        s = series.dt.tz_localize("UTC") if series.dt.tz is None else series
+        return s.astype("int64").to_numpy() / 1e9 if s.dt.unit == "ns" else (
+            s.dt.as_unit("us").astype("int64").to_numpy() / 1e6)
+    return np.array([parse_timestamp(v, series.name) for v in series], dtype="float64")
+
+
+def _ordered(df: pd.DataFrame, view: ViewSpec) -> tuple[np.ndarray, pd.DataFrame]:
+    ts = _epoch_seconds(df[view.timestamp_field])
+    df = df.assign(_ts=ts)
+    order = ["_ts"] + [c for c in ("_partition", "_offset") if c in df.columns]
+    df = df.sort_values(order, kind="stable")
+    return df["_ts"].to_numpy(), df
+
+
+def _records(df: pd.DataFrame, columns: list[str]) -> Iterator[dict[str, Any]]:
+    clean = df[columns].astype(object).where(df[columns].notna(), None)
+    for values in clean.itertuples(index=False, name=None):
+        yield dict(zip(columns, values))
+
+
+def replay_view(df: pd.DataFrame, view: ViewSpec, emit_rows: bool = False):
+    """Aggregate the events of one view; returns (aggregator, final states, point-in-time rows or None).
+
+    Point-in-time rows hold, for every event, the entity's features right after it.
+    """
+    agg = ViewAggregator(view)
+    states: dict[tuple, dict] = {}
+    rows = [] if emit_rows else None
+    if df.empty:
+        return agg, states, rows
+    ts, df = _ordered(df, view)
+    columns = sorted({*view.join_keys, *(a.column for a in view.aggregations)})
+    for t, row in zip(ts, _records(df, columns)):
+        key = tuple(row[k] for k in view.join_keys)
+        state = states.get(key)
+        if state is None:
+            state = states[key] = agg.new_state()
+        agg.update(state, float(t), row)
+        if emit_rows:
+            rows.append({**dict(zip(view.join_keys, key)), **agg.result(state),
+                         view.timestamp_field: pd.Timestamp(t, unit="s", tz="UTC")})
+    return agg, states, rows
+
+
+def latest_features(df: pd.DataFrame, view: ViewSpec) -> dict[tuple, tuple[float, dict]]:
+    """Entity key -> (latest event time, features as of it): what the online store should hold."""
+    agg, states, _ = replay_view(df, view)
+    return {key: (state["max_ts"], agg.result(state)) for key, state in states.items()}
+
+
+def training_set(settings: Settings, registry: FeatureRegistry, labels: pd.DataFrame,
+                 feature_refs: list[str], timestamp_field: str = "event_ts",
+                 events: dict[str, pd.DataFrame] | None = None, progress: bool = True) -> pd.DataFrame:
+    """For every label row, each requested feature as of the label's time.
+
+    `feature_refs` are "view:feature". A label whose entity had no events in a window
+    gets that window's empty value (count 0, mean None): no row is dropped.
+    """
+    from tqdm import tqdm
+
+    wanted: dict[str, list[str]] = {}
+    for ref in feature_refs:
+        view_name, _, feature = ref.partition(":")
+        if view_name not in registry.views:
+            raise KeyError(f"unknown feature view {view_name!r} in {ref!r}")
+        if feature not in registry.views[view_name].feature_names:
+            raise KeyError(f"unknown feature {feature!r} in view {view_name!r}")
+        wanted.setdefault(view_name, []).append(feature)
+    label_ts = _epoch_seconds(labels[timestamp_field])
+    out = labels.reset_index(drop=True).copy()
+    for view_name, features in wanted.items():
+        view = registry.views[view_name]
+        missing = [k for k in view.join_keys if k not in labels.columns]
+        if missing:
+            raise KeyError(f"labels lack join key(s) {missing} of view {view_name!r}")
+        df = (events or {}).get(view.topic)
+        if df is None:
+            df = load_events(settings, view.topic)
+        agg = ViewAggregator(view)
+        values: dict[str, list] = {f: [None] * len(out) for f in features}
+        ev_ts, ev = (_ordered(df, view) if not df.empty else (np.array([]), df))
+        columns = sorted({*view.join_keys, *(a.column for a in view.aggregations)})
+        ev_rows = list(_records(ev, columns)) if len(ev) else []
+        label_order = np.argsort(label_ts, kind="stable")
+        states: dict[tuple, dict] = {}
+        i = 0
+        bar = tqdm(total=len(out), desc=f"training set {view_name}", disable=not progress, file=sys.stderr)
+        for li in label_order:
+            t = label_ts[li]
+            # apply every event up to and including the label's time
+            while i < len(ev_rows) and ev_ts[i] <= t:
+                row = ev_rows[i]
+                key = tuple(row[k] for k in view.join_keys)
+                state = states.get(key)
+                if state is None:
+                    state = states[key] = agg.new_state()
+                agg.update(state, float(ev_ts[i]), row)
+                i += 1
+            key = tuple(out.at[li, k] for k in view.join_keys)
+            state = states.get(key) or agg.new_state()
+            result = agg.result(state, as_of=float(t))
+            for f in features:
+                values[f][li] = result[f]
+            bar.update(1)
+        bar.close()
+        for f in features:
+            out[f"{view_name}__{f}"] = values[f]
+    return out
+
+
+def _feature_refs(registry: FeatureRegistry, service: str | None, views: list[str] | None = None) -> list[str]:
+    if service:
+        if service not in registry.feature_services:
+            raise KeyError(f"unknown feature service {service!r}; known: {', '.join(registry.feature_services)}")
+        return registry.feature_services[service]
+    if registry.feature_services and not views:
+        return next(iter(registry.feature_services.values()))
+    return [f"{v.name}:{f}" for v in registry.views.values() if not views or v.name in views
+            for f in v.feature_names]
+
+
+def main(args, settings: Settings) -> int:
+    from freshet import features
+    from freshet.cli import CliError, resolve_endpoints
+
+    if args.online:
+        settings = resolve_endpoints(settings)
+    registry = features.load_registry(settings)
+    views = [v for v in registry.views.values() if not args.view or v.name in args.view]
+    if args.view and len(views) != len(args.view):
+        raise CliError(f"unknown view in {args.view}; known: {', '.join(registry.views)}")
+    cache: dict[str, pd.DataFrame] = {}
+    for view in views:
+        if view.topic not in cache:
+            cache[view.topic] = load_events(settings, view.topic, args.input)
+        df = cache[view.topic]
+        agg, states, rows = replay_view(df, view, emit_rows=bool(args.output))
+        print(f"{view.name}: {len(df)} events, {len(states)} entities", file=sys.stderr)
+        if args.output:
+            out = Path(args.output)
+            target = out if len(views) == 1 else out.with_name(f"{out.stem}.{view.name}{out.suffix}")
+            pq.write_table(pa.Table.from_pylist(rows), target)
+            print(f"wrote {len(rows)} point-in-time rows to {target}")
+        if args.online:
+            import redis
+
+            from freshet.redis_layout import OnlineLayout
+
+            layout = OnlineLayout(registry.project, registry.views)
+            client = redis.Redis.from_url(settings.redis_url)
+            batch = [(key, agg.result(state), state["max_ts"]) for key, state in states.items()]
+            for start in range(0, len(batch), 5000):
+                layout.write(client, view.name, batch[start:start + 5000], only_newer=True)
+            print(f"wrote {len(batch)} entities of {view.name} to Redis")
+    return 0
+
+
+def training_set_main(args, settings: Settings) -> int:
+    from freshet import features
+
+    registry = features.load_registry(settings)
+    p = Path(args.labels)
+    labels = pd.read_csv(p) if p.suffix.lower() == ".csv" else pd.read_parquet(p)
+    refs = _feature_refs(registry, args.feature_service)
+    out = training_set(settings, registry, labels, refs)
+    out.to_parquet(args.output, index=False)
+    empty = int(out.filter(like="__count").eq(0).all(axis=1).sum()) if len(out) else 0
+    print(f"wrote {len(out)} rows x {len(refs)} features to {args.output} "
+          f"({empty} rows had no events in any window; kept, with empty-window values)")
+    return 0

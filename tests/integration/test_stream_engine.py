@@ -1,0 +1,302 @@
+"""The stream engine end to end on the real broker and Redis.
+
+One scenario feeds every test in this module: events (out of order, late and
+malformed ones included) are produced, a worker is killed with SIGKILL mid-stream,
+more events follow and two workers in one group finish the job. The online store
+must then equal an independent pandas recomputation, Feast must read it, and the
+dead-letter topic must hold exactly the bad events.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pandas as pd
+import pytest
+import redis
+
+from freshet import features, kafka
+from freshet.contracts import DeadLetter
+from freshet.settings import load_settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+T0 = 1_790_000_000.0  # event time origin (2026-09), any fixed instant works
+N_CARDS, N_MERCHANTS = 40, 12
+
+
+def _events(rnd: random.Random, start_i: int, n: int, t_start: float) -> list[dict]:
+    out, t = [], t_start
+    for i in range(start_i, start_i + n):
+        t += rnd.expovariate(1 / 1.5)  # ~1.5 s apart: 2.5 h of event time in 6000 events
+        jitter = -rnd.uniform(0, 20) if rnd.random() < 0.1 else 0.0  # out of order, within lateness
+        out.append({
+            "transaction_id": f"tx{i}", "card_id": f"card{rnd.randrange(N_CARDS)}",
+            "merchant_id": f"m{rnd.randrange(N_MERCHANTS)}", "amount": round(rnd.lognormvariate(3, 1), 2),
+            "country": rnd.choice(["DE", "FR", "US"]), "channel": rnd.choice(["web", "pos"]),
+            "event_ts": t + jitter,
+        })
+    return out
+
+
+MALFORMED = [
+    (b"{not json", "not valid JSON"),
+    (orjson.dumps({"transaction_id": "bad1", "merchant_id": "m1", "amount": 1.0, "event_ts": T0}), "missing field 'card_id'"),
+    (orjson.dumps({"transaction_id": "bad2", "card_id": "card1", "merchant_id": "m1", "amount": "12", "event_ts": T0}),
+     "field 'amount' must be float"),
+    (orjson.dumps({"transaction_id": "bad3", "card_id": "card1", "merchant_id": "m1", "amount": 1.0, "event_ts": "yesterday"}),
+     "not an ISO-8601 timestamp"),
+    (orjson.dumps([1, 2, 3]), "event must be a JSON object"),
+]
+
+
+def _produce(settings, topic: str, events: list[dict]) -> None:
+    p = kafka.producer(settings)
+    for e in events:
+        p.produce(topic, key=e["card_id"].encode(), value=orjson.dumps(e))
+    assert p.flush(30) == 0
+
+
+def _worker(settings, env_extra: dict, log: Path, app_id: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
+    env.update(settings.to_env())
+    env.update(env_extra)
+    return subprocess.Popen([sys.executable, "-m", "freshet.cli", "stream", "--app-id", app_id], env=env,
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+
+def _online_count(registry, layout, client, view, keys) -> int:
+    vals = [client.hget(layout.entity_key(view, (k,)), layout.ts_field(view)) for k in keys]
+    return sum(v is not None for v in vals)
+
+
+def _expected(events: list[dict], view, key_col: str) -> dict[str, dict]:
+    """Independent recomputation with pandas, as of each entity's latest event."""
+    df = pd.DataFrame(events)
+    out = {}
+    for key, g in df.groupby(key_col):
+        t = g["event_ts"].max()
+        values = {}
+        for a in view.aggregations:
+            start = math.floor(t / a.slide_s) * a.slide_s + a.slide_s - a.window_s
+            w = g[(g["event_ts"] >= start) & (g["event_ts"] <= t)]
+            col = w[a.column]
+            fn, n = a.function, len(col)
+            if fn == "count":
+                values[a.name] = n
+            elif fn == "sum":
+                values[a.name] = float(col.sum())
+            elif fn == "count_distinct":
+                values[a.name] = col.nunique()
+            elif fn == "last":
+                values[a.name] = w.sort_values("event_ts", kind="stable")[a.column].iloc[-1] if n else None
+            else:
+                values[a.name] = getattr(col, fn)() if n else None
+        out[key] = values
+    return out
+
+
+@pytest.fixture(scope="module")
+def scenario(services, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stream")
+    uid = "s" + os.urandom(4).hex()
+    topic = f"{uid}.transactions"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
+    settings = load_settings(env, kafka_bootstrap_servers=services.kafka, redis_url=services.redis_url,
+                             data_dir=str(tmp / "data"), topic_deadletter=f"{uid}.deadletter",
+                             kafka_partitions=4)
+    extra = {"FRESHET_TRANSACTIONS_TOPIC": topic}
+    features.apply(settings, extra_env=extra)
+    registry = features.load_registry(settings)
+    kafka.ensure_topics(settings, [topic, settings.topic_deadletter])
+
+    rnd = random.Random(7)
+    first = _events(rnd, 0, 3000, T0)
+    second = _events(rnd, 3000, 3000, max(e["event_ts"] for e in first))
+    # late: 200 s behind the newest event of a busy partition (lateness is 30 s)
+    late = [dict(e, transaction_id=f"late{i}", event_ts=e["event_ts"] - 200.0)
+            for i, e in enumerate(second[-5:])]
+
+    _produce(settings, topic, first)
+    w1 = _worker(settings, extra, tmp / "worker1.log", f"{uid}-stream")
+    raw_root = Path(settings.data_path) / "offline" / "raw" / topic
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill it once it has done part of the work
+        files = list(raw_root.rglob("*.parquet")) if raw_root.exists() else []
+        if files:
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    w1.send_signal(signal.SIGKILL)
+    w1.wait()
+
+    _produce(settings, topic, second)
+    _produce(settings, topic, late)
+    p = kafka.producer(settings)
+    for raw, _ in MALFORMED:
+        p.produce(topic, key=b"card1", value=raw)
+    p.flush(10)
+
+    workers = [_worker(settings, extra, tmp / f"worker{i}.log", f"{uid}-stream") for i in (2, 3)]
+    valid = first + second
+    from freshet.redis_layout import OnlineLayout
+
+    layout = OnlineLayout(registry.project, registry.views)
+    client = redis.Redis.from_url(services.redis_url)
+    cards = sorted({e["card_id"] for e in valid})
+    expected_card = _expected(valid, registry.views["card_txn_stats"], "card_id")
+    deadline = time.monotonic() + 150
+    try:
+        while time.monotonic() < deadline:
+            assert all(w.poll() is None for w in workers), (tmp / "worker2.log").read_text()[-3000:]
+            done = _online_count(registry, layout, client, "card_txn_stats", cards) == len(cards)
+            if done:
+                got = _read(layout, client, "card_txn_stats", cards, registry)
+                if all(_close(got[c], expected_card[c]) for c in cards):
+                    break
+            time.sleep(1.0)
+        time.sleep(3.0)  # let the merchant repartition path settle too
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                w.kill()
+    yield dict(settings=settings, registry=registry, layout=layout, client=client, valid=valid, late=late,
+               topic=topic, tmp=tmp, extra=extra)
+
+
+def _read(layout, client, view, keys, registry) -> dict[str, dict]:
+    names = registry.views[view].feature_names
+    out = {}
+    for k in keys:
+        key = layout.entity_key(view, (k,))
+        raw = client.hmget(key, [layout.field(view, n) for n in names] + [layout.ts_field(view)])
+        _, values = layout.decode_row(view, names, raw)
+        out[k] = dict(zip(names, values))
+    return out
+
+
+def _close(a: dict, b: dict) -> bool:
+    for name, want in b.items():
+        got = a.get(name)
+        if want is None or got is None:
+            if want is not None or got is not None:
+                return False
+        elif isinstance(want, float) or isinstance(got, float):
+            if not math.isclose(float(got), float(want), rel_tol=1e-9, abs_tol=1e-6):
+                return False
+        elif got != want:
+            return False
+    return True
+
+
+def _mismatches(got: dict, want: dict) -> list:
+    return [(k, n, got[k].get(n), v) for k in want for n, v in want[k].items()
+            if not _close({n: got[k].get(n)}, {n: v})][:10]
+
+
+def test_online_card_features_equal_pandas_recomputation_for_every_function_and_window(scenario):
+    reg = scenario["registry"]
+    view = reg.views["card_txn_stats"]
+    assert {a.function for a in view.aggregations} == {"count", "sum", "mean", "min", "max", "last", "count_distinct"}
+    want = _expected(scenario["valid"], view, "card_id")
+    got = _read(scenario["layout"], scenario["client"], view.name, sorted(want), reg)
+    assert not _mismatches(got, want)
+
+
+def test_merchant_features_computed_through_repartition_equal_recomputation(scenario):
+    reg = scenario["registry"]
+    view = reg.views["merchant_txn_stats"]
+    want = _expected(scenario["valid"], view, "merchant_id")
+    got = _read(scenario["layout"], scenario["client"], view.name, sorted(want), reg)
+    assert not _mismatches(got, want)
+
+
+def test_kill_9_and_restart_lose_and_double_count_nothing(scenario):
+    from stream.backfill import latest_features, load_events
+
+    settings, reg = scenario["settings"], scenario["registry"]
+    events = load_events(settings, scenario["topic"])
+    assert sorted(events["transaction_id"]) == sorted(e["transaction_id"] for e in scenario["valid"])
+    view = reg.views["card_txn_stats"]
+    recomputed = latest_features(events, view)
+    got = _read(scenario["layout"], scenario["client"], view.name, [k[0] for k in recomputed], reg)
+    assert not _mismatches(got, {k[0]: v for k, (_, v) in recomputed.items()})
+
+
+def test_feast_get_online_features_returns_the_stream_values(scenario):
+    reg = scenario["registry"]
+    store = features.feature_store(scenario["settings"])
+    want = _expected(scenario["valid"], reg.views["card_txn_stats"], "card_id")
+    cards = sorted(want)[:5]
+    refs = [f"card_txn_stats:{n}" for n in ("count_amount_3600s", "sum_amount_300s", "last_amount_86400s",
+                                            "count_distinct_merchant_id_3600s", "min_amount_300s")]
+    resp = store.get_online_features(features=refs, entity_rows=[{"card_id": c} for c in cards]).to_dict()
+    for i, c in enumerate(cards):
+        for ref in refs:
+            name = ref.split(":")[1]
+            assert _close({name: resp[name][i]}, {name: want[c][name]}), (c, name, resp[name][i], want[c][name])
+
+
+def test_malformed_and_late_events_reach_the_dead_letter_topic_with_reasons(scenario):
+    settings = scenario["settings"]
+    c = kafka.consumer(settings, f"check-{os.urandom(3).hex()}")
+    c.subscribe([settings.topic_deadletter])
+    records, deadline = [], time.monotonic() + 30
+    while len(records) < len(MALFORMED) + len(scenario["late"]) and time.monotonic() < deadline:
+        m = c.poll(0.2)
+        if m is not None and not m.error():
+            records.append(DeadLetter.decode(m.value()))
+    time.sleep(1.0)
+    while (m := c.poll(0.5)) is not None:
+        if not m.error():
+            records.append(DeadLetter.decode(m.value()))
+    c.close()
+    by_payload = {r.original(): r for r in records}
+    for raw, reason in MALFORMED:
+        assert raw in by_payload, f"no dead letter for {raw!r}"
+        assert reason in by_payload[raw].error
+    late_ids = {e["transaction_id"] for e in scenario["late"]}
+    late_records = [r for r in records if r.error.startswith("late")]
+    assert {orjson.loads(r.original())["transaction_id"] for r in late_records} == late_ids
+    assert len(records) == len(MALFORMED) + len(late_ids)
+    assert all(r.topic == scenario["topic"] and r.offset >= 0 for r in records)
+
+
+def test_training_set_rows_are_point_in_time_correct_and_never_dropped(scenario):
+    from stream.backfill import load_events, training_set
+
+    settings, reg = scenario["settings"], scenario["registry"]
+    valid = pd.DataFrame(scenario["valid"])
+    labels = pd.DataFrame({
+        "card_id": ["card1", "card2", "no-such-card", "card3"],
+        "merchant_id": ["m1", "m2", "m3", "no-such-merchant"],
+        "event_ts": [T0 + 600, T0 + 3600, T0 + 3600, T0 - 10],  # the last is before any event
+        "label": [0, 1, 0, 1],
+    })
+    refs = ["card_txn_stats:count_amount_3600s", "card_txn_stats:sum_amount_300s",
+            "merchant_txn_stats:count_distinct_card_id_3600s"]
+    out = training_set(settings, reg, labels, refs, progress=False)
+    assert len(out) == len(labels)
+    for i, lab in labels.iterrows():
+        t = lab["event_ts"]
+        start_h = math.floor(t / 60) * 60 + 60 - 3600
+        start_5 = math.floor(t / 60) * 60 + 60 - 300
+        card = valid[(valid.card_id == lab.card_id) & (valid.event_ts <= t)]
+        merch = valid[(valid.merchant_id == lab.merchant_id) & (valid.event_ts <= t)]
+        assert out.at[i, "card_txn_stats__count_amount_3600s"] == (card.event_ts >= start_h).sum()
+        assert math.isclose(out.at[i, "card_txn_stats__sum_amount_300s"],
+                            card[card.event_ts >= start_5].amount.sum(), abs_tol=1e-6)
+        assert out.at[i, "merchant_txn_stats__count_distinct_card_id_3600s"] == \
+            merch[merch.event_ts >= start_h].card_id.nunique()
