@@ -144,7 +144,7 @@ class ServingApp:
         self.model_name = model_name
         self._token = ("Bearer " + token).encode()
         self.max_body = settings.max_body_bytes
-        self._predict_plans: dict[int, _PredictPlan] = {}
+        self._predict_plans: dict[tuple[str, str], _PredictPlan] = {}
         self._tasks: list[asyncio.Task] = []
         # request ids: 64 random bits per process + a counter, unique without a syscall per request
         self._id_prefix = secrets.token_hex(8)
@@ -344,7 +344,8 @@ class ServingApp:
     async def get_online_features(self, body: bytes) -> tuple[int, bytes, bytes]:
         """Feast's /get-online-features: the same request and response JSON."""
         req = _expect(_loads(body), dict, "body", "a JSON object")
-        features = _expect(req.get("features") or [], list, "features", "a list of 'view:feature' strings")
+        features = req.get("features")
+        features = [] if features is None else _expect(features, list, "features", "a list of 'view:feature' strings")
         service = req.get("feature_service")
         if service is not None:
             _expect(service, str, "feature_service", "a string")
@@ -398,11 +399,13 @@ class ServingApp:
             fields_rows.append(fields)
         result = await self.reader.read_async(plan.read, columns) if plan.read else None
         rows = []
+        if result is not None:
+            values, feature_view, row_status = result.values, result.feature_view, result.row_status
         for r, fields in enumerate(fields_rows):
             x = []
             for from_store, ref in plan.inputs:
-                if from_store:  # missing, null and stale values go to the model as missing
-                    x.append(result.values[ref][r] if result.statuses[ref][r] == PRESENT else None)
+                if from_store:  # missing and stale values go to the model as missing
+                    x.append(values[ref][r] if row_status[feature_view[ref]][r] is PRESENT else None)
                 else:
                     x.append(fields.get(ref))
             rows.append(x)
@@ -422,8 +425,8 @@ class ServingApp:
                 log_.publish(request_id, model.name, model.version, entities, features, prediction, now)
             out.append({"request_id": request_id, "score": score, "label": label, "features": features,
                         "missing": [n for n, v in features.items() if v is None]})
-        key = (model.name, model.version)
-        self.predictions[key] = self.predictions.get(key, 0) + len(out)
+        served = (model.name, model.version)
+        self.predictions[served] = self.predictions.get(served, 0) + len(out)
         if result is not None:
             self._observe_features(result)
         head = {"model": model.name, "model_version": model.version}
@@ -431,7 +434,7 @@ class ServingApp:
         return 200, orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), JSON
 
     def _predict_plan(self, model: LinearModel) -> _PredictPlan:
-        plan = self._predict_plans.get(id(model))
+        plan = self._predict_plans.get((model.name, model.version))
         if plan is None or plan.generation != self.reader.generation:
             try:
                 plan = _PredictPlan(model, self.reader)
@@ -440,7 +443,7 @@ class ServingApp:
                                      f"registry does not serve: {exc}") from None
             if len(self._predict_plans) > 16:
                 self._predict_plans.clear()
-            self._predict_plans[id(model)] = plan
+            self._predict_plans[(model.name, model.version)] = plan
         return plan
 
     async def health(self, body: bytes) -> tuple[int, bytes, bytes]:
@@ -707,4 +710,5 @@ def run(settings: Settings, model_name: str = MODEL_NAME) -> None:
 
 
 def token_path(settings: Settings) -> Path:
+    """Where the generated API token lives when FRESHET_API_TOKEN is not set (for the CLI to print)."""
     return settings.data_path / TOKEN_FILE

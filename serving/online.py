@@ -135,7 +135,7 @@ class RespConnection:
     def _roundtrip(self, conn, blob: bytes, n: int) -> list:
         sock, reader = conn
         sock.sendall(blob)
-        out = []
+        out: list = []
         while len(out) < n:
             reply = reader.gets()
             if reply is False:
@@ -354,6 +354,14 @@ class _ViewRead:
     head: bytes  # "*<n>\r\n$5\r\nHMGET\r\n"
     fields_resp: bytes  # the hash fields, RESP-packed, `_ts:<view>` last
     join_keys: tuple[str, ...]
+    # DOUBLE features are 9 bytes each (tag + little-endian double), or empty for null: a row
+    # where all of them are present is decoded by one struct call
+    double_pos: list[int] = field(default_factory=list)  # reply positions of DOUBLE features
+    double_out: list[int] = field(default_factory=list)  # their output positions
+    double_struct: Any = None
+    double_tags: bytes = b""
+    other_pos: list[int] = field(default_factory=list)
+    other_out: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -364,6 +372,7 @@ class ReadPlan:
     refs: list[str]  # "view:feature", in request order
     views: list[_ViewRead]
     join_keys: list[str]  # every join key the views need
+    feature_view: list[int] = field(default_factory=list)  # output position -> index into views
 
 
 def _pack_bulk(b: bytes) -> bytes:
@@ -400,15 +409,22 @@ def _json_float(v: Any) -> Any:
 
 @dataclass
 class OnlineFeatures:
-    """Feature values for a batch of entity rows, column-major like Feast's response."""
+    """Feature values for a batch of entity rows, column-major like Feast's response.
+
+    A status and event time belong to an entity row of a view (all its features were
+    written together), so they are kept per view and row; `statuses` and `event_ts`
+    spread them over features (a stored null reads NULL_VALUE).
+    """
 
     entity_names: list[str]
     entity_values: list[list[Any]]
     feature_names: list[str]
     values: list[list[Any]]  # [feature][row]
-    statuses: list[list[str]]  # [feature][row]
-    event_ts: list[list[tuple[int, int] | None]]  # [feature][row], (seconds, nanos) or None
-    view_ts: dict[str, list[float | None]] = field(default_factory=dict)  # view -> per row, epoch s
+    feature_view: list[int]  # [feature] -> index into view_names
+    view_names: list[str]
+    row_status: list[list[str]]  # [view][row]: PRESENT, NOT_FOUND or OUTSIDE_MAX_AGE
+    row_parts: list[list[tuple[int, int] | None]]  # [view][row]: (seconds, nanos) written, or None
+    nonfinite: list[bool] = field(default_factory=list)  # [view]: a NaN or infinity was read
 
     @property
     def rows(self) -> int:
@@ -417,18 +433,45 @@ class OnlineFeatures:
     def row(self, i: int) -> dict[str, Any]:
         return {name: col[i] for name, col in zip(self.feature_names, self.values)}
 
+    def status(self, feature: int, row: int) -> str:
+        s = self.row_status[self.feature_view[feature]][row]
+        return NULL_VALUE if s is PRESENT and self.values[feature][row] is None else s
+
+    @property
+    def statuses(self) -> list[list[str]]:
+        """[feature][row] statuses, as Feast lays them out."""
+        out = []
+        for vals, vi in zip(self.values, self.feature_view):
+            sts = self.row_status[vi]
+            out.append([NULL_VALUE if v is None and s is PRESENT else s for v, s in zip(vals, sts)]
+                       if None in vals else list(sts))
+        return out
+
+    @property
+    def event_ts(self) -> list[list[tuple[int, int] | None]]:
+        return [self.row_parts[vi] for vi in self.feature_view]
+
+    @property
+    def view_ts(self) -> dict[str, list[float | None]]:
+        """Per view, the event time (epoch seconds) of each row; None where there is no row."""
+        return {name: [None if p is None else p[0] + p[1] / 1e9 for p in parts]
+                for name, parts in zip(self.view_names, self.row_parts)}
+
     def to_feast_dict(self) -> dict[str, Any]:
         """The JSON body Feast's feature server returns for /get-online-features."""
-        results = []
         n = self.rows
-        for vals in self.entity_values:
-            results.append({"values": vals, "statuses": [PRESENT] * n, "event_timestamps": [EPOCH_RFC3339] * n})
-        for vals, statuses, stamps in zip(self.values, self.statuses, self.event_ts):
-            results.append({
-                "values": [_json_float(v) for v in vals],
-                "statuses": statuses,
-                "event_timestamps": [_rfc3339(t) for t in stamps],
-            })
+        results = [{"values": vals, "statuses": [PRESENT] * n, "event_timestamps": [EPOCH_RFC3339] * n}
+                   for vals in self.entity_values]
+        stamps = [[_rfc3339(p) for p in parts] for parts in self.row_parts]
+        row_status = self.row_status
+        nonfinite = self.nonfinite
+        for vals, vi in zip(self.values, self.feature_view):
+            sts = row_status[vi]
+            if None in vals:
+                sts = [NULL_VALUE if v is None and st is PRESENT else st for v, st in zip(vals, sts)]
+            if nonfinite and nonfinite[vi]:
+                vals = [_json_float(v) for v in vals]
+            results.append({"values": vals, "statuses": sts, "event_timestamps": stamps[vi]})
         return {"metadata": {"feature_names": [*self.entity_names, *self.feature_names]}, "results": results}
 
 
@@ -551,7 +594,8 @@ class OnlineFeatureReader:
                 view, feat = ref.split(":")
                 triples.append((view, feat, view))
         by_view: dict[str, _ViewRead] = {}
-        names, refs = [], []
+        names: list[str] = []
+        refs: list[str] = []
         for view, feat, prefix in triples:
             layout = reg.views.get(view)
             if layout is None:
@@ -570,12 +614,23 @@ class OnlineFeatureReader:
         if dupes:
             raise RequestError("features", f"duplicate feature names {dupes}; set full_feature_names=true "
                                            "or request each once")
-        for vr in by_view.values():
+        feature_view = [0] * len(names)
+        for vi, vr in enumerate(by_view.values()):
             fields = self.layout.read_fields(vr.view.name, vr.features)
             vr.head = b"*%d\r\n$5\r\nHMGET\r\n" % (len(fields) + 2)
             vr.fields_resp = b"".join(_pack_bulk(f) for f in fields)
+            for k, (feat, o) in enumerate(zip(vr.features, vr.out_index)):
+                feature_view[o] = vi
+                if vr.view.features[feat] == "DOUBLE":
+                    vr.double_pos.append(k)
+                    vr.double_out.append(o)
+                else:
+                    vr.other_pos.append(k)
+                    vr.other_out.append(o)
+            vr.double_struct = struct.Struct("<" + "xd" * len(vr.double_pos))
+            vr.double_tags = b"\x29" * len(vr.double_pos)
         join_keys = list(dict.fromkeys(k for vr in by_view.values() for k in vr.join_keys))
-        return ReadPlan(names, refs, list(by_view.values()), join_keys)
+        return ReadPlan(names, refs, list(by_view.values()), join_keys, feature_view)
 
     # -- reading ------------------------------------------------------------
 
@@ -624,17 +679,16 @@ class OnlineFeatureReader:
 
     def _decode(self, plan: ReadPlan, entities: Mapping[str, list], n_rows: int, replies: list,
                 slots: list) -> OnlineFeatures:
-        n_out = len(plan.feature_names)
-        values: list[list] = [[None] * n_rows for _ in range(n_out)]
-        statuses: list[list] = [[NOT_FOUND] * n_rows for _ in range(n_out)]
-        stamps: list[list] = [[None] * n_rows for _ in range(n_out)]
-        view_ts: dict[str, list] = {}
+        values: list[list] = [[None] * n_rows for _ in plan.feature_names]
+        row_status, row_parts, nonfinite = [], [], []
         now = time.time()
         for vr, row_slots in zip(plan.views, slots):
             nf = len(vr.features)
             ttl = vr.view.ttl_s
             out_index = vr.out_index
-            vts = view_ts[vr.view.name] = [None] * n_rows
+            statuses = [NOT_FOUND] * n_rows
+            parts_of = [None] * n_rows
+            total = 0.0
             for r, j in enumerate(row_slots):
                 reply = replies[j]
                 if isinstance(reply, hiredis.ReplyError):
@@ -642,23 +696,36 @@ class OnlineFeatureReader:
                 parts = timestamp_parts(reply[nf])
                 if parts is None:
                     continue  # no row for this entity in this view: NOT_FOUND
-                ts = parts[0] + parts[1] / 1e9
-                vts[r] = ts
-                status = OUTSIDE_MAX_AGE if ttl and now - ts > ttl else PRESENT
-                for b, o in zip(reply, out_index):
-                    # doubles and small ints inline: a call per value would double the decode time
-                    if b and len(b) == 9 and b[0] == 0x29:
-                        v = _unpack_double(b, 1)[0]
-                    elif b and len(b) == 2 and b[0] == 0x20:
+                parts_of[r] = parts
+                statuses[r] = OUTSIDE_MAX_AGE if ttl and now - parts[0] - parts[1] / 1e9 > ttl else PRESENT
+                doubles = None
+                if vr.double_pos:
+                    try:
+                        raw = b"".join([reply[k] for k in vr.double_pos])
+                    except TypeError:  # a field is absent (None)
+                        raw = b""
+                    # a DOUBLE value is 9 bytes or (null) 0: the total says all are present
+                    if len(raw) == 9 * len(vr.double_pos) and raw[::9] == vr.double_tags:
+                        doubles = vr.double_struct.unpack(raw)
+                        total += sum(doubles)  # NaN or infinity anywhere makes the sum non-finite
+                        for o, v in zip(vr.double_out, doubles):
+                            values[o][r] = v
+                pos, outs = (vr.other_pos, vr.other_out) if doubles is not None else (range(nf), out_index)
+                for k, o in zip(pos, outs):
+                    b = reply[k]
+                    if b and len(b) == 2 and b[0] == 0x20:  # a small INT64
                         v = b[1]
                     else:
                         v = decode_value(b)
+                        if type(v) is float:
+                            total += v
                     values[o][r] = v
-                    stamps[o][r] = parts
-                    statuses[o][r] = NULL_VALUE if v is None and status is PRESENT else status
+            row_status.append(statuses)
+            row_parts.append(parts_of)
+            nonfinite.append(not math.isfinite(total))
         names = list(entities)
-        return OnlineFeatures(names, [entities[k] for k in names], plan.feature_names, values, statuses,
-                              stamps, view_ts)
+        return OnlineFeatures(names, [entities[k] for k in names], plan.feature_names, values, plan.feature_view,
+                              [vr.view.name for vr in plan.views], row_status, row_parts, nonfinite)
 
     def read(self, plan: ReadPlan, entities: Mapping[str, Any]) -> OnlineFeatures:
         """Read every entity row of `plan` in one round trip (blocking)."""

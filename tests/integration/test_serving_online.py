@@ -171,3 +171,16 @@ def test_redis_down_raises_unavailable_and_reads_recover_when_it_returns(applied
         proc.wait(5)
     with pytest.raises(RedisUnavailable):
         reader.read(plan, {"card_id": ["x"]})
+
+
+def test_nan_and_infinity_are_served_as_protobuf_json_strings_like_feast(reader, client, unique):
+    import math
+
+    _write(reader, client, "card_txn_stats", f"{unique}-nan", 1.0, mean_amount_300s=math.nan,
+           max_amount_300s=math.inf, min_amount_300s=-math.inf)
+    got = reader.get_online_features(
+        ["card_txn_stats:mean_amount_300s", "card_txn_stats:max_amount_300s", "card_txn_stats:min_amount_300s",
+         "card_txn_stats:count_amount_300s"], [{"card_id": f"{unique}-nan"}])
+    assert math.isnan(got.values[0][0]) and got.values[1:3] == [[math.inf], [-math.inf]]
+    body = got.to_feast_dict()
+    assert [r["values"] for r in body["results"][1:4]] == [["NaN"], ["Infinity"], ["-Infinity"]]
