@@ -7,6 +7,7 @@ long enough) or a message cannot be delivered, the loss is counted, not raised.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -47,6 +48,8 @@ class PredictionLog:
         self._producer = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._batch: list[dict] = []
+        self._batch_scheduled = False
         if self.enabled:
             from freshet import kafka
 
@@ -73,18 +76,44 @@ class PredictionLog:
 
     def publish(self, request_id: str, model: str, model_version: str, entities: dict[str, Any],
                 features: dict[str, Any], prediction: dict[str, Any], ts: float | None = None) -> bool:
-        """Queue one freshet.predictions/1 message; False (and counted) if it was dropped."""
+        """Queue one freshet.predictions/1 message; False (and counted) if it was dropped.
+
+        Called on a running event loop, messages are handed to librdkafka once per loop
+        turn and a drop is counted then (the call returns True).
+        """
         if self._producer is None:
             self.dropped["disabled"] += 1
             return False
         value = encode_prediction(request_id, model, model_version, entities, features, prediction, ts)
         try:
-            self._producer.produce(self.topic, value, request_id.encode())
-        except BufferError:
-            self.dropped["buffer_full"] += 1
-            return False
-        self.published += 1
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop: hand it over now
+            try:
+                self._producer.produce(self.topic, value, request_id.encode())
+            except BufferError:
+                self.dropped["buffer_full"] += 1
+                return False
+            self.published += 1
+            return True
+        # On the server's loop, the predictions of one loop turn go to librdkafka in one call
+        self._batch.append({"value": value, "key": request_id.encode()})
+        if not self._batch_scheduled:
+            self._batch_scheduled = True
+            loop.call_soon(self._produce_batch)
         return True
+
+    def _produce_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        self._batch_scheduled = False
+        if self._producer is None:
+            self.dropped["disabled"] += len(batch)
+            return
+        try:
+            queued = self._producer.produce_batch(self.topic, batch)
+        except BufferError:
+            queued = 0
+        self.published += queued
+        self.dropped["buffer_full"] += len(batch) - queued
 
     def start(self) -> None:
         """Create the topic if needed and serve delivery reports, in a background thread."""
@@ -112,6 +141,8 @@ class PredictionLog:
         return self._producer.flush(timeout) if self._producer is not None else 0
 
     def close(self, timeout: float = 5.0) -> None:
+        if self._batch:
+            self._produce_batch()
         self._stop.set()
         if self._thread:
             self._thread.join(timeout)
