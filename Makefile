@@ -17,6 +17,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
 	$(BIN)/python -m uv pip install -q --python $(BIN)/python --require-hashes -r requirements.lock
 	$(BIN)/python -m uv pip install -q --python $(BIN)/python --no-deps -e .
+	@# Byte-compile once: where PYTHONDONTWRITEBYTECODE is set, imports would
+	@# otherwise recompile feast, river and friends on every start (seconds each).
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -102,8 +102,9 @@ def cmd_config(args, settings: Settings) -> int:
 
 # --- up ------------------------------------------------------------------------
 
-# Components `freshet up` runs beside the stack, each its own process.
-UP_COMPONENTS: list[str] = []
+# Components `freshet up` runs beside the stack, each its own process (those this
+# build has).
+UP_COMPONENTS = ("stream", "serve", "monitor", "retrain")
 
 
 def cmd_up(args, settings: Settings) -> int:
@@ -112,6 +113,7 @@ def cmd_up(args, settings: Settings) -> int:
 
     stack = EmbeddedStack(settings.data_path, kafka_port=args.kafka_port, redis_port=args.redis_port)
     procs: list[subprocess.Popen] = []
+    components = [c for c in UP_COMPONENTS if c in build_parser()[1]]
     stopping = False
 
     def _stop(*_):
@@ -124,16 +126,15 @@ def cmd_up(args, settings: Settings) -> int:
         settings = settings.with_endpoints(e.kafka, e.redis_url)
         print(f"kafka {e.kafka}   redis {e.redis_url}   logs {e.log_dir}", flush=True)
         features.apply(settings)
-        env = {**os.environ, "FRESHET_KAFKA_BOOTSTRAP_SERVERS": e.kafka, "FRESHET_REDIS_URL": e.redis_url,
-               "FRESHET_DATA_DIR": str(settings.data_path)}
-        for name in UP_COMPONENTS:
+        env = {**os.environ, **settings.to_env()}
+        for name in components:
             out = open(os.path.join(e.log_dir, f"{name}.log"), "ab")  # noqa: SIM115
             procs.append(subprocess.Popen([sys.executable, "-m", "freshet.cli", name], env=env,
                                           stdout=out, stderr=subprocess.STDOUT))
             print(f"started {name} (pid {procs[-1].pid}, log {out.name})", flush=True)
         print("freshet is up; Ctrl-C stops everything", flush=True)
         while not stopping:
-            for p, name in zip(procs, UP_COMPONENTS):
+            for p, name in zip(procs, components):
                 if p.poll() is not None:
                     raise CliError(f"component {name} exited with code {p.returncode}; see {e.log_dir}/{name}.log")
             time.sleep(0.5)
