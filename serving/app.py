@@ -337,8 +337,10 @@ class ServingApp:
         await self.reader.aio.close()
 
     async def _refresh_registry(self) -> None:
+        # a file registry is a stat per check; any other kind is a query, so ask less often
+        every = (self.reader.refresh_s or 1.0) if self.reader.watches_file else 30.0
         while True:
-            await asyncio.sleep(self.reader.refresh_s or 1.0)
+            await asyncio.sleep(every)
             try:
                 await asyncio.to_thread(self.reader.refresh_if_changed)
             except Exception as exc:  # noqa: BLE001 - keep serving with the registry we have

@@ -540,6 +540,11 @@ class OnlineFeatureReader:
             log.debug("registry path unknown (%s); refreshing on a timer", exc)
         return None
 
+    @property
+    def watches_file(self) -> bool:
+        """True when the registry is a local file, so a change is seen by its mtime."""
+        return self._registry_path is not None
+
     def _registry_mtime(self) -> float:
         if self._registry_path is None:
             return 0.0
