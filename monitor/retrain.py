@@ -1,0 +1,1030 @@
+"""The retraining worker: labels, a point-in-time training set, fit, evaluation against the champion, registration, promotion.
+
+Owns `freshet retrain` (a worker on settings.topic_retrain, `--once`, `--bootstrap`), the label log and the promotion rule.
+
+Labels. The labels topic is the source of truth. Before each training the worker copies
+what is new on it into a Parquet label log, `<data_dir>/offline/labels/<topic>/` (part
+files, then an offsets checkpoint; a crash in between replays into duplicates readers drop
+by (partition, offset)), so a retrain never rereads the whole topic and the labels a model
+saw can be inspected afterwards. A label is joined to its transaction in the offline raw log
+by request id (= transaction id): the event gives the entity keys, the event time the
+features are taken at, and request-time fields such as `amount`. Labels without their event
+fall back to their own `entities` and `event_ts`; with neither they are counted and dropped.
+
+Training. Features come from `stream.backfill.training_set` over the feature service (the
+same aggregation code as the stream, point-in-time correct); the pipeline is SimpleImputer ->
+StandardScaler -> LogisticRegression, what `serving.models.export_sklearn` stores as JSON.
+The newest `holdout_fraction` of the examples by event time is the holdout; the candidate
+and the current champion are scored on that same holdout, and the candidate is promoted only
+if it beats the champion by `margin` on `metric`. Either way the decision and its reason
+are tags of the MLflow run and of the model version, and in the returned outcome.
+
+Idempotency. Every alert id a registered version was trained for is a tag of its run
+(`freshet.alert.<id>`): a request whose alert ids were all handled trains nothing. Requests
+queued together are merged into one training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import orjson
+import pandas as pd
+import pyarrow as pa
+
+from freshet.contracts import ContractError, Label, RetrainRequest, new_id
+from freshet.features import FeatureRegistry
+from freshet.settings import Settings
+
+log = logging.getLogger("freshet.retrain")
+
+DEFAULT_MODEL = "fraud"
+DEFAULT_SERVICE = "fraud_model_v1"
+BOOTSTRAP_REASON = "bootstrap"
+STEPS = 6
+
+# metric -> True when higher is better
+METRICS = {"auc": True, "log_loss": False, "error_rate": False}
+FALLBACK_METRIC = "log_loss"  # AUC is undefined on a one-class holdout; log loss never is
+
+_TAG_SAFE = re.compile(r"^[A-Za-z0-9_.\- /]{1,200}$")
+
+
+class RetrainError(RuntimeError):
+    """Training cannot proceed; the message says what is missing and how to get it."""
+
+
+# ---------------------------------------------------------------------------
+# the label log: the labels topic, copied to Parquet
+# ---------------------------------------------------------------------------
+
+LABEL_COLUMNS = pa.schema([
+    ("request_id", pa.string()),
+    ("entities", pa.string()),  # JSON object, or null
+    ("label", pa.float64()),
+    ("ts", pa.timestamp("us", tz="UTC")),  # when the label became known
+    ("event_ts", pa.timestamp("us", tz="UTC")),  # the labelled event's own time, when the label says
+    ("_partition", pa.int32()),
+    ("_offset", pa.int64()),
+])
+
+
+def label_log_path(data_dir: Path | str, topic: str) -> Path:
+    return Path(data_dir) / "offline" / "labels" / topic
+
+
+def _epoch(value: Any) -> float | None:
+    """Epoch seconds from a number (milliseconds recognised by size) or ISO-8601; None if neither."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        v = float(value)
+        if not math.isfinite(v):
+            return None
+        return v / 1000.0 if v > 1e11 else v
+    if isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+    return None
+
+
+def label_row(raw: bytes) -> dict[str, Any]:
+    """One freshet.labels/1 message as a label-log row; raises ContractError naming what is wrong.
+
+    >>> r = label_row(b'{"schema": "freshet.labels/1", "request_id": "tx1", "label": 1, "ts": 20, "event_ts": 10}')
+    >>> r["request_id"], r["label"], r["ts"], r["event_ts"]
+    ('tx1', 1.0, 20.0, 10.0)
+    """
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ContractError(f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ContractError("message must be a JSON object")
+    event_ts = data.get("event_ts")  # not in the contract: the workload and most producers add it
+    label = Label.decode(data)
+    value = float(label.label)
+    if not math.isfinite(value):
+        raise ContractError(f"field 'label' must be finite, got {label.label!r}")
+    return {"request_id": label.request_id, "entities": json.dumps(label.entities) if label.entities else None,
+            "label": value, "ts": _epoch(label.ts), "event_ts": _epoch(event_ts)}
+
+
+def _micros(values: list[float | None]) -> pa.Array:
+    return pa.array([None if v is None else int(round(v * 1e6)) for v in values], pa.timestamp("us", tz="UTC"))
+
+
+class LabelLog:
+    """The labels topic as Parquet part files: `sync` appends what is new, `read` gives each label once."""
+
+    CHECKPOINT = "_offsets.json"
+
+    def __init__(self, settings: Settings, topic: str | None = None):
+        self.settings = settings
+        self.topic = topic or settings.topic_labels
+        self.root = label_log_path(settings.data_path, self.topic)
+        self.rejected = 0
+
+    def offsets(self) -> dict[int, int]:
+        """The next offset to copy, per partition."""
+        path = self.root / self.CHECKPOINT
+        if not path.is_file():
+            return {}
+        return {int(p): int(o) for p, o in json.loads(path.read_text()).items()}
+
+    def _save_offsets(self, offsets: Mapping[int, int]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{self.CHECKPOINT}.tmp"
+        tmp.write_text(json.dumps({str(p): o for p, o in sorted(offsets.items())}))
+        os.replace(tmp, self.root / self.CHECKPOINT)
+
+    def sync(self, timeout: float = 60.0) -> int:
+        """Copy the labels published since the last sync (up to the end seen at the start); returns how many."""
+        from confluent_kafka import KafkaError, TopicPartition
+
+        from freshet import kafka
+        from stream.offline import append_parts
+
+        kafka.ensure_topics(self.settings, [self.topic])
+        consumer = kafka.consumer(self.settings, "freshet-label-log", **{"enable.partition.eof": True})
+        try:
+            meta = consumer.list_topics(self.topic, timeout=10).topics[self.topic]
+            offsets = self.offsets()
+            ends, assignment = {}, []
+            for p in sorted(meta.partitions):
+                low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
+                begin = max(offsets.get(p, low), low)
+                if begin < high:
+                    ends[p] = high
+                    assignment.append(TopicPartition(self.topic, p, begin))
+            if not assignment:
+                return 0
+            consumer.assign(assignment)
+            rows: list[dict[str, Any]] = []
+            deadline = time.monotonic() + timeout
+            while ends and time.monotonic() < deadline:
+                for msg in consumer.consume(10_000, 0.5):
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            ends.pop(msg.partition(), None)
+                        else:
+                            log.warning("label log: %s", err)
+                        continue
+                    p, off = msg.partition(), msg.offset()
+                    offsets[p] = off + 1
+                    if p in ends and off + 1 >= ends[p]:
+                        del ends[p]
+                    try:
+                        row = label_row(msg.value())
+                    except (ContractError, TypeError, ValueError) as exc:
+                        self.rejected += 1
+                        if self.rejected <= 10 or self.rejected % 1000 == 0:
+                            log.warning("label log: skipping %s[%d]@%d (%s); %d skipped so far",
+                                        self.topic, p, off, exc, self.rejected)
+                        continue
+                    row["_partition"], row["_offset"] = p, off
+                    rows.append(row)
+            if ends:
+                log.warning("label log: %s not fully copied within %.0fs; the next sync continues", self.topic, timeout)
+            if rows:
+                table = pa.table({
+                    "request_id": pa.array([r["request_id"] for r in rows], pa.string()),
+                    "entities": pa.array([r["entities"] for r in rows], pa.string()),
+                    "label": pa.array([r["label"] for r in rows], pa.float64()),
+                    "ts": _micros([r["ts"] for r in rows]),
+                    "event_ts": _micros([r["event_ts"] for r in rows]),
+                    "_partition": pa.array([r["_partition"] for r in rows], pa.int32()),
+                    "_offset": pa.array([r["_offset"] for r in rows], pa.int64()),
+                }, schema=LABEL_COLUMNS)
+                append_parts(self.root, table, "ts", prefix="labels")
+            self._save_offsets(offsets)  # after the parts: a crash in between only duplicates
+            return len(rows)
+        finally:
+            consumer.close()
+
+    def read(self) -> pd.DataFrame:
+        """Every label once (a later label for the same request id replaces an earlier one)."""
+        from stream.offline import read_parts
+
+        table = read_parts(self.root)
+        if table is None:
+            return pd.DataFrame({f.name: pd.Series(dtype=object) for f in LABEL_COLUMNS})
+        df = table.to_pandas()
+        df = df.drop_duplicates(["_partition", "_offset"]).sort_values(["_partition", "_offset"], kind="stable")
+        keyed = df["request_id"].notna()
+        return pd.concat([df[keyed].drop_duplicates("request_id", keep="last"), df[~keyed]]).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------
+# pure pieces: window, split, metrics, decision, idempotency
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainingWindow:
+    """Which labelled events to train on, by event time.
+
+    Absolute bounds (`start` <= t < `end`, epoch seconds) and/or the last `last_s` seconds
+    or the last `last_n` examples. Relative windows end at the newest labelled event, not
+    at the wall clock: event time may be simulated or replayed.
+
+    >>> ts = np.array([10.0, 20.0, 30.0, 40.0])
+    >>> TrainingWindow(last_s=15).select(ts)[0].tolist()
+    [False, False, True, True]
+    >>> TrainingWindow(start=15, end=40).select(ts)[0].tolist()
+    [False, True, True, False]
+    >>> TrainingWindow(last_n=1).select(ts)[0].tolist()
+    [False, False, False, True]
+    """
+
+    start: float | None = None
+    end: float | None = None
+    last_s: float | None = None
+    last_n: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.last_s is not None and not self.last_s > 0:
+            raise ValueError(f"the window's last_s must be > 0 seconds, got {self.last_s}")
+        if self.last_n is not None and self.last_n < 1:
+            raise ValueError(f"the window's last_n must be >= 1, got {self.last_n}")
+        if self.start is not None and self.end is not None and self.start >= self.end:
+            raise ValueError(f"the window's start ({self.start}) must be before its end ({self.end})")
+
+    @classmethod
+    def of(cls, window: Any) -> "TrainingWindow":
+        """From a TrainingWindow, None (everything), (start, end), {"start","end","last_s","last_n"}."""
+        if window is None:
+            return cls()
+        if isinstance(window, TrainingWindow):
+            return window
+        if isinstance(window, Mapping):
+            start, end = _epoch_or_none(window.get("start")), _epoch_or_none(window.get("end"))
+            last_s = window.get("last_s") or (window.get("last_hours") and float(window["last_hours"]) * 3600)
+            return cls(start, end, float(last_s) if last_s else None,
+                       int(window["last_n"]) if window.get("last_n") else None)
+        if isinstance(window, (tuple, list)) and len(window) == 2:
+            return cls(_epoch_or_none(window[0]), _epoch_or_none(window[1]))
+        raise ValueError(f"a training window is (start, end) or a dict with start/end/last_s/last_n, got {window!r}")
+
+    def select(self, ts: np.ndarray) -> tuple[np.ndarray, float | None, float | None]:
+        """(mask of the rows inside, resolved start, resolved end) for event times `ts`."""
+        ts = np.asarray(ts, dtype=float)
+        mask = np.isfinite(ts)
+        if self.start is not None:
+            mask &= ts >= self.start
+        if self.end is not None:
+            mask &= ts < self.end
+        if self.last_s is not None and mask.any():
+            mask &= ts > ts[mask].max() - self.last_s
+        if self.last_n is not None and mask.sum() > self.last_n:
+            idx = np.flatnonzero(mask)
+            keep = idx[np.argsort(ts[idx], kind="stable")[-self.last_n:]]
+            mask = np.zeros_like(mask)
+            mask[keep] = True
+        if not mask.any():
+            return mask, self.start, self.end
+        return mask, float(ts[mask].min()), float(ts[mask].max())
+
+    def describe(self) -> str:
+        parts = []
+        if self.start is not None or self.end is not None:
+            parts.append(f"[{_iso(self.start) if self.start is not None else '...'}, "
+                         f"{_iso(self.end) if self.end is not None else '...'})")
+        if self.last_s is not None:
+            parts.append(f"last {self.last_s / 3600:g} h")
+        if self.last_n is not None:
+            parts.append(f"last {self.last_n} labels")
+        return " and ".join(parts) or "every label"
+
+
+def _epoch_or_none(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    if isinstance(value, pd.Timestamp):
+        return value.timestamp()
+    out = _epoch(value)
+    if out is None:
+        raise ValueError(f"{value!r} is not a time: use epoch seconds or ISO-8601")
+    return out
+
+
+def _iso(ts: float | None) -> str:
+    return "" if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def time_split(ts: np.ndarray, holdout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (train, holdout): the holdout is the newest `holdout_fraction` by event time.
+
+    Rows sharing the boundary time all go to the holdout, so no instant is on both sides.
+
+    >>> train, hold = time_split(np.array([5.0, 1.0, 3.0, 3.0, 2.0]), 0.4)
+    >>> train.tolist(), hold.tolist()
+    ([False, True, False, False, True], [True, False, True, True, False])
+    """
+    if not 0 < holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    ts = np.asarray(ts, dtype=float)
+    n = len(ts)
+    if n == 0:
+        return np.zeros(0, bool), np.zeros(0, bool)
+    n_hold = max(1, math.ceil(n * holdout_fraction))
+    cut = np.sort(ts, kind="stable")[n - n_hold]
+    holdout = ts >= cut
+    return ~holdout, holdout
+
+
+def evaluate(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """AUC, log loss and error rate (at `threshold`) of probabilities `p` for 0/1 outcomes `y`.
+
+    >>> m = evaluate(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.4, 0.9]))
+    >>> m["auc"], m["error_rate"]
+    (0.75, 0.5)
+    """
+    y = np.asarray(y, dtype=float)
+    p = np.clip(np.asarray(p, dtype=float), 1e-15, 1 - 1e-15)
+    n = len(y)
+    positives = float(y.sum())
+    out = {"rows": float(n), "positive_rate": positives / n if n else math.nan}
+    out["log_loss"] = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if n else math.nan
+    out["error_rate"] = float(np.mean((p > threshold) != (y > 0.5))) if n else math.nan
+    if 0 < positives < n:
+        from sklearn.metrics import roc_auc_score
+
+        out["auc"] = float(roc_auc_score(y, p))
+    else:
+        out["auc"] = math.nan
+    return out
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether the candidate replaces the champion, and why, in a sentence."""
+
+    promote: bool
+    reason: str
+    metric: str = ""
+    improvement: float | None = None
+
+
+def decide_promotion(candidate: Mapping[str, float], champion: Mapping[str, float] | None,
+                     metric: str = "auc", margin: float = 0.005) -> Decision:
+    """Promote only when the candidate beats the champion by `margin` on `metric` (same holdout).
+
+    If `metric` is undefined for either (AUC on a one-class holdout), log loss decides.
+
+    >>> decide_promotion({"auc": 0.86}, {"auc": 0.80}).promote
+    True
+    >>> d = decide_promotion({"auc": 0.803}, {"auc": 0.80})
+    >>> d.promote, d.reason
+    (False, 'auc 0.8030 vs champion 0.8000 on the same holdout: +0.0030 < margin 0.0050')
+    >>> decide_promotion({"log_loss": 0.20}, {"log_loss": 0.30}, metric="log_loss").promote
+    True
+    >>> decide_promotion({"auc": 0.7}, None).reason
+    'no champion to compare with'
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    if champion is None:
+        return Decision(True, "no champion to compare with")
+    for name in dict.fromkeys([metric, FALLBACK_METRIC]):
+        c, b = candidate.get(name, math.nan), champion.get(name, math.nan)
+        if c is None or b is None or not (math.isfinite(c) and math.isfinite(b)):
+            continue
+        gain = (c - b) if METRICS[name] else (b - c)
+        note = "" if name == metric else f" ({metric} undefined on this holdout)"
+        verdict = ">=" if gain >= margin else "<"
+        reason = (f"{name} {c:.4f} vs champion {b:.4f} on the same holdout: {gain:+.4f} {verdict} "
+                  f"margin {margin:.4f}{note}")
+        return Decision(gain >= margin, reason, name, gain)
+    return Decision(False, f"neither {metric} nor {FALLBACK_METRIC} is defined for both models on the holdout")
+
+
+def alert_tag(alert_id: str) -> str:
+    """The MLflow run tag marking that a run was trained for this alert id."""
+    alert_id = str(alert_id)
+    if not _TAG_SAFE.match(alert_id):
+        alert_id = "h" + hashlib.sha1(alert_id.encode()).hexdigest()[:24]
+    return f"freshet.alert.{alert_id}"
+
+
+def unhandled(reason: Sequence[str], handled: Mapping[str, str]) -> list[str]:
+    """The alert ids of `reason` no earlier training covered, in order, once each.
+
+    >>> unhandled(["a", "b", "a", "c"], {"b": "2"})
+    ['a', 'c']
+    """
+    return [r for r in dict.fromkeys(map(str, reason)) if r not in handled]
+
+
+def dataset_fingerprint(df: pd.DataFrame, columns: Sequence[str]) -> str:
+    """sha256 of the rows and columns a model was trained and evaluated on (order-independent of input)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(list(columns)).encode())
+    if len(df):
+        hashed = pd.util.hash_pandas_object(df[list(columns)], index=False).to_numpy()
+        h.update(np.sort(hashed).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# examples: labels joined to their events, then point-in-time features
+# ---------------------------------------------------------------------------
+
+def _seconds(series: pd.Series) -> np.ndarray:
+    s = pd.to_datetime(series, utc=True)
+    return ((s - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=float, na_value=np.nan)
+
+
+def join_labels_to_events(labels: pd.DataFrame, events: pd.DataFrame, join_keys: Sequence[str],
+                          request_fields: Sequence[str], id_field: str = "transaction_id",
+                          ts_field: str = "event_ts") -> tuple[pd.DataFrame, dict[str, int]]:
+    """Labelled examples: request_id, label, event time (epoch s), join keys, request fields.
+
+    Entity keys, event time and request fields come from the labelled event (found by
+    request id in the raw log); labels whose event is not there fall back to their own
+    `entities` and `event_ts`. Returns (examples, counts: from_events, from_labels, dropped).
+    """
+    n = len(labels)
+    out = pd.DataFrame({"request_id": labels["request_id"].to_numpy(dtype=object),
+                        "label": labels["label"].to_numpy(dtype=float)})
+    ts = _seconds(labels["event_ts"]) if n else np.zeros(0)
+    keys = {k: np.full(n, None, dtype=object) for k in join_keys}
+    fields = {f: np.full(n, np.nan) for f in request_fields}
+    found = np.zeros(n, bool)
+    if n and len(events) and id_field in events.columns:
+        cols = [c for c in dict.fromkeys([id_field, ts_field, *join_keys, *request_fields]) if c in events.columns]
+        ev = events[cols].drop_duplicates(id_field, keep="last").set_index(id_field)
+        pos = ev.index.get_indexer(out["request_id"])
+        found = pos >= 0
+        if found.any():
+            hit = ev.iloc[pos[found]]
+            if ts_field in hit.columns:
+                ts[found] = _seconds(hit[ts_field])
+            for k in join_keys:
+                if k in hit.columns:
+                    keys[k][found] = hit[k].to_numpy(dtype=object)
+            for f in request_fields:
+                if f in hit.columns:
+                    fields[f][found] = pd.to_numeric(hit[f], errors="coerce").to_numpy(dtype=float)
+    if n and "entities" in labels.columns:
+        ents = labels["entities"].to_numpy(dtype=object)
+        for i in range(n):
+            if ents[i] is None or all(keys[k][i] is not None for k in join_keys):
+                continue
+            try:
+                parsed = json.loads(ents[i])
+            except ValueError:
+                continue
+            for k in join_keys:
+                if keys[k][i] is None and parsed.get(k) is not None:
+                    keys[k][i] = str(parsed[k])
+    out["event_ts"] = ts
+    for k in join_keys:
+        out[k] = keys[k]
+    for f in request_fields:
+        out[f] = fields[f]
+    usable = np.isfinite(ts) & np.all([pd.notna(keys[k]) for k in join_keys], axis=0) if n else np.zeros(0, bool)
+    counts = {"from_events": int((usable & found).sum()), "from_labels": int((usable & ~found).sum()),
+              "dropped": int(n - usable.sum())}
+    return out[usable].reset_index(drop=True), counts
+
+
+@dataclass
+class RetrainConfig:
+    """How one model is retrained; defaults suit the example fraud model."""
+
+    model: str = DEFAULT_MODEL
+    feature_service: str = DEFAULT_SERVICE
+    # inputs the client sends with /predict, read from the labelled event in the raw log
+    request_fields: tuple[str, ...] = ("amount",)
+    request_id_field: str = "transaction_id"  # the event field a label's request_id names
+    window: TrainingWindow = field(default_factory=TrainingWindow)
+    holdout_fraction: float = 0.2
+    min_rows: int = 200           # training examples needed at least
+    min_class_rows: int = 10      # of each class, in the training part
+    metric: str = "auc"
+    margin: float = 0.005
+    C: float = 1.0
+    max_iter: int = 1000
+    seed: int = 0
+    label_sync_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        self.request_fields = tuple(self.request_fields)
+        self.window = TrainingWindow.of(self.window)
+        if self.metric not in METRICS:
+            raise ValueError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
+        if not 0 < self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if not self.C > 0:
+            raise ValueError(f"C must be > 0, got {self.C}")
+
+
+def fit_pipeline(X: np.ndarray, y: np.ndarray, seed: int, C: float = 1.0, max_iter: int = 1000):
+    """The fraud pipeline, fitted: what serving.models.export_sklearn turns into JSON."""
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    pipe = Pipeline([
+        # keep_empty_features: a column empty in this window still counts as an input
+        ("impute", SimpleImputer(strategy="mean", keep_empty_features=True)),
+        ("scale", StandardScaler()),
+        ("classify", LogisticRegression(C=C, max_iter=max_iter, random_state=seed)),
+    ])
+    return pipe.fit(X, y)
+
+
+def _column(name: str) -> str:
+    """The training-set column of a model input: "view:feature" -> "view__feature"."""
+    view, sep, feature = name.partition(":")
+    return f"{view}__{feature}" if sep else name
+
+
+def _matrix(df: pd.DataFrame, names: Sequence[str]) -> np.ndarray:
+    cols = []
+    for n in names:
+        c = _column(n)
+        cols.append(pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float) if c in df.columns
+                    else np.full(len(df), np.nan))
+    return np.column_stack(cols) if cols else np.zeros((len(df), 0))
+
+
+# ---------------------------------------------------------------------------
+# the retrainer
+# ---------------------------------------------------------------------------
+
+class Retrainer:
+    """Trains, evaluates, registers and (maybe) promotes one model; `run` returns the outcome as a dict."""
+
+    def __init__(self, settings: Settings, registry: FeatureRegistry | None = None,
+                 config: RetrainConfig | None = None, models: Any = None, progress: bool = False):
+        self.settings = settings
+        self.config = config or RetrainConfig()
+        self._registry = registry
+        self._models = models
+        self.progress = progress
+        self.labels = LabelLog(settings)
+        self.outcomes_path = settings.data_path / "retrain" / "outcomes.jsonl"
+
+    @property
+    def registry(self) -> FeatureRegistry:
+        if self._registry is None:
+            from freshet import features
+
+            self._registry = features.load_registry(self.settings)
+        return self._registry
+
+    @property
+    def models(self):
+        if self._models is None:
+            from serving.models import ModelRegistry
+
+            self._models = ModelRegistry(self.settings)
+        return self._models
+
+    # -- idempotency ------------------------------------------------------------------
+
+    def handled(self, alert_ids: Iterable[str]) -> dict[str, str]:
+        """alert id -> the version already trained for it, for the ids an earlier training covered."""
+        from serving.models import EXPERIMENT
+
+        client = self.models.client
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        if exp is None:
+            return {}
+        model = self.config.model.replace("'", "\\'")
+        out = {}
+        for aid in dict.fromkeys(map(str, alert_ids)):
+            runs = client.search_runs([exp.experiment_id], f"tags.`{alert_tag(aid)}` = '{model}'", max_results=1)
+            if runs:
+                out[aid] = runs[0].data.tags.get("freshet.version", "?")
+        return out
+
+    # -- the steps ----------------------------------------------------------------------
+
+    def _step(self, n: int, text: str, *args: Any) -> None:
+        log.info(f"retrain %s [%d/%d] {text}", self.config.model, n, STEPS, *args)
+
+    def run(self, reason: Sequence[str] = (), request_ids: Sequence[str] = (), *, bootstrap: bool = False,
+            force: bool = False, sync_labels: bool = True) -> dict[str, Any]:
+        """One retraining for `reason` (alert ids); see the module docstring for what it does."""
+        cfg = self.config
+        t0 = time.monotonic()
+        reason = [str(r) for r in dict.fromkeys(reason)] or ([BOOTSTRAP_REASON] if bootstrap else [])
+        request_ids = list(request_ids) or [new_id()]
+        outcome: dict[str, Any] = {
+            "model": cfg.model, "status": "", "promoted": False, "version": None, "champion_before": None,
+            "decision": "", "reason": reason, "request_ids": request_ids, "seed": cfg.seed,
+            "started_at": time.time(), "seconds": {},
+        }
+
+        def timed(step: str, since: float) -> float:
+            now = time.monotonic()
+            outcome["seconds"][step] = round(now - since, 3)
+            return now
+
+        champion = self.models.current_version(cfg.model)
+        outcome["champion_before"] = champion
+        if not force:
+            if bootstrap and champion is not None:
+                return self._finish(outcome, "skipped", f"model {cfg.model!r} already has a champion "
+                                                        f"(version {champion}); --bootstrap trains only the first")
+            new = unhandled(reason, self.handled(reason)) if reason else None
+            if new is not None and not new:
+                done = self.handled(reason)
+                outcome["handled_by"] = done
+                return self._finish(outcome, "skipped", "every alert in the reason was handled already "
+                                    f"(by version(s) {', '.join(sorted(set(done.values())))})")
+
+        # 1. labels
+        t = time.monotonic()
+        if sync_labels and self.settings.kafka_bootstrap_servers:
+            try:
+                copied = self.labels.sync(cfg.label_sync_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - train on the labels already copied
+                copied = 0
+                log.warning("could not copy new labels from %s (%s); using the label log as it is",
+                            self.labels.topic, exc)
+        else:
+            copied = 0
+        labels = self.labels.read()
+        t = timed("labels", t)
+        self._step(1, "labels: %d new from %s, %d in the label log %s", copied, self.labels.topic, len(labels),
+                   self.labels.root)
+        outcome["labels"] = {"topic": self.labels.topic, "copied": copied, "total": len(labels),
+                             "rejected": self.labels.rejected}
+
+        # 2. examples and point-in-time features
+        refs, views, topic = self._feature_plan()
+        events = self._events(topic)
+        examples, joined = join_labels_to_events(
+            labels, events, self._join_keys(views), cfg.request_fields, cfg.request_id_field,
+            views[0].timestamp_field)
+        in_window, w_start, w_end = cfg.window.select(examples["event_ts"].to_numpy())
+        examples = examples[in_window].reset_index(drop=True)
+        outcome["window"] = {"spec": cfg.window.describe(), "start": _iso(w_start), "end": _iso(w_end)}
+        unmatched = joined["dropped"]
+        outcome["examples"] = {"labels": len(labels), **joined, "in_window": len(examples)}
+        if joined["from_labels"] and joined["from_labels"] >= joined["from_events"]:
+            log.warning("retrain %s: %d of %d labels have no event in the offline raw log of %s; their "
+                        "request-time fields are missing (is 'freshet stream' running?)",
+                        cfg.model, joined["from_labels"], len(labels), topic)
+        if len(examples) == 0:
+            return self._finish(outcome, "insufficient_data",
+                                f"no labelled events in the window ({cfg.window.describe()}): {len(labels)} labels "
+                                f"in {self.labels.root}, {unmatched} without their event; publish labels to "
+                                f"{self.labels.topic} and run 'freshet stream' so events reach the offline log")
+        champion_model = self._champion_model(champion)
+        extra = [r for r in (champion_model.feature_names if champion_model else []) if ":" in r
+                 and r not in refs and self._known_ref(r)]
+        horizon = max(v.max_window_s for v in views)
+        if len(events):
+            ev_ts = _seconds(events[views[0].timestamp_field])
+            events = events[(ev_ts >= examples["event_ts"].min() - horizon) & (ev_ts <= examples["event_ts"].max())]
+        from stream.backfill import training_set
+
+        frame = examples.assign(event_ts=pd.to_datetime(examples["event_ts"], unit="s", utc=True))
+        data = training_set(self.settings, self.registry, frame, refs + extra, timestamp_field="event_ts",
+                            events={topic: events}, progress=self.progress)
+        data["_t"] = examples["event_ts"].to_numpy()
+        data = data.sort_values(["_t", "request_id"], kind="stable").reset_index(drop=True)
+        t = timed("training_set", t)
+        self._step(2, "training set: %d examples x %d features (%s; %d labels without their event), "
+                      "events from %s", len(data), len(refs) + len(cfg.request_fields), cfg.window.describe(),
+                   unmatched, topic)
+
+        # 3. split and fit
+        features_in = refs + list(cfg.request_fields)
+        y = (data["label"].to_numpy(dtype=float) > 0.5).astype(int)
+        train, holdout = time_split(data["_t"].to_numpy(), cfg.holdout_fraction)
+        n_pos, n_neg = int(y[train].sum()), int((1 - y[train]).sum())
+        outcome["rows"] = {"train": int(train.sum()), "holdout": int(holdout.sum()),
+                           "train_positives": n_pos, "holdout_positives": int(y[holdout].sum())}
+        ts_all = data["_t"].to_numpy()
+        outcome["window"]["holdout_start"] = _iso(float(ts_all[holdout].min())) if holdout.any() else ""
+        if train.sum() < cfg.min_rows or min(n_pos, n_neg) < cfg.min_class_rows:
+            return self._finish(outcome, "insufficient_data",
+                                f"{int(train.sum())} training examples ({n_pos} positive, {n_neg} negative); need "
+                                f">= {cfg.min_rows} and >= {cfg.min_class_rows} of each class: wait for more "
+                                f"labels or widen the window")
+        X = _matrix(data, features_in)
+        pipeline = fit_pipeline(X[train], y[train], cfg.seed, cfg.C, cfg.max_iter)
+        t = timed("fit", t)
+        self._step(3, "fit: LogisticRegression(C=%g) on %d examples (%d positive), seed %d",
+                   cfg.C, int(train.sum()), n_pos, cfg.seed)
+
+        # 4. evaluate the candidate and the champion on the same holdout
+        from serving.models import LinearModel, export_sklearn
+
+        exported = LinearModel.from_dict(export_sklearn(pipeline, features_in))  # what serving will score
+        cand = evaluate(y[holdout], exported.predict_proba(X[holdout].tolist()))
+        champ = None
+        champ_note = ""
+        if champion_model is not None:
+            missing = [r for r in champion_model.feature_names if ":" in r and not self._known_ref(r)]
+            if missing:
+                champ_note = (f"champion version {champion} reads feature(s) the registry no longer has "
+                              f"({', '.join(missing[:5])}); it cannot be scored")
+            else:
+                champ = evaluate(y[holdout], champion_model.predict_proba(
+                    _matrix(data[holdout], champion_model.feature_names).tolist()))
+        outcome["metrics"] = _rounded(cand)
+        outcome["champion_metrics"] = _rounded(champ) if champ else None
+        t = timed("evaluate", t)
+        self._step(4, "evaluate on %d holdout examples from %s: candidate auc %.4f log_loss %.4f error %.4f%s",
+                   int(holdout.sum()), outcome["window"]["holdout_start"], cand["auc"], cand["log_loss"],
+                   cand["error_rate"], f"; champion v{champion} auc {champ['auc']:.4f} log_loss "
+                   f"{champ['log_loss']:.4f} error {champ['error_rate']:.4f}" if champ else
+                   (f"; {champ_note}" if champ_note else "; no champion yet"))
+
+        # 5. register with lineage
+        if bootstrap or champion is None:
+            decision = Decision(True, "bootstrap: the first version is promoted so there is a model to serve"
+                                if bootstrap else "no champion to compare with")
+        elif champ is None:
+            decision = Decision(True, champ_note or "the champion could not be scored")
+        else:
+            decision = decide_promotion(cand, champ, cfg.metric, cfg.margin)
+        fingerprint = dataset_fingerprint(data, ["request_id", "label", "_t", *map(_column, features_in)])
+        outcome["dataset_fingerprint"] = fingerprint
+        lineage = {
+            "project": self.registry.project,
+            "feature_service": cfg.feature_service,
+            "feature_refs": refs,
+            "request_fields": list(cfg.request_fields),
+            "training_window": {"start": outcome["window"]["start"], "end": outcome["window"]["end"]},
+            "holdout_start": outcome["window"]["holdout_start"],
+            "window_spec": cfg.window.describe(),
+            "dataset_fingerprint": fingerprint,
+            "rows": outcome["rows"],
+            "seed": cfg.seed,
+            "params": {"C": cfg.C, "max_iter": cfg.max_iter, "imputer": "mean", "scaler": "standard",
+                       "holdout_fraction": cfg.holdout_fraction, "metric": cfg.metric, "margin": cfg.margin},
+            "reason": reason,
+            "request_ids": request_ids[:20],
+            "labels": {"topic": self.labels.topic, "log": str(self.labels.root), "count": len(labels)},
+            "events_topic": topic,
+            "champion_before": champion,
+        }
+        metrics = {k: v for k, v in cand.items() if math.isfinite(v)}
+        metrics.update({f"champion_{k}": v for k, v in (champ or {}).items() if math.isfinite(v)})
+        version = self.models.register_sklearn(cfg.model, pipeline, features_in, lineage, metrics)
+        outcome["version"] = version
+        t = timed("register", t)
+        self._step(5, "registered %s version %s (dataset %s)", cfg.model, version, fingerprint[:19])
+
+        # 6. promote, or record why not
+        promoted = False
+        if decision.promote:
+            self.models.promote(cfg.model, version)
+            promoted = True
+        self._record(version, reason, request_ids, decision, promoted, champion)
+        timed("promote", t)
+        outcome["promoted"] = promoted
+        self._step(6, "%s version %s: %s", "promoted" if promoted else "did not promote", version, decision.reason)
+        outcome["seconds"]["total"] = round(time.monotonic() - t0, 3)
+        return self._finish(outcome, "promoted" if promoted else "not_promoted", decision.reason)
+
+    def _record(self, version: str, reason: list[str], request_ids: list[str], decision: Decision,
+                promoted: bool, champion: str | None) -> None:
+        """The decision as tags of the run and the version; alert tags last, so a crash before retrains."""
+        from mlflow.entities import RunTag
+
+        client = self.models.client
+        mv = client.get_model_version(self.config.model, version)
+        common = {"freshet.promoted": str(promoted).lower(), "freshet.promotion_decision": decision.reason[:4900],
+                  "freshet.champion_before": champion or ""}
+        for k, v in common.items():
+            client.set_model_version_tag(self.config.model, version, k, v)
+        tags = {**common, "freshet.version": version, "freshet.reason": json.dumps(reason)[:4900],
+                "freshet.request_ids": json.dumps(request_ids[:20])[:4900]}
+        tags.update({alert_tag(a): self.config.model for a in reason[:200]})
+        client.log_batch(mv.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def _finish(self, outcome: dict[str, Any], status: str, why: str) -> dict[str, Any]:
+        outcome["status"] = status
+        outcome["decision"] = why
+        outcome["finished_at"] = time.time()
+        if status in ("skipped", "insufficient_data"):
+            log.info("retrain %s: %s: %s", self.config.model, status.replace("_", " "), why)
+        try:
+            self.outcomes_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.outcomes_path, "ab") as f:
+                f.write(orjson.dumps(outcome, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+        except OSError as exc:
+            log.warning("could not append the outcome to %s: %s", self.outcomes_path, exc)
+        return outcome
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _feature_plan(self):
+        cfg = self.config
+        services = self.registry.feature_services
+        if cfg.feature_service not in services:
+            raise RetrainError(f"unknown feature service {cfg.feature_service!r}; known: "
+                               f"{', '.join(services) or 'none'} (run 'freshet apply')")
+        refs = list(services[cfg.feature_service])
+        views = [self.registry.views[v] for v in dict.fromkeys(r.split(":")[0] for r in refs)]
+        topics = {v.topic for v in views}
+        if len(topics) != 1:
+            raise RetrainError(f"feature service {cfg.feature_service!r} reads several topics ({sorted(topics)}); "
+                               "the retrainer joins labels to one event topic")
+        return refs, views, topics.pop()
+
+    def _join_keys(self, views) -> list[str]:
+        return list(dict.fromkeys(k for v in views for k in v.join_keys))
+
+    def _known_ref(self, ref: str) -> bool:
+        view, _, feature = ref.partition(":")
+        return view in self.registry.views and feature in self.registry.views[view].feature_names
+
+    def _events(self, topic: str) -> pd.DataFrame:
+        from stream.backfill import load_events
+
+        return load_events(self.settings, topic)
+
+    def _champion_model(self, champion: str | None):
+        if champion is None:
+            return None
+        try:
+            return self.models.load(self.config.model, champion)
+        except Exception as exc:  # noqa: BLE001 - an unreadable champion must not block a retrain
+            log.warning("could not load champion %s version %s: %s", self.config.model, champion, exc)
+            return None
+
+
+def _rounded(metrics: Mapping[str, float] | None) -> dict[str, float | None] | None:
+    if metrics is None:
+        return None
+    return {k: (round(v, 6) if math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+def train_and_register(settings: Settings, registry: FeatureRegistry | None = None, model_name: str = DEFAULT_MODEL,
+                       window: Any = None, seed: int = 0, reason: Sequence[str] = (),
+                       bootstrap: bool = False, force: bool = False, **config: Any) -> dict[str, Any]:
+    """One retraining of `model_name`; the outcome dict says what happened (see `Retrainer.run`).
+
+    `window`: None (every label), (start, end), or {"start", "end", "last_s", "last_hours", "last_n"}.
+    Other keyword arguments are `RetrainConfig` fields (margin, metric, holdout_fraction, ...).
+    """
+    cfg = RetrainConfig(model=model_name, window=TrainingWindow.of(window), seed=seed, **config)
+    return Retrainer(settings, registry, cfg).run(reason, bootstrap=bootstrap, force=force)
+
+
+# ---------------------------------------------------------------------------
+# the worker: settings.topic_retrain -> Retrainer.run
+# ---------------------------------------------------------------------------
+
+def merge_requests(requests: Sequence[RetrainRequest]) -> dict[str, tuple[list[str], list[str]]]:
+    """Requests queued together, per model: (every alert id once, every request id).
+
+    >>> a = RetrainRequest("r1", "fraud", ["x", "y"]); b = RetrainRequest("r2", "fraud", ["y", "z"])
+    >>> merge_requests([a, b])
+    {'fraud': (['x', 'y', 'z'], ['r1', 'r2'])}
+    """
+    out: dict[str, tuple[list[str], list[str]]] = {}
+    for r in requests:
+        reasons, ids = out.setdefault(r.model, ([], []))
+        reasons.extend(x for x in r.reason if x not in reasons)
+        ids.append(r.request_id)
+    return out
+
+
+class RetrainWorker:
+    """Consumes RetrainRequests, trains once per batch of requests per model, commits after."""
+
+    def __init__(self, settings: Settings, retrainers: Mapping[str, Retrainer], group: str = "freshet-retrain",
+                 on_outcome: Callable[[dict[str, Any]], None] | None = None):
+        self.settings = settings
+        self.retrainers = dict(retrainers)
+        self.group = group
+        self.on_outcome = on_outcome
+        self.counts = {"requests": 0, "rejected": 0, "unknown_model": 0, "trainings": 0, "skipped": 0,
+                       "promoted": 0, "failed": 0}
+        self.stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def run(self, gather_s: float = 0.5) -> None:
+        from freshet import kafka
+
+        topic = self.settings.topic_retrain
+        kafka.ensure_topics(self.settings, [topic])
+        consumer = kafka.consumer(self.settings, self.group, **{"max.poll.interval.ms": 3_600_000})
+        consumer.subscribe([topic])
+        log.info("retrain worker: waiting for requests on %s (group %s) for model(s) %s",
+                 topic, self.group, ", ".join(self.retrainers))
+        try:
+            while not self.stop_event.is_set():
+                msgs = consumer.consume(100, 0.5)
+                if not msgs:
+                    continue
+                # requests that arrive together (an alert burst) train together
+                deadline = time.monotonic() + gather_s
+                while time.monotonic() < deadline:
+                    more = consumer.consume(100, 0.1)
+                    if not more:
+                        break
+                    msgs.extend(more)
+                self.handle([m for m in msgs if self._ok(m)])
+                consumer.commit(asynchronous=False)
+        finally:
+            consumer.close()
+
+    def _ok(self, msg) -> bool:
+        if msg.error() is not None:
+            log.warning("retrain worker: %s", msg.error())
+            return False
+        return True
+
+    def handle(self, messages: Sequence[Any]) -> list[dict[str, Any]]:
+        requests = []
+        for m in messages:
+            self.counts["requests"] += 1
+            try:
+                requests.append(RetrainRequest.decode(m.value()))
+            except ContractError as exc:
+                self.counts["rejected"] += 1
+                log.warning("retrain worker: ignoring %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), exc)
+        outcomes = []
+        for model, (reason, ids) in merge_requests(requests).items():
+            retrainer = self.retrainers.get(model)
+            if retrainer is None:
+                self.counts["unknown_model"] += 1
+                log.warning("retrain worker: no training recipe for model %r (requests %s); known: %s",
+                            model, ", ".join(ids), ", ".join(self.retrainers))
+                continue
+            log.info("retrain %s: %d request(s) %s for %d alert(s)", model, len(ids), ", ".join(ids[:5]), len(reason))
+            try:
+                outcome = retrainer.run(reason, ids)
+            except Exception as exc:  # noqa: BLE001 - one bad training must not stop the worker
+                self.counts["failed"] += 1
+                log.exception("retrain %s failed for requests %s: %s", model, ", ".join(ids), exc)
+                outcome = retrainer._finish({"model": model, "reason": reason, "request_ids": ids,
+                                             "promoted": False, "version": None}, "failed", str(exc))
+            status = outcome["status"]
+            if status in ("promoted", "not_promoted"):
+                self.counts["trainings"] += 1
+            elif status != "failed":
+                self.counts["skipped"] += 1
+            self.counts["promoted"] += bool(outcome.get("promoted"))
+            if self.on_outcome:
+                self.on_outcome(outcome)
+            outcomes.append(outcome)
+        return outcomes
+
+
+def request_retrain(settings: Settings, model: str, reason: Sequence[str], request_id: str | None = None) -> RetrainRequest:
+    """Publish one RetrainRequest (for operators and tests); returns it."""
+    from freshet import kafka
+
+    req = RetrainRequest(request_id=request_id or new_id(), model=model, reason=list(reason))
+    kafka.ensure_topics(settings, [settings.topic_retrain])
+    p = kafka.producer(settings)
+    p.produce(settings.topic_retrain, key=req.key(), value=req.encode())
+    if p.flush(15) != 0:
+        raise RuntimeError(f"retrain request not delivered to {settings.topic_retrain}")
+    return req
+
+
+def summary_line(outcome: Mapping[str, Any]) -> str:
+    """One line for the terminal."""
+    status = outcome.get("status", "")
+    m = outcome.get("metrics") or {}
+    c = outcome.get("champion_metrics") or {}
+    parts = [f"{outcome.get('model')}: {status.replace('_', ' ')}"]
+    if outcome.get("version"):
+        parts.append(f"version {outcome['version']}")
+    if m:
+        parts.append(f"auc {_fmt(m.get('auc'))} log_loss {_fmt(m.get('log_loss'))} error {_fmt(m.get('error_rate'))}")
+    if c:
+        parts.append(f"champion v{outcome.get('champion_before')} auc {_fmt(c.get('auc'))}")
+    parts.append(str(outcome.get("decision", "")))
+    return " | ".join(p for p in parts if p)
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+

@@ -1,0 +1,233 @@
+"""The retraining worker on the real broker and MLflow (sqlite): workload events in the offline
+raw log, labels on the labels topic, versions registered with lineage and promoted only when better.
+
+One module-wide scenario: the example workload (seeded, concept drift half way) is written to
+the raw log the stream engine keeps and its labels are published. Version 1 is bootstrapped
+from the pre-drift half; a retrain request then trains on the drifted half and must beat it;
+the same request again must train nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from freshet import features, kafka
+from freshet.settings import load_settings
+from monitor.retrain import (
+    LabelLog, RetrainConfig, Retrainer, RetrainWorker, TrainingWindow, alert_tag, request_retrain,
+)
+from serving.models import CHAMPION, ModelRegistry
+from stream.events import EventDecoder
+from stream.offline import append_parts, raw_log_path
+from stream.workload import TransactionWorkload
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+N_EVENTS = 6000
+DRIFT_AT_S = 3000.0  # simulated seconds: rate 1/s, so half way
+MODEL = "fraud"
+
+
+def write_raw_log(settings, registry, batch, topic: str) -> None:
+    """The events as the stream engine appends them to the offline raw log (same schema)."""
+    views = registry.views_by_topic()[topic]
+    schema = EventDecoder(views).schema
+    cols = batch.columns(ground_truth=False)
+    arrays = {}
+    for name, kind in schema.items():
+        values = cols[name]
+        if kind == "timestamp":
+            arrays[name] = pa.array((np.asarray(values, dtype=float) * 1e6).round().astype("int64"),
+                                    pa.timestamp("us", tz="UTC"))
+        else:
+            arrays[name] = pa.array(values.tolist(), {"string": pa.string(), "float": pa.float64(),
+                                                      "int": pa.int64(), "bool": pa.bool_()}[kind])
+    arrays["_partition"] = pa.array(np.zeros(len(batch), dtype="int32"))
+    arrays["_offset"] = pa.array(np.asarray(batch.slot, dtype="int64"))
+    append_parts(raw_log_path(settings.data_path, topic), pa.table(arrays), "event_ts")
+
+
+def publish_labels(settings, batch) -> None:
+    kafka.ensure_topics(settings, [settings.topic_labels])
+    p = kafka.producer(settings)
+    for key, value in batch.label_messages():
+        p.produce(settings.topic_labels, key=key, value=value)
+    assert p.flush(30) == 0
+
+
+def apply_registry(settings):
+    """feature_repo/ applied to this data dir's Feast registry in-process ('feast apply' minus a
+    subprocess that spends most of its time importing Feast)."""
+    import importlib.util
+
+    from feast import Entity, FeatureService
+    from feast.stream_feature_view import StreamFeatureView
+
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    old = os.environ.get("FRESHET_DATA_DIR")
+    os.environ["FRESHET_DATA_DIR"] = str(settings.data_path)
+    try:
+        spec = importlib.util.spec_from_file_location("_freshet_repo_definitions",
+                                                      features.repo_path(settings) / "definitions.py")
+        defs = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(defs)
+    finally:
+        if old is None:
+            os.environ.pop("FRESHET_DATA_DIR")
+        else:
+            os.environ["FRESHET_DATA_DIR"] = old
+    store = features.feature_store(settings)
+    store.apply([o for o in vars(defs).values() if isinstance(o, (Entity, StreamFeatureView, FeatureService))])
+    return features.load_registry(settings, store)
+
+
+@pytest.fixture(scope="module")
+def scenario(services, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("retrain")
+    uid = "r" + os.urandom(4).hex()
+    topic = "transactions"  # only the offline raw log (per data dir) is read: no Kafka topic
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
+    settings = load_settings(env, kafka_bootstrap_servers=services.kafka, redis_url=services.redis_url,
+                             data_dir=str(tmp / "data"), topic_labels=f"{uid}.labels",
+                             topic_retrain=f"{uid}.retrain", topic_models=f"{uid}.models", kafka_partitions=2)
+    registry = apply_registry(settings)
+    w = TransactionWorkload(seed=3, cards=500, merchants=100, rate=1.0, drift=[f"concept@{DRIFT_AT_S}"])
+    batch = w.batch(N_EVENTS)
+    write_raw_log(settings, registry, batch, topic)
+    publish_labels(settings, batch)
+    drift_ts = float(batch.event_ts[0]) + DRIFT_AT_S
+    return {"settings": settings, "registry": registry, "batch": batch, "drift_ts": drift_ts, "topic": topic}
+
+
+def test_label_log_copies_the_topic_once_and_resumes(scenario):
+    settings, batch = scenario["settings"], scenario["batch"]
+    log = LabelLog(settings)
+    assert log.sync() == len(batch)
+    assert log.sync() == 0  # resumes from its checkpoint
+    df = log.read()
+    assert len(df) == len(batch) and df["request_id"].is_unique
+    assert df["label"].sum() == batch.label.sum()
+    first = df.set_index("request_id").loc[batch.transaction_id[0]]
+    assert abs(first["event_ts"].timestamp() - batch.event_ts[0]) < 1e-5
+
+
+def test_bootstrap_trains_registers_with_lineage_and_promotes_version_1(scenario):
+    settings = scenario["settings"]
+    cfg = RetrainConfig(window=TrainingWindow(end=scenario["drift_ts"]), seed=7)
+    outcome = Retrainer(settings, scenario["registry"], cfg).run(bootstrap=True)
+    assert outcome["status"] == "promoted", outcome
+    assert outcome["version"] == "1" and outcome["champion_before"] is None
+    assert outcome["metrics"]["auc"] > 0.75, outcome["metrics"]
+    assert outcome["examples"]["from_events"] == N_EVENTS and outcome["examples"]["in_window"] > 2500
+
+    models = ModelRegistry(settings, publish_events=False)
+    assert models.current_version(MODEL) == "1"
+    info = models.versions(MODEL)[0]
+    assert info["feature_service"] == "fraud_model_v1"
+    assert info["seed"] == "7" and info["dataset_fingerprint"].startswith("sha256:")
+    assert pd.Timestamp(info["training_window"]["end"]).timestamp() < scenario["drift_ts"]
+    assert "amount" in info["feature_names"] and "card_txn_stats:count_amount_300s" in info["feature_names"]
+    assert info["params"]["C"] == "1.0" and info["metrics"]["auc"] == pytest.approx(outcome["metrics"]["auc"])
+    run = models.client.get_run(info["run_id"])
+    lineage = json.loads(run.data.tags["freshet.lineage"])
+    assert lineage["reason"] == ["bootstrap"] and lineage["rows"]["train"] > 0
+    assert run.data.tags["freshet.promoted"] == "true"
+    # served as JSON, scored with numpy: what serving loads scores like the fitted pipeline did
+    model = models.load(MODEL, CHAMPION)
+    assert model.version == "1" and len(model.feature_names) == 37
+
+    again = Retrainer(settings, scenario["registry"], cfg).run(bootstrap=True)
+    assert again["status"] == "skipped" and "already has a champion" in again["decision"]
+
+
+def test_retrain_request_beats_the_champion_after_concept_drift_and_the_same_reason_trains_once(scenario):
+    settings = scenario["settings"]
+    cfg = RetrainConfig(window=TrainingWindow(start=scenario["drift_ts"]), seed=7)
+    outcomes = []
+    worker = RetrainWorker(settings, {MODEL: Retrainer(settings, scenario["registry"], cfg)},
+                           group=f"{settings.topic_retrain}-g", on_outcome=outcomes.append)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        request_retrain(settings, MODEL, ["alert-a", "alert-b"], request_id="req-1")
+        _wait(lambda: len(outcomes) >= 1, 60)
+        first = outcomes[0]
+        assert first["status"] == "promoted", first
+        assert first["version"] == "2" and first["champion_before"] == "1"
+        assert first["metrics"]["auc"] > first["champion_metrics"]["auc"] + 0.005
+        assert "vs champion" in first["decision"]
+
+        request_retrain(settings, MODEL, ["alert-b", "alert-a"], request_id="req-2")
+        _wait(lambda: len(outcomes) >= 2, 30)
+        assert outcomes[1]["status"] == "skipped", outcomes[1]
+        assert outcomes[1]["handled_by"] == {"alert-a": "2", "alert-b": "2"}
+    finally:
+        worker.stop()
+        thread.join(15)
+    models = ModelRegistry(settings, publish_events=False)
+    assert models.current_version(MODEL) == "2"
+    assert [v["version"] for v in models.versions(MODEL)] == ["2", "1"]  # nothing trained for req-2
+    run = models.client.get_run(models.versions(MODEL)[0]["run_id"])
+    assert run.data.tags[alert_tag("alert-a")] == MODEL
+    assert worker.counts["trainings"] == 1 and worker.counts["skipped"] == 1
+    events = _model_events(settings, want=2)
+    assert [(e["version"], e["stage"]) for e in events] == [("1", "champion"), ("2", "champion")]
+
+
+def test_a_candidate_no_better_than_the_champion_is_registered_but_not_promoted(scenario):
+    settings = scenario["settings"]
+    # the champion's own data and seed: the same model, so no gain to speak of
+    cfg = RetrainConfig(window=TrainingWindow(start=scenario["drift_ts"]), seed=7, margin=0.01)
+    outcome = Retrainer(settings, scenario["registry"], cfg).run(["alert-c"])
+    assert outcome["status"] == "not_promoted", outcome
+    assert "< margin 0.0100" in outcome["decision"]
+    models = ModelRegistry(settings, publish_events=False)
+    assert models.current_version(MODEL) == "2"
+    mv = models.client.get_model_version(MODEL, outcome["version"])
+    assert mv.tags["freshet.promoted"] == "false"
+    assert mv.tags["freshet.promotion_decision"] == outcome["decision"]
+
+
+def test_cli_once_with_a_handled_reason_trains_nothing(scenario, monkeypatch, capsys):
+    from freshet.cli import main
+
+    for k in [k for k in os.environ if k.startswith("FRESHET_")]:
+        monkeypatch.delenv(k)
+    for k, v in scenario["settings"].to_env().items():
+        monkeypatch.setenv(k, v)
+    assert main(["retrain", "--once", "--reason", "alert-a", "--json"]) == 0
+    outcome = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert outcome["status"] == "skipped" and outcome["handled_by"] == {"alert-a": "2"}
+
+
+def _wait(cond, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.1)
+
+
+def _model_events(settings, want: int, timeout: float = 20.0) -> list[dict]:
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    c = kafka.consumer(settings, f"{settings.topic_models}-reader")
+    meta = c.list_topics(settings.topic_models, timeout=10).topics[settings.topic_models]
+    c.assign([TopicPartition(settings.topic_models, p, OFFSET_BEGINNING) for p in meta.partitions])
+    got, deadline = [], time.monotonic() + timeout
+    try:
+        while len(got) < want and time.monotonic() < deadline:
+            msg = c.poll(0.2)
+            if msg is not None and not msg.error():
+                got.append(json.loads(msg.value()))
+    finally:
+        c.close()
+    return sorted(got, key=lambda e: e["ts"])
