@@ -1,6 +1,6 @@
 """Online serving against Feast on the same data: in-process reads, HTTP features, HTTP predictions.
 
-    python bench/serving.py [--quick] [--concurrency 50] [--duration S] [--seed N]
+    python bench/serving.py [--quick] [--concurrency 50] [--duration S] [--rate 2000] [--seed N]
 
 Everything runs on this machine, on loopback, on the embedded stack (Tansu + Valkey):
 one Redis, one Feast registry, one model in MLflow (sqlite). Measured in one run:
@@ -19,8 +19,11 @@ due, not from when a busy client got round to sending it.
 
 The load generator is a separate process (asyncio + uvloop, raw HTTP/1.1 keep-alive, one
 connection per client) so it does not share the server's interpreter; on a 2-core machine
-it still shares the CPUs with the server and Redis, which the numbers include. Progress
-goes to stderr; the last stdout line is one JSON object.
+it still shares the CPUs with the server and Redis, which the numbers include, and so does
+anything else running: the JSON records the load average. Progress goes to stderr; the
+last stdout line is one JSON object: read_* are the in-process reads (read_speedup_vs_feast
+is the ratio of medians), http_rps_ratio_vs_feast_serve compares saturated throughput,
+predict_rps is /predict's saturated throughput and predict_p99_ms its p99 at --rate.
 """
 
 from __future__ import annotations
@@ -360,7 +363,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short run (< 60 s) for CI")
     ap.add_argument("--concurrency", type=int, default=50)
-    ap.add_argument("--duration", type=float, help="seconds measured per HTTP scenario (default 15, quick 3)")
+    ap.add_argument("--duration", type=float, help="seconds measured per HTTP scenario (default 15, quick 2.5)")
     ap.add_argument("--rate", type=float, default=2000.0,
                     help="offered load (req/s, open loop) at which /predict latency is measured")
     ap.add_argument("--seed", type=int, default=7)
