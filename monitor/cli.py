@@ -43,11 +43,12 @@ def _retrain_config(args):
 
     try:
         window = TrainingWindow.of({"start": args.since, "end": args.until,
-                                    "last_hours": args.window_hours, "last_n": args.window_labels})
+                                    "last_hours": args.window_hours, "last_n": args.window_labels or None})
         return RetrainConfig(model=args.model, feature_service=args.feature_service,
                              request_fields=tuple(args.request_field) if args.request_field is not None else ("amount",),
                              window=window, holdout_fraction=args.holdout, metric=args.metric, margin=args.margin,
-                             C=args.C, seed=args.seed, min_rows=args.min_rows)
+                             C=args.C, seed=args.seed, min_rows=args.min_rows, confidence=args.confidence,
+                             wait_labels=args.wait_labels, wait_max_s=args.wait_max)
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
@@ -121,10 +122,16 @@ def _add_retrain(sub) -> None:
                       help="request-time input read from the labelled event (repeatable; default: amount)")
     data.add_argument("--window-hours", type=float, help="train on the last H hours of labelled events "
                                                          "(event time, ending at the newest)")
-    data.add_argument("--window-labels", type=int, help="train on the newest N labelled events")
+    data.add_argument("--window-labels", type=int, default=20_000,
+                      help="train on the newest N labelled events; 0 for all (default: %(default)s)")
     data.add_argument("--since", help="first event time to train on (ISO-8601 or epoch seconds)")
     data.add_argument("--until", help="train on events before this time (ISO-8601 or epoch seconds)")
     data.add_argument("--min-rows", type=int, default=200, help="training examples needed (default: %(default)s)")
+    data.add_argument("--wait-labels", type=int, default=0,
+                      help="before training for alerts, wait for N labels published after the request: "
+                           "outcomes of post-drift traffic (default: %(default)s)")
+    data.add_argument("--wait-max", type=float, default=120.0,
+                      help="longest wait for --wait-labels, seconds (default: %(default)s)")
     fit = p.add_argument_group("fit and promotion")
     fit.add_argument("--seed", type=int, default=0, help="recorded with the version (default: %(default)s)")
     fit.add_argument("--C", type=float, default=1.0, help="inverse L2 strength (default: %(default)s)")
@@ -134,6 +141,9 @@ def _add_retrain(sub) -> None:
                      help="what promotion compares (default: %(default)s)")
     fit.add_argument("--margin", type=float, default=0.005,
                      help="how much better than the champion a candidate must be (default: %(default)s)")
+    fit.add_argument("--confidence", type=float, default=0.95,
+                     help="and how sure: the paired-bootstrap lower bound of the gain at this confidence must "
+                          "be above zero (default: %(default)s)")
 
 
 
@@ -152,7 +162,8 @@ def cmd_monitor(args, settings) -> int:
         if args.config:
             config = service.load_config_file(args.config)
         else:
-            config = service.default_config(registry, args.model, args.feature_service)
+            config = service.default_config(registry, args.model, args.feature_service,
+                                            max_window_s=args.max_window or None)
         overrides = {k: v for k, v in {"kinds": args.retrain_kinds, "min_alerts": args.retrain_min_alerts,
                                        "window_s": args.retrain_window, "cooldown_s": args.retrain_cooldown}.items()
                      if v is not None}
@@ -199,7 +210,8 @@ def _add_monitor(sub) -> None:
                     "is a data-quality input. State (detectors, cooldowns, offsets) is saved as JSON every\n"
                     "--snapshot-every seconds and on exit, and read back at start: a restart resumes where it\n"
                     "stopped, without warming up again and without an alert flood.\n\n"
-                    "Without --config it watches every feature of --feature-service plus 'amount' for --model.\n"
+                    "Without --config it watches the features of --feature-service (windows up to --max-window)\n"
+                    "plus 'amount' for --model.\n"
                     "A config file (TOML, or JSON by extension) holds the MonitorConfig fields, e.g.\n\n"
                     "  seed = 0\n"
                     "  [[models]]\n"
@@ -217,6 +229,9 @@ def _add_monitor(sub) -> None:
     p.add_argument("--model", default="fraud", help="model to watch without --config (default: %(default)s)")
     p.add_argument("--feature-service", default="fraud_model_v1",
                    help="features to watch without --config (default: %(default)s)")
+    p.add_argument("--max-window", type=int, default=3600,
+                   help="without --config, watch only features over windows up to this many seconds; longer "
+                        "ones trend until the stream has run that long (0: all; default: %(default)s)")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="serve Prometheus metrics on this port at FRESHET_HTTP_HOST (default: off)")
     p.add_argument("--state", type=Path,

@@ -53,6 +53,7 @@ log = logging.getLogger("freshet.retrain")
 DEFAULT_MODEL = "fraud"
 DEFAULT_SERVICE = "fraud_model_v1"
 BOOTSTRAP_REASON = "bootstrap"
+DEFAULT_WINDOW_LABELS = 20_000
 STEPS = 6
 
 # metric -> True when higher is better
@@ -154,7 +155,7 @@ class LabelLog:
         os.replace(tmp, self.root / self.CHECKPOINT)
 
     def sync(self, timeout: float = 60.0) -> int:
-        """Copy the labels published since the last sync (up to the end seen at the start); returns how many."""
+        """Copy the labels published since the last sync, up to the topic's end; returns how many."""
         from confluent_kafka import KafkaError, TopicPartition
 
         from freshet import kafka
@@ -165,31 +166,32 @@ class LabelLog:
         try:
             meta = consumer.list_topics(self.topic, timeout=10).topics[self.topic]
             offsets = self.offsets()
-            ends, assignment = {}, []
+            assignment = []
             for p in sorted(meta.partitions):
-                low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
-                begin = max(offsets.get(p, low), low)
-                if begin < high:
-                    ends[p] = high
-                    assignment.append(TopicPartition(self.topic, p, begin))
-            if not assignment:
-                return 0
+                low, _ = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
+                assignment.append(TopicPartition(self.topic, p, max(offsets.get(p, low), low)))
             consumer.assign(assignment)
+            # Read until every partition reports its end or nothing comes for a moment; not up to
+            # the end offsets listed first: the embedded broker lists a topic's end as its last
+            # batch's base offset + 1.
+            pending = {tp.partition for tp in assignment}
             rows: list[dict[str, Any]] = []
             deadline = time.monotonic() + timeout
-            while ends and time.monotonic() < deadline:
-                for msg in consumer.consume(10_000, 0.5):
+            while pending and time.monotonic() < deadline:
+                msgs = consumer.consume(10_000, 0.3)
+                if not msgs:
+                    break
+                for msg in msgs:
                     err = msg.error()
                     if err is not None:
                         if err.code() == KafkaError._PARTITION_EOF:
-                            ends.pop(msg.partition(), None)
+                            pending.discard(msg.partition())
                         else:
                             log.warning("label log: %s", err)
                         continue
                     p, off = msg.partition(), msg.offset()
                     offsets[p] = off + 1
-                    if p in ends and off + 1 >= ends[p]:
-                        del ends[p]
+                    pending.add(p)
                     try:
                         row = label_row(msg.value())
                     except (ContractError, TypeError, ValueError) as exc:
@@ -200,7 +202,7 @@ class LabelLog:
                         continue
                     row["_partition"], row["_offset"] = p, off
                     rows.append(row)
-            if ends:
+            if pending and time.monotonic() >= deadline:
                 log.warning("label log: %s not fully copied within %.0fs; the next sync continues", self.topic, timeout)
             if rows:
                 table = pa.table({
@@ -384,8 +386,10 @@ class Decision:
 
 
 def decide_promotion(candidate: Mapping[str, float], champion: Mapping[str, float] | None,
-                     metric: str = "auc", margin: float = 0.005) -> Decision:
-    """Promote only when the candidate beats the champion by `margin` on `metric` (same holdout).
+                     metric: str = "auc", margin: float = 0.005,
+                     gains: Mapping[str, np.ndarray] | None = None, confidence: float = 0.95) -> Decision:
+    """Promote only when the candidate beats the champion by `margin` on `metric` (same holdout)
+    and, given bootstrap `gains` of that metric, the gain is above zero at `confidence`.
 
     If `metric` is undefined for either (AUC on a one-class holdout), log loss decides.
 
@@ -394,6 +398,9 @@ def decide_promotion(candidate: Mapping[str, float], champion: Mapping[str, floa
     >>> d = decide_promotion({"auc": 0.803}, {"auc": 0.80})
     >>> d.promote, d.reason
     (False, 'auc 0.8030 vs champion 0.8000 on the same holdout: +0.0030 < margin 0.0050')
+    >>> noisy = {"auc": np.array([-0.02, 0.0, 0.01, 0.02, 0.03])}
+    >>> decide_promotion({"auc": 0.81}, {"auc": 0.80}, gains=noisy).reason
+    'auc 0.8100 vs champion 0.8000 on the same holdout: +0.0100 >= margin 0.0050 but not significant (95% lower bound -0.0160)'
     >>> decide_promotion({"log_loss": 0.20}, {"log_loss": 0.30}, metric="log_loss").promote
     True
     >>> decide_promotion({"auc": 0.7}, None).reason
@@ -412,8 +419,51 @@ def decide_promotion(candidate: Mapping[str, float], champion: Mapping[str, floa
         verdict = ">=" if gain >= margin else "<"
         reason = (f"{name} {c:.4f} vs champion {b:.4f} on the same holdout: {gain:+.4f} {verdict} "
                   f"margin {margin:.4f}{note}")
-        return Decision(gain >= margin, reason, name, gain)
+        promote = gain >= margin
+        boot = None if gains is None else gains.get(name)
+        if promote and boot is not None and len(boot):
+            low = float(np.quantile(boot, 1 - confidence))
+            if low <= 0:
+                promote = False
+                reason += f" but not significant ({confidence:.0%} lower bound {low:+.4f})"
+        return Decision(promote, reason, name, gain)
     return Decision(False, f"neither {metric} nor {FALLBACK_METRIC} is defined for both models on the holdout")
+
+
+def bootstrap_gains(y: np.ndarray, p_candidate: np.ndarray, p_champion: np.ndarray, metrics: Iterable[str],
+                    rounds: int = 200, seed: int = 0, threshold: float = 0.5) -> dict[str, np.ndarray]:
+    """Paired bootstrap of the candidate's gain over the champion (positive = better), per metric.
+
+    Both models are scored on the same resampled rows, so what the holdout's luck does to
+    one it does to the other: the spread is that of the difference.
+    """
+    y = np.asarray(y, dtype=float)
+    pc = np.clip(np.asarray(p_candidate, dtype=float), 1e-15, 1 - 1e-15)
+    pb = np.clip(np.asarray(p_champion, dtype=float), 1e-15, 1 - 1e-15)
+    n = len(y)
+    out: dict[str, np.ndarray] = {}
+    if n == 0:
+        return out
+    idx = np.random.default_rng(seed).integers(0, n, size=(rounds, n))
+    for name in dict.fromkeys(metrics):
+        if name == "log_loss":
+            loss_c = -(y * np.log(pc) + (1 - y) * np.log(1 - pc))
+            loss_b = -(y * np.log(pb) + (1 - y) * np.log(1 - pb))
+            out[name] = (loss_b - loss_c)[idx].mean(axis=1)
+        elif name == "error_rate":
+            err_c = ((pc > threshold) != (y > 0.5)).astype(float)
+            err_b = ((pb > threshold) != (y > 0.5)).astype(float)
+            out[name] = (err_b - err_c)[idx].mean(axis=1)
+        elif name == "auc":
+            from sklearn.metrics import roc_auc_score
+
+            gains = []
+            for rows in idx:
+                yy = y[rows]
+                if 0 < yy.sum() < n:
+                    gains.append(roc_auc_score(yy, pc[rows]) - roc_auc_score(yy, pb[rows]))
+            out[name] = np.asarray(gains)
+    return out
 
 
 def alert_tag(alert_id: str) -> str:
@@ -515,16 +565,25 @@ class RetrainConfig:
     # inputs the client sends with /predict, read from the labelled event in the raw log
     request_fields: tuple[str, ...] = ("amount",)
     request_id_field: str = "transaction_id"  # the event field a label's request_id names
-    window: TrainingWindow = field(default_factory=TrainingWindow)
+    # the newest labels only: a retrain after drift should learn the new regime, and the
+    # training set's cost grows with the labels it covers (~2k labels/s on the example data)
+    window: TrainingWindow = field(default_factory=lambda: TrainingWindow(last_n=DEFAULT_WINDOW_LABELS))
     holdout_fraction: float = 0.2
     min_rows: int = 200           # training examples needed at least
     min_class_rows: int = 10      # of each class, in the training part
     metric: str = "auc"
     margin: float = 0.005
+    # a gain must also be above zero at this confidence (paired bootstrap on the holdout; 0 rounds: off)
+    confidence: float = 0.95
+    bootstrap_rounds: int = 200
     C: float = 1.0
     max_iter: int = 1000
     seed: int = 0
     label_sync_timeout_s: float = 60.0
+    # before training for alerts, wait for this many labels to arrive after the request (outcomes
+    # of post-drift traffic, so the holdout and the fit see the new regime), at most wait_max_s
+    wait_labels: int = 0
+    wait_max_s: float = 120.0
 
     def __post_init__(self) -> None:
         self.request_fields = tuple(self.request_fields)
@@ -533,6 +592,8 @@ class RetrainConfig:
             raise ValueError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
         if not 0 < self.holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
         if not self.C > 0:
@@ -586,6 +647,31 @@ class Retrainer:
         self.progress = progress
         self.labels = LabelLog(settings)
         self.outcomes_path = settings.data_path / "retrain" / "outcomes.jsonl"
+
+    def wait_for_labels(self, n: int, max_s: float, stop: threading.Event | None = None) -> int:
+        """Copy labels until `n` arrived after now, or `max_s` passed; returns how many came.
+
+        Counted by copying them, not from end offsets: the embedded broker reports a topic's
+        end as its last batch's base offset + 1."""
+        self.labels.sync(self.config.label_sync_timeout_s)  # what was already there does not count
+        deadline = time.monotonic() + max_s
+        log.info("retrain %s: waiting for %d new labels on %s (at most %.0fs)", self.config.model, n,
+                 self.labels.topic, max_s)
+        arrived = 0
+        while not (stop and stop.is_set()):
+            arrived += self.labels.sync(self.config.label_sync_timeout_s)
+            if arrived >= n or time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)
+        log.info("retrain %s: %d new labels arrived", self.config.model, arrived)
+        return arrived
+
+    def warm_up(self) -> None:
+        """Open the feature registry and MLflow and import scikit-learn now, not on the first request."""
+        import sklearn.linear_model  # noqa: F401
+
+        self.registry  # noqa: B018 - loads it
+        self.models.current_version(self.config.model)
 
     @property
     def registry(self) -> FeatureRegistry:
@@ -650,15 +736,17 @@ class Retrainer:
             if bootstrap and champion is not None:
                 return self._finish(outcome, "skipped", f"model {cfg.model!r} already has a champion "
                                                         f"(version {champion}); --bootstrap trains only the first")
-            new = unhandled(reason, self.handled(reason)) if reason else None
-            if new is not None and not new:
-                done = self.handled(reason)
+            done = self.handled(reason) if reason else {}
+            if reason and not unhandled(reason, done):
                 outcome["handled_by"] = done
                 return self._finish(outcome, "skipped", "every alert in the reason was handled already "
                                     f"(by version(s) {', '.join(sorted(set(done.values())))})")
 
+        if cfg.wait_labels and not bootstrap and self.settings.kafka_bootstrap_servers:
+            outcome["waited_for_labels"] = self.wait_for_labels(cfg.wait_labels, cfg.wait_max_s)
+
         # 1. labels
-        t = time.monotonic()
+        t = timed("prepare", t0)
         if sync_labels and self.settings.kafka_bootstrap_servers:
             try:
                 copied = self.labels.sync(cfg.label_sync_timeout_s)
@@ -738,7 +826,8 @@ class Retrainer:
         from serving.models import LinearModel, export_sklearn
 
         exported = LinearModel.from_dict(export_sklearn(pipeline, features_in))  # what serving will score
-        cand = evaluate(y[holdout], exported.predict_proba(X[holdout].tolist()))
+        p_cand = exported.predict_proba(X[holdout].tolist())
+        cand = evaluate(y[holdout], p_cand)
         champ = None
         champ_note = ""
         if champion_model is not None:
@@ -747,8 +836,8 @@ class Retrainer:
                 champ_note = (f"champion version {champion} reads feature(s) the registry no longer has "
                               f"({', '.join(missing[:5])}); it cannot be scored")
             else:
-                champ = evaluate(y[holdout], champion_model.predict_proba(
-                    _matrix(data[holdout], champion_model.feature_names).tolist()))
+                p_champ = champion_model.predict_proba(_matrix(data[holdout], champion_model.feature_names).tolist())
+                champ = evaluate(y[holdout], p_champ)
         outcome["metrics"] = _rounded(cand)
         outcome["champion_metrics"] = _rounded(champ) if champ else None
         t = timed("evaluate", t)
@@ -765,7 +854,9 @@ class Retrainer:
         elif champ is None:
             decision = Decision(True, champ_note or "the champion could not be scored")
         else:
-            decision = decide_promotion(cand, champ, cfg.metric, cfg.margin)
+            gains = (bootstrap_gains(y[holdout], p_cand, p_champ, [cfg.metric, FALLBACK_METRIC],
+                                     cfg.bootstrap_rounds, cfg.seed) if cfg.bootstrap_rounds else None)
+            decision = decide_promotion(cand, champ, cfg.metric, cfg.margin, gains, cfg.confidence)
         fingerprint = dataset_fingerprint(data, ["request_id", "label", "_t", *map(_column, features_in)])
         outcome["dataset_fingerprint"] = fingerprint
         lineage = {
@@ -780,7 +871,8 @@ class Retrainer:
             "rows": outcome["rows"],
             "seed": cfg.seed,
             "params": {"C": cfg.C, "max_iter": cfg.max_iter, "imputer": "mean", "scaler": "standard",
-                       "holdout_fraction": cfg.holdout_fraction, "metric": cfg.metric, "margin": cfg.margin},
+                       "holdout_fraction": cfg.holdout_fraction, "metric": cfg.metric, "margin": cfg.margin,
+                       "confidence": cfg.confidence, "bootstrap_rounds": cfg.bootstrap_rounds},
             "reason": reason,
             "request_ids": request_ids[:20],
             "labels": {"topic": self.labels.topic, "log": str(self.labels.root), "count": len(labels)},
@@ -885,10 +977,13 @@ def train_and_register(settings: Settings, registry: FeatureRegistry | None = No
                        bootstrap: bool = False, force: bool = False, **config: Any) -> dict[str, Any]:
     """One retraining of `model_name`; the outcome dict says what happened (see `Retrainer.run`).
 
-    `window`: None (every label), (start, end), or {"start", "end", "last_s", "last_hours", "last_n"}.
-    Other keyword arguments are `RetrainConfig` fields (margin, metric, holdout_fraction, ...).
+    `window`: None (the newest DEFAULT_WINDOW_LABELS labels), "all", (start, end), or a dict with
+    start/end/last_s/last_hours/last_n. Other keyword arguments are `RetrainConfig` fields
+    (margin, metric, holdout_fraction, ...).
     """
-    cfg = RetrainConfig(model=model_name, window=TrainingWindow.of(window), seed=seed, **config)
+    if window is not None:
+        config["window"] = TrainingWindow() if window == "all" else TrainingWindow.of(window)
+    cfg = RetrainConfig(model=model_name, seed=seed, **config)
     return Retrainer(settings, registry, cfg).run(reason, bootstrap=bootstrap, force=force)
 
 
@@ -915,8 +1010,10 @@ class RetrainWorker:
     """Consumes RetrainRequests, trains once per batch of requests per model, commits after."""
 
     def __init__(self, settings: Settings, retrainers: Mapping[str, Retrainer], group: str = "freshet-retrain",
-                 on_outcome: Callable[[dict[str, Any]], None] | None = None):
+                 on_outcome: Callable[[dict[str, Any]], None] | None = None, label_sync_every_s: float = 15.0):
         self.settings = settings
+        # copying labels while idle keeps the copy at training time (alert -> promotion) short
+        self.label_sync_every_s = label_sync_every_s
         self.retrainers = dict(retrainers)
         self.group = group
         self.on_outcome = on_outcome
@@ -934,12 +1031,18 @@ class RetrainWorker:
         kafka.ensure_topics(self.settings, [topic])
         consumer = kafka.consumer(self.settings, self.group, **{"max.poll.interval.ms": 3_600_000})
         consumer.subscribe([topic])
+        for retrainer in self.retrainers.values():
+            retrainer.warm_up()
         log.info("retrain worker: waiting for requests on %s (group %s) for model(s) %s",
                  topic, self.group, ", ".join(self.retrainers))
+        next_sync = time.monotonic() + self.label_sync_every_s
         try:
             while not self.stop_event.is_set():
                 msgs = consumer.consume(100, 0.5)
                 if not msgs:
+                    if self.label_sync_every_s and time.monotonic() >= next_sync:
+                        self._sync_labels()
+                        next_sync = time.monotonic() + self.label_sync_every_s
                     continue
                 # requests that arrive together (an alert burst) train together
                 deadline = time.monotonic() + gather_s
@@ -952,6 +1055,16 @@ class RetrainWorker:
                 consumer.commit(asynchronous=False)
         finally:
             consumer.close()
+
+    def _sync_labels(self) -> None:
+        logs = {r.labels.topic: r.labels for r in self.retrainers.values()}
+        for topic, label_log in logs.items():
+            try:
+                n = label_log.sync(timeout=10.0)
+                if n:
+                    log.info("retrain worker: copied %d new label(s) from %s", n, topic)
+            except Exception as exc:  # noqa: BLE001 - training copies them anyway
+                log.warning("retrain worker: could not copy labels from %s: %s", topic, exc)
 
     def _ok(self, msg) -> bool:
         if msg.error() is not None:

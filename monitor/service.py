@@ -5,9 +5,11 @@ Owns the Kafka loop around `monitor.DriftMonitor`, the retraining policy, the JS
 The loop reads settings.topic_predictions and settings.topic_labels (every partition,
 assigned: the monitor is one stateful process, no group join to wait for), feeds the
 library, publishes each DriftAlert to settings.topic_drift and, when `RetrainPolicy` says
-so, a RetrainRequest to settings.topic_retrain. The stream engine's dead-letter rate is
-the growth of settings.topic_deadletter over the growth of the event topics (broker
-watermarks: nothing is consumed for it), fed to the library as a data-quality input.
+so, a RetrainRequest to settings.topic_retrain. The stream engine's dead-letter rate (records
+on settings.topic_deadletter over records on the event topics, both counted from the end
+of the topics at start-up, not decoded) is fed to the library as a data-quality input.
+Counted, not taken from broker watermarks: the embedded broker (Tansu) reports the end
+offset of a topic as its last batch's base offset + 1, not its last record's.
 
 Restart. The state file (`<data_dir>/monitor/state.json`, plain JSON) holds the library's
 `state_dict()`, the policy's clocks and the next offset of every partition, written
@@ -27,7 +29,7 @@ import os
 import threading
 import time
 import tomllib
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -142,14 +144,23 @@ def known_inputs(registry: FeatureRegistry) -> set[str]:
 
 
 def default_config(registry: FeatureRegistry, model: str = DEFAULT_MODEL, service: str = DEFAULT_SERVICE,
-                   request_fields: Sequence[str] = DEFAULT_REQUEST_FIELDS) -> dict[str, Any]:
-    """Watch every feature of the model's feature service plus its request-time fields."""
+                   request_fields: Sequence[str] = DEFAULT_REQUEST_FIELDS,
+                   max_window_s: int | None = 3600) -> dict[str, Any]:
+    """Watch the model's feature service (features over windows up to `max_window_s`) and its
+    request-time fields.
+
+    Why a window limit: a feature over a window longer than the stream has run keeps growing
+    until the window is full (a day's count on a stream started an hour ago), which a drift
+    detector rightly calls drift. None watches every window.
+    """
     if service not in registry.feature_services:
         raise MonitorSetupError(f"feature service {service!r} is not in the registry (known: "
                                 f"{', '.join(registry.feature_services) or 'none'}); pass --config naming the "
                                 "features to watch")
-    return {"models": [{"model": model,
-                        "numeric_features": [*registry.feature_services[service], *request_fields]}]}
+    windows = {f"{v.name}:{a.name}": a.window_s for v in registry.views.values() for a in v.aggregations}
+    refs = [r for r in registry.feature_services[service]
+            if max_window_s is None or windows.get(r, 0) <= max_window_s]
+    return {"models": [{"model": model, "numeric_features": [*refs, *request_fields]}]}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -279,7 +290,9 @@ class MonitorService:
         self.ready = threading.Event()
         self._consumer = None
         self._producer = None
-        self._dl_base: tuple[int, int] | None = None
+        self._dl_looks: deque[tuple[int, int]] = deque(maxlen=10_000)  # (events, dead letters) per look
+        self._seen_events = self._seen_dead = 0
+        self._counted = set(self.event_topics) | ({settings.topic_deadletter} if self.event_topics else set())
         self._dirty = False  # observations since the last flush
         self._last_snapshot = time.monotonic()
 
@@ -348,7 +361,7 @@ class MonitorService:
         from freshet import kafka
 
         s = self.settings
-        kafka.ensure_topics(s, [*self.topics, s.topic_drift, s.topic_retrain])
+        kafka.ensure_topics(s, [*self.topics, s.topic_drift, s.topic_retrain, *sorted(self._counted)])
         self._consumer = kafka.consumer(s, group)
         self._producer = kafka.producer(s, **{"linger.ms": 20})
         assignment = []
@@ -361,6 +374,9 @@ class MonitorService:
                 else:
                     offset = OFFSET_BEGINNING if self.start == "earliest" else OFFSET_END
                 assignment.append(TopicPartition(topic, p, offset))
+        for topic in sorted(self._counted):  # only counted, from now on
+            meta = self._consumer.list_topics(topic, timeout=10).topics[topic]
+            assignment += [TopicPartition(topic, p, OFFSET_END) for p in sorted(meta.partitions)]
         self._consumer.assign(assignment)
         log.info("monitor reads %s from %s; alerts to %s, retrain requests to %s",
                  " and ".join(self.topics), "the saved offsets" if self.restored else f"the {self.start} offsets",
@@ -400,6 +416,12 @@ class MonitorService:
                 log.warning("monitor: %s", msg.error())
                 continue
             topic, partition = msg.topic(), msg.partition()
+            if topic in self._counted:
+                if topic == self.settings.topic_deadletter:
+                    self._seen_dead += 1
+                else:
+                    self._seen_events += 1
+                continue
             self.offsets.setdefault(topic, {})[partition] = msg.offset() + 1
             try:
                 if topic == preds:
@@ -431,35 +453,27 @@ class MonitorService:
             self.metrics.records.labels(topic, "rejected").inc()
 
     def _deadletter_rate(self) -> None:
-        """Dead letters over events since the last look, from broker watermarks."""
-        if not self.event_topics or self._consumer is None:
+        """Dead letters over events across the last `deadletter_min_events` events counted.
+
+        A sliding window of looks, not consecutive intervals: the stream dead-letters an event
+        after it was published, so an interval's dead letters may be counted in the next look.
+        """
+        if not self.event_topics:
             return
-        try:
-            events = sum(self._high_watermarks(t) for t in self.event_topics)
-            dead = self._high_watermarks(self.settings.topic_deadletter)
-        except Exception as exc:  # noqa: BLE001 - a data-quality input, not worth stopping for
-            log.debug("watermarks unavailable: %s", exc)
+        events, dead = self._seen_events, self._seen_dead
+        looks = self._dl_looks
+        looks.append((events, dead))
+        base = None
+        while looks and events - looks[0][0] >= self.deadletter_min_events:
+            base = looks.popleft()  # the newest look still far enough back
+        if base is None:
             return
-        if self._dl_base is None:
-            self._dl_base = (events, dead)
-            return
-        d_events, d_dead = events - self._dl_base[0], dead - self._dl_base[1]
-        if d_events < self.deadletter_min_events:
-            return
-        self._dl_base = (events, dead)
+        looks.appendleft(base)
+        d_events, d_dead = events - base[0], dead - base[1]
         rate = max(0.0, d_dead) / d_events
         if self.metrics:
             self.metrics.deadletter.set(rate)
         self._publish(self.monitor.observe_deadletter_rate(rate, None, time.time(), d_events))
-
-    def _high_watermarks(self, topic: str) -> int:
-        from confluent_kafka import TopicPartition
-
-        meta = self._consumer.list_topics(topic, timeout=5).topics.get(topic)
-        if meta is None or meta.error is not None:
-            return 0
-        return sum(self._consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5, cached=False)[1]
-                   for p in meta.partitions)
 
     def run(self, group: str = "freshet-monitor") -> None:
         """Until `stop()`: poll, observe, publish; snapshot every `snapshot_every_s` and at the end."""

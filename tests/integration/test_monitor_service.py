@@ -257,3 +257,30 @@ def _use_settings(monkeypatch, settings) -> None:
         monkeypatch.delenv(k)
     for k, v in settings.to_env().items():
         monkeypatch.setenv(k, v)
+
+
+def test_a_dead_letter_rate_over_the_limit_is_a_data_quality_alert_that_does_not_retrain(scenario, tmp_path):
+    settings = scenario["settings"]
+    events_topic = f"{settings.topic_predictions}.events"
+    kafka.ensure_topics(settings, [events_topic, settings.topic_deadletter])
+    monitor, policy = service.build(json.loads(json.dumps(CONFIG)), None)
+    alerts, requests = [], []
+    svc = service.MonitorService(settings, monitor, policy, event_topics=[events_topic], start="latest",
+                                 state_file=tmp_path / "state.json", deadletter_every_s=0.2,
+                                 deadletter_min_events=100, on_alert=alerts.append, on_request=requests.append)
+    thread = threading.Thread(target=svc.run, kwargs={"group": "test-dl"}, daemon=True)
+    thread.start()
+    try:
+        assert svc.ready.wait(30)
+        time.sleep(1.0)  # the first look sets the baseline
+        produce(settings, events_topic, [b"{}"] * 1000)
+        produce(settings, settings.topic_deadletter, [b"{}"] * 50)  # 5% > the 1% limit
+        deadline = time.monotonic() + 20
+        while not alerts and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        svc.stop()
+        thread.join(30)
+    assert [(a.kind, a.subject) for a in alerts] == [("data_quality", "deadletter")]
+    assert alerts[0].statistic == pytest.approx(0.05, abs=0.01)
+    assert requests == []

@@ -119,6 +119,30 @@ def test_label_log_copies_the_topic_once_and_resumes(scenario):
     assert abs(first["event_ts"].timestamp() - batch.event_ts[0]) < 1e-5
 
 
+def test_label_log_takes_later_corrections_and_skips_records_that_break_the_contract(scenario, tmp_path):
+    import dataclasses
+
+    settings = dataclasses.replace(scenario["settings"], data_dir=str(tmp_path / "data"),
+                                   topic_labels=scenario["settings"].topic_labels + ".corrections")
+    kafka.ensure_topics(settings, [settings.topic_labels])
+    p = kafka.producer(settings)
+
+    def label(tx: str, y: int) -> bytes:
+        return json.dumps({"schema": "freshet.labels/1", "request_id": tx, "label": y, "ts": 1.0}).encode()
+
+    for tx in ("tx1", "tx2"):
+        p.produce(settings.topic_labels, key=tx.encode(), value=label(tx, 0))
+    assert p.flush(10) == 0
+    log = LabelLog(settings)
+    assert log.sync() == 2
+    p.produce(settings.topic_labels, key=b"tx1", value=label("tx1", 1))
+    p.produce(settings.topic_labels, key=b"bad", value=b'{"schema": "freshet.labels/1", "label": 1}')
+    assert p.flush(10) == 0
+    assert log.sync() == 1 and log.rejected == 1
+    df = log.read().set_index("request_id")
+    assert df["label"].to_dict() == {"tx1": 1.0, "tx2": 0.0}
+
+
 def test_bootstrap_trains_registers_with_lineage_and_promotes_version_1(scenario):
     settings = scenario["settings"]
     cfg = RetrainConfig(window=TrainingWindow(end=scenario["drift_ts"]), seed=7)

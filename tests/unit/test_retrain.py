@@ -164,3 +164,20 @@ def test_fitted_pipeline_is_exportable_and_scores_like_sklearn_with_missing_valu
     pipe = fit_pipeline(X, y, seed=3)
     model = LinearModel.from_dict(export_sklearn(pipe, ["v:a", "v:b", "amount"]))
     np.testing.assert_allclose(model.predict_proba(X.tolist()), pipe.predict_proba(X)[:, 1], atol=1e-12)
+
+
+def test_a_gain_the_holdout_cannot_tell_from_noise_is_not_promoted():
+    from monitor.retrain import bootstrap_gains
+
+    rng = np.random.default_rng(4)
+    n = 2000
+    y = (rng.random(n) < 0.05).astype(float)
+    signal = 1.0 * y
+    a = 1 / (1 + np.exp(-(-3 + signal + rng.normal(0, 1, n))))  # two equally good models
+    b = 1 / (1 + np.exp(-(-3 + signal + rng.normal(0, 1, n))))
+    cand, champ = (a, b) if evaluate(y, a)["auc"] > evaluate(y, b)["auc"] else (b, a)
+    gains = bootstrap_gains(y, cand, champ, ["auc"], rounds=60, seed=1)
+    d = decide_promotion(evaluate(y, cand), evaluate(y, champ), "auc", margin=0.0, gains=gains)
+    assert d.improvement > 0 and not d.promote and "not significant" in d.reason
+    clear = bootstrap_gains(y, cand, np.full(n, 0.05), ["auc", "log_loss"], rounds=60, seed=1)
+    assert np.quantile(clear["auc"], 0.05) > 0.1

@@ -81,18 +81,21 @@ def test_a_bad_policy_fails_naming_the_setting(bad, message):
 def _registry() -> FeatureRegistry:
     view = ViewSpec("card_txn_stats", ("card_id",), ("STRING",), 0, "transactions", "event_ts",
                     {"card_id": "string", "amount": "float", "event_ts": "timestamp"}, 0,
-                    (AggregationSpec("sum_amount_300s", "amount", "sum", 300, 60, "DOUBLE"),), "")
+                    (AggregationSpec("sum_amount_300s", "amount", "sum", 300, 60, "DOUBLE"),
+                     AggregationSpec("sum_amount_86400s", "amount", "sum", 86400, 300, "DOUBLE")), "")
     return FeatureRegistry("freshet", {"card_txn_stats": view},
-                           {"fraud_model_v1": ["card_txn_stats:sum_amount_300s"]})
+                           {"fraud_model_v1": ["card_txn_stats:sum_amount_300s", "card_txn_stats:sum_amount_86400s"]})
 
 
 def test_known_inputs_are_registry_features_and_event_fields():
-    assert known_inputs(_registry()) == {"card_txn_stats:sum_amount_300s", "card_id", "amount"}
+    assert known_inputs(_registry()) == {"card_txn_stats:sum_amount_300s", "card_txn_stats:sum_amount_86400s",
+                                         "card_id", "amount"}
 
 
-def test_default_config_watches_the_feature_service_and_amount():
+def test_default_config_watches_the_feature_service_up_to_an_hour_and_amount():
     cfg = default_config(_registry())
     assert cfg["models"][0]["numeric_features"] == ["card_txn_stats:sum_amount_300s", "amount"]
+    assert len(default_config(_registry(), max_window_s=None)["models"][0]["numeric_features"]) == 3
     with pytest.raises(MonitorSetupError, match="'nope'"):
         default_config(_registry(), service="nope")
 
