@@ -78,7 +78,8 @@ def cmd_retrain(args, settings) -> int:
     def show(outcome):
         print(retrain.summary_line(outcome), flush=True)
 
-    worker = retrain.RetrainWorker(settings, {config.model: trainer}, group=args.group, on_outcome=show)
+    worker = retrain.RetrainWorker(settings, {config.model: trainer}, group=args.group, on_outcome=show,
+                                   bootstrap_every_s=args.bootstrap_every)
     _stop_on_sigterm(worker.stop)
     try:
         worker.run()
@@ -109,6 +110,9 @@ def _add_retrain(sub) -> None:
     mode = p.add_argument_group("mode (default: the worker)")
     mode.add_argument("--bootstrap", action="store_true", help="train and promote the first version")
     mode.add_argument("--once", action="store_true", help="train once now and exit")
+    mode.add_argument("--bootstrap-every", type=float, default=0.0, metavar="SECONDS",
+                      help="worker: while the model has no champion, try --bootstrap this often "
+                           "(for 'freshet up' on a fresh system; default: off)")
     mode.add_argument("--reason", action="append", metavar="ALERT_ID",
                       help="alert id this training answers (repeatable; implies --once)")
     mode.add_argument("--force", action="store_true", help="train even if the reason was handled already")

@@ -1016,8 +1016,11 @@ class RetrainWorker:
     """Consumes RetrainRequests, trains once per batch of requests per model, commits after."""
 
     def __init__(self, settings: Settings, retrainers: Mapping[str, Retrainer], group: str = "freshet-retrain",
-                 on_outcome: Callable[[dict[str, Any]], None] | None = None, label_sync_every_s: float = 15.0):
+                 on_outcome: Callable[[dict[str, Any]], None] | None = None, label_sync_every_s: float = 15.0,
+                 bootstrap_every_s: float = 0.0):
         self.settings = settings
+        # > 0: while a model has no champion, try a bootstrap training this often when idle
+        self.bootstrap_every_s = bootstrap_every_s
         # copying labels while idle keeps the copy at training time (alert -> promotion) short
         self.label_sync_every_s = label_sync_every_s
         self.retrainers = dict(retrainers)
@@ -1042,11 +1045,15 @@ class RetrainWorker:
         log.info("retrain worker: waiting for requests on %s (group %s) for model(s) %s",
                  topic, self.group, ", ".join(self.retrainers))
         next_sync = time.monotonic() + self.label_sync_every_s
+        next_bootstrap = time.monotonic()
         try:
             while not self.stop_event.is_set():
                 msgs = consumer.consume(100, 0.5)
                 if not msgs:
-                    if self.label_sync_every_s and time.monotonic() >= next_sync:
+                    if self.bootstrap_every_s and time.monotonic() >= next_bootstrap:
+                        self._bootstrap_missing()
+                        next_bootstrap = time.monotonic() + self.bootstrap_every_s
+                    elif self.label_sync_every_s and time.monotonic() >= next_sync:
                         self._sync_labels()
                         next_sync = time.monotonic() + self.label_sync_every_s
                     continue
@@ -1058,9 +1065,27 @@ class RetrainWorker:
                         break
                     msgs.extend(more)
                 self.handle([m for m in msgs if self._ok(m)])
-                consumer.commit(asynchronous=False)
+                try:
+                    consumer.commit(asynchronous=False)
+                except Exception as exc:  # noqa: BLE001 - a replay is harmless: requests are idempotent
+                    log.warning("retrain worker: offset commit failed (%s); requests may be seen again", exc)
         finally:
             consumer.close()
+
+    def _bootstrap_missing(self) -> None:
+        for model, retrainer in self.retrainers.items():
+            try:
+                if retrainer.models.current_version(model) is not None:
+                    continue
+                outcome = retrainer.run(bootstrap=True)
+            except Exception as exc:  # noqa: BLE001 - try again later
+                log.warning("retrain worker: bootstrap of %s failed: %s", model, exc)
+                continue
+            if outcome["status"] in ("promoted", "not_promoted"):
+                self.counts["trainings"] += 1
+                self.counts["promoted"] += bool(outcome.get("promoted"))
+                if self.on_outcome:
+                    self.on_outcome(outcome)
 
     def _sync_labels(self) -> None:
         logs = {r.labels.topic: r.labels for r in self.retrainers.values()}

@@ -386,7 +386,7 @@ class MonitorService:
         s = self.settings
         for alert in alerts:
             self.counts["alerts"] += 1
-            log.warning("drift alert %s: model %s v%s %s %r (%s statistic %.4g > %.4g over %s)", alert.alert_id,
+            log.warning("drift alert %s: model %s v%s %s %r (%s statistic %.4g, threshold %.4g, over %s)", alert.alert_id,
                         alert.model, alert.model_version, alert.kind, alert.subject, alert.detector,
                         alert.statistic, alert.threshold, alert.window)
             if self._producer is not None:
@@ -527,12 +527,12 @@ def format_alert(alert: DriftAlert) -> str:
     """One line per alert, for people.
 
     >>> print(format_alert(DriftAlert("ab12", "fraud", "2", "feature", "amount", "adwin", 3.2, 2.5, 64, 0.0)))
-    1970-01-01T00:00:00Z fraud v2 feature amount: adwin 3.2 > 2.5 over 64 (alert ab12)
+    1970-01-01T00:00:00Z fraud v2 feature amount: adwin statistic 3.2 (threshold 2.5) over 64 (alert ab12)
     """
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(alert.ts))
     window = json.dumps(alert.window) if isinstance(alert.window, dict) else alert.window
     return (f"{when} {alert.model} v{alert.model_version or '?'} {alert.kind} {alert.subject}: {alert.detector} "
-            f"{alert.statistic:.4g} > {alert.threshold:.4g} over {window} (alert {alert.alert_id})")
+            f"statistic {alert.statistic:.4g} (threshold {alert.threshold:.4g}) over {window} (alert {alert.alert_id})")
 
 
 def read_alerts(settings: Settings, follow: bool = False, model: str | None = None,

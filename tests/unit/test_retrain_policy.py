@@ -113,4 +113,5 @@ def test_a_config_naming_an_unknown_feature_or_detector_fails_naming_it():
 
 def test_alert_lines_name_model_kind_subject_and_id():
     line = format_alert(alert("abc", 1_700_000_000.0))
-    assert line.startswith("2023-11-14T22:13:20Z fraud v1 feature amount: adwin 3 > 2") and line.endswith("(alert abc)")
+    assert line.startswith("2023-11-14T22:13:20Z fraud v1 feature amount: adwin statistic 3 (threshold 2)")
+    assert line.endswith("(alert abc)")
