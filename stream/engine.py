@@ -157,9 +157,7 @@ class FeatureSink:
 
     async def write(self, view: ViewSpec, rows: list[tuple[tuple, dict, float]], counters: Counters) -> None:
         if view.online:
-            pipe = self.redis.pipeline(transaction=False)
-            self.layout.write_rows(pipe, view.name, rows)
-            await pipe.execute()
+            await self.layout.write_async(self.redis, view.name, rows)
             counters.rows_online += len(rows)
         if view.offline_path:
             columns: dict[str, list] = {k: [] for k in view.join_keys}
@@ -233,14 +231,25 @@ class StreamEngine:
     def _flush_before_commit(self) -> None:
         """Offsets are committed only after what they cover is durable: the offline parts
         on disk, and the table changelog and repartition messages acknowledged by Kafka
-        (Faust itself waits only for messages attached to events)."""
-        consumer = self.app.consumer
-        commit = consumer.force_commit
+        (Faust itself waits only for messages attached to events).
 
-        async def force_commit(*args, **kwargs):
-            await self.flush_offline()
+        The committable offsets are taken first, synchronously: every event they cover
+        has already queued its offline rows and Kafka sends, so flushing after the
+        snapshot covers them, whatever batches run while the flush is awaited.
+        """
+        consumer = self.app.consumer
+
+        async def force_commit(topics=None, start_new_transaction: bool = True) -> bool:
+            offsets = consumer._filter_committable_offsets(
+                list(consumer._filter_tps_with_pending_acks(topics)))
+            self.flush_offline()
+            if not offsets:
+                return False
+            # messages Faust attached to these offsets (table changelog writes) go out
+            # now; then everything sent so far, repartition batches included, is flushed
+            await consumer._handle_attached(offsets)
             await self.app.producer.flush()
-            return await commit(*args, **kwargs)
+            return await consumer._commit_offsets(offsets, start_new_transaction=start_new_transaction)
 
         consumer.force_commit = force_commit
 
@@ -374,11 +383,9 @@ class StreamEngine:
         arrays["_partition"] = pa.array(parts, pa.int32())
         arrays["_offset"] = pa.array(offsets, pa.int64())
         if self.sink.offline.add(root, pa.table(arrays), decoder.timestamp_field):
-            await self.flush_offline()
+            self.flush_offline()
 
-    async def flush_offline(self) -> None:
-        # In the event loop on purpose: no batch may be processed (and acked) between
-        # this flush and the offset commit that follows it.
+    def flush_offline(self) -> None:
         t0 = time.perf_counter()
         self.sink.offline.flush()
         self.counters.timed("offline_flush", t0)
