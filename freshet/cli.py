@@ -104,7 +104,13 @@ def cmd_config(args, settings: Settings) -> int:
 
 # Components `freshet up` runs beside the stack, each its own process (those this
 # build has).
-UP_COMPONENTS = ("stream", "serve", "monitor", "retrain")
+UP_COMPONENTS = {
+    "stream": ["stream"],
+    "serve": ["serve"],
+    "monitor": ["monitor"],
+    # a fresh system has no model: train one as soon as labelled data exists
+    "retrain": ["retrain", "--bootstrap-every", "30"],
+}
 
 
 def cmd_up(args, settings: Settings) -> int:
@@ -129,7 +135,7 @@ def cmd_up(args, settings: Settings) -> int:
         env = {**os.environ, **settings.to_env()}
         for name in components:
             out = open(os.path.join(e.log_dir, f"{name}.log"), "ab")  # noqa: SIM115
-            procs.append(subprocess.Popen([sys.executable, "-m", "freshet.cli", name], env=env,
+            procs.append(subprocess.Popen([sys.executable, "-m", "freshet.cli", *UP_COMPONENTS[name]], env=env,
                                           stdout=out, stderr=subprocess.STDOUT))
             print(f"started {name} (pid {procs[-1].pid}, log {out.name})", flush=True)
         print("freshet is up; Ctrl-C stops everything", flush=True)
