@@ -58,6 +58,18 @@ def wait_visible(client, layout, cards: list[str], timeout: float) -> float | No
     return None
 
 
+def collect_visible(client, probes: dict[bytes, float], field: bytes, fresh: list[float]) -> None:
+    """Move every probe now readable in Redis from `probes` to `fresh` (ms since produce)."""
+    pipe = client.pipeline(transaction=False)
+    keys = list(probes)
+    for k in keys:
+        pipe.hexists(k, field)
+    seen = time.monotonic()
+    for k, ok in zip(keys, pipe.execute()):
+        if ok:
+            fresh.append((seen - probes.pop(k)) * 1000)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -166,27 +178,13 @@ def main() -> int:
                 producer.produce(topic, key=c.encode(), value=event(i, c, t2 + i * interval, rnd))
             if time.monotonic() >= next_poll and probes:
                 producer.poll(0)
-                pipe = client.pipeline(transaction=False)
-                keys = list(probes)
-                for k in keys:
-                    pipe.hexists(k, field)
-                seen = time.monotonic()
-                for k, ok in zip(keys, pipe.execute()):
-                    if ok:
-                        fresh.append((seen - probes.pop(k)) * 1000)
+                collect_visible(client, probes, field, fresh)
                 next_poll = time.monotonic() + 0.005
         achieved = n / (time.monotonic() - start)
         producer.flush(30)
         deadline = time.monotonic() + 60
         while probes and time.monotonic() < deadline:
-            pipe = client.pipeline(transaction=False)
-            keys = list(probes)
-            for k in keys:
-                pipe.hexists(k, field)
-            seen = time.monotonic()
-            for k, ok in zip(keys, pipe.execute()):
-                if ok:
-                    fresh.append((seen - probes.pop(k)) * 1000)
+            collect_visible(client, probes, field, fresh)
             time.sleep(0.005)
         result.update(freshness_p50_ms=round(percentile(fresh, 50), 1) if fresh else None,
                       freshness_p99_ms=round(percentile(fresh, 99), 1) if fresh else None,
