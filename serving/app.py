@@ -42,6 +42,8 @@ PUBLIC = frozenset({"/health", "/ready", "/metrics"})
 JSON = b"application/json"
 LATENCY_BUCKETS = (.0001, .00025, .0005, .00075, .001, .0015, .0025, .005, .0075, .01, .025, .05, .1, .25, .5, 1, 2.5)
 AGE_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 6 * 3600, 86400, 2 * 86400, 7 * 86400)
+# A client's request id is a Kafka key and a join key in the monitor: bounded, printable
+MAX_REQUEST_ID = 128
 
 
 class HTTPError(Exception):
@@ -108,6 +110,20 @@ def _expect(value: Any, kinds: type | tuple, field: str, what: str) -> Any:
     if not isinstance(value, kinds):
         raise HTTPError(422, f"must be {what}, got {_json_type(value)}", field)
     return value
+
+
+def _client_request_id(inst: dict, field: str) -> str | None:
+    """The request id a client sent with an instance (e.g. its transaction id), or None."""
+    rid = inst.get("request_id")
+    if rid is None:
+        return None
+    if not isinstance(rid, str):
+        raise HTTPError(422, f"must be a string, got {_json_type(rid)}", field)
+    if not 0 < len(rid) <= MAX_REQUEST_ID:
+        raise HTTPError(422, f"must be 1 to {MAX_REQUEST_ID} characters, got {len(rid)}", field)
+    if not rid.isprintable():
+        raise HTTPError(422, "must hold printable characters only", field)
+    return rid
 
 
 def _json_type(value: Any) -> str:
@@ -382,12 +398,24 @@ class ServingApp:
         instances = _expect(req["instances"], list, "instances", "a list of objects") if batch else [req]
         if not instances:
             raise HTTPError(422, "must hold at least one instance", "instances")
+        if batch and "request_id" in req:
+            raise HTTPError(422, "the batch form takes a request_id per instance, not one for the batch",
+                            "request_id")
         plan = self._predict_plan(model)
         prefix = (lambda i: f"instances[{i}].") if batch else (lambda i: "")
         columns: dict[str, list] = {k: [] for k in plan.key_types}
         fields_rows = []
+        request_ids: list[str | None] = []
+        first_with_id: dict[str, int] = {}
         for i, inst in enumerate(instances):
             _expect(inst, dict, f"instances[{i}]" if batch else "body", "a JSON object")
+            rid = _client_request_id(inst, f"{prefix(i)}request_id")
+            if rid is not None:
+                if rid in first_with_id:  # one id, two predictions: a label could join only one of them
+                    raise HTTPError(422, f"repeats the request_id of instances[{first_with_id[rid]}]",
+                                    f"{prefix(i)}request_id")
+                first_with_id[rid] = i
+            request_ids.append(rid)
             ents = _expect(inst.get("entities", {}), dict, f"{prefix(i)}entities", "an object of join keys")
             for key, kind in plan.key_types.items():
                 v = ents.get(key)
@@ -424,7 +452,7 @@ class ServingApp:
         for r, x in enumerate(rows):
             score = float(scores[r])
             label = model.label(score)
-            request_id = f"{self._id_prefix}{next(self._ids):016x}"
+            request_id = request_ids[r] or f"{self._id_prefix}{next(self._ids):016x}"
             features = dict(zip(names, x))
             entities = {k: col[r] for k, col in columns.items()}
             prediction = {"score": score, "label": label}
@@ -587,14 +615,22 @@ class GetOnlineFeaturesRequest(BaseModel):
     full_feature_names: bool = False
 
 
+_REQUEST_ID_DOC = ("the prediction's id in the response and on the predictions topic (e.g. the transaction "
+                   "id), so labels published later under it join the prediction; generated when left out")
+
+
 class Instance(BaseModel):
     entities: dict[str, Any] = Field(..., examples=[{"card_id": "c1", "merchant_id": "m1"}])
     fields: dict[str, float | None] = Field({}, examples=[{"amount": 42.5}])
+    request_id: str | None = Field(None, min_length=1, max_length=MAX_REQUEST_ID, description=_REQUEST_ID_DOC,
+                                   examples=["tx-0001"])
 
 
 class PredictRequest(BaseModel):
     entities: dict[str, Any] | None = Field(None, examples=[{"card_id": "c1", "merchant_id": "m1"}])
     fields: dict[str, float | None] | None = None
+    request_id: str | None = Field(None, min_length=1, max_length=MAX_REQUEST_ID,
+                                   description=_REQUEST_ID_DOC + "; in the batch form, set it per instance")
     instances: list[Instance] | None = Field(None, description="the batch form; then leave entities out")
     model: str | None = None
 

@@ -252,6 +252,67 @@ def test_predict_scores_with_the_served_model_and_logs_to_the_topic(http, data, 
     assert logged.features == body["features"] and logged.score == pytest.approx(body["score"])
 
 
+def _logged_predictions(settings, want: set[str], timeout: float = 30.0) -> dict[str, tuple[bytes, Prediction]]:
+    """(key, message) of the predictions on the topic with these request ids."""
+    consumer = kafka.consumer(settings, f"{settings.topic_predictions}-check-{uuid.uuid4().hex[:6]}")
+    consumer.subscribe([settings.topic_predictions])
+    seen: dict[str, tuple[bytes, Prediction]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while not want <= set(seen) and time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is not None and not msg.error():
+                p = Prediction.decode(msg.value())
+                if p.request_id in want:
+                    seen[p.request_id] = (msg.key(), p)
+    finally:
+        consumer.close()
+    return seen
+
+
+def test_predict_uses_the_clients_request_id_in_the_answer_and_on_the_topic(http, data, settings, model_name, uid):
+    card = next(iter(data["cards"]))
+    one = http.post("/predict", json={"entities": {"card_id": card, "merchant_id": data["m"]},
+                                      "fields": {"amount": 3.0}, "request_id": f"{uid}-tx-1"})
+    assert one.status_code == 200, one.text
+    assert one.json()["request_id"] == f"{uid}-tx-1"
+
+    batch = http.post("/predict", json={"instances": [
+        {"entities": {"card_id": card, "merchant_id": data["m"]}, "request_id": f"{uid}-tx-2"},
+        {"entities": {"card_id": data["unseen"], "merchant_id": data["m"]}},  # no id: one is generated
+        {"entities": {"card_id": card, "merchant_id": data["m"]}, "request_id": f"{uid}-tx-3"}]})
+    assert batch.status_code == 200, batch.text
+    ids = [p["request_id"] for p in batch.json()["predictions"]]
+    assert ids[0] == f"{uid}-tx-2" and ids[2] == f"{uid}-tx-3"
+    assert ids[1] and not ids[1].startswith(uid)
+
+    logged = _logged_predictions(settings, {f"{uid}-tx-1", f"{uid}-tx-2", f"{uid}-tx-3", ids[1]})
+    assert set(logged) == {f"{uid}-tx-1", f"{uid}-tx-2", f"{uid}-tx-3", ids[1]}
+    for rid, (key, p) in logged.items():
+        assert key == rid.encode() and p.model == model_name  # keyed by the id labels will carry
+    assert logged[f"{uid}-tx-1"][1].score == pytest.approx(one.json()["score"])
+    assert logged[ids[1]][1].entities == {"card_id": data["unseen"], "merchant_id": data["m"]}
+
+
+@pytest.mark.parametrize("request_body,field", [
+    ({"request_id": 17}, "request_id"),
+    ({"request_id": ""}, "request_id"),
+    ({"request_id": "x" * 129}, "request_id"),
+    ({"request_id": "tx\n1"}, "request_id"),
+    ({"instances": [{"entities": {"card_id": "c", "merchant_id": "m"}, "request_id": ["a"]}]},
+     "instances[0].request_id"),
+    ({"instances": [{"entities": {"card_id": "c", "merchant_id": "m"}, "request_id": "a"},
+                    {"entities": {"card_id": "d", "merchant_id": "m"}, "request_id": "a"}]},
+     "instances[1].request_id"),
+    ({"instances": [{"entities": {"card_id": "c", "merchant_id": "m"}}], "request_id": "a"}, "request_id"),
+])
+def test_a_bad_client_request_id_is_422_naming_the_field(http, request_body, field):
+    body = {"entities": {"card_id": "c", "merchant_id": "m"}, **request_body}
+    resp = http.post("/predict", json=body)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["field"] == field
+
+
 @pytest.mark.parametrize("request_body,status,field", [
     ({"entities": {"merchant_id": "m"}, "fields": {"amount": 1}}, 422, "entities.card_id"),
     ({"entities": {"card_id": 5, "merchant_id": "m"}}, 422, "entities.card_id"),
