@@ -52,6 +52,8 @@ class Settings:
     data_dir: str = "data"
     feature_repo: str = "feature_repo"
     mlflow_tracking_uri: str = ""
+    # the registered model `freshet serve` answers /predict with (its champion alias)
+    model_name: str = "fraud"
 
     topic_deadletter: str = "freshet.deadletter"
     topic_predictions: str = "freshet.predictions"
@@ -150,6 +152,8 @@ def _validate(s: Settings) -> None:
             f"{_env_name('kafka_sasl_mechanism')} is set but {_env_name('kafka_security_protocol')}="
             f"{s.kafka_security_protocol}; use SASL_PLAINTEXT or SASL_SSL"
         )
+    if not s.model_name:
+        raise SettingsError(f"{_env_name('model_name')} must not be empty")
     for topic in ("deadletter", "predictions", "labels", "drift", "retrain", "models"):
         if not getattr(s, f"topic_{topic}"):
             raise SettingsError(f"{_env_name('topic_' + topic)} must not be empty")

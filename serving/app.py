@@ -728,10 +728,14 @@ def _admin_api(app: ServingApp):
 # construction and running
 # ---------------------------------------------------------------------------
 
-def create_app(settings: Settings, *, model_name: str = MODEL_NAME, reader: OnlineFeatureReader | None = None,
+def create_app(settings: Settings, *, model_name: str | None = None, reader: OnlineFeatureReader | None = None,
                registry: ModelRegistry | None = None, follow_models: bool = True, log_predictions: bool = True,
                model_poll_s: float = 30.0, token: str | None = None) -> ServingApp:
-    """Build the ASGI app: feature reader, model registry and follower, prediction log, auth token."""
+    """Build the ASGI app: feature reader, model registry and follower, prediction log, auth token.
+
+    The model served is `model_name`, else settings.model_name (FRESHET_MODEL_NAME).
+    """
+    model_name = model_name or settings.model_name
     token = token or resolve_token(settings)
     reader = reader or OnlineFeatureReader(settings)
     follower = None
@@ -742,14 +746,28 @@ def create_app(settings: Settings, *, model_name: str = MODEL_NAME, reader: Onli
     return ServingApp(settings, reader, registry, follower, plog, token, model_name)
 
 
-def run(settings: Settings, model_name: str = MODEL_NAME) -> None:
-    """Serve on settings.http_host:http_port until interrupted (what `freshet serve` calls)."""
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """How uvicorn runs the app, in one process or in each of several workers."""
+    return dict(host=settings.http_host, port=settings.http_port, loop="uvloop", http="httptools", lifespan="on",
+                access_log=False, log_level=settings.log_level.lower(), server_header=False,
+                limit_concurrency=10_000, backlog=4096, timeout_keep_alive=30)
+
+
+def run(settings: Settings, model_name: str | None = None, workers: int = 1) -> int:
+    """Serve on settings.http_host:http_port until interrupted (what `freshet serve` calls).
+
+    With workers > 1, that many processes share the port (serving.workers); the token is
+    resolved once here so they cannot race to generate different ones.
+    """
+    model_name = model_name or settings.model_name
+    if workers > 1:
+        from serving.workers import WorkerPool
+
+        return WorkerPool(settings, model_name, resolve_token(settings), workers).run()
     import uvicorn
 
-    app = create_app(settings, model_name=model_name)
-    uvicorn.run(app, host=settings.http_host, port=settings.http_port, loop="uvloop", http="httptools",
-                lifespan="on", access_log=False, log_level=settings.log_level.lower(), server_header=False,
-                limit_concurrency=10_000, backlog=4096, timeout_keep_alive=30)
+    uvicorn.run(create_app(settings, model_name=model_name), **uvicorn_options(settings))
+    return 0
 
 
 def token_path(settings: Settings) -> Path:

@@ -11,17 +11,18 @@ log = logging.getLogger("freshet.serving")
 def cmd_serve(args, settings) -> int:
     import dataclasses
 
-    from freshet.cli import resolve_endpoints
+    from freshet.cli import CliError, resolve_endpoints
     from serving import app
 
+    if args.workers < 1:
+        raise CliError(f"--workers must be at least 1, got {args.workers}")
     settings = resolve_endpoints(settings)
     if args.port is not None or args.host is not None:
         settings = dataclasses.replace(settings, http_port=args.port or settings.http_port,
                                        http_host=args.host or settings.http_host)
     log.info("serving on http://%s:%d (OpenAPI docs at /docs; token: FRESHET_API_TOKEN or %s)",
              settings.http_host, settings.http_port, app.token_path(settings))
-    app.run(settings, model_name=args.model)
-    return 0
+    return app.run(settings, model_name=args.model, workers=args.workers)
 
 
 def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
@@ -32,5 +33,8 @@ def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
                     "'Authorization: Bearer <FRESHET_API_TOKEN>'.")
     p.add_argument("--host", help="overrides FRESHET_HTTP_HOST")
     p.add_argument("--port", type=int, help="overrides FRESHET_HTTP_PORT")
-    p.add_argument("--model", default="fraud", help="registered model name to serve (default: fraud)")
+    p.add_argument("--model", help="registered model name to serve (overrides FRESHET_MODEL_NAME, default fraud)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="serving processes sharing the port (SO_REUSEPORT), each with its own Redis and Kafka "
+                        "clients; Ctrl-C stops them all (default: 1). /metrics is per worker.")
     handlers["serve"] = cmd_serve
