@@ -21,7 +21,7 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from freshet import features, kafka
+from freshet import kafka
 from freshet.contracts import RetrainRequest
 from freshet.settings import load_settings
 from monitor import service
@@ -41,32 +41,6 @@ CONFIG = {
 }
 BAD_RECORDS = [b"{not json", orjson.dumps({"schema": "freshet.labels/1", "label": 1, "ts": 1.0}),
                orjson.dumps({"schema": "freshet.predictions/1", "request_id": "x", "model": MODEL})]
-
-
-def apply_registry(settings):
-    """feature_repo/ applied to this data dir's Feast registry in-process ('feast apply' minus a
-    subprocess that spends most of its time importing Feast)."""
-    import importlib.util
-
-    from feast import Entity, FeatureService
-    from feast.stream_feature_view import StreamFeatureView
-
-    settings.data_path.mkdir(parents=True, exist_ok=True)
-    old = os.environ.get("FRESHET_DATA_DIR")
-    os.environ["FRESHET_DATA_DIR"] = str(settings.data_path)
-    try:
-        spec = importlib.util.spec_from_file_location("_freshet_repo_definitions",
-                                                      features.repo_path(settings) / "definitions.py")
-        defs = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(defs)
-    finally:
-        if old is None:
-            os.environ.pop("FRESHET_DATA_DIR")
-        else:
-            os.environ["FRESHET_DATA_DIR"] = old
-    store = features.feature_store(settings)
-    store.apply([o for o in vars(defs).values() if isinstance(o, (Entity, StreamFeatureView, FeatureService))])
-    return features.load_registry(settings, store)
 
 
 def predictions(start: int, n: int, shift: float, seed: int) -> list[bytes]:
@@ -140,7 +114,7 @@ def new_service(settings, registry, metrics=None, alerts=None, requests=None) ->
 
 
 @pytest.fixture(scope="module")
-def scenario(services, tmp_path_factory):
+def scenario(services, tmp_path_factory, apply_feature_repo):
     tmp = tmp_path_factory.mktemp("monitor")
     uid = "m" + os.urandom(4).hex()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
@@ -148,7 +122,7 @@ def scenario(services, tmp_path_factory):
                              data_dir=str(tmp / "data"), **{f"topic_{t}": f"{uid}.{t}" for t in
                                                             ("predictions", "labels", "drift", "retrain",
                                                              "deadletter", "models")}, kafka_partitions=1)
-    registry = apply_registry(settings)
+    registry = apply_feature_repo(settings)
     kafka.ensure_topics(settings, [settings.topic_predictions, settings.topic_labels])
     produce(settings, settings.topic_predictions,
             predictions(0, N_BEFORE, 0.0, seed=1)[:1500] + BAD_RECORDS[::2] + predictions(0, N_BEFORE, 0.0, seed=1)[1500:]

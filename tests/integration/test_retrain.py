@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from freshet import features, kafka
+from freshet import kafka
 from freshet.settings import load_settings
 from monitor.retrain import (
     LabelLog, RetrainConfig, Retrainer, RetrainWorker, TrainingWindow, alert_tag, request_retrain,
@@ -63,34 +63,8 @@ def publish_labels(settings, batch) -> None:
     assert p.flush(30) == 0
 
 
-def apply_registry(settings):
-    """feature_repo/ applied to this data dir's Feast registry in-process ('feast apply' minus a
-    subprocess that spends most of its time importing Feast)."""
-    import importlib.util
-
-    from feast import Entity, FeatureService
-    from feast.stream_feature_view import StreamFeatureView
-
-    settings.data_path.mkdir(parents=True, exist_ok=True)
-    old = os.environ.get("FRESHET_DATA_DIR")
-    os.environ["FRESHET_DATA_DIR"] = str(settings.data_path)
-    try:
-        spec = importlib.util.spec_from_file_location("_freshet_repo_definitions",
-                                                      features.repo_path(settings) / "definitions.py")
-        defs = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(defs)
-    finally:
-        if old is None:
-            os.environ.pop("FRESHET_DATA_DIR")
-        else:
-            os.environ["FRESHET_DATA_DIR"] = old
-    store = features.feature_store(settings)
-    store.apply([o for o in vars(defs).values() if isinstance(o, (Entity, StreamFeatureView, FeatureService))])
-    return features.load_registry(settings, store)
-
-
 @pytest.fixture(scope="module")
-def scenario(services, tmp_path_factory):
+def scenario(services, tmp_path_factory, apply_feature_repo):
     tmp = tmp_path_factory.mktemp("retrain")
     uid = "r" + os.urandom(4).hex()
     topic = "transactions"  # only the offline raw log (per data dir) is read: no Kafka topic
@@ -98,7 +72,7 @@ def scenario(services, tmp_path_factory):
     settings = load_settings(env, kafka_bootstrap_servers=services.kafka, redis_url=services.redis_url,
                              data_dir=str(tmp / "data"), topic_labels=f"{uid}.labels",
                              topic_retrain=f"{uid}.retrain", topic_models=f"{uid}.models", kafka_partitions=2)
-    registry = apply_registry(settings)
+    registry = apply_feature_repo(settings)
     w = TransactionWorkload(seed=3, cards=500, merchants=100, rate=1.0, drift=[f"concept@{DRIFT_AT_S}"])
     batch = w.batch(N_EVENTS)
     write_raw_log(settings, registry, batch, topic)
