@@ -965,6 +965,10 @@ class DriftMonitor:
         if not isinstance(lab.ts, (int, float)) or (lab.request_id is not None and type(lab.request_id) is not str):
             self._reject("bad label request_id or ts")
             return out
+        # the join's clock is prediction time: bring it up to the predictions still in unfinished batches
+        for m in self.models.values():
+            if m.block and m.config.join_labels and type(m.block[-1].ts) in _TS_TYPES:
+                self.join.tick(float(m.block[-1].ts))
         outcomes = self.join.match(lab.request_id, lab.label, float(lab.ts), lab.entities)
         if not outcomes and lab.request_id and self.join.is_waiting_label(lab.request_id):
             # its prediction may sit in a model's unfinished batch: join it now, not a batch later

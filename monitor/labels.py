@@ -1,7 +1,8 @@
 """Label join: labels matched to the predictions they judge, within a bounded wait.
 
-By request id, or by entity and time when a label carries entity keys only. Time is event
-time (the records' `ts`), so a replay joins the same way; late and missing labels are counted.
+By request id, or by entity and time when a label carries entity keys only. The wait is
+measured in the predictions' event time (their `ts`), so a replay joins the same way; late and
+missing labels are counted.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ class LabelJoin:
     - unmatched: a label for no prediction seen (or an early one whose prediction never came).
     - duplicate: a second label for a prediction already joined, or a repeated request id.
 
+    Only predictions move the join's clock. A label's `ts` may be on another clock (when the
+    label became known, in the labelling system's time), and the labels topic is read at its own
+    pace: a label read before its prediction waits `max_wait_s` of prediction time from when it
+    was read, however far its own `ts` is from the predictions'.
+
     Labels without a request id match, by the configured `entity_keys`, the most recent
     waiting prediction of that entity made at or before the label's time.
 
@@ -71,7 +77,8 @@ class LabelJoin:
         # OrderedDict, not dict: both are queues popped from the front, and a plain dict's
         # first item is found by scanning past every slot deleted before it (quadratic)
         self._pending: OrderedDict[str, tuple] = OrderedDict()
-        self._early: OrderedDict[str, tuple[Any, float]] = OrderedDict()
+        # request id -> (label, label ts, prediction clock when it was read), in arrival order
+        self._early: OrderedDict[str, tuple[Any, float, float]] = OrderedDict()
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._joined: OrderedDict[str, None] = OrderedDict()
         # joined while their prediction still sat in the monitor's unfinished batch
@@ -93,8 +100,7 @@ class LabelJoin:
             ts: float, entities: Mapping[str, Any] | None = None) -> list[Outcome]:
         """Start waiting for a prediction's label; outcomes for labels that were already waiting."""
         if ts > self.clock:
-            self.clock = ts
-            self._expire()
+            self._advance(ts)
         if score is not None and not math.isfinite(score):
             score = None
         if request_id in self._joined_ahead:
@@ -155,16 +161,12 @@ class LabelJoin:
         while len(pending) > self.max_pending:
             self._give_up(next(iter(pending)))
         if clock > self.clock:
-            self.clock = clock
-            self._expire()
+            self._advance(clock)
         return out
 
     def match(self, request_id: str | None, label: Any, ts: float,
               entities: Mapping[str, Any] | None = None) -> list[Outcome]:
         """The outcome this label completes, if its prediction is waiting; counts it otherwise."""
-        if ts > self.clock:
-            self.clock = ts
-            self._expire()
         if not request_id:
             request_id = self._find_by_entity(entities, ts)
             if request_id is None:
@@ -178,7 +180,7 @@ class LabelJoin:
                 self._counts["duplicate"] += 1
             else:
                 self._counts["early"] += 1
-                self._early[request_id] = (label, ts)
+                self._early[request_id] = (label, ts, self.clock)
                 if len(self._early) > self.max_pending:
                     self._early.popitem(last=False)
                     self._counts["unmatched"] += 1
@@ -189,6 +191,11 @@ class LabelJoin:
             self._prune(entry[_ENTITY])
         return [Outcome(request_id, entry[_MODEL], entry[_VERSION], entry[_SCORE], entry[_PREDICTED],
                         label, entry[_TS], ts)]
+
+    def tick(self, ts: float) -> None:
+        """Predictions up to `ts` were seen (the caller holds some not `add`ed yet): end the waits that are over."""
+        if ts > self.clock:
+            self._advance(ts)
 
     def is_waiting_label(self, request_id: str) -> bool:
         """Whether a label for this request id waits for its prediction."""
@@ -204,7 +211,7 @@ class LabelJoin:
         self._counts["joined"] += 1
         self._remember(self._joined, request_id)
         self._joined_ahead.add(request_id)
-        return waiting
+        return waiting[0], waiting[1]
 
     def _find_by_entity(self, entities: Mapping[str, Any] | None, ts: float) -> str | None:
         key = self.entity_key(entities)
@@ -240,6 +247,14 @@ class LabelJoin:
         if not waiting:
             del self._by_entity[key]
 
+    def _advance(self, ts: float) -> None:
+        """Move the prediction clock to `ts` (later than now) and end the waits it completes."""
+        if self.clock == float("-inf") and self._early:
+            # labels read before any prediction start waiting with the first one
+            self._early = OrderedDict((rid, (label, lts, ts)) for rid, (label, lts, _) in self._early.items())
+        self.clock = ts
+        self._expire()
+
     def _expire(self) -> None:
         horizon = self.clock - self.max_wait_s
         pending = self._pending
@@ -251,7 +266,7 @@ class LabelJoin:
         early = self._early
         while early:
             rid = next(iter(early))
-            if early[rid][1] >= horizon:
+            if early[rid][2] >= horizon:
                 break
             early.popitem(last=False)
             self._counts["unmatched"] += 1
@@ -265,7 +280,8 @@ class LabelJoin:
             "clock": self.clock if self.clock != float("-inf") else None,
             "pending": [[rid, *entry[:5], list(entry[5]) if entry[5] is not None else None]
                         for rid, entry in self._pending.items()],
-            "early": [[rid, label, ts] for rid, (label, ts) in self._early.items()],
+            "early": [[rid, label, ts, None if read_at == float("-inf") else read_at]
+                      for rid, (label, ts, read_at) in self._early.items()],
             "expired": list(self._expired), "joined_ids": list(self._joined), "counts": dict(self._counts),
             "joined_ahead": sorted(self._joined_ahead),
         }
@@ -280,7 +296,11 @@ class LabelJoin:
             self._pending[rid] = (model, version, score, predicted, ts, key)
             if key is not None:
                 self._by_entity[key].append(rid)
-        self._early = OrderedDict((rid, (label, ts)) for rid, label, ts in state.get("early", []))
+        self._early = OrderedDict()
+        for rid, label, ts, *read_at in state.get("early", []):
+            # state from before the clock was the predictions' alone: the label's own time
+            at = read_at[0] if read_at else ts
+            self._early[rid] = (label, ts, float("-inf") if at is None else float(at))
         self._expired = OrderedDict((rid, None) for rid in state.get("expired", []))
         self._joined = OrderedDict((rid, None) for rid in state.get("joined_ids", []))
         self._joined_ahead = set(state.get("joined_ahead", []))

@@ -258,3 +258,85 @@ def test_a_dead_letter_rate_over_the_limit_is_a_data_quality_alert_that_does_not
     assert [(a.kind, a.subject) for a in alerts] == [("data_quality", "deadletter")]
     assert alerts[0].statistic == pytest.approx(0.05, abs=0.01)
     assert requests == []
+
+
+# -- labelled performance through the real path ------------------------------------------
+
+LABEL_CONFIG = {
+    "seed": 2, "label_wait_s": 10_000,
+    "models": [{"model": MODEL, "numeric_features": ["amount"], "warmup": 500, "label_warmup": 500,
+                "estimate": False, "watch_score": False}],
+}
+LABEL_CLOCK = 1_600_000_000.0  # the labelling system's clock, unrelated to the predictions' ts
+
+
+def served(start: int, n: int, ts0: float, seed: int) -> list[tuple[bytes, bytes]]:
+    """Prediction records as serving logs them for a client request id: keyed and identified by the transaction id."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(start, start + n):
+        score = float(rng.beta(1, 8))
+        out.append((f"tx{i}".encode(), orjson.dumps({
+            "schema": "freshet.predictions/1", "request_id": f"tx{i}", "model": MODEL, "model_version": "1",
+            "entities": {"card_id": f"c{i % 50}"}, "features": {"amount": 40.0 + 10.0 * rng.normal()},
+            "prediction": {"score": score, "label": int(score >= 0.5)}, "ts": ts0 + i - start})))
+    return out
+
+
+def outcomes(start: int, n: int, error_rate: float, seed: int) -> list[tuple[bytes, bytes]]:
+    """Labels keyed by the transaction id; serving predicts 0 for every score above, so 1 is an error."""
+    wrong = np.random.default_rng(seed).random(n) < error_rate
+    return [(f"tx{i}".encode(), orjson.dumps({"schema": "freshet.labels/1", "request_id": f"tx{i}",
+                                              "label": int(w), "ts": LABEL_CLOCK + 60.0 * i}))
+            for i, w in zip(range(start, start + n), wrong.tolist())]
+
+
+def produce_keyed(settings, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+    p = kafka.producer(settings)
+    for key, value in messages:
+        p.produce(topic, key=key, value=value)
+    assert p.flush(30) == 0
+
+
+def test_labels_keyed_by_request_id_join_before_or_after_their_predictions_and_raise_a_performance_alert(settings):
+    kafka.ensure_topics(settings, [settings.topic_predictions, settings.topic_labels])
+    monitor, policy = service.build(json.loads(json.dumps(LABEL_CONFIG)), None)
+    alerts = []
+    svc = service.MonitorService(settings, monitor, policy, snapshot_every_s=3600, idle_flush_s=0.3,
+                                 on_alert=alerts.append)
+    joins = svc.monitor.join.counters
+    thread = threading.Thread(target=svc.run, kwargs={"group": "test-labels"}, daemon=True)
+    thread.start()
+
+    def until(cond, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not cond():
+            assert thread.is_alive(), "the monitor stopped by itself"
+            assert time.monotonic() < deadline, f"{what}: {joins()}"
+            time.sleep(0.1)
+
+    try:
+        # labels for tx0..999 are on the topic before their predictions; serving's clock is 7 years later
+        produce_keyed(settings, settings.topic_labels, outcomes(0, 1000, 0.05, seed=1))
+        until(lambda: joins()["waiting_labels"] >= 1000, "labels read, waiting for their predictions")
+        produce_keyed(settings, settings.topic_predictions, served(0, 2000, T0, seed=2))
+        until(lambda: joins()["joined"] >= 1000, "labels read before their predictions joined")
+        # tx1000..1499 labelled after their predictions, and now three in five are errors
+        produce_keyed(settings, settings.topic_labels, outcomes(1000, 500, 0.6, seed=3))
+        until(lambda: joins()["joined"] >= 1500, "labels read after their predictions joined")
+        # prediction time moves past the wait: tx1500..1999 never got a label
+        produce_keyed(settings, settings.topic_predictions, served(2000, 100, T0 + 50_000, seed=4))
+        until(lambda: joins()["missing"] >= 500, "unlabelled predictions given up")
+        produce_keyed(settings, settings.topic_labels, outcomes(1500, 50, 0.05, seed=5))
+        until(lambda: joins()["late"] >= 50, "labels after the wait counted late")
+    finally:
+        svc.stop()
+        thread.join(30)
+    counters = joins()
+    assert (counters["joined"], counters["missing"], counters["late"], counters["unmatched"],
+            counters["duplicate"]) == (1500, 500, 50, 0, 0)
+    assert svc.counts["rejected"] == 0
+    performance = [a for a in alerts if a.kind == "performance"]
+    assert performance and {a.subject for a in performance} == {"error_rate"}
+    published = [json.loads(v) for v in read_topic(settings, settings.topic_drift)]
+    assert [p["alert_id"] for p in published if p["kind"] == "performance"] == [a.alert_id for a in performance]

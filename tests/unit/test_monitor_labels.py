@@ -41,9 +41,47 @@ def test_label_before_its_prediction_waits_for_it():
 
 def test_label_for_a_prediction_that_never_comes_is_unmatched_after_the_wait():
     join = LabelJoin(max_wait_s=60)
+    wait(join, "r0", 0.0)
     join.match("ghost", label=1, ts=0.0)
     wait(join, "r1", 100.0)
     assert join.counters()["unmatched"] == 1 and join.counters()["waiting_labels"] == 0
+
+
+def test_label_read_before_any_prediction_waits_from_the_first_prediction():
+    join = LabelJoin(max_wait_s=60)
+    join.match("ghost", label=1, ts=0.0)
+    join.match("r2", label=0, ts=0.0)
+    wait(join, "r1", 1000.0)  # the wait starts here, whatever the labels' own time
+    assert join.counters()["waiting_labels"] == 2
+    assert [o.request_id for o in wait(join, "r2", 1050.0)] == ["r2"]
+    wait(join, "r3", 1061.0)
+    assert join.counters()["unmatched"] == 1 and join.counters()["waiting_labels"] == 0
+
+
+def test_labels_on_another_clock_join_whether_read_before_or_after_their_predictions():
+    # predictions stamped by serving (now); labels stamped by the labelling system's clock, a
+    # year behind: only prediction time measures the wait
+    join = LabelJoin(max_wait_s=60)
+    before, outcomes = [], []
+    for i in range(100):
+        if i % 2 == 0:  # the labels topic was read a little ahead
+            before.append(join.match(f"r{i}", label=1, ts=1.7e9 + i))
+        outcomes += wait(join, f"r{i}", 1.73e9 + i)
+        if i % 2 and i >= 5:
+            outcomes += join.match(f"r{i - 4}", label=0, ts=1.7e9 + 3600 + i)
+    assert before == [[]] * 50
+    counters = join.counters()
+    assert (counters["joined"], counters["unmatched"], counters["late"], counters["missing"]) == (98, 0, 0, 0)
+    assert {o.request_id for o in outcomes} == {f"r{i}" for i in range(100)} - {"r97", "r99"}
+
+
+def test_a_label_far_ahead_in_its_own_time_does_not_end_the_wait_of_other_predictions():
+    join = LabelJoin(max_wait_s=60)
+    wait(join, "r1", 0.0)
+    wait(join, "r2", 1.0)
+    assert len(join.match("r1", label=1, ts=1e6)) == 1
+    assert len(join.match("r2", label=1, ts=2e6)) == 1
+    assert join.counters()["missing"] == 0 and join.counters()["late"] == 0
 
 
 def test_label_with_entities_matches_the_latest_prediction_of_that_entity_before_it():
@@ -83,6 +121,11 @@ def test_join_state_survives_a_json_round_trip():
     assert copy.counters() == join.counters()
     assert copy.match("r1", label=1, ts=71.0) == [] and copy.counters()["late"] == 1
     assert [o.request_id for o in copy.match(None, label=1, ts=72.0, entities={"card_id": "c1"})] == ["r2"]
+
+
+def test_join_state_from_before_labels_had_a_read_time_still_loads():
+    join = LabelJoin(max_wait_s=60).load_state({"clock": 10.0, "early": [["r1", 1, 5.0]], "counts": {"early": 1}})
+    assert [o.label for o in wait(join, "r1", 11.0)] == [1]
 
 
 def test_monitor_counts_joined_late_and_missing_labels_across_the_stream():
