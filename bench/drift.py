@@ -618,7 +618,7 @@ def main() -> None:
     if args.no_loop or (quick and not args.loop):
         why = "--no-loop" if args.no_loop else (
             "--quick: the closed loop starts the embedded stack and three freshet processes and bootstraps a "
-            "first model before the drift, 50-150 s of setup on this 2-core machine, which does not fit the "
+            "first model before the drift: 50-100 s of setup on this shared 2-core machine, which does not fit the "
             "quick budget of a minute; run without --quick, with --loop-only, or --quick --loop")
         loop = {"alert_to_promotion_s": None, "skipped": True, "reason": why}
     else:

@@ -5,6 +5,10 @@ One module-wide scenario: the example workload (seeded, concept drift half way) 
 the raw log the stream engine keeps and its labels are published. Version 1 is bootstrapped
 from the pre-drift half; a retrain request then trains on the drifted half and must beat it;
 the same request again must train nothing.
+
+And the closed loop on its own data dir: covariate and concept drift injected into the
+prediction stream -> drift alert -> retrain request -> version 2 promoted -> serving's
+ModelFollower serves it.
 """
 
 from __future__ import annotations
@@ -229,3 +233,108 @@ def _model_events(settings, want: int, timeout: float = 20.0) -> list[dict]:
     finally:
         c.close()
     return sorted(got, key=lambda e: e["ts"])
+
+
+# -- the closed loop -------------------------------------------------------------------------
+
+def _prediction_messages(batch, start: int, stop: int) -> list[tuple[bytes, bytes]]:
+    """Serving's prediction records for the transactions [start, stop): request id = transaction id."""
+    return [(str(tx).encode(), json.dumps({
+        "schema": "freshet.predictions/1", "request_id": str(tx), "model": MODEL, "model_version": "1",
+        "entities": {"card_id": str(card)}, "features": {"amount": float(amount)},
+        "prediction": {"score": 0.05, "label": 0}, "ts": float(ts)}).encode())
+        for tx, card, amount, ts in zip(batch.transaction_id[start:stop], batch.card_id[start:stop],
+                                         batch.amount[start:stop], batch.event_ts[start:stop])]
+
+
+def _produce(settings, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+    p = kafka.producer(settings)
+    for key, value in messages:
+        p.produce(topic, key=key, value=value)
+    assert p.flush(30) == 0
+
+
+def test_injected_drift_is_alerted_retrained_promoted_and_served(services, tmp_path, apply_feature_repo):
+    from monitor import service
+    from serving.models import ModelFollower
+
+    uid = "l" + os.urandom(4).hex()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
+    settings = load_settings(env, kafka_bootstrap_servers=services.kafka, redis_url=services.redis_url,
+                             data_dir=str(tmp_path / "data"), kafka_partitions=2,
+                             **{f"topic_{t}": f"{uid}.{t}" for t in
+                                ("predictions", "labels", "drift", "retrain", "deadletter", "models")})
+    registry = apply_feature_repo(settings)
+    (topic,) = registry.views_by_topic()
+    batch = TransactionWorkload(seed=5, cards=500, merchants=100, rate=1.0,
+                                drift=[f"covariate@{DRIFT_AT_S}", f"concept@{DRIFT_AT_S}"]).batch(N_EVENTS)
+    half = N_EVENTS // 2
+    write_raw_log(settings, registry, batch, topic)
+    labels = batch.label_messages()
+    kafka.ensure_topics(settings, [settings.topic_predictions, settings.topic_labels, settings.topic_models])
+    _produce(settings, settings.topic_labels, labels[:half])
+    # the newest `half` labels: before the drift's labels arrive, that is the pre-drift half
+    cfg = RetrainConfig(window=TrainingWindow(last_n=half), seed=7)
+    assert Retrainer(settings, registry, cfg).run(bootstrap=True)["version"] == "1"
+
+    follower = ModelFollower(settings, MODEL)
+    follower.start()
+    assert follower.model.version == "1"
+    monitor, policy = service.build({"seed": 1, "models": [{"model": MODEL, "numeric_features": ["amount"],
+                                                             "warmup": 1000, "estimate": False,
+                                                             "join_labels": False, "watch_score": False}]},
+                                    service.known_inputs(registry))
+    alerts, requests, trained = [], [], []
+    svc = service.MonitorService(settings, monitor, policy, snapshot_every_s=3600, idle_flush_s=0.3,
+                                 on_alert=alerts.append, on_request=requests.append)
+    worker = RetrainWorker(settings, {MODEL: Retrainer(settings, registry, cfg)}, group=f"{uid}-retrain",
+                           on_outcome=trained.append)
+    threads = [threading.Thread(target=svc.run, kwargs={"group": f"{uid}-monitor"}, daemon=True),
+               threading.Thread(target=worker.run, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        _produce(settings, settings.topic_labels, labels[half:])  # outcomes of the drifted traffic
+        _produce(settings, settings.topic_predictions, _prediction_messages(batch, 0, N_EVENTS))
+        _wait(lambda: follower.model.version != "1" or any(o["status"] != "promoted" for o in trained), 120)
+    finally:
+        svc.stop()
+        worker.stop()
+        follower.stop()
+        for t in threads:
+            t.join(30)
+
+    first = alerts[0]
+    assert (first.kind, first.subject) == ("feature", "amount") and first.ts >= batch.event_ts[half]
+    assert first.alert_id in {a["alert_id"] for a in _drift_alerts(settings)}
+    assert len(requests) == 1 and first.alert_id in requests[0].reason
+    (outcome,) = trained
+    assert outcome["status"] == "promoted", outcome
+    assert outcome["version"] == "2" and outcome["reason"] == requests[0].reason
+    assert follower.model.version == "2"  # serving's hot swap followed the promotion
+    assert [(e["version"], e["stage"]) for e in _model_events(settings, want=2)] == [("1", "champion"),
+                                                                                      ("2", "champion")]
+    models = ModelRegistry(settings, publish_events=False)
+    run = models.client.get_run(models.versions(MODEL)[0]["run_id"])
+    assert run.data.tags[alert_tag(first.alert_id)] == MODEL
+
+
+def _drift_alerts(settings) -> list[dict]:
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    c = kafka.consumer(settings, f"{settings.topic_drift}-reader", **{"enable.partition.eof": True})
+    meta = c.list_topics(settings.topic_drift, timeout=10).topics[settings.topic_drift]
+    c.assign([TopicPartition(settings.topic_drift, p, OFFSET_BEGINNING) for p in meta.partitions])
+    left, got, deadline = set(meta.partitions), [], time.monotonic() + 10
+    try:
+        while left and time.monotonic() < deadline:
+            msg = c.poll(0.2)
+            if msg is None:
+                continue
+            if msg.error():
+                left.discard(msg.partition())
+            else:
+                got.append(json.loads(msg.value()))
+    finally:
+        c.close()
+    return got
