@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+import orjson
+
 from freshet.features import AggregationSpec, ViewSpec
 
 
@@ -31,6 +33,7 @@ _TILED = {
     "max": lambda n, total, lo, hi: hi,
 }
 FUNCTIONS = (*_TILED, "last", "count_distinct")
+STATE_FORMAT = 2  # first element of an encoded state record
 
 
 def window_start(as_of: float, spec: AggregationSpec) -> float:
@@ -163,7 +166,39 @@ class ViewAggregator:
                 out[spec.name] = cur[1] if cur is not None and start <= cur[0] <= as_of else None
         return {spec.name: out[spec.name] for spec in self.specs}
 
-    # JSON round trip for the Faust table changelog (tile keys become strings in JSON)
+    # The changelog record of one entity. Tiles and distinct values are flat lists,
+    # not JSON objects, so integer tile starts and non-string distinct values keep
+    # their type and the record stays about half the size of the dict form.
+    def encode(self, state: dict) -> bytes:
+        """The entity's state as one compact changelog value."""
+        return orjson.dumps([
+            STATE_FORMAT,
+            state["max_ts"],
+            {c: [x for t, part in tiles.items() for x in (t, *part)] for c, tiles in state["tiles"].items()},
+            {c: [x for pair in seen.items() for x in pair] for c, seen in state["distinct"].items()},
+            state["last"],
+            state["offsets"],
+        ])
+
+    def decode(self, data: bytes | dict) -> dict:
+        """Inverse of `encode`; also reads the older JSON-object form."""
+        if isinstance(data, dict):
+            return self.from_json(data)
+        fmt, max_ts, tiles, distinct, last, offsets = orjson.loads(data)
+        if fmt != STATE_FORMAT:
+            raise ValueError(f"unknown state format {fmt!r}")
+        state = self.new_state()
+        state["max_ts"] = max_ts
+        for c, flat in tiles.items():
+            state["tiles"][c] = {flat[i]: flat[i + 1:i + 5] for i in range(0, len(flat), 5)}
+        for c, flat in distinct.items():
+            state["distinct"][c] = dict(zip(flat[::2], flat[1::2]))
+        for c, cur in last.items():
+            state["last"][c] = cur
+        state["offsets"] = offsets
+        return state
+
+    # JSON round trip (tile keys become strings in JSON); kept to read old changelogs
     @staticmethod
     def to_json(state: dict) -> dict:
         return state

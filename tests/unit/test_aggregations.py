@@ -114,3 +114,15 @@ def test_decoder_reports_each_kind_of_bad_event():
 def test_timestamps_in_seconds_milliseconds_and_iso_agree():
     assert parse_timestamp(1_700_000_000, "ts") == parse_timestamp(1_700_000_000_000, "ts") == \
         parse_timestamp("2023-11-14T22:13:20Z", "ts")
+
+
+def test_state_survives_the_compact_changelog_encoding_with_its_types():
+    view = _view()
+    agg = ViewAggregator(view)
+    state = agg.new_state()
+    for i in range(50):
+        agg.update(state, 1000.0 + i * 17, {"k": "a", "x": float(i), "m": i % 4 if i % 2 else f"m{i % 4}"})
+    state["offsets"]["t:0"] = 49
+    restored = agg.decode(agg.encode(state))
+    assert restored == state
+    assert agg.result(restored) == agg.result(state)
