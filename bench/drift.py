@@ -323,6 +323,7 @@ class LoopTimeline:
 
 
 def _http(url: str, body: dict | None = None, token: str = "") -> dict:
+    import urllib.error
     import urllib.request
 
     req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
