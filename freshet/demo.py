@@ -38,12 +38,24 @@ DEFAULT_MINUTES = 3.5
 DEFAULT_RATE = 200.0          # events per wall second; the stream worker does ~500-1000/s here
 DEFAULT_TIME_SCALE = 10.0     # simulated seconds per wall second: a 30 s label delay is 3 s
 DEFAULT_CARDS = 10_000        # simulated rate / cards = 0.002/s keeps velocity a fraud signal
-DEFAULT_DRIFT = ("covariate@1.25", "concept@2")
+DEFAULT_DRIFT = ("covariate@1.5", "concept@2.5")
 RUNS_KEPT = 5                 # earlier run directories kept under <data dir>/demo
 STREAM_APP_ID = "freshet-stream"
 MODEL = "fraud"
 VISIBLE_TIMEOUT_S = 30.0      # an event not visible in Redis by then counts as not visible
 MAX_IN_FLIGHT = 32            # concurrent /predict requests of the demo's client
+
+
+# The installed console script, as a user would run it; `python -m freshet.cli` otherwise.
+_SCRIPT = Path(sys.executable).with_name("freshet")
+FRESHET = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "freshet.cli"]
+
+
+# Components whose Kafka reads need no sub-second latency poll the broker less often: on the
+# embedded broker every waiting fetch costs CPU (one idle consumer of 28 partitions: ~17% of
+# a core at 20 ms, ~5% at 100 ms, measured here), CPU the stream worker needs for freshness.
+RELAXED_FETCH = ("serve", "monitor", "retrain", "bootstrap")
+RELAXED_FETCH_MS = 200
 
 
 class DemoError(RuntimeError):
@@ -98,7 +110,7 @@ class DemoPlan:
     time_scale: float = DEFAULT_TIME_SCALE
     cards: int = DEFAULT_CARDS
     predict_share: float = 1.0
-    bootstrap_labels: int = 2000  # labelled transactions before the first model is trained
+    bootstrap_labels: int = 1000  # labelled transactions before the first model is asked for
     http_port: int = 0
     kafka_port: int = 0
     redis_port: int = 0
@@ -261,6 +273,8 @@ class DemoRecord:
         self.samples: list[dict[str, Any]] = []
         self.freshness: dict[str, list] = {"t": [], "first_ms": [], "all_ms": []}
         self.not_visible = 0
+        self.unresolved = 0                   # still waited for when the client stopped
+        self.transactions_read = 0            # messages on the transactions topic the client saw
         self.predictions: dict[str, list] = {"t": [], "tx": [], "version": [], "score": [], "label": [],
                                              "latency_ms": [], "sim_s": []}
         self.prediction_failures: Counter = Counter()
@@ -272,7 +286,6 @@ class DemoRecord:
         self.label_rows: list[tuple] = []     # (tx, card, merchant, event_ts, label) for a first model
         self.amounts: dict[str, float] = {}   # tx -> amount, early events only (first model)
         self.detector: dict[str, Any] = {"t": [], "stats": [], "source": ""}
-        self.detector_alerts: list[dict[str, Any]] = []
         self.alerts: list[dict[str, Any]] = []
         self.retrains: list[dict[str, Any]] = []
         self.model_events: list[dict[str, Any]] = []
@@ -292,7 +305,8 @@ class DemoRecord:
             "meta": {**self.meta, "t0": self.t0, "launched": self.launched},
             "problems": self.problems,
             "samples": [{"t": self.rel(x["at"]), **x} for x in self.samples],
-            "freshness": {**self.freshness, "not_visible": self.not_visible},
+            "freshness": {**self.freshness, "not_visible": self.not_visible, "unresolved": self.unresolved,
+                          "transactions_read": self.transactions_read},
             "predictions": {k: v for k, v in preds.items() if k != "tx"} | {"truth": truth},
             "prediction_failures": dict(self.prediction_failures),
             "failure_examples": self.failure_examples,
@@ -302,7 +316,6 @@ class DemoRecord:
             "labels_seen": len(self.labels),
             "fraud_labels": sum(self.labels.values()),
             "detector": self.detector,
-            "detector_alerts": self.detector_alerts,
             "alerts": self.alerts,
             "retrains": self.retrains,
             "model_events": self.model_events,
@@ -330,16 +343,22 @@ class KafkaTap(threading.Thread):
         self.probe = probe
         self.start_ts = start_ts
         self.stop_event = threading.Event()
-        self.consumer = kafka.consumer(settings, f"freshet-demo-{uuid.uuid4().hex[:8]}")
-        topics = [topic, settings.topic_labels, settings.topic_drift, settings.topic_retrain, settings.topic_models]
-        meta = self.consumer.list_topics(timeout=10).topics
-        self.consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in meta[t].partitions])
+        group = f"freshet-demo-{uuid.uuid4().hex[:8]}"
+        # Tansu answers an empty fetch only after the full fetch wait, and every waiting fetch
+        # costs it CPU (~9% of a core per consumer of 28 partitions at 20 ms, measured here):
+        # only the transactions, where the wait adds to measured freshness, get the short wait.
+        self.events = kafka.consumer(settings, group)
+        self.control = kafka.consumer(settings, group, **{"fetch.wait.max.ms": 250})
+        control = [settings.topic_labels, settings.topic_drift, settings.topic_retrain, settings.topic_models]
+        meta = self.events.list_topics(timeout=10).topics
+        self.events.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta[topic].partitions])
+        self.control.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in control for p in meta[t].partitions])
         self.transactions = 0
 
     def run(self) -> None:
         try:
             while not self.stop_event.is_set():
-                msgs = self.consumer.consume(1000, 0.05)
+                msgs = self.events.consume(1000, 0.05) + self.control.consume(1000, 0)
                 if not msgs:
                     continue
                 txs = []
@@ -363,7 +382,8 @@ class KafkaTap(threading.Thread):
                 if txs:
                     self.probe.submit(txs)
         finally:
-            self.consumer.close()
+            self.events.close()
+            self.control.close()
 
     def _transaction(self, m) -> tuple | None:
         rec = self.record
@@ -378,6 +398,7 @@ class KafkaTap(threading.Thread):
             rec.bad_messages["malformed transactions"] += 1  # the stream dead-letters these
             return None
         self.transactions += 1
+        rec.transactions_read = self.transactions
         rec.events["sim_s"].append(round(event_ts - self.start_ts, 3))
         rec.events["amount"].append(amount)
         if len(rec.amounts) < 200_000:
@@ -394,7 +415,6 @@ class KafkaTap(threading.Thread):
         if len(self.record.label_rows) < 200_000:
             self.record.label_rows.append((tx, ents.get("card_id"), ents.get("merchant_id"),
                                            d.get("event_ts"), int(label)))
-        self.probe.submit_label(tx, int(label), float(d.get("ts") or time.time()))
 
     def _control(self, topic: str, raw: bytes) -> None:
         from freshet.contracts import DriftAlert, ModelEvent, RetrainRequest
@@ -441,7 +461,7 @@ class ClientProbe(threading.Thread):
     """
 
     def __init__(self, settings: Settings, registry, topic: str, api_url: str, token: str,
-                 record: DemoRecord, plan: DemoPlan, start_ts: float, shadow_detector: bool):
+                 record: DemoRecord, plan: DemoPlan, start_ts: float):
         super().__init__(name="freshet-demo-client", daemon=True)
         from freshet.redis_layout import OnlineLayout
 
@@ -456,18 +476,13 @@ class ClientProbe(threading.Thread):
         self.model_ready = threading.Event()
         self.stop_event = threading.Event()
         self._inbox: deque = deque()
-        self._labels: deque = deque()
         self.pending: list[_Tracked] = []
         self.in_flight = 0
         self._rng = __import__("random").Random(plan.seed)
-        self.detector = ShadowDetector(record, enabled=shadow_detector)
         self.error: str = ""
 
     def submit(self, txs: list[tuple]) -> None:
         self._inbox.append(txs)
-
-    def submit_label(self, tx: str, label: int, ts: float) -> None:
-        self._labels.append((tx, label, ts))
 
     @property
     def backlog(self) -> int:
@@ -489,20 +504,18 @@ class ClientProbe(threading.Thread):
                                         timeout=aiohttp.ClientTimeout(total=10))
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
         tasks: set[asyncio.Task] = set()
-        next_stats = time.monotonic() + 1.0
         try:
             while not self.stop_event.is_set() or (self.pending and not self._hurry):
+                tick = time.monotonic()
                 self._take_inbox()
-                self._take_labels()
                 if self.pending:
                     await self._poll(client, session, headers, tasks)
-                if time.monotonic() >= next_stats:
-                    self.detector.sample()
-                    next_stats = time.monotonic() + 1.0
-                await asyncio.sleep(0.01)
+                # ~10 ms between polls; longer when a poll itself was slow (a big backlog)
+                await asyncio.sleep(max(0.01, 2 * (time.monotonic() - tick)))
             if tasks:
                 await asyncio.wait(tasks, timeout=10)
         finally:
+            self.record.unresolved = self.backlog
             await session.close()
             await client.aclose()
 
@@ -526,27 +539,32 @@ class ClientProbe(threading.Thread):
                 self.pending.append(_Tracked(tx, keys, [None] * len(keys), ents, amount, event_ts,
                                              created, predict))
 
-    def _take_labels(self) -> None:
-        while self._labels:
-            tx, label, ts = self._labels.popleft()
-            self.detector.label(tx, label, ts)
-
     async def _poll(self, client, session, headers, tasks: set) -> None:
         from freshet.redis_layout import decode_timestamp
 
-        pipe = client.pipeline(transaction=False)
-        asked = []
+        # one HGET per distinct entity row, however many of its events wait: a backlog after a
+        # stall must not turn the probe into the busiest Redis client on the machine
+        wanted: dict[tuple[bytes, bytes], None] = {}
         for item in self.pending:
-            for i, (key, ts_field) in enumerate(item.keys):
+            for i, key in enumerate(item.keys):
                 if item.seen[i] is None:
-                    pipe.hget(key, ts_field)
-                    asked.append((item, i))
-        replies = await pipe.execute() if asked else []
+                    wanted[key] = None
+        rows = list(wanted)
+        if rows:
+            pipe = client.pipeline(transaction=False)
+            for key, ts_field in rows:
+                pipe.hget(key, ts_field)
+            replies = await pipe.execute()
+        else:
+            replies = []
         now = time.time()
-        for (item, i), raw in zip(asked, replies):
-            ts = decode_timestamp(raw)
-            if ts is not None and ts >= item.event_ts - 1e-6:
-                item.seen[i] = now
+        stamps = {row: decode_timestamp(raw) for row, raw in zip(rows, replies)}
+        for item in self.pending:
+            for i, key in enumerate(item.keys):
+                if item.seen[i] is None:
+                    ts = stamps.get(key)
+                    if ts is not None and ts >= item.event_ts - 1e-6:
+                        item.seen[i] = now
         rec = self.record
         still = []
         for item in self.pending:
@@ -607,7 +625,6 @@ class ClientProbe(threading.Thread):
         p["sim_s"].append(round(item.event_ts - self.start_ts, 3))
         features = doc.get("features") or {}
         self._keep_features(rec, now, version, features)
-        self.detector.observe(item.tx, doc, item.entities, now)
 
     @staticmethod
     def _keep_features(rec: DemoRecord, now: float, version: str, features: dict) -> None:
@@ -629,82 +646,19 @@ def _as_int(v: Any) -> int | None:
         return None
 
 
-class ShadowDetector:
-    """Fallback when `freshet monitor` is missing: the monitor library run inside the demo on
-    the predictions and labels the demo saw, so the report still plots detector statistics.
-    Alerts it raises are kept apart from the service's (they are not on freshet.drift)."""
-
-    def __init__(self, record: DemoRecord, enabled: bool):
-        self.record = record
-        self.monitor = None
-        self.version = ""
-        self.unavailable = "" if enabled else "off: freshet monitor runs"
-
-    def _ensure(self, features: dict) -> bool:
-        if self.monitor is not None or self.unavailable:
-            return self.monitor is not None
-        try:
-            from monitor import DriftMonitor, ModelConfig, MonitorConfig
-        except Exception as exc:  # noqa: BLE001 - the monitor library is optional for the demo
-            self.unavailable = f"monitor library not importable ({exc})"
-            return False
-        numeric = [n for n, v in features.items() if isinstance(v, (int, float)) or v is None]
-        try:
-            cfg = ModelConfig(MODEL, numeric_features=numeric)
-            self.monitor = DriftMonitor(MonitorConfig(models=[cfg], seed=0))
-        except Exception as exc:  # noqa: BLE001
-            self.unavailable = f"monitor library could not be configured ({exc})"
-            return False
-        return True
-
-    def observe(self, tx: str, doc: dict, entities: dict, now: float) -> None:
-        features = doc.get("features") or {}
-        if not self._ensure(features):
-            return
-        self.version = str(doc.get("model_version"))
-        record = {"schema": "freshet.predictions/1", "request_id": tx, "model": MODEL,
-                  "model_version": self.version, "entities": entities, "features": features,
-                  "prediction": {"score": doc.get("score"), "label": doc.get("label")}, "ts": now}
-        self._keep(self.monitor.observe(record))
-
-    def label(self, tx: str, label: int, ts: float) -> None:
-        if self.monitor is None:
-            return
-        self._keep(self.monitor.observe_label({"schema": "freshet.labels/1", "request_id": tx,
-                                               "label": label, "ts": ts}))
-
-    def _keep(self, alerts) -> None:
-        rec, now = self.record, time.time()
-        for a in alerts:
-            rec.detector_alerts.append({"t": rec.rel(now), "kind": a.kind, "subject": a.subject,
-                                        "detector": a.detector, "statistic": a.statistic,
-                                        "threshold": a.threshold, "model_version": str(a.model_version)})
-
-    def sample(self) -> None:
-        if self.monitor is None:
-            return
-        stats = self.monitor.statistics().get(MODEL, {})
-        d = self.record.detector
-        d["source"] = "the monitor library inside the demo (freshet monitor is not running)"
-        d["t"].append(self.record.rel(time.time()))
-        d["stats"].append({k: round(v, 5) for k, v in stats.items() if isinstance(v, (int, float))})
-
-
 # --- the demo --------------------------------------------------------------------------------
 
 class Demo:
     """One run of `freshet demo`: set up, traffic, shutdown, report."""
 
-    def __init__(self, plan: DemoPlan, settings: Settings, available: dict[str, Any]):
+    def __init__(self, plan: DemoPlan, settings: Settings):
         self.plan = plan
         self.base_settings = settings
-        self.available = available
         self.record = DemoRecord()
         self.runs = RunDirectory(settings.data_path)
         self.components: list[Component] = []
         self.producer: Component | None = None
         self.bootstrap: Component | None = None
-        self.bootstrap_thread: threading.Thread | None = None
         self.stack = None
         self.tap: KafkaTap | None = None
         self.probe: ClientProbe | None = None
@@ -719,6 +673,7 @@ class Demo:
         self._bootstrap_tries = 0
         self._bootstrap_retry_at = 0.0
         self.metrics_url = ""
+        self._cpu = CpuShare()
         self._prev_sample: dict[str, Any] | None = None
 
     # -- output ------------------------------------------------------------------
@@ -803,7 +758,7 @@ class Demo:
         for name in ("kafka_bootstrap_servers", "redis_url"):
             if getattr(self.base_settings, name):
                 self.say(f"note: FRESHET_{name.upper()} is ignored: the demo runs on its own embedded stack")
-        self._announce_missing()
+        self.status = {name: "started" for name in ("stream", "serve", "monitor", "retrain")}
 
         if plan.http_port and port_in_use(plan.http_port):
             raise DemoError(f"port {plan.http_port} for the HTTP API is in use; pick another (--http-port) "
@@ -847,17 +802,11 @@ class Demo:
         self._start(["stream", "--app-id", STREAM_APP_ID], "stream", required=True)
         self._start(["serve"], "serve", required=True)
         self.metrics_url = ""
-        if self.available["monitor"]:
-            argv = ["monitor"]
-            if self.available["monitor_config"]:
-                argv += ["--config", str(self._monitor_config(registry))]
-            if self.available["monitor_metrics"]:
-                port = free_port()
-                argv += ["--metrics-port", str(port)]
-                self.metrics_url = f"http://127.0.0.1:{port}/metrics"
-            self._start(argv, "monitor", required=False)
-        if self.available["retrain"]:
-            self._start(["retrain"], "retrain", required=False)
+        port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        self._start(["monitor", "--config", str(self._monitor_config(registry)), "--metrics-port", str(port)],
+                    "monitor", required=True)
+        self._start(["retrain"], "retrain", required=True)
         self._wait_for_stream()
 
         # simulated time ends about when traffic does, so no event carries a future time
@@ -871,7 +820,7 @@ class Demo:
         self.producer = self._start(argv, "produce", required=True, stdout_name="produce.json")
 
         self.probe = ClientProbe(self.settings, registry, self.topic, rec.meta["endpoints"]["api"], token,
-                                 rec, plan, self.start_ts, shadow_detector=not self.metrics_url)
+                                 rec, plan, self.start_ts)
         self.tap = KafkaTap(self.settings, self.topic, rec, self.probe, self.start_ts)
         self.offsets = _OffsetReader(self.settings, self.topic)
         self.probe.start()
@@ -908,32 +857,17 @@ class Demo:
                  f"left out: they only fill up during a {plan.minutes:g}-minute demo); see monitor.json")
         return path
 
-    def _announce_missing(self) -> None:
-        a = self.available
-        self.status = {"stream": "started", "serve": "started"}
-        if a["monitor"]:
-            self.status["monitor"] = "started"
-        else:
-            self.status["monitor"] = "missing: no 'freshet monitor' in this build"
-            self.say("note: 'freshet monitor' is not available in this build: no drift alerts will be raised "
-                     "(the report still shows the monitor library's statistics, computed by the demo)")
-        if a["retrain"]:
-            self.status["retrain"] = "started"
-        else:
-            self.status["retrain"] = "missing: no 'freshet retrain' in this build"
-            self.say("note: 'freshet retrain' is not available in this build: no retraining; the demo trains "
-                     "and promotes the first model itself so the API has something to serve")
-        if a["retrain"] and not a["bootstrap"]:
-            self.say("note: 'freshet retrain' has no --bootstrap option: the demo trains the first model itself")
-
     def _start(self, argv: list[str], name: str, required: bool, stdout_name: str | None = None) -> Component:
         assert self.run_dir is not None
+        env = self.env
+        if name in RELAXED_FETCH:
+            env = {**env, "FRESHET_KAFKA_FETCH_MAX_WAIT_MS": str(RELAXED_FETCH_MS)}
         log_path = self.run_dir / "logs" / f"{name}.log"
         log = open(log_path, "ab")  # noqa: SIM115 - owned by the child
         out = open(self.run_dir / stdout_name, "wb") if stdout_name else log  # noqa: SIM115
         # own session: a Ctrl-C in the terminal reaches only the demo, which stops children in order;
         # PDEATHSIG: they still die if the demo itself is killed
-        proc = subprocess.Popen([sys.executable, "-m", "freshet.cli", *argv], env=self.env, stdout=out,
+        proc = subprocess.Popen([*FRESHET, *argv], env=env, stdout=out,
                                 stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
                                 preexec_fn=_die_with_parent)
         log.close()
@@ -1010,7 +944,8 @@ class Demo:
         now = time.time()
         produced, processed, deadletter = self.offsets.read() if self.offsets else (0, 0, 0)
         p = rec.predictions
-        sample = {"at": now, "produced": produced, "processed": processed, "deadletter": deadletter,
+        cpu = self._cpu.sample(self._demo_pids())
+        sample = {"at": now, "produced": produced, "cpu_demo": cpu[0], "cpu_other": cpu[1], "cpu_by": cpu[2], "processed": processed, "deadletter": deadletter,
                   "labels": len(rec.labels), "predictions": len(p["t"]),
                   "prediction_errors": sum(rec.prediction_failures.values()),
                   "backlog": self.probe.backlog if self.probe else 0, "load": round(os.getloadavg()[0], 2)}
@@ -1020,6 +955,15 @@ class Demo:
         if not self.probe.model_ready.is_set() and self._model_ready():
             self.probe.model_ready.set()
             self.say(f"[{self._clock()}] the API serves a model: prediction traffic starts")
+
+    def _demo_pids(self) -> dict[str, int]:
+        pids = {"demo": os.getpid(), **{c.name: c.proc.pid for c in self.components}}
+        if self.bootstrap is not None:
+            pids[f"bootstrap-{self.bootstrap.proc.pid}"] = self.bootstrap.proc.pid
+        status = self.stack.status() if self.stack is not None else None
+        if status is not None:
+            pids.update(kafka=status.kafka_pid, redis=status.redis_pid)
+        return pids
 
     def _scrape_monitor(self, now: float) -> None:
         """The monitor service's own detector statistics, from its Prometheus endpoint."""
@@ -1056,8 +1000,8 @@ class Demo:
     def _first_model(self) -> None:
         """Train the first model once enough labelled traffic exists (`freshet retrain --bootstrap`)."""
         rec = self.record
-        if self.bootstrap is not None or self.bootstrap_thread is not None:
-            if self.bootstrap is not None and not self.bootstrap.running and "bootstrap" not in self.status:
+        if self.bootstrap is not None:
+            if not self.bootstrap.running and "bootstrap" not in self.status:
                 code = self.bootstrap.proc.returncode
                 if code == 0:
                     self.status["bootstrap"] = "freshet retrain --bootstrap: ok"
@@ -1065,17 +1009,16 @@ class Demo:
                 elif code == 1 and self._bootstrap_tries < 3:
                     # not enough labelled data joined yet: ask again a little later
                     self.say(f"[{self._clock()}] 'freshet retrain --bootstrap' found too little labelled "
-                             "data; retrying in 10 s")
+                             "data; retrying in 5 s")
                     self._bootstrap_tries += 1
-                    self._bootstrap_retry_at = time.monotonic() + 10.0
+                    self._bootstrap_retry_at = time.monotonic() + 5.0
                     self.bootstrap = None
                 else:
                     self.status["bootstrap"] = f"freshet retrain --bootstrap exited with code {code}"
-                    msg = (f"'freshet retrain --bootstrap' exited with code {code}; the demo trains the first "
-                           f"model itself. Last lines of {self.bootstrap.log_path}:\n{self.bootstrap.tail()}")
+                    msg = (f"'freshet retrain --bootstrap' exited with code {code}: no model to serve, so no "
+                           f"predictions. Last lines of {self.bootstrap.log_path}:\n{self.bootstrap.tail()}")
                     rec.problem(msg)
                     self.say(f"[{self._clock()}] warning: {msg}")
-                    self._bootstrap_in_demo()
             return
         if len(rec.labels) < self.plan.bootstrap_labels or not self._processed_any():
             return
@@ -1083,27 +1026,10 @@ class Demo:
             return
         rec.meta.setdefault("bootstrap_t", rec.rel(time.time()))
         self.say(f"[{self._clock()}] {len(rec.labels):,} labelled transactions: training the first model")
-        if self.available["bootstrap"]:
-            self._start(["retrain", "--bootstrap"], "bootstrap", required=False)
-        else:
-            self._bootstrap_in_demo()
+        self._start(["retrain", "--bootstrap"], "bootstrap", required=False)
 
     def _processed_any(self) -> bool:
         return bool(self.record.samples and self.record.samples[-1]["processed"] > 0)
-
-    def _bootstrap_in_demo(self) -> None:
-        def work():
-            try:
-                version, info = train_first_model(self.settings, self.registry, self.record, self.plan.seed)
-                self.status["bootstrap"] = f"trained by the demo (fallback): version {version}, {info}"
-                self.say(f"[{self._clock()}] first model trained by the demo: {MODEL} version {version} ({info})")
-            except Exception as exc:  # noqa: BLE001 - reported; traffic goes on without predictions
-                self.status["bootstrap"] = f"failed: {exc}"
-                self.record.problem(f"training the first model failed: {exc}\n{traceback.format_exc(limit=5)}")
-                self.say(f"[{self._clock()}] warning: training the first model failed: {exc}")
-
-        self.bootstrap_thread = threading.Thread(target=work, name="freshet-demo-bootstrap", daemon=True)
-        self.bootstrap_thread.start()
 
     def _progress(self) -> None:
         self._last_print = time.time()
@@ -1139,14 +1065,21 @@ class Demo:
         """After the last event: let the stream, the client and the labels catch up (bounded)."""
         rec = self.record
         self.say(f"[{self._clock()}] traffic done; waiting for the stream and the client to catch up")
-        deadline = time.monotonic() + 20.0
-        while time.monotonic() < deadline:
+        # at most a minute, and only while the stream still makes progress
+        deadline = time.monotonic() + 60.0
+        progress_at, last = time.monotonic(), -1
+        while time.monotonic() < deadline and time.monotonic() - progress_at < 10.0:
             self._check_components()
             self._sample()
             s = rec.samples[-1]
-            if s["processed"] >= s["produced"] and (self.probe is None or self.probe.backlog == 0):
+            sent = (_produce_summary(self.run_dir) or {}).get("sent", s["produced"])
+            if s["processed"] >= max(sent, s["produced"]) and (self.probe is None or self.probe.backlog == 0):
                 break
-            time.sleep(0.5)
+            if s["processed"] > last:
+                progress_at, last = time.monotonic(), s["processed"]
+            time.sleep(1.0)
+            if time.time() - self._last_print >= 5.0:
+                self._progress()
         time.sleep(2.0)  # last labels, alerts and model events
         self._sample()
 
@@ -1155,14 +1088,12 @@ class Demo:
         if self.producer is not None and self.producer.running:
             # SIGINT: the producer publishes the labels still pending and prints its summary
             stop_components([self.producer], grace=15.0, hurry=self.hurry, first_signal=signal.SIGINT)
+        if self.tap is not None:  # first: what the tap read last still reaches the client's count
+            self.tap.stop_event.set()
+            self.tap.join(timeout=5)
         if self.probe is not None:
             self.probe.finish(hurry=True)
             self.probe.join(timeout=10)
-        if self.tap is not None:
-            self.tap.stop_event.set()
-            self.tap.join(timeout=5)
-        if self.bootstrap_thread is not None and self.bootstrap_thread.is_alive():
-            self.bootstrap_thread.join(timeout=0 if self.hurry.is_set() else 20)
         if self.settings is not None and self.run_dir is not None:
             rec.model_versions = _registered_versions(self.settings)
         rest = [c for c in [self.bootstrap, *self.components] if c is not None]
@@ -1191,7 +1122,7 @@ class Demo:
                 self.status[c.name] = "ran"
         rec.meta.update(components=self.status, interrupted=self.interrupted, failed=self.failed,
                         ended_at=datetime.now().isoformat(), produce=_produce_summary(self.run_dir),
-                        available=self.available, start_ts=getattr(self, "start_ts", None))
+                        start_ts=getattr(self, "start_ts", None))
         try:
             html_path, summary = report.write_report(rec.to_dict(), self.run_dir)
         except Exception as exc:  # noqa: BLE001 - the data is still on disk
@@ -1205,6 +1136,45 @@ class Demo:
         self.say(report.headline(summary))
         self.say(f"\nreport  {html_path}\nsummary {self.run_dir / 'summary.json'}\nlogs    {self.run_dir / 'logs'}")
         return html_path, summary
+
+
+class CpuShare:
+    """CPU used since the last sample, in cores: per demo process, by all of them, and by the
+    rest of the machine (other users' work competes with the demo and inflates its latencies)."""
+
+    def __init__(self) -> None:
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.last: tuple[float, float, dict[str, float]] | None = None
+
+    @staticmethod
+    def _busy_total() -> float:
+        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0.0)  # minus idle, iowait
+
+    @staticmethod
+    def _ticks(pid: int) -> float | None:
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return float(f[11]) + float(f[12])
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def sample(self, pids: dict[str, int]) -> tuple[float | None, float | None, dict[str, float]]:
+        now = time.monotonic()
+        try:
+            busy = self._busy_total()
+        except OSError:
+            return None, None, {}
+        ticks = {name: t for name, pid in pids.items() if (t := self._ticks(pid)) is not None}
+        last, self.last = self.last, (now, busy, ticks)
+        if last is None or now <= last[0]:
+            return None, None, {}
+        dt = (now - last[0]) * self.tick
+        # processes that started or ended between samples count from their next full interval
+        per = {name: round(max(0.0, (t - last[2][name]) / dt), 3) for name, t in ticks.items() if name in last[2]}
+        demo = sum(per.values())
+        other = max(0.0, (busy - last[1]) / dt - demo)
+        return round(demo, 3), round(other, 3), per
 
 
 class _OffsetReader:
@@ -1223,57 +1193,22 @@ class _OffsetReader:
         self.last = (0, 0, 0)
 
     def read(self) -> tuple[int, int, int]:
-        try:
-            produced = sum(self.c.get_watermark_offsets(tp, timeout=2)[1] for tp in self.tps)
-            committed = sum(max(tp.offset, 0) for tp in self.c.committed(self.tps, timeout=2))
-            dead = sum(self.c.get_watermark_offsets(tp, timeout=2)[1] for tp in self.dl)
-            self.last = (produced, committed, dead)
-        except Exception:  # noqa: BLE001 - keep the last reading; the broker may be busy
-            pass
+        values = list(self.last)
+        reads = (lambda: sum(max(tp.offset, 0) for tp in self.c.committed(self.tps, timeout=2)),
+                 lambda: sum(self.c.get_watermark_offsets(tp, timeout=2)[1] for tp in self.tps),
+                 lambda: sum(self.c.get_watermark_offsets(tp, timeout=2)[1] for tp in self.dl))
+        # committed first: produced read after it can never be below it (no negative lag)
+        for i, read in zip((1, 0, 2), reads):
+            try:
+                values[i] = read()
+            except Exception:  # noqa: BLE001 - keep the last reading; the broker may be busy
+                pass
+        self.last = (max(values[0], values[1]), values[1], values[2])
         return self.last
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.c.close()
-
-
-def train_first_model(settings: Settings, registry, record: DemoRecord, seed: int) -> tuple[str, str]:
-    """Fallback when `freshet retrain --bootstrap` is missing: fit the example pipeline on a
-    point-in-time training set of the labels seen so far, register and promote it."""
-    import numpy as np
-    import pandas as pd
-    from sklearn.impute import SimpleImputer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from serving.models import promote, register_sklearn_model
-    from stream.backfill import _feature_refs, training_set
-
-    rows = [r for r in list(record.label_rows) if r[0] in record.amounts and None not in r]
-    if len(rows) < 200:
-        raise DemoError(f"only {len(rows)} labelled transactions to train on")
-    labels = pd.DataFrame(rows, columns=["tx", "card_id", "merchant_id", "event_ts", "label"])
-    labels["amount"] = [record.amounts[tx] for tx in labels["tx"]]
-    refs = _feature_refs(registry, None)
-    ts = training_set(settings, registry, labels, refs, progress=False)
-    columns = [r.replace(":", "__") for r in refs] + ["amount"]
-    X = ts[columns].astype(float).to_numpy()
-    y = ts["label"].astype(int).to_numpy()
-    if y.min() == y.max():
-        raise DemoError("the labels seen so far hold one class only")
-    pipe = Pipeline([("impute", SimpleImputer()), ("scale", StandardScaler()),
-                     ("clf", LogisticRegression(max_iter=2000, random_state=seed))])
-    pipe.fit(X, y)
-    error = float(np.mean(pipe.predict(X) != y))
-    window = (float(labels["event_ts"].min()), float(labels["event_ts"].max()))
-    version = register_sklearn_model(
-        settings, MODEL, pipe, [*refs, "amount"],
-        lineage={"feature_service": next(iter(registry.feature_services), ""), "training_window": window,
-                 "seed": seed, "rows": len(y), "trained_by": "freshet demo (fallback first model)"},
-        metrics={"train_error": error, "train_rows": float(len(y))})
-    promote(settings, MODEL, version)
-    return version, f"{len(y):,} rows, training error {error:.3f}"
 
 
 def _registered_versions(settings: Settings) -> list[dict[str, Any]]:
@@ -1314,20 +1249,14 @@ def _version_key(v: str) -> tuple:
 
 # --- the subcommand --------------------------------------------------------------------------
 
-def _available(sub: argparse._SubParsersAction, handlers: dict[str, Callable]) -> dict[str, Any]:
-    """Which optional components this build has, read from the CLI's own parser."""
-    retrain = sub.choices.get("retrain")
-    bootstrap = bool(retrain) and any("--bootstrap" in a.option_strings for a in retrain._actions)
-    monitor = sub.choices.get("monitor")
-    options = {o for a in (monitor._actions if monitor else []) for o in a.option_strings}
-    metrics, config = "--metrics-port" in options, "--config" in options
-    return {"monitor": "monitor" in handlers, "retrain": "retrain" in handlers, "bootstrap": bootstrap,
-            "monitor_metrics": metrics, "monitor_config": config, "alerts": "alerts" in handlers}
+def _fail(message: str) -> int:
+    # printed here rather than raised as CliError: under `python -m freshet.cli` that class
+    # exists twice (__main__ and freshet.cli) and main() would not recognise ours
+    print(f"freshet: error: {message}", file=sys.stderr)
+    return 2
 
 
 def cmd_demo(args, settings: Settings, sub, handlers) -> int:
-    from freshet.cli import CliError
-
     if args.demo_data_dir:
         settings = dataclasses.replace(settings, data_dir=args.demo_data_dir)
     drift = tuple(args.drift) if args.drift else tuple(parse_demo_drift(d) for d in DEFAULT_DRIFT)
@@ -1337,15 +1266,17 @@ def cmd_demo(args, settings: Settings, sub, handlers) -> int:
                     time_scale=args.time_scale, cards=args.cards, predict_share=args.predict_share,
                     bootstrap_labels=args.bootstrap_labels, http_port=args.http_port,
                     kafka_port=args.kafka_port, redis_port=args.redis_port)
+    from freshet.stack import port_in_use
+
+    for name, port in (("HTTP API", plan.http_port), ("Kafka broker", plan.kafka_port), ("Redis", plan.redis_port)):
+        if port and port_in_use(port):
+            flag = {"HTTP API": "--http-port", "Kafka broker": "--kafka-port", "Redis": "--redis-port"}[name]
+            return _fail(f"port {port} for the {name} is in use; pick another ({flag}) or 0 for a free one")
     try:
         plan.check()
-        demo = Demo(plan, settings, _available(sub, handlers))
+        return Demo(plan, settings).run()
     except DemoError as exc:
-        raise CliError(str(exc)) from None
-    try:
-        return demo.run()
-    except DemoError as exc:
-        raise CliError(str(exc)) from None
+        return _fail(str(exc))
 
 
 def _positive(kind: type, what: str) -> Callable[[str], Any]:
@@ -1409,8 +1340,9 @@ def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
                    help=f"number of cards (default {DEFAULT_CARDS}; keep rate / time-scale / cards <= 0.002)")
     p.add_argument("--predict-share", type=_share, default=1.0,
                    help="share of transactions scored over the HTTP API (default 1)")
-    p.add_argument("--bootstrap-labels", type=_positive(int, "a whole number > 0"), default=2000,
-                   help="labelled transactions to wait for before training the first model (default 2000)")
+    p.add_argument("--bootstrap-labels", type=_positive(int, "a whole number > 0"), default=1000,
+                   help="labelled transactions before the first model is asked for (default 1000; "
+                        "'freshet retrain --bootstrap' trains on all labels there are once it has started)")
     p.add_argument("--http-port", type=_port, default=0, help="HTTP API port (default: a free one)")
     p.add_argument("--kafka-port", type=_port, default=0, help="broker port (default: a free one)")
     p.add_argument("--redis-port", type=_port, default=0, help="Redis port (default: a free one)")

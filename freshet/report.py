@@ -72,6 +72,8 @@ def summarize(data: dict) -> dict[str, Any]:
     last = samples[-1] if samples else {"produced": 0, "processed": 0, "deadletter": 0}
     produce = meta.get("produce") or {}
     traffic_s = produce.get("elapsed_s") or (samples[-1]["t"] if samples else 0.0)
+    if produce.get("sent") is not None:  # the producer's own count, acknowledged by the broker
+        last = {**last, "produced": max(0, produce["sent"] - produce.get("failed", 0))}
     rates = _rates(samples, "processed", 5.0)
     fr = data["freshness"]
     p = data["predictions"]
@@ -89,6 +91,8 @@ def summarize(data: dict) -> dict[str, Any]:
                          "error_rate": round(float(np.mean([a != b for a, b in lab])), 4) if lab else None}
     failures = data.get("prediction_failures", {})
     loads = [x["load"] for x in samples if x.get("load") is not None]
+    cpu_demo = [x["cpu_demo"] for x in samples if x.get("cpu_demo") is not None]
+    cpu_other = [x["cpu_other"] for x in samples if x.get("cpu_other") is not None]
     summary = {
         "run_dir": meta.get("run_dir"),
         "interrupted": bool(meta.get("interrupted")),
@@ -104,6 +108,8 @@ def summarize(data: dict) -> dict[str, Any]:
         "freshness_ms": {"p50": _q(fr["all_ms"], 50), "p99": _q(fr["all_ms"], 99), "max": _q(fr["all_ms"], 100),
                          "card_view_p50": _q(fr["first_ms"], 50), "card_view_p99": _q(fr["first_ms"], 99),
                          "samples": len(fr["all_ms"]), "not_visible_within_30s": fr.get("not_visible", 0),
+                         "unresolved_at_end": fr.get("unresolved", 0),
+                         "events_read": fr.get("transactions_read", 0),
                          "measured": "Kafka create time of each event -> first poll that sees its event time "
                                      "in Redis for every view (polled every ~10 ms)"},
         "api_ms": {"p50": _q(p["latency_ms"], 50), "p99": _q(p["latency_ms"], 99),
@@ -120,13 +126,54 @@ def summarize(data: dict) -> dict[str, Any]:
         "promotions_after_drift": sum(e["after_drift"] for e in promotions),
         "error_rate": error_buckets(data),
         "error_rate_by_version": by_version,
-        "demo_detector_alerts": len(data.get("detector_alerts", [])),
         "machine": {"cpus": meta.get("cpus"),
                     "load_1m_mean": round(float(np.mean(loads)), 2) if loads else None,
-                    "load_1m_max": round(float(np.max(loads)), 2) if loads else None},
+                    "load_1m_max": round(float(np.max(loads)), 2) if loads else None,
+                    "cpu_demo_cores": round(float(np.mean(cpu_demo)), 2) if cpu_demo else None,
+                    "cpu_other_cores": round(float(np.mean(cpu_other)), 2) if cpu_other else None,
+                    "cpu_cores_by_process": _cpu_by(samples)},
         "problems": data.get("problems", []),
     }
+    summary["warnings"] = _warnings(summary, data)
     return summary
+
+
+def _cpu_by(samples: list[dict]) -> dict[str, float]:
+    """Average cores per demo process over the run (bootstrap runs summed into one entry)."""
+    n = sum(1 for x in samples if x.get("cpu_by"))
+    totals: dict[str, float] = {}
+    for x in samples:
+        for name, v in (x.get("cpu_by") or {}).items():
+            key = "bootstrap" if name.startswith("bootstrap") else name
+            totals[key] = totals.get(key, 0.0) + v
+    return {k: round(v / n, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])} if n else {}
+
+
+def _warnings(s: dict, data: dict) -> list[str]:
+    """What makes this run's numbers less than they seem, in words."""
+    out = []
+    p = data["predictions"]
+    drifts = s["drift"]
+    if drifts and p["t"]:
+        first_pred, first_drift = min(p["t"]), drifts[0]["t"]
+        if first_pred >= first_drift:
+            out.append(f"the first model was served at {first_pred:.0f} s, after the first drift at "
+                       f"{first_drift:.0f} s: there is no 'before drift' baseline; inject drift later or "
+                       "give the demo more CPU")
+        else:
+            warm = [t for t in sorted(p["t"])[2000:2001]]
+            if warm and warm[0] > first_drift:
+                out.append(f"the monitor's reference window (the first 2000 predictions) ended at {warm[0]:.0f} s, "
+                           f"after the first drift at {first_drift:.0f} s: part of the reference is drifted")
+    m = s.get("machine") or {}
+    if m.get("cpus") and (m.get("cpu_other_cores") or 0) > 0.25 * m["cpus"]:
+        out.append(f"other work on this machine used {m['cpu_other_cores']:.1f} of its {m['cpus']} CPUs on average "
+                   f"during the run (the demo used {m['cpu_demo_cores']:.1f}): freshness and latency are inflated "
+                   "by that contention")
+    ev = s["events"]
+    if ev["produced"] and ev["processed"] < 0.99 * ev["produced"]:
+        out.append(f"the stream had processed {ev['processed']:,} of {ev['produced']:,} events when the demo stopped")
+    return out
 
 
 def headline(s: dict) -> str:
@@ -156,12 +203,14 @@ def headline(s: dict) -> str:
         f"after promotion {rate('after_promotion')}",
     ]
     m = s.get("machine") or {}
-    if m.get("load_1m_mean") is not None:
-        lines.append(f"machine      {m['cpus']} CPUs, load average {m['load_1m_mean']} (max {m['load_1m_max']}) "
-                     "during the run")
+    if m.get("cpu_demo_cores") is not None:
+        lines.append(f"machine      {m['cpus']} CPUs: the demo's processes used {m['cpu_demo_cores']:.2f} cores on "
+                     f"average, other work {m['cpu_other_cores']:.2f} (load average {m['load_1m_mean']})")
     missing = [f"{k}: {v}" for k, v in s["components"].items() if str(v).startswith(("missing", "exited", "failed"))]
     if missing:
         lines.append("missing      " + "; ".join(missing))
+    for w in s.get("warnings", []):
+        lines.append(f"warning      {w}")
     if s["problems"]:
         lines.append(f"problems     {len(s['problems'])} (see summary.json)")
     return "\n".join(lines)
@@ -239,7 +288,8 @@ def _png(fig) -> bytes:
 def plot_throughput(data: dict):
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(10, 7.5), sharex=True,
+                                     gridspec_kw={"height_ratios": [1, 1.2, 0.55]})
     n = 0
     for key, label, color in (("produced", "produced", "#999"), ("processed", "processed by the stream", "#1f77b4")):
         t, r = _rates(data["samples"], key, 5.0)
@@ -263,10 +313,24 @@ def plot_throughput(data: dict):
     else:
         _empty(a2, "no freshness samples")
     a2.set_ylabel("freshness, ms (log)")
-    a2.set_xlabel("seconds since the first event")
     a2.set_title("Freshness: event produced -> its event time visible in Redis for every view")
     _events_lines(a2, data, label=False)
     a2.grid(alpha=0.3, which="both")
+    samples = [x for x in data["samples"] if x.get("cpu_demo") is not None]
+    if samples:
+        t = [x["t"] for x in samples]
+        a3.stackplot(t, [x["cpu_demo"] for x in samples], [x["cpu_other"] for x in samples],
+                     labels=["the demo's processes", "other work on the machine"], colors=["#1f77b4", "#bbb"],
+                     alpha=0.8)
+        cpus = data["meta"].get("cpus")
+        if cpus:
+            a3.axhline(cpus, color="#333", lw=0.8, ls="--")
+        a3.legend(fontsize=7, loc="upper left")
+    a3.set_ylabel("CPU cores")
+    a3.set_xlabel("seconds since the first event")
+    _events_lines(a3, data, label=False, promotions=False)
+    a3.grid(alpha=0.3)
+    fig.tight_layout()
     return fig, n
 
 
@@ -382,71 +446,88 @@ def plot_feature_drift(data: dict):
 def plot_detector(data: dict):
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 6.4), sharex=True)
     det = data["detector"]
     n = 0
     t = np.asarray(det["t"], dtype=float)
     stats = det["stats"]
-    shift_names = sorted({k for s in stats for k in s if k.startswith("shift:")})
+    shift_names = sorted({k for st in stats for k in st if k.startswith("shift:")})
     if len(t) and shift_names:
-        peak = {k: max(abs(s.get(k, 0.0)) for s in stats) for k in shift_names}
-        top = sorted(shift_names, key=lambda k: -peak[k])[:4]
-        if "shift:__score__" in shift_names and "shift:__score__" not in top:
-            top.append("shift:__score__")
+        # the streams that alerted first, then the largest moves; the score and the amount always
+        alerted = [f"shift:{a['subject']}" for a in sorted(data["alerts"], key=lambda a: a["t"])]
+        peak = {k: max(abs(st.get(k, 0.0)) for st in stats) for k in shift_names}
+        top = list(dict.fromkeys([k for k in alerted if k in peak][:2]
+                                 + sorted(shift_names, key=lambda k: -peak[k])))[:3]
+        for extra in ("shift:amount", "shift:score"):
+            if extra in peak and extra not in top:
+                top.append(extra)
         for k in top:
-            y = np.array([s.get(k, np.nan) for s in stats], dtype=float)
+            y = np.array([st.get(k, np.nan) for st in stats], dtype=float)
             a1.plot(t, y, lw=1.3, label=_short(k.split(":", 1)[1]))
             n += int(np.isfinite(y).sum())
         a1.set_ylabel("recent mean shift\n(reference sd)")
-        a1.legend(fontsize=7, loc="upper left")
     else:
-        _empty(a1, "no detector statistics (the monitor library was not available, or no predictions)")
+        _empty(a1, "no detector statistics (no monitor, or no predictions reached it)")
     a1.set_title("Detector statistics and drift alerts" + (f"\nstatistics from {det['source']}" if det.get("source") else ""),
                  fontsize=10)
-    for ax, kinds in ((a1, ("feature", "prediction", "data_quality")), (a2, ("performance",))):
-        _alert_marks(ax, data, kinds)
-    if len(t) and any("error_rate:recent" in s for s in stats):
-        for k, style in (("error_rate:recent", "-"), ("error_rate:reference", "--"), ("estimated_error_rate", ":")):
-            y = np.array([s.get(k, np.nan) for s in stats], dtype=float)
+    _alert_marks(a1, data, ("feature", "prediction", "data_quality"))
+    a1.legend(fontsize=7, loc="upper left")
+
+    if len(t):
+        for k, style, label in (("error_rate:recent", "-", "recent error rate (monitor)"),
+                                ("error_rate:reference", "--", "reference error rate (monitor)"),
+                                ("estimated_error_rate", ":", "label-free estimate (monitor)")):
+            y = np.array([st.get(k, np.nan) for st in stats], dtype=float)
             if np.isfinite(y).any():
-                a2.plot(t, y, ls=style, lw=1.3, label=k.replace("_", " "))
+                a2.plot(t, y, ls=style, lw=1.3, label=label)
                 n += int(np.isfinite(y).sum())
-        a2.set_ylabel("error rate")
-        a2.legend(fontsize=7, loc="upper left")
-    else:
-        _empty(a2, "no labelled outcomes reached the detector")
+    pt, rate = _rolling_error(data, 1000)
+    if len(pt):
+        a2.plot(pt, rate, color="#777", lw=1.2, label="error rate of the last 1000 labelled predictions (demo's join)")
+        n += len(pt)
+    if not a2.lines:
+        _empty(a2, "no labelled predictions")
+    _alert_marks(a2, data, ("performance",))
+    a2.set_ylabel("error rate")
+    a2.legend(fontsize=7, loc="upper left")
     _events_lines(a1, data, label=False)
     _events_lines(a2, data, label=False)
     a2.set_xlabel("seconds since the first event")
     for ax in (a1, a2):
         ax.grid(alpha=0.3)
+    fig.tight_layout()
     return fig, n
 
 
+def _rolling_error(data: dict, window: int) -> tuple[np.ndarray, np.ndarray]:
+    p = data["predictions"]
+    rows = sorted((t, int(l != y)) for t, l, y in zip(p["t"], p["label"], p["truth"])
+                  if y is not None and l is not None)
+    if len(rows) < window:
+        return np.array([]), np.array([])
+    t = np.array([r[0] for r in rows])
+    w = np.cumsum([r[1] for r in rows], dtype=float)
+    rate = (w[window:] - w[:-window]) / window
+    step = max(1, len(rate) // 400)
+    return t[window:][::step], rate[::step]
+
+
 def _alert_marks(ax, data: dict, kinds: tuple[str, ...]) -> None:
+    """Alerts of freshet monitor as vertical lines, with the count per burst on top."""
     alerts = sorted((a for a in data["alerts"] if a["kind"] in kinds), key=lambda a: a["t"])
     for i, a in enumerate(alerts):
-        ax.axvline(a["t"], color="#ff7f0e", lw=1.5, alpha=0.7, label="alert (freshet monitor)" if i == 0 else None)
-    # one label per burst of alerts (within 10 s), naming its first subjects
+        ax.axvline(a["t"], color="#ff7f0e", lw=1.2, alpha=0.6,
+                   label=f"{'/'.join(kinds[:2])} alert (freshet monitor)" if i == 0 else None)
     bursts: list[list[dict]] = []
     for a in alerts:
-        if bursts and a["t"] - bursts[-1][0]["t"] <= 10.0:
+        if bursts and a["t"] - bursts[-1][0]["t"] <= 5.0:
             bursts[-1].append(a)
         else:
             bursts.append([a])
-    for b in bursts[:8]:
-        names = sorted({_short(a["subject"]) for a in b})
-        text = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
-        ax.annotate(f"{len(b)} alert{'s' if len(b) > 1 else ''}: {text}", (b[0]["t"], 0.97),
-                    xycoords=("data", "axes fraction"), rotation=90, fontsize=7, color="#a65300",
-                    xytext=(-9, 0), textcoords="offset points", va="top", ha="right")
-    first = True
-    first = True
-    for a in data.get("detector_alerts", []):
-        if a["kind"] in kinds:
-            ax.plot([a["t"]], [1.0], marker="v", color="#7f7f7f", transform=ax.get_xaxis_transform(),
-                    label="alert (library in the demo)" if first else None, clip_on=False)
-            first = False
+    for b in bursts:
+        if len(b) > 1:
+            ax.annotate(f"×{len(b)}", (b[0]["t"], 0.0), xycoords=("data", "axes fraction"), fontsize=7,
+                        color="#a65300", xytext=(2, 2), textcoords="offset points", va="bottom")
 
 
 def _short(subject: str) -> str:
@@ -600,8 +681,9 @@ def _html(s: dict, figures: list[tuple[str, str, bytes]]) -> str:
         ("API /predict (client side)", f"p50 {ms(s['api_ms']['p50'])}, p99 {ms(s['api_ms']['p99'])}, "
                                        f"p99.9 {ms(s['api_ms']['p999'])} ({s['api_ms']['requests_ok']:,} ok, "
                                        f"{s['api_ms']['requests_failed']:,} failed)"),
-        ("machine", f"{s['machine']['cpus']} CPUs, load average (1 min) during the run: mean "
-                    f"{s['machine']['load_1m_mean']}, max {s['machine']['load_1m_max']}"),
+        ("machine", f"{s['machine']['cpus']} CPUs; the demo's processes used {s['machine']['cpu_demo_cores']} "
+                    f"cores on average, other work {s['machine']['cpu_other_cores']} (load average "
+                    f"{s['machine']['load_1m_mean']}, max {s['machine']['load_1m_max']})"),
         ("drift injected", ", ".join(f"{d['kind']} at {d['t']:.0f} s" for d in s["drift"]) or "none"),
         ("drift alerts", f"{len(s['alerts'])} ({s['alerts_after_injection']} after the injection)"
          + "".join(f"<br><small>{a['t']:.1f} s: {e(a['kind'])} · {e(a['subject'])} · {e(a['detector'])}</small>"
@@ -613,6 +695,7 @@ def _html(s: dict, figures: list[tuple[str, str, bytes]]) -> str:
     ]
     comps = "".join(f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in s["components"].items())
     problems = "".join(f"<li><pre>{e(p)}</pre></li>" for p in s["problems"])
+    warnings = "".join(f"<li>{e(w)}</li>" for w in s.get("warnings", []))
     state = "interrupted" if s["interrupted"] else ("failed: " + e(s["failed"]) if s["failed"] else "completed")
     plan = s.get("plan") or {}
     figs = "".join(
@@ -632,6 +715,7 @@ section {{ margin-top: 2em; }} pre {{ white-space: pre-wrap; font-size: 12px; }}
 events/s, simulated time ×{plan.get('time_scale', '?')}, seed {plan.get('seed', '?')}.</p>
 <table>{''.join(f'<tr><td>{k}</td><td>{v}</td></tr>' for k, v in rows)}</table>
 <h3>Components</h3><ul>{comps}</ul>
+{f'<h3>Read with care</h3><ul>{warnings}</ul>' if warnings else ''}
 {f'<h3>Problems</h3><ul>{problems}</ul>' if problems else ''}
 {figs}
 </body></html>

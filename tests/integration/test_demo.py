@@ -1,0 +1,181 @@
+"""`freshet demo` end to end: a shortened run on its own embedded stack, judged by its summary.
+
+One short run (about 1.75 minutes of traffic at 200 events/s, simulated time x30) feeds
+most tests; it starts from a data dir holding a stale run (a stack.json of dead processes
+and a corrupt Feast registry). A second run is interrupted with SIGINT once traffic flows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# what a user runs: the installed console script
+_SCRIPT = Path(sys.executable).with_name("freshet")
+CLI = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "freshet.cli"]
+SHORT = ["--minutes", "1.75", "--rate", "200", "--time-scale", "30", "--cards", "5000",
+         "--bootstrap-labels", "1500", "--drift", "covariate@1"]
+DRIFT_T = 60.0  # covariate@1: one minute of traffic
+
+
+def _env() -> dict[str, str]:
+    # the demo runs its own stack; nothing of the caller's FRESHET_* endpoints may leak in
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _stale_run(data: Path) -> Path:
+    stale = data / "demo" / "run-20000101-000000"
+    stale.mkdir(parents=True)
+    (stale / "stack.json").write_text(json.dumps({
+        "kafka": "127.0.0.1:1", "redis_url": "redis://127.0.0.1:1/0", "kafka_pid": 2 ** 22 - 3,
+        "redis_pid": 2 ** 22 - 5, "log_dir": str(stale / "logs")}))
+    (stale / "registry.db").write_bytes(b"not a registry")
+    return stale
+
+
+def _run_dir(stdout: str) -> Path:
+    for line in stdout.splitlines():
+        if line.startswith("summary "):
+            return Path(line.split(None, 1)[1]).parent
+    raise AssertionError(f"no summary path in the demo's output:\n{stdout[-3000:]}")
+
+
+def _survivors(run_dir: Path) -> list[str]:
+    """Processes whose command line or FRESHET_DATA_DIR points into the run directory."""
+    needle = str(run_dir).encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if needle in cmd or b"FRESHET_DATA_DIR=" + needle in env:
+            readable = cmd.replace(b"\0", b" ").decode(errors="replace")[:160]
+            found.append(f"{pid}: {readable}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory):
+    data = tmp_path_factory.mktemp("demo-data")
+    stale = _stale_run(data)
+    started = time.monotonic()
+    proc = subprocess.run([*CLI, "demo", *SHORT, "--data-dir", str(data)], env=_env(), capture_output=True,
+                          text=True, timeout=420)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    run_dir = _run_dir(proc.stdout)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"proc": proc, "run_dir": run_dir, "summary": summary, "elapsed": elapsed, "stale": stale,
+            "data": data}
+
+
+def test_demo_processes_the_workload_and_prints_the_headline(short_demo):
+    s, out = short_demo["summary"], short_demo["proc"].stdout
+    ev = s["events"]
+    assert ev["produced"] >= 200 * 60, ev  # at least a minute's worth of the offered 200/s
+    assert ev["processed"] >= 0.99 * ev["produced"], ev
+    assert s["events_per_s"] > 100
+    for words in ("events ", "freshness ", "API /predict", "alerts ", "promotions ", "error rate ", "report "):
+        assert words in out, out[-2000:]
+
+
+def test_report_has_every_plot_with_data(short_demo):
+    s, run_dir = short_demo["summary"], short_demo["run_dir"]
+    page = (run_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 6
+    for name in ("throughput_freshness", "latency", "feature_drift", "detector", "error_rate", "promotions"):
+        plot = s["plots"][name]
+        assert plot["points"] > 0, (name, plot)
+        assert (run_dir / plot["file"]).stat().st_size > 10_000, name
+
+
+def test_every_event_is_measured_for_freshness_or_counted_as_not_visible(short_demo):
+    s = short_demo["summary"]
+    fr, api = s["freshness_ms"], s["api_ms"]
+    accounted = fr["samples"] + fr["not_visible_within_30s"] + fr["unresolved_at_end"]
+    # every message the client read (a producer retry may have written one twice), and all were read
+    assert accounted == fr["events_read"] >= s["events"]["produced"], fr
+    assert fr["samples"] > 0 and 0 < fr["p50"] <= fr["p99"], fr
+
+
+def test_predictions_are_timed_and_almost_none_fail(short_demo):
+    api = short_demo["summary"]["api_ms"]
+    assert api["requests_ok"] > 1000, api
+    assert 0 < api["p50"] <= api["p99"], api
+    assert api["requests_failed"] <= 0.01 * api["requests_ok"], api
+
+
+def test_drift_alert_after_the_injection_and_a_retrained_model_promoted(short_demo):
+    s = short_demo["summary"]
+    assert s["components"]["monitor"] == "ran" and s["components"]["retrain"] == "ran", s["components"]
+    assert s["alerts"], "no drift alert"
+    assert s["alerts_after_injection"] >= 1
+    assert min(a["t"] for a in s["alerts"]) >= DRIFT_T, [(a["t"], a["subject"]) for a in s["alerts"]]
+    assert s["retrainings"], "no retraining requested"
+    assert s["promotions_after_drift"] >= 1, s["promotions"]
+    after = s["error_rate"]["after_promotion"]
+    assert after["labelled_predictions"] > 0, s["error_rate"]
+
+
+def test_a_stale_run_in_the_data_dir_is_left_alone_and_not_reused(short_demo):
+    run_dir, stale = short_demo["run_dir"], short_demo["stale"]
+    assert run_dir != stale and run_dir.parent == stale.parent
+    assert not (stale / "stack.json").exists()  # its dead processes were noticed and the file removed
+    assert (short_demo["data"] / "demo" / "latest").resolve() == run_dir.resolve()
+
+
+def test_no_process_outlives_the_demo(short_demo):
+    assert _survivors(short_demo["run_dir"]) == []
+
+
+def test_ctrl_c_stops_every_process_and_still_writes_the_report(tmp_path):
+    proc = subprocess.Popen([*CLI, "demo", "--minutes", "3", "--rate", "200", "--data-dir", str(tmp_path)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.monotonic() + 240
+    try:
+        for line in proc.stdout:  # wait until traffic has flowed for a few seconds
+            lines.append(line)
+            if line.startswith("[0:0") and "events" in line and "events 0 " not in line:
+                break
+            assert time.monotonic() < deadline, "".join(lines[-30:])
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(lines) + rest
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out
+    run_dir = _run_dir(out)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    assert summary["events"]["produced"] > 0
+    assert (run_dir / "report.html").stat().st_size > 10_000
+    assert _survivors(run_dir) == []
+
+
+def test_a_busy_port_is_reported_before_anything_starts(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([*CLI, "demo", "--http-port", str(port), "--data-dir", str(tmp_path)],
+                              env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"port {port}" in proc.stderr and "in use" in proc.stderr and "--http-port" in proc.stderr
+    assert not (tmp_path / "demo").exists()
