@@ -190,9 +190,12 @@ class _RespProtocol(asyncio.Protocol):
         self.closed = False
         self.out: list[bytes] = []
         self.flush_scheduled = False
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        # kept: asyncio.get_running_loop() costs a getpid() syscall per call on CPython 3.11
+        self.loop = asyncio.get_running_loop()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -223,7 +226,7 @@ class _RespProtocol(asyncio.Protocol):
                 w.future.set_exception(error)
 
     def send(self, blob: bytes, n: int) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         fut = loop.create_future()
         self.waiters.append(_Waiter(fut, n))
         # Requests of one event-loop turn leave in one write: a syscall per request costs more

@@ -38,7 +38,8 @@ class PredictionLog:
     not take them within `delivery_timeout_s`) and `disabled` (no Kafka configured).
     """
 
-    def __init__(self, settings: Settings, max_pending: int = 100_000, delivery_timeout_s: float = 60.0):
+    def __init__(self, settings: Settings, max_pending: int = 100_000, delivery_timeout_s: float = 60.0,
+                 handover_s: float = 0.005):
         self.settings = settings
         self.topic = settings.topic_predictions
         self.max_pending = max_pending
@@ -50,6 +51,11 @@ class PredictionLog:
         self._thread: threading.Thread | None = None
         self._batch: list[dict] = []
         self._batch_scheduled = False
+        # Predictions go to librdkafka every `handover_s`, not per request: each hand-over wakes
+        # its threads (a futex and a context switch), which cost more than the request itself
+        # at one request per event-loop turn. Kafka batches them for linger.ms (20) anyway.
+        self.handover_s = handover_s
+        self._loop: asyncio.AbstractEventLoop | None = None
         if self.enabled:
             from freshet import kafka
 
@@ -78,33 +84,41 @@ class PredictionLog:
                 features: dict[str, Any], prediction: dict[str, Any], ts: float | None = None) -> bool:
         """Queue one freshet.predictions/1 message; False (and counted) if it was dropped.
 
-        Called on a running event loop, messages are handed to librdkafka once per loop
-        turn and a drop is counted then (the call returns True).
+        Called on a running event loop, messages are handed to librdkafka every `handover_s`
+        and a drop is counted then (the call returns True).
         """
         if self._producer is None:
             self.dropped["disabled"] += 1
             return False
         value = encode_prediction(request_id, model, model_version, entities, features, prediction, ts)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no event loop: hand it over now
-            try:
-                self._producer.produce(self.topic, value, request_id.encode())
-            except BufferError:
-                self.dropped["buffer_full"] += 1
-                return False
-            self.published += 1
-            return True
-        # On the server's loop, the predictions of one loop turn go to librdkafka in one call
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            try:  # asyncio.get_running_loop() is a getpid() syscall on CPython 3.11: asked once
+                loop = self._loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop: hand it over now
+                try:
+                    self._producer.produce(self.topic, value, request_id.encode())
+                except BufferError:
+                    self.dropped["buffer_full"] += 1
+                    return False
+                self.published += 1
+                return True
         self._batch.append({"value": value, "key": request_id.encode()})
         if not self._batch_scheduled:
             self._batch_scheduled = True
-            loop.call_soon(self._produce_batch)
+            loop.call_later(self.handover_s, self._produce_batch)
         return True
+
+    def hand_over(self) -> None:
+        """Give the predictions waiting for the next hand-over to librdkafka now (counts become current)."""
+        if self._batch:
+            self._produce_batch()
 
     def _produce_batch(self) -> None:
         batch, self._batch = self._batch, []
-        self._batch_scheduled = False
+        self._batch_scheduled = False  # a timer still pending finds an empty batch: harmless
+        if not batch:
+            return
         if self._producer is None:
             self.dropped["disabled"] += len(batch)
             return
@@ -114,6 +128,7 @@ class PredictionLog:
             queued = 0
         self.published += queued
         self.dropped["buffer_full"] += len(batch) - queued
+        self._producer.poll(0)  # serve delivery failures (callbacks) here, without waiting
 
     def start(self) -> None:
         """Create the topic if needed and serve delivery reports, in a background thread."""
@@ -134,15 +149,17 @@ class PredictionLog:
                 except Exception as exc:  # noqa: BLE001 - keep answering; retry later
                     log.warning("prediction log topic %s not ready (%s); retrying", self.topic, exc)
                     retry_at = time.monotonic() + 10
-            self._producer.poll(0.2)  # waits in librdkafka, without the GIL
+            # Delivery failures are served here when idle (and by every hand-over). A blocking
+            # poll(0.2) woke this thread for the GIL thousands of times a second under load.
+            self._producer.poll(0)
+            self._stop.wait(0.5)
 
     def flush(self, timeout: float = 5.0) -> int:
         """Wait for queued messages to be delivered; returns how many are still queued."""
         return self._producer.flush(timeout) if self._producer is not None else 0
 
     def close(self, timeout: float = 5.0) -> None:
-        if self._batch:
-            self._produce_batch()
+        self.hand_over()
         self._stop.set()
         if self._thread:
             self._thread.join(timeout)

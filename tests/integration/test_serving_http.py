@@ -329,10 +329,12 @@ def test_predict_bad_input_names_the_field(http, request_body, status, field):
     assert resp.json()["field"] == field
 
 
-def test_predictions_still_answer_when_kafka_is_down_and_losses_are_counted(settings, reader, model_name, data):
+def test_predictions_still_answer_when_kafka_is_down_and_losses_are_counted(settings, feast_store, model_name,  # noqa: F811
+                                                                             data):
     offline = dataclasses.replace(settings, kafka_bootstrap_servers="127.0.0.1:1")
-    app = create_app(offline, model_name=model_name, reader=reader, registry=ModelRegistry(settings),
-                     model_poll_s=3600)
+    # its own reader: the module's server runs on another event loop, and a loop's connections are its own
+    app = create_app(offline, model_name=model_name, reader=OnlineFeatureReader(settings, store=feast_store),
+                     registry=ModelRegistry(settings), model_poll_s=3600)
     app.prediction_log.close()
     from serving.predictions import PredictionLog
 

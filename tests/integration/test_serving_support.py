@@ -58,8 +58,10 @@ def serve(app):
     from freshet.stack import free_port
 
     port = free_port()
+    from serving.app import http_protocol
+
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning",
-                                           loop="asyncio", access_log=False))
+                                           loop="asyncio", access_log=False, http=http_protocol()))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
