@@ -113,6 +113,14 @@ UP_COMPONENTS = {
 }
 
 
+def create_model_store(settings: Settings) -> None:
+    """Create the MLflow store before components start: serve and retrain creating a fresh
+    sqlite schema at the same moment crash each other (alembic's tmp table exists)."""
+    from serving.models import ModelRegistry
+
+    ModelRegistry(settings, publish_events=False).models()
+
+
 def cmd_up(args, settings: Settings) -> int:
     from freshet import features
     from freshet.stack import EmbeddedStack
@@ -132,6 +140,7 @@ def cmd_up(args, settings: Settings) -> int:
         settings = settings.with_endpoints(e.kafka, e.redis_url)
         print(f"kafka {e.kafka}   redis {e.redis_url}   logs {e.log_dir}", flush=True)
         features.apply(settings)
+        create_model_store(settings)
         env = {**os.environ, **settings.to_env()}
         for name in components:
             out = open(os.path.join(e.log_dir, f"{name}.log"), "ab")  # noqa: SIM115

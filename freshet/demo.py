@@ -796,6 +796,9 @@ class Demo:
                                 s.topic_drift, s.topic_retrain, s.topic_models])
         self.say(f"[setup] {len(registry.views)} stream feature views applied in {time.monotonic() - started:.1f}s")
 
+        from freshet.cli import create_model_store
+
+        create_model_store(self.settings)
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith("FRESHET_") or k == "FRESHET_TRANSACTIONS_TOPIC"}
         self.env.update(self.settings.to_env())
