@@ -139,12 +139,75 @@ class _PredictPlan:
         self.read: ReadPlan | None = reader.plan(refs, full_feature_names=True) if refs else None
         self.fields = [f for f in model.feature_names if ":" not in f]
         position = {r: i for i, r in enumerate(self.read.refs)} if self.read else {}
-        # per model input: (True, index into the read result) or (False, request field name)
-        self.inputs = [(True, position[f]) if ":" in f else (False, f) for f in model.feature_names]
+        # per model input: (True, index into the read result, index of its view) or (False, field name, -1)
+        self.inputs = [(True, position[f], self.read.feature_view[position[f]]) if ":" in f else (False, f, -1)
+                       for f in model.feature_names]
         self.key_types: dict[str, str] = {}
         for vr in (self.read.views if self.read else []):
             self.key_types.update(zip(vr.view.join_keys, vr.view.join_key_types))
         self.generation = reader.generation
+
+
+def _parse_instances(instances: list, batch: bool, plan: _PredictPlan,
+                     model_name: str) -> tuple[dict[str, list], list[dict], list[str | None]]:
+    """Join-key columns, request fields and client request ids of the instances, validated.
+
+    Field names for errors are built only on error: this runs for every prediction.
+    """
+    columns: dict[str, list] = {k: [] for k in plan.key_types}
+    key_types = list(plan.key_types.items())
+    fields_rows: list[dict] = []
+    request_ids: list[str | None] = []
+    first_with_id: dict[str, int] = {}
+
+    def at(i: int, name: str) -> str:
+        return f"instances[{i}].{name}" if batch else name
+
+    for i, inst in enumerate(instances):
+        if type(inst) is not dict:
+            raise HTTPError(422, f"must be a JSON object, got {_json_type(inst)}",
+                            f"instances[{i}]" if batch else "body")
+        rid = inst.get("request_id")
+        if rid is not None:
+            rid = _client_request_id(inst, at(i, "request_id"))
+            if rid in first_with_id:  # one id, two predictions: a label could join only one of them
+                raise HTTPError(422, f"repeats the request_id of instances[{first_with_id[rid]}]", at(i, "request_id"))
+            first_with_id[rid] = i
+        request_ids.append(rid)
+        ents = inst.get("entities", {})
+        if type(ents) is not dict:
+            raise HTTPError(422, f"must be an object of join keys, got {_json_type(ents)}", at(i, "entities"))
+        for key, kind in key_types:
+            v = ents.get(key)
+            if v is None:
+                raise HTTPError(422, f"missing; model {model_name!r} reads features keyed by {key!r}",
+                                at(i, f"entities.{key}"))
+            if not _key_ok(v, kind):
+                raise HTTPError(422, f"{v!r} is not a {kind.lower()}", at(i, f"entities.{key}"))
+            columns[key].append(v)
+        fields = inst.get("fields", {})
+        if type(fields) is not dict:
+            raise HTTPError(422, f"must be an object of request fields, got {_json_type(fields)}", at(i, "fields"))
+        for name in plan.fields:
+            v = fields.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise HTTPError(422, f"must be a number or null, got {_json_type(v)}", at(i, f"fields.{name}"))
+        fields_rows.append(fields)
+    return columns, fields_rows, request_ids
+
+
+def _model_inputs(plan: _PredictPlan, result, fields_rows: list[dict]) -> list[list]:
+    """One row of model inputs per instance; missing and stale features are None (the model fills them)."""
+    inputs = plan.inputs
+    if result is None:
+        return [[fields.get(ref) for _, ref, _ in inputs] for fields in fields_rows]
+    values, row_status = result.values, result.row_status
+    rows = []
+    for r, fields in enumerate(fields_rows):
+        present = [statuses[r] is PRESENT for statuses in row_status]  # per view
+        rows.append([(values[ref][r] if present[view] else None) if from_store else fields.get(ref)
+                     for from_store, ref, view in inputs])
+    return rows
 
 
 class ServingApp:
@@ -402,48 +465,9 @@ class ServingApp:
             raise HTTPError(422, "the batch form takes a request_id per instance, not one for the batch",
                             "request_id")
         plan = self._predict_plan(model)
-        prefix = (lambda i: f"instances[{i}].") if batch else (lambda i: "")
-        columns: dict[str, list] = {k: [] for k in plan.key_types}
-        fields_rows = []
-        request_ids: list[str | None] = []
-        first_with_id: dict[str, int] = {}
-        for i, inst in enumerate(instances):
-            _expect(inst, dict, f"instances[{i}]" if batch else "body", "a JSON object")
-            rid = _client_request_id(inst, f"{prefix(i)}request_id")
-            if rid is not None:
-                if rid in first_with_id:  # one id, two predictions: a label could join only one of them
-                    raise HTTPError(422, f"repeats the request_id of instances[{first_with_id[rid]}]",
-                                    f"{prefix(i)}request_id")
-                first_with_id[rid] = i
-            request_ids.append(rid)
-            ents = _expect(inst.get("entities", {}), dict, f"{prefix(i)}entities", "an object of join keys")
-            for key, kind in plan.key_types.items():
-                v = ents.get(key)
-                if v is None:
-                    raise HTTPError(422, f"missing; model {model.name!r} reads features keyed by {key!r}",
-                                    f"{prefix(i)}entities.{key}")
-                if not _key_ok(v, kind):
-                    raise HTTPError(422, f"{v!r} is not a {kind.lower()}", f"{prefix(i)}entities.{key}")
-                columns[key].append(v)
-            fields = _expect(inst.get("fields", {}), dict, f"{prefix(i)}fields", "an object of request fields")
-            for name in plan.fields:
-                v = fields.get(name)
-                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                    raise HTTPError(422, f"must be a number or null, got {_json_type(v)}",
-                                    f"{prefix(i)}fields.{name}")
-            fields_rows.append(fields)
+        columns, fields_rows, request_ids = _parse_instances(instances, batch, plan, model.name)
         result = await self.reader.read_async(plan.read, columns) if plan.read else None
-        rows = []
-        if result is not None:
-            values, feature_view, row_status = result.values, result.feature_view, result.row_status
-        for r, fields in enumerate(fields_rows):
-            x = []
-            for from_store, ref in plan.inputs:
-                if from_store:  # missing and stale values go to the model as missing
-                    x.append(values[ref][r] if row_status[feature_view[ref]][r] is PRESENT else None)
-                else:
-                    x.append(fields.get(ref))
-            rows.append(x)
+        rows = _model_inputs(plan, result, fields_rows)
         scores = [model.score_one(rows[0])] if len(rows) == 1 else model.predict_proba(rows)
         now = time.time()
         names = model.feature_names
@@ -459,7 +483,7 @@ class ServingApp:
             if log_ is not None:
                 log_.publish(request_id, model.name, model.version, entities, features, prediction, now)
             out.append({"request_id": request_id, "score": score, "label": label, "features": features,
-                        "missing": [n for n, v in features.items() if v is None]})
+                        "missing": [n for n, v in zip(names, x) if v is None]})
         served = (model.name, model.version)
         self.predictions[served] = self.predictions.get(served, 0) + len(out)
         if result is not None:
