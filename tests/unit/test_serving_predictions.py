@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from freshet.contracts import Prediction
@@ -34,3 +35,19 @@ def test_a_full_buffer_drops_and_counts_without_blocking():
     assert results.count(True) == 10 and plog.dropped["buffer_full"] == 90
     plog.close(timeout=3)
     assert plog.dropped["undelivered"] == 10  # the broker never answered: counted once delivery timed out
+
+
+def test_on_an_event_loop_predictions_are_handed_over_together_and_counted_then():
+    plog = PredictionLog(load_settings({}, kafka_bootstrap_servers="127.0.0.1:1"), max_pending=10,
+                         delivery_timeout_s=1)
+
+    async def burst() -> tuple[list[bool], int]:
+        results = [plog.publish(f"r{i}", "m", "1", {}, {"x": 1.0}, {"score": 0.5, "label": 1}) for i in range(30)]
+        waiting = plog.published  # nothing is handed over on the request path
+        await asyncio.sleep(plog.handover_s * 2)  # the hand-over timer is due first
+        return results, waiting
+
+    results, waiting = asyncio.run(burst())
+    assert all(results) and waiting == 0
+    assert plog.published == 10 and plog.dropped["buffer_full"] == 20
+    plog.close(timeout=3)
