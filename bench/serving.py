@@ -8,7 +8,8 @@ one Redis, one Feast registry, one model in MLflow (sqlite). Measured in one run
 - in-process: OnlineFeatureReader.read vs FeatureStore.get_online_features, 1 entity x
   20 features across 2 views, sequential calls;
 - HTTP /get-online-features (the same request) on `freshet serve` and on `feast serve`
-  (Feast's own server, one worker each, both started here as subprocesses);
+  (Feast's own server, one worker each unless --workers sets freshet's, both started here
+  as subprocesses);
 - HTTP /predict (36 features from Redis + 1 request field, a StandardScaler +
   LogisticRegression from the registry, every prediction logged to Kafka): its maximum
   throughput (closed loop) and its latency at a fixed offered load (--rate, open loop).
