@@ -37,14 +37,14 @@ def _stop_on_sigterm(stop) -> None:
 
 # --- retrain ---------------------------------------------------------------------
 
-def _retrain_config(args):
+def _retrain_config(args, settings):
     from freshet.cli import CliError
     from monitor.retrain import RetrainConfig, TrainingWindow
 
     try:
         window = TrainingWindow.of({"start": args.since, "end": args.until,
                                     "last_hours": args.window_hours, "last_n": args.window_labels or None})
-        return RetrainConfig(model=args.model, feature_service=args.feature_service,
+        return RetrainConfig(model=args.model or settings.model_name, feature_service=args.feature_service,
                              request_fields=tuple(args.request_field) if args.request_field is not None else ("amount",),
                              window=window, holdout_fraction=args.holdout, metric=args.metric, margin=args.margin,
                              C=args.C, seed=args.seed, min_rows=args.min_rows, confidence=args.confidence,
@@ -63,7 +63,7 @@ def cmd_retrain(args, settings) -> int:
         raise CliError("--bootstrap trains the first version; it takes no --reason (use --once --reason)")
     manual = args.once or args.bootstrap or bool(args.reason)
     settings = _kafka_settings(settings, required=not manual)
-    config = _retrain_config(args)
+    config = _retrain_config(args, settings)
     try:
         trainer = retrain.Retrainer(settings, config=config, progress=sys.stderr.isatty())
         if manual:
@@ -119,7 +119,7 @@ def _add_retrain(sub) -> None:
     mode.add_argument("--json", action="store_true", help="print the outcome as one JSON line (--once/--bootstrap)")
     mode.add_argument("--group", default="freshet-retrain", help="consumer group of the worker (default: %(default)s)")
     data = p.add_argument_group("data")
-    data.add_argument("--model", default="fraud", help="registered model name (default: %(default)s)")
+    data.add_argument("--model", help="registered model name (default: FRESHET_MODEL_NAME, i.e. fraud)")
     data.add_argument("--feature-service", default="fraud_model_v1",
                       help="Feast feature service the model reads (default: %(default)s)")
     data.add_argument("--request-field", action="append", metavar="FIELD",
@@ -166,7 +166,7 @@ def cmd_monitor(args, settings) -> int:
         if args.config:
             config = service.load_config_file(args.config)
         else:
-            config = service.default_config(registry, args.model, args.feature_service,
+            config = service.default_config(registry, args.model or settings.model_name, args.feature_service,
                                             max_window_s=args.max_window or None)
         overrides = {k: v for k, v in {"kinds": args.retrain_kinds, "min_alerts": args.retrain_min_alerts,
                                        "window_s": args.retrain_window, "cooldown_s": args.retrain_cooldown}.items()
@@ -230,7 +230,7 @@ def _add_monitor(sub) -> None:
                     "  cooldown_s = 900\n\n"
                     "A feature the registry does not know, an unknown detector or setting fails at start-up.")
     p.add_argument("--config", help="monitor config file (TOML or .json)")
-    p.add_argument("--model", default="fraud", help="model to watch without --config (default: %(default)s)")
+    p.add_argument("--model", help="model to watch without --config (default: FRESHET_MODEL_NAME, i.e. fraud)")
     p.add_argument("--feature-service", default="fraud_model_v1",
                    help="features to watch without --config (default: %(default)s)")
     p.add_argument("--max-window", type=int, default=3600,
