@@ -191,7 +191,8 @@ class LabelLog:
                         continue
                     p, off = msg.partition(), msg.offset()
                     offsets[p] = off + 1
-                    pending.add(p)
+                    # a partition that reached its end once is done: labels keep arriving while the
+                    # copy runs, and chasing them would hold a training back until the timeout
                     try:
                         row = label_row(msg.value())
                     except (ContractError, TypeError, ValueError) as exc:

@@ -53,7 +53,7 @@ class PredictionLog:
         self._batch_scheduled = False
         # Predictions go to librdkafka every `handover_s`, not per request: each hand-over wakes
         # its threads (a futex and a context switch), which cost more than the request itself
-        # at one request per event-loop turn. Kafka batches them for linger.ms (20) anyway.
+        # at one request per event-loop turn. Kafka batches them for linger.ms (100) anyway.
         self.handover_s = handover_s
         self._loop: asyncio.AbstractEventLoop | None = None
         if self.enabled:
@@ -63,7 +63,7 @@ class PredictionLog:
                 "queue.buffering.max.messages": max_pending,
                 "queue.buffering.max.kbytes": 256 * 1024,
                 "message.timeout.ms": int(delivery_timeout_s * 1000),
-                "linger.ms": 20,
+                "linger.ms": 100,  # off the request path; fewer, larger batches cost the broker less
                 "acks": 1,
                 # only failures come back to Python: a callback per message would cost the request path
                 "delivery.report.only.error": True,
