@@ -78,7 +78,10 @@ class ViewAggregator:
         return {
             "max_ts": None,
             "tiles": {c: {} for c in self.tiled_columns},  # column -> {tile_start: [count, sum, min, max]}
-            "distinct": {c: {} for c in self.distinct_columns},
+            "distinct": {c: {} for c in self.distinct_columns},  # column -> {value: latest sighting}
+            # column -> {tile_start: values whose latest sighting is in that tile}: a
+            # window's distinct count is a sum over its tiles, not a scan of every value
+            "distinct_tiles": {c: {} for c in self.distinct_columns},
             "last": {c: None for c in self.last_columns},
             "offsets": {},  # "topic:partition" -> last applied offset (exactly-once effects)
         }
@@ -102,8 +105,15 @@ class ViewAggregator:
                     part[3] = v
         for column, seen in state["distinct"].items():
             v = row.get(column)
-            if v is not None and seen.get(v, -math.inf) < ts:
+            if v is None:
+                continue
+            before = seen.get(v)
+            if before is None or before < ts:
                 seen[v] = ts
+                counts = state["distinct_tiles"][column]
+                counts[tile] = counts.get(tile, 0) + 1
+                if before is not None:
+                    _decrement(counts, int(before // self.tile_s) * self.tile_s)
         for column in self.last_columns:
             v = row.get(column)
             cur = state["last"][column]
@@ -120,9 +130,12 @@ class ViewAggregator:
         for tiles in state["tiles"].values():
             for t in [t for t in tiles if t < floor]:
                 del tiles[t]
-        for seen in state["distinct"].values():
-            for v in [v for v, ts in seen.items() if ts < floor]:
-                del seen[v]
+        for column, seen in state["distinct"].items():
+            counts = state["distinct_tiles"][column]
+            # scanning the values only pays once a whole tile has fallen behind the floor
+            if counts and min(counts) + self.tile_s <= floor:
+                for v in [v for v, ts in seen.items() if ts < floor]:
+                    _decrement(counts, int(seen.pop(v) // self.tile_s) * self.tile_s)
 
     def result(self, state: dict, as_of: float | None = None) -> dict[str, Any]:
         """Every aggregation of the view as of `as_of` (default: the entity's latest event).
@@ -159,23 +172,25 @@ class ViewAggregator:
             fn = spec.function
             if fn == "count_distinct":
                 start = window_start(as_of, spec)
-                out[spec.name] = sum(1 for ts in state["distinct"][spec.column].values() if start <= ts <= as_of)
+                # tiles are aligned to every slide, so a tile is wholly in or out
+                out[spec.name] = sum(n for t, n in state["distinct_tiles"][spec.column].items()
+                                     if start <= t <= as_of)
             elif fn == "last":
                 start = window_start(as_of, spec)
                 cur = state["last"][spec.column]
                 out[spec.name] = cur[1] if cur is not None and start <= cur[0] <= as_of else None
         return {spec.name: out[spec.name] for spec in self.specs}
 
-    # The changelog record of one entity. Tiles and distinct values are flat lists,
-    # not JSON objects, so integer tile starts and non-string distinct values keep
-    # their type and the record stays about half the size of the dict form.
+    # The changelog record of one entity. Tiles and distinct values are pairs of lists
+    # (keys, values), not JSON objects, so integer tile starts and non-string distinct
+    # values keep their type; per-tile distinct counts are derived, not stored.
     def encode(self, state: dict) -> bytes:
         """The entity's state as one compact changelog value."""
         return orjson.dumps([
             STATE_FORMAT,
             state["max_ts"],
-            {c: [x for t, part in tiles.items() for x in (t, *part)] for c, tiles in state["tiles"].items()},
-            {c: [x for pair in seen.items() for x in pair] for c, seen in state["distinct"].items()},
+            {c: [list(tiles), list(tiles.values())] for c, tiles in state["tiles"].items()},
+            {c: [list(seen), list(seen.values())] for c, seen in state["distinct"].items()},
             state["last"],
             state["offsets"],
         ])
@@ -189,14 +204,22 @@ class ViewAggregator:
             raise ValueError(f"unknown state format {fmt!r}")
         state = self.new_state()
         state["max_ts"] = max_ts
-        for c, flat in tiles.items():
-            state["tiles"][c] = {flat[i]: flat[i + 1:i + 5] for i in range(0, len(flat), 5)}
-        for c, flat in distinct.items():
-            state["distinct"][c] = dict(zip(flat[::2], flat[1::2]))
+        for c, (starts, parts) in tiles.items():
+            state["tiles"][c] = dict(zip(starts, parts))
+        for c, (values, stamps) in distinct.items():
+            state["distinct"][c] = dict(zip(values, stamps))
         for c, cur in last.items():
             state["last"][c] = cur
         state["offsets"] = offsets
+        self._count_distinct_tiles(state)
         return state
+
+    def _count_distinct_tiles(self, state: dict) -> None:
+        for c, seen in state["distinct"].items():
+            counts = state["distinct_tiles"][c] = {}
+            for ts in seen.values():
+                tile = int(ts // self.tile_s) * self.tile_s
+                counts[tile] = counts.get(tile, 0) + 1
 
     # JSON round trip (tile keys become strings in JSON); kept to read old changelogs
     @staticmethod
@@ -213,7 +236,16 @@ class ViewAggregator:
         for c, cur in data.get("last", {}).items():
             state["last"][c] = list(cur) if cur is not None else None
         state["offsets"] = dict(data.get("offsets", {}))
+        self._count_distinct_tiles(state)
         return state
+
+
+def _decrement(counts: dict, tile: int) -> None:
+    n = counts[tile] - 1
+    if n:
+        counts[tile] = n
+    else:
+        del counts[tile]
 
 
 def replay(view: ViewSpec, events: Iterable[tuple[tuple, float, dict]]) -> dict[tuple, dict]:

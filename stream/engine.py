@@ -350,10 +350,14 @@ class StreamEngine:
         handlers = self.handlers
 
         async def process(batches: dict[str, list]) -> None:
+            # a fetch can hold a whole backlog: cap the batch so results reach Redis
+            # (and offsets a commit) while the rest is still being worked through
             for topic, messages in batches.items():
-                await handlers[topic](messages)
-                for message in messages:
-                    consumer.ack(message)
+                for start in range(0, len(messages), BATCH_MAX):
+                    batch = messages[start:start + BATCH_MAX]
+                    await handlers[topic](batch)
+                    for message in batch:
+                        consumer.ack(message)
 
         async def drain(fetcher) -> None:
             callback = consumer.callback
