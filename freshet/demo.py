@@ -229,10 +229,13 @@ class Component:
         return "\n".join("    " + line for line in text[-lines:])
 
 
-def _die_with_parent() -> None:
+def _child_setup() -> None:
+    """In each component, before exec: die with the demo, and take SIGINT again (a background
+    shell job inherits it ignored; the demo stops the producer with SIGINT)."""
     from freshet.stack import _die_with_parent as die
 
     die()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def stop_components(components: list[Component], grace: float = 10.0,
@@ -691,7 +694,9 @@ class Demo:
     # -- entry -------------------------------------------------------------------
 
     def run(self) -> int:
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+        # SIGINT too: a shell that starts a job in the background sets it to "ignore", which
+        # Python then keeps, and Ctrl-C (or a supervisor's SIGINT) would do nothing
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
         def interrupt(signum, frame):
             raise KeyboardInterrupt
@@ -872,7 +877,7 @@ class Demo:
         # PDEATHSIG: they still die if the demo itself is killed
         proc = subprocess.Popen([*FRESHET, *argv], env=env, stdout=out,
                                 stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_child_setup)
         log.close()
         if out is not log:
             out.close()
