@@ -60,7 +60,9 @@ class RetrainPolicy:
 
     A request goes out once `min_alerts` alerts of `kinds` for a model fall within
     `window_s` seconds, and at most one per `cooldown_s` seconds per model; it cites every
-    such alert. Time is the alerts' own `ts`, so a replay decides as the first run did.
+    such alert. Alerts that arrive during a cooldown wait for its end (`due`) rather than
+    for another alert. Time is the alerts' own `ts` and the predictions' `ts`, so a replay
+    decides as the first run did.
 
     >>> policy = RetrainPolicy(min_alerts=2, window_s=60, cooldown_s=600)
     >>> def alert(i, ts, kind="feature"):
@@ -73,6 +75,15 @@ class RetrainPolicy:
     ['a1', 'a3']
     >>> policy.observe(alert(4, 40.0)) is None     # cooling down
     True
+    >>> policy = RetrainPolicy(cooldown_s=60)
+    >>> policy.observe(alert(5, 100.0)).reason
+    ['a5']
+    >>> policy.observe(alert(6, 130.0)) is None    # cooling down until 160
+    True
+    >>> policy.due(150.0)
+    []
+    >>> [r.reason for r in policy.due(160.0)]      # over: a request for what came during it
+    [['a6']]
     """
 
     kinds: Sequence[str] = ("feature", "prediction", "performance")
@@ -113,14 +124,33 @@ class RetrainPolicy:
         if all(a != alert.alert_id for _, a in pending):
             pending.append((ts, alert.alert_id))
         self._pending[alert.model] = pending
-        last = self._last.get(alert.model)
+        return self._request(alert.model, ts)
+
+    def due(self, now: float) -> list[RetrainRequest]:
+        """Requests whose alerts arrived during a cooldown that is over at `now`.
+
+        Without this, alerts raised while a model cools down (often the burst right after a
+        real drift, when an earlier request was still recent) would wait for yet another
+        alert. `now` is stream time (the newest prediction's `ts`), so a replay decides alike.
+        """
+        out = []
+        for model in list(self._pending):
+            self._pending[model] = [(t, a) for t, a in self._pending[model] if t > now - self.window_s]
+            request = self._request(model, now)
+            if request is not None:
+                out.append(request)
+        return out
+
+    def _request(self, model: str, ts: float) -> RetrainRequest | None:
+        pending = self._pending.get(model, [])
+        last = self._last.get(model)
         if len(pending) < self.min_alerts or (last is not None and ts - last < self.cooldown_s):
             return None
         reason = [a for _, a in pending]
-        self._pending[alert.model] = []
-        self._last[alert.model] = ts
-        digest = hashlib.blake2b(f"{alert.model}|{'|'.join(reason)}".encode(), digest_size=16).hexdigest()
-        return RetrainRequest(request_id=digest, model=alert.model, reason=reason, ts=ts)
+        self._pending[model] = []
+        self._last[model] = ts
+        digest = hashlib.blake2b(f"{model}|{'|'.join(reason)}".encode(), digest_size=16).hexdigest()
+        return RetrainRequest(request_id=digest, model=model, reason=reason, ts=ts)
 
     def state_dict(self) -> dict[str, Any]:
         return {"pending": {m: [list(p) for p in v] for m, v in self._pending.items()}, "last": dict(self._last)}
@@ -294,6 +324,7 @@ class MonitorService:
         self._seen_events = self._seen_dead = 0
         self._counted = set(self.event_topics) | ({settings.topic_deadletter} if self.event_topics else set())
         self._dirty = False  # observations since the last flush
+        self._stream_ts: float | None = None  # newest prediction time: the policy's clock for due requests
         self._last_snapshot = time.monotonic()
 
     def stop(self) -> None:
@@ -397,15 +428,21 @@ class MonitorService:
                 self.on_alert(alert)
             request = self.policy.observe(alert)
             if request is not None:
-                self.counts["retrain_requests"] += 1
-                log.warning("retrain request %s for model %s: %d alert(s) %s", request.request_id, request.model,
-                            len(request.reason), ", ".join(request.reason[:5]))
-                if self._producer is not None:
-                    self._producer.produce(s.topic_retrain, key=request.key(), value=request.encode())
-                if self.metrics:
-                    self.metrics.requests.labels(request.model).inc()
-                if self.on_request:
-                    self.on_request(request)
+                self._request_retrain(request)
+        if self._stream_ts is not None:
+            for request in self.policy.due(self._stream_ts):
+                self._request_retrain(request)
+
+    def _request_retrain(self, request: RetrainRequest) -> None:
+        self.counts["retrain_requests"] += 1
+        log.warning("retrain request %s for model %s: %d alert(s) %s", request.request_id, request.model,
+                    len(request.reason), ", ".join(request.reason[:5]))
+        if self._producer is not None:
+            self._producer.produce(self.settings.topic_retrain, key=request.key(), value=request.encode())
+        if self.metrics:
+            self.metrics.requests.labels(request.model).inc()
+        if self.on_request:
+            self.on_request(request)
 
     def process(self, messages: Iterable[Any]) -> list[DriftAlert]:
         """Feed a poll's messages to the library; returns (and publishes) the alerts they complete."""
@@ -425,7 +462,9 @@ class MonitorService:
             self.offsets.setdefault(topic, {})[partition] = msg.offset() + 1
             try:
                 if topic == preds:
-                    alerts += self.monitor.observe(Prediction.decode(msg.value()))
+                    record = Prediction.decode(msg.value())
+                    alerts += self.monitor.observe(record)
+                    self._stream_ts = max(self._stream_ts or record.ts, record.ts)
                 elif topic == labels:
                     alerts += self.monitor.observe_label(Label.decode(msg.value()))
                 else:

@@ -47,6 +47,25 @@ def test_cooldown_is_per_model_and_alerts_during_it_are_cited_by_the_next_reques
     assert policy.observe(alert("a3", 700.0)).reason == ["a2", "a3"]
 
 
+def test_alerts_during_a_cooldown_are_requested_once_when_it_ends_without_another_alert():
+    policy = RetrainPolicy(cooldown_s=60, window_s=120)
+    assert policy.observe(alert("a1", 0.0)) is not None
+    assert policy.observe(alert("a2", 20.0)) is None
+    assert policy.observe(alert("b1", 25.0, model="other")) is not None
+    assert policy.due(59.0) == []
+    [request] = policy.due(60.0)
+    assert (request.model, request.reason, request.ts) == ("fraud", ["a2"], 60.0)
+    assert policy.due(200.0) == []  # nothing pending any more
+
+
+def test_alerts_that_left_the_window_during_the_cooldown_are_not_requested():
+    policy = RetrainPolicy(cooldown_s=600, window_s=60)
+    assert policy.observe(alert("a1", 0.0)) is not None
+    assert policy.observe(alert("a2", 100.0)) is None
+    assert policy.due(600.0) == []
+    assert policy.observe(alert("a3", 650.0)).reason == ["a3"]
+
+
 def test_the_same_alert_replayed_is_counted_once():
     policy = RetrainPolicy(min_alerts=2)
     assert policy.observe(alert("a1", 0.0)) is None
