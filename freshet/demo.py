@@ -357,11 +357,24 @@ class KafkaTap(threading.Thread):
         self.events.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta[topic].partitions])
         self.control.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in control for p in meta[t].partitions])
         self.transactions = 0
+        self.last_control = time.monotonic()  # when a label, alert or model event was last read
+
+    def finish(self, quiet_s: float = 2.0, limit_s: float = 15.0) -> None:
+        """Stop once the control topics have been quiet for `quiet_s` (the producer's last
+        labels, the retrainer's last events), or after `limit_s`."""
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline and time.monotonic() - self.last_control < quiet_s:
+            time.sleep(0.1)
+        self.stop_event.set()
+        self.join(timeout=5)
 
     def run(self) -> None:
         try:
             while not self.stop_event.is_set():
-                msgs = self.events.consume(1000, 0.05) + self.control.consume(1000, 0)
+                control = self.control.consume(1000, 0)
+                if control:
+                    self.last_control = time.monotonic()
+                msgs = self.events.consume(1000, 0.05) + control
                 if not msgs:
                     continue
                 txs = []
@@ -814,7 +827,10 @@ class Demo:
         self.metrics_url = f"http://127.0.0.1:{port}/metrics"
         self._start(["monitor", "--config", str(self._monitor_config(registry)), "--metrics-port", str(port)],
                     "monitor", required=True)
-        self._start(["retrain"], "retrain", required=True)
+        # a retraining right after an alert would otherwise train and judge on pre-drift
+        # outcomes only: it first waits for about five seconds of new labels
+        self._start(["retrain", "--wait-labels", str(max(200, int(plan.rate * 5))), "--wait-max", "15"],
+                    "retrain", required=True)
         self._wait_for_stream()
 
         # simulated time ends about when traffic does, so no event carries a future time
@@ -843,8 +859,9 @@ class Demo:
         (or shrinking) as the windows fill and would raise drift alerts with no drift at all.
         The demo watches every feature that is stationary on its time scale (every function
         over windows under a third of the simulated run, means and last values over longer
-        ones) plus the request's amount; and it shortens the retraining cooldown to fit two
-        drifts into a few minutes.
+        ones) plus the request's amount; and it shortens the retraining cooldown to a fifth
+        of the run (at most 45 s) so that a drift after an early retraining is still
+        answered by a promotion with time left to serve it.
         """
         plan = self.plan
         horizon = plan.traffic_s * plan.time_scale / 3.0
@@ -856,7 +873,7 @@ class Demo:
                                                       or specs[r].function in ("mean", "last"))]
         config = {"seed": plan.seed,
                   "models": [{"model": MODEL, "numeric_features": [*watched, "amount"]}],
-                  "policy": {"cooldown_s": 45.0, "window_s": 120.0}}
+                  "policy": {"cooldown_s": round(min(45.0, plan.traffic_s / 5.0), 1), "window_s": 120.0}}
         path = self.run_dir / "monitor.json"
         path.write_bytes(orjson.dumps(config, option=orjson.OPT_INDENT_2))
         self.record.meta["monitor_config"] = config
@@ -1097,8 +1114,11 @@ class Demo:
             # SIGINT: the producer publishes the labels still pending and prints its summary
             stop_components([self.producer], grace=15.0, hurry=self.hurry, first_signal=signal.SIGINT)
         if self.tap is not None:  # first: what the tap read last still reaches the client's count
-            self.tap.stop_event.set()
-            self.tap.join(timeout=5)
+            if self.hurry.is_set() or self.interrupted:
+                self.tap.stop_event.set()
+                self.tap.join(timeout=5)
+            else:  # the labels the producer published on its way out
+                self.tap.finish()
         if self.probe is not None:
             self.probe.finish(hurry=True)
             self.probe.join(timeout=10)
