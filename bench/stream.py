@@ -8,6 +8,10 @@ Starts the embedded stack and one `freshet stream` worker, then
 
 Progress goes to stderr; the last stdout line is one JSON object.
     .venv/bin/python bench/stream.py [--quick] [--rate 5000] [--backlog 60000]
+
+CPU seconds of the worker, the broker, Redis and this script are measured over each
+phase (/proc): `events_per_worker_cpu_s` is what the worker would sustain with a core
+to itself, `broker_cpu_us_per_event` what the embedded broker spends per event.
 """
 
 from __future__ import annotations
@@ -70,6 +74,30 @@ def collect_visible(client, probes: dict[bytes, float], field: bytes, fresh: lis
             fresh.append((seen - probes.pop(k)) * 1000)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds each named process spends between `start()` and `stop()`."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = pids
+        self.used: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._at = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._wall = time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        wall = time.monotonic() - self._wall
+        self.used = {name: cpu_seconds(pid) - self._at[name] for name, pid in self.pids.items()}
+        return {**{f"{name}_cpu_s": round(v, 2) for name, v in self.used.items()},
+                **{f"{name}_cores": round(v / wall, 2) for name, v in self.used.items()}}
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -85,19 +113,22 @@ def main() -> int:
     ap.add_argument("--backlog", type=int, default=60000, help="events in the throughput phase")
     ap.add_argument("--cards", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--commit-interval-ms", type=int, help="the worker's FRESHET_STREAM_COMMIT_INTERVAL_MS "
+                                                           "(default: the setting's default)")
     args = ap.parse_args()
     if args.quick:
         args.rate, args.seconds, args.backlog = min(args.rate, 1000.0), 8.0, 8000
     rnd = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="freshet-bench-"))
     stack = EmbeddedStack(tmp)
-    worker = None
+    worker = producer = None
     result: dict = {"offered_rate": args.rate, "quick": args.quick, "seed": args.seed}
     try:
         ep = stack.start()
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
         settings = load_settings(env, kafka_bootstrap_servers=ep.kafka, redis_url=ep.redis_url,
-                                 data_dir=str(tmp / "data"))
+                                 data_dir=str(tmp / "data"), stream_commit_interval_ms=args.commit_interval_ms)
+        result["commit_interval_ms"] = settings.stream_commit_interval_ms
         say("applying the feature repo ...")
         features.apply(settings)
         registry = features.load_registry(settings)
@@ -128,6 +159,8 @@ def main() -> int:
         payloads = [(c, event(i, c, t + i * 1e-3, rnd)) for i, c in
                     enumerate(rnd.choice(cards) for _ in range(args.backlog))]
         t_end = t + args.backlog * 1e-3 + 1
+        meter = CpuMeter({"worker": worker.pid, "broker": ep.kafka_pid, "redis": ep.redis_pid, "bench": os.getpid()})
+        meter.start()
         started = time.monotonic()
         for c, value in payloads:
             producer.produce(topic, key=c.encode(), value=value)
@@ -150,15 +183,27 @@ def main() -> int:
         else:
             raise RuntimeError("backlog not drained in time")
         elapsed = time.monotonic() - started
+        cpu = meter.stop()
+        # what one worker does with a core to itself: on this machine it shares two with the
+        # broker (which works for every message it stores and serves), Redis and this script
+        per_core = args.backlog / meter.used["worker"] if meter.used["worker"] > 0 else None
         result.update(events_per_s=round(args.backlog / elapsed, 1), backlog_events=args.backlog,
-                      backlog_seconds=round(elapsed, 2), produce_seconds=round(produced_s, 2))
-        say(f"throughput: {args.backlog} events in {elapsed:.1f}s = {args.backlog / elapsed:.0f} events/s")
+                      backlog_seconds=round(elapsed, 2), produce_seconds=round(produced_s, 2),
+                      events_per_worker_cpu_s=round(per_core, 1) if per_core else None,
+                      worker_cpu_us_per_event=round(1e6 / per_core, 1) if per_core else None,
+                      broker_cpu_us_per_event=round(1e6 * meter.used["broker"] / args.backlog, 1),
+                      backlog_cpu=cpu)
+        say(f"throughput: {args.backlog} events in {elapsed:.1f}s = {args.backlog / elapsed:.0f} events/s; "
+            f"worker {cpu['worker_cores']} cores ({result['worker_cpu_us_per_event']} us/event), "
+            f"broker {cpu['broker_cores']} cores ({result['broker_cpu_us_per_event']} us/event), "
+            f"redis {cpu['redis_cores']}, bench {cpu['bench_cores']}")
 
         # 2. freshness at a fixed offered rate: every 50th event is a probe for a new card
         interval = 1.0 / args.rate
         n = int(args.rate * args.seconds)
         probes: dict[bytes, float] = {}
         fresh: list[float] = []
+        meter.start()
         start = time.monotonic()
         next_poll = start
         t2 = t_end + 10
@@ -181,6 +226,7 @@ def main() -> int:
                 collect_visible(client, probes, field, fresh)
                 next_poll = time.monotonic() + 0.005
         achieved = n / (time.monotonic() - start)
+        result["freshness_cpu"] = meter.stop()
         producer.flush(30)
         deadline = time.monotonic() + 60
         while probes and time.monotonic() < deadline:
@@ -200,6 +246,7 @@ def main() -> int:
                 worker.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 worker.kill()
+        producer = None  # librdkafka's threads end with it, before the broker goes away
         stack.stop()
     result["machine"] = f"{os.cpu_count()} cores"
     print(json.dumps(result))

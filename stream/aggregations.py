@@ -25,13 +25,8 @@ from freshet.features import AggregationSpec, ViewSpec
 # Count, sum, mean, min and max are answered from per-tile partials
 # [count, sum, min, max]; merging tiles is adding counts and sums and taking
 # min/max, so every one of them costs one pass over the window's tiles.
-_TILED = {
-    "count": lambda n, total, lo, hi: n,
-    "sum": lambda n, total, lo, hi: float(total),
-    "mean": lambda n, total, lo, hi: total / n if n else None,
-    "min": lambda n, total, lo, hi: lo,
-    "max": lambda n, total, lo, hi: hi,
-}
+_TILED = ("count", "sum", "mean", "min", "max")
+_CODES = {name: i for i, name in enumerate(_TILED)}  # how `result` reads an accumulator
 FUNCTIONS = (*_TILED, "last", "count_distinct")
 STATE_FORMAT = 2  # first element of an encoded state record
 
@@ -65,14 +60,25 @@ class ViewAggregator:
         self.distinct_columns = sorted({a.column for a in view.aggregations if a.function == "count_distinct"})
         self.last_columns = sorted({a.column for a in view.aggregations if a.function == "last"})
         self.specs = view.aggregations
-        # column -> (specs, index of the accumulator each spec reads); specs sharing a
-        # window and slide share an accumulator
-        self._tiled_windows: dict[str, tuple[list, list, list]] = {}
+        # column -> (first spec of each (window, slide) shape, [(name, function code,
+        # accumulator index)]): specs sharing a window and slide share an accumulator
+        self._tiled_windows: dict[str, tuple[list, list]] = {}
         for column in self.tiled_columns:
             specs = [a for a in view.aggregations if a.column == column and a.function in _TILED]
             shapes = list(dict.fromkeys((a.window_s, a.slide_s) for a in specs))
             first = [next(a for a in specs if (a.window_s, a.slide_s) == shape) for shape in shapes]
-            self._tiled_windows[column] = (first, specs, [shapes.index((a.window_s, a.slide_s)) for a in specs])
+            outputs = [(a.name, _CODES[a.function], shapes.index((a.window_s, a.slide_s))) for a in specs]
+            self._tiled_windows[column] = (first, outputs)
+        # the same for distinct counts: column -> (one spec per shape, [(name, index)])
+        self._distinct_windows: dict[str, tuple[list, list]] = {}
+        for column in self.distinct_columns:
+            specs = [a for a in view.aggregations if a.column == column and a.function == "count_distinct"]
+            shapes = list(dict.fromkeys((a.window_s, a.slide_s) for a in specs))
+            first = [next(a for a in specs if (a.window_s, a.slide_s) == shape) for shape in shapes]
+            self._distinct_windows[column] = (first, [(a.name, shapes.index((a.window_s, a.slide_s)))
+                                                      for a in specs])
+        self._last_specs = [a for a in view.aggregations if a.function == "last"]
+        self._names = [a.name for a in view.aggregations]
 
     def new_state(self) -> dict:
         return {
@@ -150,36 +156,52 @@ class ViewAggregator:
                 out[spec.name] = 0 if spec.function in ("count", "count_distinct") else (
                     0.0 if spec.function == "sum" else None)
             return out
-        # one pass over a column's tiles answers every window of that column
-        for column, (shapes, specs, index) in self._tiled_windows.items():
+        # one pass over a column's tiles answers every window of that column; tile starts
+        # are aligned to every slide, so a tile is wholly in a window or out of it
+        inf = math.inf
+        for column, (shapes, outputs) in self._tiled_windows.items():
             starts = [window_start(as_of, spec) for spec in shapes]
-            acc = [[0, 0.0, None, None] for _ in starts]
-            for t, part in state["tiles"][column].items():
+            k = range(len(starts))
+            ns, sums, los, his = [0] * len(starts), [0.0] * len(starts), [inf] * len(starts), [-inf] * len(starts)
+            for t, (n, total, lo, hi) in state["tiles"][column].items():
+                if t > as_of:
+                    continue
+                for i in k:
+                    if t >= starts[i]:
+                        ns[i] += n
+                        sums[i] += total
+                        if lo < los[i]:
+                            los[i] = lo
+                        if hi > his[i]:
+                            his[i] = hi
+            for name, code, i in outputs:
+                n = ns[i]
+                if code == 0:
+                    out[name] = n
+                elif code == 1:
+                    out[name] = float(sums[i])
+                elif not n:
+                    out[name] = None
+                elif code == 2:
+                    out[name] = sums[i] / n
+                else:
+                    out[name] = los[i] if code == 3 else his[i]
+        for column, (shapes, outputs) in self._distinct_windows.items():
+            starts = [window_start(as_of, spec) for spec in shapes]
+            counts = [0] * len(starts)
+            for t, n in state["distinct_tiles"][column].items():
                 if t > as_of:
                     continue
                 for i, start in enumerate(starts):
-                    if t >= start:  # tile starts are aligned, so a tile is wholly in or out
-                        a = acc[i]
-                        a[0] += part[0]
-                        a[1] += part[1]
-                        if a[2] is None or part[2] < a[2]:
-                            a[2] = part[2]
-                        if a[3] is None or part[3] > a[3]:
-                            a[3] = part[3]
-            for spec, i in zip(specs, index):
-                out[spec.name] = _TILED[spec.function](*acc[i])
-        for spec in self.specs:
-            fn = spec.function
-            if fn == "count_distinct":
-                start = window_start(as_of, spec)
-                # tiles are aligned to every slide, so a tile is wholly in or out
-                out[spec.name] = sum(n for t, n in state["distinct_tiles"][spec.column].items()
-                                     if start <= t <= as_of)
-            elif fn == "last":
-                start = window_start(as_of, spec)
-                cur = state["last"][spec.column]
-                out[spec.name] = cur[1] if cur is not None and start <= cur[0] <= as_of else None
-        return {spec.name: out[spec.name] for spec in self.specs}
+                    if t >= start:
+                        counts[i] += n
+            for name, i in outputs:
+                out[name] = counts[i]
+        for spec in self._last_specs:
+            start = window_start(as_of, spec)
+            cur = state["last"][spec.column]
+            out[spec.name] = cur[1] if cur is not None and start <= cur[0] <= as_of else None
+        return {name: out[name] for name in self._names}
 
     # The changelog record of one entity. Tiles and distinct values are pairs of lists
     # (keys, values), not JSON objects, so integer tile starts and non-string distinct

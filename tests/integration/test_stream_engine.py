@@ -117,7 +117,7 @@ def scenario(services, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
     settings = load_settings(env, kafka_bootstrap_servers=services.kafka, redis_url=services.redis_url,
                              data_dir=str(tmp / "data"), topic_deadletter=f"{uid}.deadletter",
-                             kafka_partitions=4)
+                             kafka_partitions=4, stream_commit_interval_ms=1000)
     extra = {"FRESHET_TRANSACTIONS_TOPIC": topic}
     features.apply(settings, extra_env=extra)
     registry = features.load_registry(settings)
@@ -199,7 +199,7 @@ def _committed(settings, app_id: str, topic: str) -> int:
 def _kill_mid_stream(settings, topic, events, extra, log, app_id, registry) -> dict:
     """Start a worker, feed it `events` at ~1,000/s and SIGKILL it while they flow.
 
-    Offsets are committed once a second, so at the kill the worker has applied (and
+    Offsets are committed once a second here, so at the kill the worker has applied (and
     written to Redis) events its committed offsets do not cover: the ones a restart
     reads again and must not count twice."""
     import threading
@@ -209,7 +209,8 @@ def _kill_mid_stream(settings, topic, events, extra, log, app_id, registry) -> d
     _produce(settings, topic, head)
     worker = _worker(settings, extra, log, app_id)
     deadline = time.monotonic() + 120
-    while _applied_card_events(settings, registry, cards) < len(head):  # joined its group, caught up
+    # joined its group, caught up and committed the head
+    while _committed(settings, app_id, topic) < len(head):
         assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
 
