@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 
@@ -21,6 +22,12 @@ def cmd_stream(args, settings) -> int:
     kafka.ensure_topics(settings, [*topics, settings.topic_deadletter])
     engine = StreamEngine(settings, registry, app_id=args.app_id)
     log.info("stream worker %s: %d views on topics %s", args.app_id, len(registry.views), ", ".join(topics))
+    # Entity states are many small long-lived dicts and lists: with the default thresholds
+    # the cyclic collector walks all of them again and again (they hold no cycles freshet
+    # relies on collecting). Start-up objects are frozen out of its view altogether.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     sys.argv = [sys.argv[0]]  # Faust's worker parses argv; ours is already parsed
     engine.run()
     return 0

@@ -383,7 +383,9 @@ class StreamEngine:
                     if handler is None:
                         await consumer.wait_first(callback(message), consumer.suspend_flow.wait())
                     else:
-                        consumer.track_message(message)
+                        # what track_message does minus its per-message sensor call (Faust's
+                        # monitor counts messages in, and only its own streams count them out)
+                        consumer._unacked_messages.add(message)
                         batches.setdefault(message.topic, []).append(message)
                     read_offset[tp] = offset
                 if consumer.flow_active:
