@@ -69,3 +69,49 @@ def test_unreachable_broker_fails_fast_naming_the_setting(settings):
     with pytest.raises(kafka.KafkaUnavailable, match="FRESHET_KAFKA_BOOTSTRAP_SERVERS"):
         kafka.check_reachable(dead, timeout=2)
     assert time.monotonic() - started < 10
+
+
+def test_stack_commands_start_report_and_stop_the_services_outside_clients_reach(tmp_path):
+    """`freshet stack start|status|stop` as a user runs them, checked from other processes."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("freshet")
+    cli = [str(script)] if script.is_file() else [sys.executable, "-m", "freshet.cli"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
+    env["FRESHET_DATA_DIR"] = str(tmp_path)
+
+    def run(*args):
+        return subprocess.run([*cli, "stack", *args], env=env, capture_output=True, text=True, timeout=120)
+
+    started = run("start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    state = json.loads((tmp_path / "stack.json").read_text())
+    try:
+        status = run("status")
+        assert status.returncode == 0 and state["kafka"] in status.stdout and state["redis_url"] in status.stdout
+        again = run("start")  # a second start for the same data dir names the one running
+        assert again.returncode != 0 and "already runs" in again.stderr + again.stdout
+        # an outside client of each protocol: RESP PING over a plain socket, Kafka metadata
+        host, port = state["redis_url"].split("//")[1].split("/")[0].split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            assert sock.recv(16) == b"+PONG\r\n"
+        from confluent_kafka.admin import AdminClient
+
+        meta = AdminClient({"bootstrap.servers": state["kafka"]}).list_topics(timeout=10)
+        assert meta.brokers
+    finally:
+        stopped = run("stop")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    for pid in (state["kafka_pid"], state["redis_pid"]):
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    after = run("status")
+    assert after.returncode == 1 and "no embedded stack runs" in after.stdout
