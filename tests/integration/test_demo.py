@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -142,8 +143,9 @@ def test_every_retrained_version_is_promoted_or_the_retrainer_says_why_not(short
     log = (run_dir / "logs" / "retrain.log").read_text()
     promoted = {e["version"] for e in s["promotions"]}
     for v in s["registered_versions"]:
+        # a promotion in the last moments may be in the log but not yet seen on the topic
         if v["version"] not in promoted:
-            assert f"did not promote version {v['version']}: " in log, (v["version"], log[-2000:])
+            assert re.search(rf"(did not promote|promoted) version {v['version']}: ", log), (v, log[-2000:])
 
 
 def test_a_version_promoted_after_the_drift_serves_and_is_judged_on_its_labels(short_demo):
