@@ -28,7 +28,7 @@ from freshet.features import AggregationSpec, ViewSpec
 _TILED = ("count", "sum", "mean", "min", "max")
 _CODES = {name: i for i, name in enumerate(_TILED)}  # how `result` reads an accumulator
 FUNCTIONS = (*_TILED, "last", "count_distinct")
-STATE_FORMAT = 2  # first element of an encoded state record
+STATE_FORMAT = 3  # first element of an encoded state record (2: one tile map per column)
 
 
 def window_start(as_of: float, spec: AggregationSpec) -> float:
@@ -60,55 +60,65 @@ class ViewAggregator:
         self.distinct_columns = sorted({a.column for a in view.aggregations if a.function == "count_distinct"})
         self.last_columns = sorted({a.column for a in view.aggregations if a.function == "last"})
         self.specs = view.aggregations
-        # column -> (first spec of each (window, slide) shape, [(name, function code,
-        # accumulator index)]): specs sharing a window and slide share an accumulator
-        self._tiled_windows: dict[str, tuple[list, list]] = {}
+        # Every column keeps tiles of the view's tile width, which answer every window. Once
+        # an entity is busy (more than COARSEN_AT such tiles) it also keeps, for each wider
+        # gcd(window, slide) its shapes use, a map of that width: a day sliding by 5 minutes
+        # is then 288 lookups instead of a walk over 1,440 one-minute tiles.
+        # column -> (widths, [(first spec of a shape, its width)], [(name, function code,
+        # shape index)]): specs sharing a window and slide share an accumulator
+        self._tiled_windows: dict[str, tuple[list, list, list]] = {}
         for column in self.tiled_columns:
             specs = [a for a in view.aggregations if a.column == column and a.function in _TILED]
-            shapes = list(dict.fromkeys((a.window_s, a.slide_s) for a in specs))
-            first = [next(a for a in specs if (a.window_s, a.slide_s) == shape) for shape in shapes]
+            shapes, first = self._shapes(specs)
             outputs = [(a.name, _CODES[a.function], shapes.index((a.window_s, a.slide_s))) for a in specs]
-            self._tiled_windows[column] = (first, outputs)
-        # the same for distinct counts: column -> (one spec per shape, [(name, index)])
-        self._distinct_windows: dict[str, tuple[list, list]] = {}
+            self._tiled_windows[column] = (sorted({w for _, w in first}), first, outputs)
+        # the same for distinct counts: column -> (widths, shapes, [(name, shape index)])
+        self._distinct_windows: dict[str, tuple[list, list, list]] = {}
         for column in self.distinct_columns:
             specs = [a for a in view.aggregations if a.column == column and a.function == "count_distinct"]
-            shapes = list(dict.fromkeys((a.window_s, a.slide_s) for a in specs))
-            first = [next(a for a in specs if (a.window_s, a.slide_s) == shape) for shape in shapes]
-            self._distinct_windows[column] = (first, [(a.name, shapes.index((a.window_s, a.slide_s)))
-                                                      for a in specs])
+            shapes, first = self._shapes(specs)
+            self._distinct_windows[column] = (sorted({w for _, w in first}), first,
+                                              [(a.name, shapes.index((a.window_s, a.slide_s))) for a in specs])
         self._last_specs = [a for a in view.aggregations if a.function == "last"]
         self._names = [a.name for a in view.aggregations]
+
+    @staticmethod
+    def _shapes(specs: list[AggregationSpec]) -> tuple[list, list]:
+        shapes = list(dict.fromkeys((a.window_s, a.slide_s) for a in specs))
+        first = [next(a for a in specs if (a.window_s, a.slide_s) == shape) for shape in shapes]
+        return shapes, [(a, math.gcd(a.window_s, a.slide_s)) for a in first]
 
     def new_state(self) -> dict:
         return {
             "max_ts": None,
-            "tiles": {c: {} for c in self.tiled_columns},  # column -> {tile_start: [count, sum, min, max]}
+            # column -> {tile width: {tile_start: [count, sum, min, max]}}
+            "tiles": {c: {self.tile_s: {}} for c in self.tiled_columns},
             "distinct": {c: {} for c in self.distinct_columns},  # column -> {value: latest sighting}
-            # column -> {tile_start: values whose latest sighting is in that tile}: a
-            # window's distinct count is a sum over its tiles, not a scan of every value
-            "distinct_tiles": {c: {} for c in self.distinct_columns},
+            # column -> {tile width: {tile_start: values whose latest sighting is in that
+            # tile}}: a window's distinct count is a sum over its tiles, not a scan of every value
+            "distinct_tiles": {c: {self.tile_s: {}} for c in self.distinct_columns},
             "last": {c: None for c in self.last_columns},
             "offsets": {},  # "topic:partition" -> last applied offset (exactly-once effects)
         }
 
     def update(self, state: dict, ts: float, row: dict[str, Any]) -> None:
         """Apply one event (already validated) to an entity's state."""
-        tile = int(ts // self.tile_s) * self.tile_s
-        for column, tiles in state["tiles"].items():
+        for column, by_width in state["tiles"].items():
             v = row.get(column)
             if v is None:
                 continue
-            part = tiles.get(tile)
-            if part is None:
-                tiles[tile] = [1, v, v, v]
-            else:
-                part[0] += 1
-                part[1] += v
-                if v < part[2]:
-                    part[2] = v
-                if v > part[3]:
-                    part[3] = v
+            for width, tiles in by_width.items():
+                tile = int(ts // width) * width
+                part = tiles.get(tile)
+                if part is None:
+                    tiles[tile] = [1, v, v, v]
+                else:
+                    part[0] += 1
+                    part[1] += v
+                    if v < part[2]:
+                        part[2] = v
+                    if v > part[3]:
+                        part[3] = v
         for column, seen in state["distinct"].items():
             v = row.get(column)
             if v is None:
@@ -116,10 +126,11 @@ class ViewAggregator:
             before = seen.get(v)
             if before is None or before < ts:
                 seen[v] = ts
-                counts = state["distinct_tiles"][column]
-                counts[tile] = counts.get(tile, 0) + 1
-                if before is not None:
-                    _decrement(counts, int(before // self.tile_s) * self.tile_s)
+                for width, counts in state["distinct_tiles"][column].items():
+                    tile = int(ts // width) * width
+                    counts[tile] = counts.get(tile, 0) + 1
+                    if before is not None:
+                        _decrement(counts, int(before // width) * width)
         for column in self.last_columns:
             v = row.get(column)
             cur = state["last"][column]
@@ -132,16 +143,41 @@ class ViewAggregator:
         """Drop tiles and distinct values no window can reach again."""
         if state["max_ts"] is None:
             return
-        floor = state["max_ts"] - self.horizon_s - self.tile_s
-        for tiles in state["tiles"].values():
-            for t in [t for t in tiles if t < floor]:
-                del tiles[t]
+        reach = state["max_ts"] - self.horizon_s
+        for by_width in state["tiles"].values():
+            for width, tiles in by_width.items():
+                floor = reach - width
+                for t in [t for t in tiles if t < floor]:
+                    del tiles[t]
+        floor = reach - self.tile_s
         for column, seen in state["distinct"].items():
-            counts = state["distinct_tiles"][column]
+            by_width = state["distinct_tiles"][column]
+            counts = by_width[self.tile_s]
             # scanning the values only pays once a whole tile has fallen behind the floor
             if counts and min(counts) + self.tile_s <= floor:
                 for v in [v for v, ts in seen.items() if ts < floor]:
-                    _decrement(counts, int(seen.pop(v) // self.tile_s) * self.tile_s)
+                    ts = seen.pop(v)
+                    for width, c in by_width.items():
+                        _decrement(c, int(ts // width) * width)
+        self._coarsen(state)
+
+    def _coarsen(self, state: dict) -> None:
+        """Give a busy entity's columns their wider tile maps (built once, then kept up)."""
+        fine = self.tile_s
+        for column, by_width in state["tiles"].items():
+            if len(by_width) == 1 and len(by_width[fine]) > COARSEN_AT:
+                for width in self._tiled_windows[column][0]:
+                    if width != fine:
+                        by_width[width] = _coarser(by_width[fine], width)
+        for column, by_width in state["distinct_tiles"].items():
+            if len(by_width) == 1 and len(by_width[fine]) > COARSEN_AT:
+                seen = state["distinct"][column]
+                for width in self._distinct_windows[column][0]:
+                    if width != fine:
+                        counts = by_width[width] = {}
+                        for ts in seen.values():
+                            tile = int(ts // width) * width
+                            counts[tile] = counts.get(tile, 0) + 1
 
     def result(self, state: dict, as_of: float | None = None) -> dict[str, Any]:
         """Every aggregation of the view as of `as_of` (default: the entity's latest event).
@@ -156,45 +192,56 @@ class ViewAggregator:
                 out[spec.name] = 0 if spec.function in ("count", "count_distinct") else (
                     0.0 if spec.function == "sum" else None)
             return out
-        # one pass over a column's tiles answers every window of that column; tile starts
-        # are aligned to every slide, so a tile is wholly in a window or out of it
         inf = math.inf
-        for column, (shapes, outputs) in self._tiled_windows.items():
-            starts = [window_start(as_of, spec) for spec in shapes]
-            k = range(len(starts))
-            ns, sums, los, his = [0] * len(starts), [0.0] * len(starts), [inf] * len(starts), [-inf] * len(starts)
-            for t, (n, total, lo, hi) in state["tiles"][column].items():
-                if t > as_of:
-                    continue
-                for i in k:
-                    if t >= starts[i]:
-                        ns[i] += n
-                        sums[i] += total
-                        if lo < los[i]:
-                            los[i] = lo
-                        if hi > his[i]:
-                            his[i] = hi
+        for column, (_, shapes, outputs) in self._tiled_windows.items():
+            by_width = state["tiles"][column]
+            acc = []
+            for spec, width in shapes:
+                tiles = by_width.get(width)
+                if tiles is None:  # not busy: the view's tiles answer every window
+                    tiles, width = by_width[self.tile_s], self.tile_s
+                start = window_start(as_of, spec)
+                n, total, lo, hi = 0, 0.0, inf, -inf
+                if len(tiles) <= _SCAN_MAX:  # a sparse entity: every tile is probably in the window
+                    for t, (tn, tsum, tlo, thi) in tiles.items():
+                        if start <= t <= as_of:
+                            n += tn
+                            total += tsum
+                            if tlo < lo:
+                                lo = tlo
+                            if thi > hi:
+                                hi = thi
+                else:
+                    for tn, tsum, tlo, thi in _window_tiles(tiles, start, as_of, width):
+                        n += tn
+                        total += tsum
+                        if tlo < lo:
+                            lo = tlo
+                        if thi > hi:
+                            hi = thi
+                acc.append((n, total, lo, hi))
             for name, code, i in outputs:
-                n = ns[i]
+                n, total, lo, hi = acc[i]
                 if code == 0:
                     out[name] = n
                 elif code == 1:
-                    out[name] = float(sums[i])
+                    out[name] = float(total)
                 elif not n:
                     out[name] = None
                 elif code == 2:
-                    out[name] = sums[i] / n
+                    out[name] = total / n
                 else:
-                    out[name] = los[i] if code == 3 else his[i]
-        for column, (shapes, outputs) in self._distinct_windows.items():
-            starts = [window_start(as_of, spec) for spec in shapes]
-            counts = [0] * len(starts)
-            for t, n in state["distinct_tiles"][column].items():
-                if t > as_of:
-                    continue
-                for i, start in enumerate(starts):
-                    if t >= start:
-                        counts[i] += n
+                    out[name] = lo if code == 3 else hi
+        for column, (_, shapes, outputs) in self._distinct_windows.items():
+            by_width = state["distinct_tiles"][column]
+            counts = []
+            for spec, width in shapes:
+                counts_by_tile, start = by_width.get(width), window_start(as_of, spec)
+                if counts_by_tile is None:
+                    counts_by_tile, width = by_width[self.tile_s], self.tile_s
+                counts.append(sum(c for t, c in counts_by_tile.items() if start <= t <= as_of)
+                              if len(counts_by_tile) <= _SCAN_MAX else
+                              sum(_window_tiles(counts_by_tile, start, as_of, width)))
             for name, i in outputs:
                 out[name] = counts[i]
         for spec in self._last_specs:
@@ -211,23 +258,28 @@ class ViewAggregator:
         return orjson.dumps([
             STATE_FORMAT,
             state["max_ts"],
-            {c: [list(tiles), list(tiles.values())] for c, tiles in state["tiles"].items()},
+            {c: [[w, list(tiles), list(tiles.values())] for w, tiles in by_width.items()]
+             for c, by_width in state["tiles"].items()},
             {c: [list(seen), list(seen.values())] for c, seen in state["distinct"].items()},
             state["last"],
             state["offsets"],
         ])
 
     def decode(self, data: bytes | dict) -> dict:
-        """Inverse of `encode`; also reads the older JSON-object form."""
+        """Inverse of `encode`; also reads the older forms (one tile map per column)."""
         if isinstance(data, dict):
             return self.from_json(data)
         fmt, max_ts, tiles, distinct, last, offsets = orjson.loads(data)
-        if fmt != STATE_FORMAT:
+        if fmt not in (2, STATE_FORMAT):
             raise ValueError(f"unknown state format {fmt!r}")
         state = self.new_state()
         state["max_ts"] = max_ts
-        for c, (starts, parts) in tiles.items():
-            state["tiles"][c] = dict(zip(starts, parts))
+        for c, stored in tiles.items():
+            if fmt == 2:  # only the map of view.tile_s tiles
+                state["tiles"][c][self.tile_s] = dict(zip(*stored))
+            else:
+                for w, starts, parts in stored:
+                    state["tiles"][c][w] = dict(zip(starts, parts))
         for c, (values, stamps) in distinct.items():
             state["distinct"][c] = dict(zip(values, stamps))
         for c, cur in last.items():
@@ -238,10 +290,12 @@ class ViewAggregator:
 
     def _count_distinct_tiles(self, state: dict) -> None:
         for c, seen in state["distinct"].items():
-            counts = state["distinct_tiles"][c] = {}
+            counts = state["distinct_tiles"][c] = {self.tile_s: {}}
+            fine = counts[self.tile_s]
             for ts in seen.values():
                 tile = int(ts // self.tile_s) * self.tile_s
-                counts[tile] = counts.get(tile, 0) + 1
+                fine[tile] = fine.get(tile, 0) + 1
+        self._coarsen(state)
 
     # JSON round trip (tile keys become strings in JSON); kept to read old changelogs
     @staticmethod
@@ -252,7 +306,11 @@ class ViewAggregator:
         state = self.new_state()
         state["max_ts"] = data.get("max_ts")
         for c, tiles in data.get("tiles", {}).items():
-            state["tiles"][c] = {int(t): list(p) for t, p in tiles.items()}
+            if tiles and all(isinstance(v, dict) for v in tiles.values()):  # {width: {tile: part}}
+                for w, by_start in tiles.items():
+                    state["tiles"][c][int(w)] = {int(t): list(p) for t, p in by_start.items()}
+            else:  # the oldest form: only the map of view.tile_s tiles
+                state["tiles"][c][self.tile_s] = {int(t): list(p) for t, p in tiles.items()}
         for c, seen in data.get("distinct", {}).items():
             state["distinct"][c] = dict(seen)
         for c, cur in data.get("last", {}).items():
@@ -260,6 +318,37 @@ class ViewAggregator:
         state["offsets"] = dict(data.get("offsets", {}))
         self._count_distinct_tiles(state)
         return state
+
+
+_SCAN_MAX = 16  # up to this many tiles a map is scanned, not looked up window by window
+COARSEN_AT = 96  # tiles of the view's width past which an entity keeps wider maps too
+
+
+def _coarser(fine: dict, width: int) -> dict:
+    """Tiles of `width` (a multiple of the fine width) from fine [count, sum, min, max] tiles."""
+    out: dict[int, list] = {}
+    for t, (n, total, lo, hi) in fine.items():
+        key = int(t) // width * width
+        part = out.get(key)
+        if part is None:
+            out[key] = [n, total, lo, hi]
+        else:
+            part[0] += n
+            part[1] += total
+            part[2] = min(part[2], lo)
+            part[3] = max(part[3], hi)
+    return out
+
+
+def _window_tiles(tiles: dict, start: float, as_of: float, width: int) -> list:
+    """The values of the tiles in [start, as_of]: looked up one by one when the window holds
+    fewer tiles than the map (a busy entity), else by a scan of the map (a sparse one)."""
+    first = math.ceil(start / width) * width
+    last = int(as_of // width) * width
+    if (last - first) // width + 1 < len(tiles):
+        get = tiles.get
+        return [p for t in range(first, last + 1, width) if (p := get(t)) is not None]
+    return [p for t, p in tiles.items() if start <= t <= as_of]
 
 
 def _decrement(counts: dict, tile: int) -> None:
