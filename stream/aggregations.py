@@ -201,24 +201,17 @@ class ViewAggregator:
                 if tiles is None:  # not busy: the view's tiles answer every window
                     tiles, width = by_width[self.tile_s], self.tile_s
                 start = window_start(as_of, spec)
+                # a sparse entity's few tiles are scanned here, without a call
+                parts = ([p for t, p in tiles.items() if start <= t <= as_of] if len(tiles) <= _SCAN_MAX
+                         else _window_tiles(tiles, start, as_of, width))
                 n, total, lo, hi = 0, 0.0, inf, -inf
-                if len(tiles) <= _SCAN_MAX:  # a sparse entity: every tile is probably in the window
-                    for t, (tn, tsum, tlo, thi) in tiles.items():
-                        if start <= t <= as_of:
-                            n += tn
-                            total += tsum
-                            if tlo < lo:
-                                lo = tlo
-                            if thi > hi:
-                                hi = thi
-                else:
-                    for tn, tsum, tlo, thi in _window_tiles(tiles, start, as_of, width):
-                        n += tn
-                        total += tsum
-                        if tlo < lo:
-                            lo = tlo
-                        if thi > hi:
-                            hi = thi
+                for tn, tsum, tlo, thi in parts:
+                    n += tn
+                    total += tsum
+                    if tlo < lo:
+                        lo = tlo
+                    if thi > hi:
+                        hi = thi
                 acc.append((n, total, lo, hi))
             for name, code, i in outputs:
                 n, total, lo, hi = acc[i]

@@ -57,13 +57,17 @@ def test_out_of_order_events_within_lateness_give_the_brute_force_answer(seed):
         agg.update(state, ts, row)
         if rnd.random() < 0.1:
             agg.evict(state)
-            got = agg.result(state)
-            for spec in view.aggregations:
-                want = _brute(events, spec, state["max_ts"])
-                if isinstance(want, float):
-                    assert math.isclose(got[spec.name], want, abs_tol=1e-9), spec.name
-                else:
-                    assert got[spec.name] == want, spec.name
+            _assert_brute_force(agg, state, events, abs_tol=1e-9)
+
+
+def _assert_brute_force(agg, state, events, abs_tol):
+    got = agg.result(state)
+    for spec in agg.view.aggregations:
+        want = _brute(events, spec, state["max_ts"])
+        if isinstance(want, float):
+            assert math.isclose(got[spec.name], want, abs_tol=abs_tol), spec.name
+        else:
+            assert got[spec.name] == want, spec.name
 
 
 def test_window_start_covers_whole_slides_ending_with_the_current_one():
@@ -146,13 +150,7 @@ def test_a_busy_entity_over_more_than_a_day_gives_the_brute_force_answer():
             agg.evict(state)
         if i in checks:
             agg.evict(state)
-            got = agg.result(state)
-            for spec in view.aggregations:
-                want = _brute(events, spec, state["max_ts"])
-                if isinstance(want, float):
-                    assert math.isclose(got[spec.name], want, abs_tol=1e-6), spec.name
-                else:
-                    assert got[spec.name] == want, spec.name
+            _assert_brute_force(agg, state, events, abs_tol=1e-6)
     assert len(state["tiles"]["x"][60]) > 1440  # a day of minutes and the lateness: the busy case
 
 
