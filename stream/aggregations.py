@@ -193,26 +193,27 @@ class ViewAggregator:
                     0.0 if spec.function == "sum" else None)
             return out
         inf = math.inf
+        fine = self.tile_s
         for column, (_, shapes, outputs) in self._tiled_windows.items():
             by_width = state["tiles"][column]
-            acc = []
-            for spec, width in shapes:
-                tiles = by_width.get(width)
-                if tiles is None:  # not busy: the view's tiles answer every window
-                    tiles, width = by_width[self.tile_s], self.tile_s
-                start = window_start(as_of, spec)
-                # a sparse entity's few tiles are scanned here, without a call
-                parts = ([p for t, p in tiles.items() if start <= t <= as_of] if len(tiles) <= _SCAN_MAX
-                         else _window_tiles(tiles, start, as_of, width))
-                n, total, lo, hi = 0, 0.0, inf, -inf
-                for tn, tsum, tlo, thi in parts:
-                    n += tn
-                    total += tsum
-                    if tlo < lo:
-                        lo = tlo
-                    if thi > hi:
-                        hi = thi
-                acc.append((n, total, lo, hi))
+            if len(by_width) == 1 and len(by_width[fine]) <= _SCAN_MAX:
+                # a sparse entity: one pass over its few tiles answers every window
+                acc = _scan_tiles(by_width[fine], [window_start(as_of, spec) for spec, _ in shapes], as_of)
+            else:
+                acc = []
+                for spec, width in shapes:
+                    tiles = by_width.get(width)
+                    if tiles is None:  # no wider map: the view's tiles answer every window
+                        tiles, width = by_width[fine], fine
+                    n, total, lo, hi = 0, 0.0, inf, -inf
+                    for tn, tsum, tlo, thi in _window_tiles(tiles, window_start(as_of, spec), as_of, width):
+                        n += tn
+                        total += tsum
+                        if tlo < lo:
+                            lo = tlo
+                        if thi > hi:
+                            hi = thi
+                    acc.append((n, total, lo, hi))
             for name, code, i in outputs:
                 n, total, lo, hi = acc[i]
                 if code == 0:
@@ -227,14 +228,15 @@ class ViewAggregator:
                     out[name] = lo if code == 3 else hi
         for column, (_, shapes, outputs) in self._distinct_windows.items():
             by_width = state["distinct_tiles"][column]
-            counts = []
-            for spec, width in shapes:
-                counts_by_tile, start = by_width.get(width), window_start(as_of, spec)
-                if counts_by_tile is None:
-                    counts_by_tile, width = by_width[self.tile_s], self.tile_s
-                counts.append(sum(c for t, c in counts_by_tile.items() if start <= t <= as_of)
-                              if len(counts_by_tile) <= _SCAN_MAX else
-                              sum(_window_tiles(counts_by_tile, start, as_of, width)))
+            if len(by_width) == 1 and len(by_width[fine]) <= _SCAN_MAX:
+                counts = _scan_counts(by_width[fine], [window_start(as_of, spec) for spec, _ in shapes], as_of)
+            else:
+                counts = []
+                for spec, width in shapes:
+                    by_tile = by_width.get(width)
+                    if by_tile is None:
+                        by_tile, width = by_width[fine], fine
+                    counts.append(sum(_window_tiles(by_tile, window_start(as_of, spec), as_of, width)))
             for name, i in outputs:
                 out[name] = counts[i]
         for spec in self._last_specs:
@@ -330,6 +332,36 @@ def _coarser(fine: dict, width: int) -> dict:
             part[1] += total
             part[2] = min(part[2], lo)
             part[3] = max(part[3], hi)
+    return out
+
+
+def _scan_tiles(tiles: dict, starts: list, as_of: float) -> list[tuple]:
+    """(count, sum, min, max) of every window [start, as_of] in one pass over the tiles."""
+    k = range(len(starts))
+    ns, sums = [0] * len(starts), [0.0] * len(starts)
+    los, his = [math.inf] * len(starts), [-math.inf] * len(starts)
+    for t, (n, total, lo, hi) in tiles.items():
+        if t > as_of:
+            continue
+        for i in k:
+            if t >= starts[i]:
+                ns[i] += n
+                sums[i] += total
+                if lo < los[i]:
+                    los[i] = lo
+                if hi > his[i]:
+                    his[i] = hi
+    return list(zip(ns, sums, los, his))
+
+
+def _scan_counts(counts: dict, starts: list, as_of: float) -> list[int]:
+    """Distinct counts of every window [start, as_of] in one pass over per-tile counts."""
+    out = [0] * len(starts)
+    for t, n in counts.items():
+        if t <= as_of:
+            for i, start in enumerate(starts):
+                if t >= start:
+                    out[i] += n
     return out
 
 
