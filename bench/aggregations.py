@@ -1,0 +1,84 @@
+"""Aggregation cost per entity: `ViewAggregator.result` for a sparse and a busy entity.
+
+The stream bench's entities hold a few tiles (its events span minutes); an entity with
+events all day holds a day of one-minute tiles, and every changed entity costs one
+`result` per micro-batch. This measures both, in-process, for each example view.
+
+Starts the embedded stack only to apply feature_repo/ (the views come from the Feast
+registry, as in the engine). The last stdout line is one JSON object.
+    .venv/bin/python bench/aggregations.py [--repeat 300] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# bench/stream.py would shadow the `stream` package: this folder is sys.path[0] when run as a script
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from freshet import features  # noqa: E402
+from freshet.settings import load_settings  # noqa: E402
+from freshet.stack import EmbeddedStack  # noqa: E402
+from stream.aggregations import ViewAggregator  # noqa: E402
+
+
+def entity(agg: ViewAggregator, events: int, every_s: float, rnd: random.Random) -> dict:
+    """One entity's state after `events` events `every_s` apart (evicted as the engine does)."""
+    state, t0 = agg.new_state(), 1_790_000_000.0
+    for i in range(events):
+        agg.update(state, t0 + i * every_s, {"amount": rnd.uniform(1, 300), "merchant_id": f"m{rnd.randrange(500)}",
+                                             "card_id": f"c{rnd.randrange(5000)}"})
+        if i % 100 == 99:
+            agg.evict(state)
+    agg.evict(state)
+    return state
+
+
+def result_us(agg: ViewAggregator, state: dict, repeat: int) -> float:
+    started = time.perf_counter()
+    for _ in range(repeat):
+        agg.result(state)
+    return round((time.perf_counter() - started) / repeat * 1e6, 2)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=300, help="result() calls timed per case")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    rnd = random.Random(args.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="freshet-bench-agg-"))
+    stack = EmbeddedStack(tmp)
+    try:
+        ep = stack.start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
+        settings = load_settings(env, kafka_bootstrap_servers=ep.kafka, redis_url=ep.redis_url,
+                                 data_dir=str(tmp / "data"))
+        print("applying the feature repo ...", file=sys.stderr, flush=True)
+        features.apply(settings)
+        registry = features.load_registry(settings)
+    finally:
+        stack.stop()
+    out: dict = {"bench": "aggregations", "repeat": args.repeat, "seed": args.seed}
+    for name, view in sorted(registry.views.items()):
+        agg = ViewAggregator(view)
+        sparse = entity(agg, 10, 20.0, rnd)  # ten events over a few minutes, like bench/stream.py
+        busy = entity(agg, 86400 // 20, 20.0, rnd)  # an event every 20 s for a day
+        tiles = {c: {w: len(t) for w, t in by_width.items()} for c, by_width in busy["tiles"].items()}
+        out[name] = {"features": len(view.aggregations), "sparse_result_us": result_us(agg, sparse, args.repeat),
+                     "busy_result_us": result_us(agg, busy, args.repeat), "busy_tiles": tiles}
+        print(f"{name}: sparse {out[name]['sparse_result_us']} us, busy {out[name]['busy_result_us']} us "
+              f"per result (busy tiles by width: {tiles})", file=sys.stderr, flush=True)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
