@@ -120,10 +120,9 @@ class RetrainPolicy:
         if alert.kind not in self.kinds:
             return None
         ts = float(alert.ts)
-        pending = [(t, a) for t, a in self._pending.get(alert.model, []) if t > ts - self.window_s]
+        pending = self._within_window(alert.model, ts)
         if all(a != alert.alert_id for _, a in pending):
             pending.append((ts, alert.alert_id))
-        self._pending[alert.model] = pending
         return self._request(alert.model, ts)
 
     def due(self, now: float) -> list[RetrainRequest]:
@@ -135,11 +134,16 @@ class RetrainPolicy:
         """
         out = []
         for model in list(self._pending):
-            self._pending[model] = [(t, a) for t, a in self._pending[model] if t > now - self.window_s]
+            self._within_window(model, now)
             request = self._request(model, now)
             if request is not None:
                 out.append(request)
         return out
+
+    def _within_window(self, model: str, ts: float) -> list[tuple[float, str]]:
+        """The model's pending alerts, those older than `window_s` before `ts` dropped."""
+        pending = self._pending[model] = [(t, a) for t, a in self._pending.get(model, []) if t > ts - self.window_s]
+        return pending
 
     def _request(self, model: str, ts: float) -> RetrainRequest | None:
         pending = self._pending.get(model, [])

@@ -69,24 +69,17 @@ class ViewAggregator:
         self._tiled_windows: dict[str, tuple[list, list, list]] = {}
         for column in self.tiled_columns:
             specs = [a for a in view.aggregations if a.column == column and a.function in _TILED]
-            shapes, first = self._shapes(specs)
-            outputs = [(a.name, _CODES[a.function], shapes.index((a.window_s, a.slide_s))) for a in specs]
-            self._tiled_windows[column] = (sorted({w for _, w in first}), first, outputs)
+            widths, shapes, index = _windows(specs)
+            self._tiled_windows[column] = (widths, shapes, [(a.name, _CODES[a.function], i)
+                                                            for a, i in zip(specs, index)])
         # the same for distinct counts: column -> (widths, shapes, [(name, shape index)])
         self._distinct_windows: dict[str, tuple[list, list, list]] = {}
         for column in self.distinct_columns:
             specs = [a for a in view.aggregations if a.column == column and a.function == "count_distinct"]
-            shapes, first = self._shapes(specs)
-            self._distinct_windows[column] = (sorted({w for _, w in first}), first,
-                                              [(a.name, shapes.index((a.window_s, a.slide_s))) for a in specs])
+            widths, shapes, index = _windows(specs)
+            self._distinct_windows[column] = (widths, shapes, [(a.name, i) for a, i in zip(specs, index)])
         self._last_specs = [a for a in view.aggregations if a.function == "last"]
         self._names = [a.name for a in view.aggregations]
-
-    @staticmethod
-    def _shapes(specs: list[AggregationSpec]) -> tuple[list, list]:
-        shapes = list(dict.fromkeys((a.window_s, a.slide_s) for a in specs))
-        first = [next(a for a in specs if (a.window_s, a.slide_s) == shape) for shape in shapes]
-        return shapes, [(a, math.gcd(a.window_s, a.slide_s)) for a in first]
 
     def new_state(self) -> dict:
         return {
@@ -171,13 +164,9 @@ class ViewAggregator:
                         by_width[width] = _coarser(by_width[fine], width)
         for column, by_width in state["distinct_tiles"].items():
             if len(by_width) == 1 and len(by_width[fine]) > COARSEN_AT:
-                seen = state["distinct"][column]
                 for width in self._distinct_windows[column][0]:
                     if width != fine:
-                        counts = by_width[width] = {}
-                        for ts in seen.values():
-                            tile = int(ts // width) * width
-                            counts[tile] = counts.get(tile, 0) + 1
+                        by_width[width] = _distinct_counts(state["distinct"][column], width)
 
     def result(self, state: dict, as_of: float | None = None) -> dict[str, Any]:
         """Every aggregation of the view as of `as_of` (default: the entity's latest event).
@@ -192,28 +181,9 @@ class ViewAggregator:
                 out[spec.name] = 0 if spec.function in ("count", "count_distinct") else (
                     0.0 if spec.function == "sum" else None)
             return out
-        inf = math.inf
         fine = self.tile_s
         for column, (_, shapes, outputs) in self._tiled_windows.items():
-            by_width = state["tiles"][column]
-            if len(by_width) == 1 and len(by_width[fine]) <= _SCAN_MAX:
-                # a sparse entity: one pass over its few tiles answers every window
-                acc = _scan_tiles(by_width[fine], [window_start(as_of, spec) for spec, _ in shapes], as_of)
-            else:
-                acc = []
-                for spec, width in shapes:
-                    tiles = by_width.get(width)
-                    if tiles is None:  # no wider map: the view's tiles answer every window
-                        tiles, width = by_width[fine], fine
-                    n, total, lo, hi = 0, 0.0, inf, -inf
-                    for tn, tsum, tlo, thi in _window_tiles(tiles, window_start(as_of, spec), as_of, width):
-                        n += tn
-                        total += tsum
-                        if tlo < lo:
-                            lo = tlo
-                        if thi > hi:
-                            hi = thi
-                    acc.append((n, total, lo, hi))
+            acc = _per_window(state["tiles"][column], shapes, fine, as_of, _scan_tiles, _fold)
             for name, code, i in outputs:
                 n, total, lo, hi = acc[i]
                 if code == 0:
@@ -227,16 +197,7 @@ class ViewAggregator:
                 else:
                     out[name] = lo if code == 3 else hi
         for column, (_, shapes, outputs) in self._distinct_windows.items():
-            by_width = state["distinct_tiles"][column]
-            if len(by_width) == 1 and len(by_width[fine]) <= _SCAN_MAX:
-                counts = _scan_counts(by_width[fine], [window_start(as_of, spec) for spec, _ in shapes], as_of)
-            else:
-                counts = []
-                for spec, width in shapes:
-                    by_tile = by_width.get(width)
-                    if by_tile is None:
-                        by_tile, width = by_width[fine], fine
-                    counts.append(sum(_window_tiles(by_tile, window_start(as_of, spec), as_of, width)))
+            counts = _per_window(state["distinct_tiles"][column], shapes, fine, as_of, _scan_counts, sum)
             for name, i in outputs:
                 out[name] = counts[i]
         for spec in self._last_specs:
@@ -285,11 +246,7 @@ class ViewAggregator:
 
     def _count_distinct_tiles(self, state: dict) -> None:
         for c, seen in state["distinct"].items():
-            counts = state["distinct_tiles"][c] = {self.tile_s: {}}
-            fine = counts[self.tile_s]
-            for ts in seen.values():
-                tile = int(ts // self.tile_s) * self.tile_s
-                fine[tile] = fine.get(tile, 0) + 1
+            state["distinct_tiles"][c] = {self.tile_s: _distinct_counts(seen, self.tile_s)}
         self._coarsen(state)
 
     # JSON round trip (tile keys become strings in JSON); kept to read old changelogs
@@ -335,6 +292,14 @@ def _coarser(fine: dict, width: int) -> dict:
     return out
 
 
+def _per_window(by_width: dict, shapes: list, fine: int, as_of: float, scan, fold) -> list:
+    """One value per shape's window as of `as_of`: a sparse entity's few tiles in one pass
+    for every window (`scan`), a busy one's tiles looked up window by window and folded."""
+    if len(by_width) == 1 and len(by_width[fine]) <= _SCAN_MAX:
+        return scan(by_width[fine], [window_start(as_of, spec) for spec, _ in shapes], as_of)
+    return [fold(_window_tiles(by_width, width, fine, window_start(as_of, spec), as_of)) for spec, width in shapes]
+
+
 def _scan_tiles(tiles: dict, starts: list, as_of: float) -> list[tuple]:
     """(count, sum, min, max) of every window [start, as_of] in one pass over the tiles."""
     k = range(len(starts))
@@ -365,9 +330,44 @@ def _scan_counts(counts: dict, starts: list, as_of: float) -> list[int]:
     return out
 
 
-def _window_tiles(tiles: dict, start: float, as_of: float, width: int) -> list:
-    """The values of the tiles in [start, as_of]: looked up one by one when the window holds
-    fewer tiles than the map (a busy entity), else by a scan of the map (a sparse one)."""
+def _windows(specs: list[AggregationSpec]) -> tuple[list[int], list[tuple], list[int]]:
+    """(tile widths used, [(first spec of each (window, slide) shape, its width)], each spec's
+    shape index); a shape's width is gcd(window, slide), so its window is whole tiles."""
+    shapes = list(dict.fromkeys((a.window_s, a.slide_s) for a in specs))
+    first = [next(a for a in specs if (a.window_s, a.slide_s) == shape) for shape in shapes]
+    widths = [math.gcd(a.window_s, a.slide_s) for a in first]
+    return sorted(set(widths)), list(zip(first, widths)), [shapes.index((a.window_s, a.slide_s)) for a in specs]
+
+
+def _distinct_counts(seen: dict, width: int) -> dict[int, int]:
+    """Per tile of `width`: how many distinct values have their latest sighting in it."""
+    counts: dict[int, int] = {}
+    for ts in seen.values():
+        tile = int(ts // width) * width
+        counts[tile] = counts.get(tile, 0) + 1
+    return counts
+
+
+def _fold(parts: list) -> tuple:
+    """(count, sum, min, max) of [count, sum, min, max] tile partials."""
+    n, total, lo, hi = 0, 0.0, math.inf, -math.inf
+    for tn, tsum, tlo, thi in parts:
+        n += tn
+        total += tsum
+        if tlo < lo:
+            lo = tlo
+        if thi > hi:
+            hi = thi
+    return n, total, lo, hi
+
+
+def _window_tiles(by_width: dict, width: int, fine: int, start: float, as_of: float) -> list:
+    """The values of the tiles in [start, as_of], from the map of `width` if the entity keeps
+    one, else from the view's `fine` tiles (which answer every window). Looked up one by one
+    when the window holds fewer tiles than the map (a busy entity), else by a scan of the map."""
+    tiles = by_width.get(width)
+    if tiles is None:
+        tiles, width = by_width[fine], fine
     first = math.ceil(start / width) * width
     last = int(as_of // width) * width
     if (last - first) // width + 1 < len(tiles):
