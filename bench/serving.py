@@ -6,7 +6,8 @@ Everything runs on this machine, on loopback, on the embedded stack (Tansu + Val
 one Redis, one Feast registry, one model in MLflow (sqlite). Measured in one run:
 
 - in-process: OnlineFeatureReader.read vs FeatureStore.get_online_features, 1 entity x
-  20 features across 2 views, sequential calls;
+  20 features across 2 views, sequential calls; and a bare Redis PING's round trip with
+  the thread sleeping on the socket and polling it (FRESHET_REDIS_POLL_US);
 - HTTP /get-online-features (the same request) on `freshet serve` and on `feast serve`
   (Feast's own server, one worker each unless --workers sets freshet's, both started here
   as subprocesses);
@@ -319,6 +320,28 @@ def wait_http(url: str, timeout: float, headers: dict | None = None) -> None:
     raise RuntimeError(f"{url} not ready after {timeout:.0f}s: {last}")
 
 
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def wait_quiet(pids: list[int], timeout: float, window: float = 0.5, busy: float = 0.05) -> float:
+    """Until the servers have finished booting (below `busy` of a core over `window`), so the
+    in-process reads do not share the two CPUs with their start-up; returns the seconds waited."""
+    started = time.monotonic()
+    before = sum(_cpu_seconds(p) for p in pids)
+    while time.monotonic() - started < timeout:
+        time.sleep(window)
+        now = sum(_cpu_seconds(p) for p in pids)
+        if now - before < busy * window:
+            break
+        before = now
+    return time.monotonic() - started
+
+
 def wait_workers(port: int, workers: int, timeout: float) -> None:
     """Until every worker answers /predict: generated request ids start with a per-process prefix."""
     import httpx
@@ -375,7 +398,25 @@ def bench_in_process(settings, store, refs, cards, merchants, iterations: int, s
                                           full_feature_names=True)
                 feast_lat.append(clock() - t0)
     reader.close()
-    return {"freshet": summary(ours_lat), "feast": summary(feast_lat)}
+    return {"freshet": summary(ours_lat), "feast": summary(feast_lat), **redis_round_trips(reader, 2000)}
+
+
+def redis_round_trips(reader, n: int) -> dict:
+    """A bare PING's round trip, with the thread sleeping on the socket and polling it first:
+    the floor under any read, and what FRESHET_REDIS_POLL_US buys."""
+    from serving.online import RespConnection
+
+    ping, clock = b"*1\r\n$4\r\nPING\r\n", time.perf_counter
+    out = {}
+    for label, poll_s in (("ping_waiting", 0.0), ("ping_polling", reader.sync.poll_s)):
+        conn, lat = RespConnection(reader.endpoint, poll_s=poll_s), []
+        for _ in range(n):
+            t0 = clock()
+            conn.execute(ping, 1)
+            lat.append(clock() - t0)
+        conn.close()
+        out[label] = summary(lat)
+    return out
 
 
 def main() -> None:
@@ -443,10 +484,14 @@ def main() -> None:
         wait_http(f"http://127.0.0.1:{feast_port}/health", 120)
         if args.workers > 1:
             wait_workers(ours_port, args.workers, 120)
-        log(f"both servers up ({time.monotonic() - started:.0f}s); in-process reads, {iterations} calls")
+        waited = wait_quiet([p.pid for p in servers.procs], 30)
+        log(f"both servers up ({time.monotonic() - started:.0f}s), idle after {waited:.1f}s more; "
+            f"in-process reads, {iterations} calls")
         in_proc = bench_in_process(settings, store, refs, cards, merchants, iterations, args.seed)
         log(f"in-process: freshet p50 {in_proc['freshet']['p50_ms']:.3f} ms p99 {in_proc['freshet']['p99_ms']:.3f}"
-            f" ms; feast p50 {in_proc['feast']['p50_ms']:.3f} ms p99 {in_proc['feast']['p99_ms']:.3f} ms")
+            f" ms; feast p50 {in_proc['feast']['p50_ms']:.3f} ms p99 {in_proc['feast']['p99_ms']:.3f} ms; "
+            f"Redis PING p50 {in_proc['ping_waiting']['p50_ms']:.3f} ms sleeping on the socket, "
+            f"{in_proc['ping_polling']['p50_ms']:.3f} ms polling it")
 
         rng = random.Random(args.seed)
         feature_bodies = [{"features": refs, "full_feature_names": True,
@@ -514,6 +559,9 @@ def main() -> None:
         "feast_read_p99_ms": k_in["p99_ms"],
         "read_speedup_vs_feast": round(k_in["p50_ms"] / f_in["p50_ms"], 2),
         "read_p99_speedup_vs_feast": round(k_in["p99_ms"] / f_in["p99_ms"], 2),
+        "read_redis_poll_us": settings.redis_poll_us,
+        "redis_ping_p50_ms_waiting": in_proc["ping_waiting"]["p50_ms"],
+        "redis_ping_p50_ms_polling": in_proc["ping_polling"]["p50_ms"],
         "http_features": ours_h,
         "feast_serve_features": feast_h,
         "http_rps_ratio_vs_feast_serve": round(ours_h["rps"] / max(feast_h["rps"], 1e-9), 2),

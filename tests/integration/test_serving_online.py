@@ -8,14 +8,15 @@ import subprocess
 import time
 from datetime import timedelta
 
+import hiredis
 import pytest
 import redis
 
 from freshet.redis_layout import OnlineLayout
 from freshet.stack import free_port, redis_binary, wait_for_redis
 from serving.online import (
-    NOT_FOUND, NULL_VALUE, OUTSIDE_MAX_AGE, PRESENT, OnlineFeatureReader, RedisUnavailable, RequestError,
-    UnknownFeature,
+    NOT_FOUND, NULL_VALUE, OUTSIDE_MAX_AGE, PRESENT, OnlineFeatureReader, RedisEndpoint, RedisUnavailable,
+    RequestError, RespConnection, UnknownFeature,
 )
 from test_serving_support import applied_settings, feast_store  # noqa: F401 - fixtures
 
@@ -171,6 +172,24 @@ def test_redis_down_raises_unavailable_and_reads_recover_when_it_returns(applied
         proc.wait(5)
     with pytest.raises(RedisUnavailable):
         reader.read(plan, {"card_id": ["x"]})
+
+
+@pytest.mark.parametrize("poll_us", [0, 100])
+def test_replies_slower_than_the_poll_window_are_waited_for_and_timeouts_still_apply(applied_settings, poll_us):  # noqa: F811
+    conn = RespConnection(RedisEndpoint.from_url(applied_settings.redis_url), timeout=0.2, poll_s=poll_us / 1e6)
+    # WAIT for a replica this Redis does not have answers 0 once its timeout (ms) is up
+    t0 = time.perf_counter()
+    # two pipelined replies, the second 30 ms after the first
+    assert conn.execute(hiredis.pack_command(("PING",)) + hiredis.pack_command(("WAIT", "1", "30")), 2) == [b"PONG", 0]
+    assert time.perf_counter() - t0 >= 0.03
+    assert conn.execute(hiredis.pack_command(("ECHO", "next")), 1) == [b"next"]
+    t0 = time.perf_counter()
+    with pytest.raises(RedisUnavailable, match="timed out"):
+        conn.execute(hiredis.pack_command(("WAIT", "1", "300")), 1)
+    assert time.perf_counter() - t0 >= 0.2  # polling did not cut the wait short
+    # the timed-out connection is dropped, so its late reply cannot answer the next command
+    assert conn.execute(hiredis.pack_command(("ECHO", "fresh")), 1) == [b"fresh"]
+    conn.close()
 
 
 def test_nan_and_infinity_are_served_as_protobuf_json_strings_like_feast(reader, client, unique):

@@ -26,6 +26,7 @@ def test_defaults_load_without_any_environment():
     ({"FRESHET_KAFKA_SECURITY_PROTOCOL": "TLS"}, "use one of"),
     ({"FRESHET_KAFKA_SASL_MECHANISM": "PLAIN"}, "use SASL_PLAINTEXT or SASL_SSL"),
     ({"FRESHET_TOPIC_DRIFT": ""}, "FRESHET_TOPIC_DRIFT must not be empty"),
+    ({"FRESHET_REDIS_POLL_US": "-1"}, "FRESHET_REDIS_POLL_US=-1 must be 0..10000 microseconds"),
 ])
 def test_invalid_setting_names_the_setting_and_what_is_allowed(env, fragment):
     with pytest.raises(SettingsError, match=fragment):
