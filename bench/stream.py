@@ -7,7 +7,7 @@ Starts the embedded stack and one `freshet stream` worker, then
    mixed in, and times each probe from produce() to its value being readable in Redis.
 
 Progress goes to stderr; the last stdout line is one JSON object.
-    .venv/bin/python bench/stream.py [--quick] [--rate 5000] [--backlog 60000]
+    .venv/bin/python bench/stream.py [--quick] [--rate 5000] [--seconds 20] [--backlog 200000] [--cards 20000]
 
 CPU seconds of the worker, the broker, Redis and this script are measured over each
 phase (/proc): `events_per_worker_cpu_s` is what the worker would sustain with a core
@@ -109,8 +109,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small run, under a minute")
     ap.add_argument("--rate", type=float, default=5000.0, help="offered events/s for the freshness phase")
-    ap.add_argument("--seconds", type=float, default=30.0, help="length of the freshness phase")
-    ap.add_argument("--backlog", type=int, default=60000, help="events in the throughput phase")
+    ap.add_argument("--seconds", type=float, default=20.0, help="length of the freshness phase")
+    ap.add_argument("--backlog", type=int, default=200000, help="events in the throughput phase")
     ap.add_argument("--cards", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--commit-interval-ms", type=int, help="the worker's FRESHET_STREAM_COMMIT_INTERVAL_MS "

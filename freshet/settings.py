@@ -56,7 +56,7 @@ class Settings:
     redis_url: str = _secret()
     # In-process reads (OnlineFeatureReader.read) poll for Redis's reply this long before
     # the thread sleeps: a sleeping thread's wake-up costs more than a local Redis's answer
-    # (read p50 71 -> 37 us here). Raise it for a remote Redis, 0 to never poll.
+    # (read p50 71 -> 41-47 us here). Raise it for a remote Redis, 0 to never poll.
     redis_poll_us: int = 100
 
     data_dir: str = "data"

@@ -109,7 +109,7 @@ class RespConnection:
 
     A reply is first polled for, for up to `poll_s`, before the thread sleeps on the socket:
     on this machine waking a sleeping thread costs more than Redis takes to answer (a PING
-    round trip on loopback: 55 us waiting in recv, 21 us polling; bench/serving.py). Polling
+    round trip on loopback: 43-52 us waiting in recv, 23-26 us polling; bench/serving.py). Polling
     spends that CPU while the reply is on its way; 0 turns it off.
     """
 

@@ -32,7 +32,8 @@ STATE_FORMAT = 3  # first element of an encoded state record (2: one tile map pe
 
 
 def window_start(as_of: float, spec: AggregationSpec) -> float:
-    return math.floor(as_of / spec.slide_s) * spec.slide_s + spec.slide_s - spec.window_s
+    # floor division, not floor(as_of / slide): the quotient can round up to a whole number
+    return as_of // spec.slide_s * spec.slide_s + spec.slide_s - spec.window_s
 
 
 class ViewAggregator:
@@ -64,8 +65,8 @@ class ViewAggregator:
         # an entity is busy (more than COARSEN_AT such tiles) it also keeps, for each wider
         # gcd(window, slide) its shapes use, a map of that width: a day sliding by 5 minutes
         # is then 288 lookups instead of a walk over 1,440 one-minute tiles.
-        # column -> (widths, [(first spec of a shape, its width)], [(name, function code,
-        # shape index)]): specs sharing a window and slide share an accumulator
+        # column -> (widths, [(slide, slide - window, tile width)] per (window, slide) shape,
+        # [(name, function code, shape index)]): specs of one shape share an accumulator
         self._tiled_windows: dict[str, tuple[list, list, list]] = {}
         for column in self.tiled_columns:
             specs = [a for a in view.aggregations if a.column == column and a.function in _TILED]
@@ -78,7 +79,8 @@ class ViewAggregator:
             specs = [a for a in view.aggregations if a.column == column and a.function == "count_distinct"]
             widths, shapes, index = _windows(specs)
             self._distinct_windows[column] = (widths, shapes, [(a.name, i) for a, i in zip(specs, index)])
-        self._last_specs = [a for a in view.aggregations if a.function == "last"]
+        self._last = [(a.name, a.column, a.slide_s, a.slide_s - a.window_s)
+                      for a in view.aggregations if a.function == "last"]
         self._names = [a.name for a in view.aggregations]
 
     def new_state(self) -> dict:
@@ -200,10 +202,10 @@ class ViewAggregator:
             counts = _per_window(state["distinct_tiles"][column], shapes, fine, as_of, _scan_counts, sum)
             for name, i in outputs:
                 out[name] = counts[i]
-        for spec in self._last_specs:
-            start = window_start(as_of, spec)
-            cur = state["last"][spec.column]
-            out[spec.name] = cur[1] if cur is not None and start <= cur[0] <= as_of else None
+        for name, column, slide, offset in self._last:
+            start = as_of // slide * slide + offset  # window_start, inlined
+            cur = state["last"][column]
+            out[name] = cur[1] if cur is not None and start <= cur[0] <= as_of else None
         return {name: out[name] for name in self._names}
 
     # The changelog record of one entity. Tiles and distinct values are pairs of lists
@@ -295,9 +297,10 @@ def _coarser(fine: dict, width: int) -> dict:
 def _per_window(by_width: dict, shapes: list, fine: int, as_of: float, scan, fold) -> list:
     """One value per shape's window as of `as_of`: a sparse entity's few tiles in one pass
     for every window (`scan`), a busy one's tiles looked up window by window and folded."""
+    starts = [as_of // slide * slide + offset for slide, offset, _ in shapes]  # window_start, inlined
     if len(by_width) == 1 and len(by_width[fine]) <= _SCAN_MAX:
-        return scan(by_width[fine], [window_start(as_of, spec) for spec, _ in shapes], as_of)
-    return [fold(_window_tiles(by_width, width, fine, window_start(as_of, spec), as_of)) for spec, width in shapes]
+        return scan(by_width[fine], starts, as_of)
+    return [fold(_window_tiles(by_width, width, fine, start, as_of)) for (_, _, width), start in zip(shapes, starts)]
 
 
 def _scan_tiles(tiles: dict, starts: list, as_of: float) -> list[tuple]:
@@ -331,12 +334,12 @@ def _scan_counts(counts: dict, starts: list, as_of: float) -> list[int]:
 
 
 def _windows(specs: list[AggregationSpec]) -> tuple[list[int], list[tuple], list[int]]:
-    """(tile widths used, [(first spec of each (window, slide) shape, its width)], each spec's
-    shape index); a shape's width is gcd(window, slide), so its window is whole tiles."""
+    """(tile widths used, [(slide, slide - window, tile width)] of each (window, slide) shape,
+    each spec's shape index); a shape's width is gcd(window, slide), so its window is whole
+    tiles, and its window starts at as_of // slide * slide + slide - window (window_start)."""
     shapes = list(dict.fromkeys((a.window_s, a.slide_s) for a in specs))
-    first = [next(a for a in specs if (a.window_s, a.slide_s) == shape) for shape in shapes]
-    widths = [math.gcd(a.window_s, a.slide_s) for a in first]
-    return sorted(set(widths)), list(zip(first, widths)), [shapes.index((a.window_s, a.slide_s)) for a in specs]
+    steps = [(slide, slide - window, math.gcd(window, slide)) for window, slide in shapes]
+    return sorted({w for _, _, w in steps}), steps, [shapes.index((a.window_s, a.slide_s)) for a in specs]
 
 
 def _distinct_counts(seen: dict, width: int) -> dict[int, int]:

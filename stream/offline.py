@@ -28,10 +28,15 @@ def append_parts(root: Path, table: pa.Table, ts_column: str, prefix: str = "par
     if table.num_rows == 0:
         return []
     root = Path(root)
-    dates = pc.strftime(table[ts_column], format="%Y-%m-%d")
+    span = pc.min_max(table[ts_column])
+    first, last = (pc.strftime(span[end], format="%Y-%m-%d").as_py() for end in ("min", "max"))
+    if first == last:  # the usual case: no per-row date strings
+        parts = [(first, table)]
+    else:
+        dates = pc.strftime(table[ts_column], format="%Y-%m-%d")
+        parts = [(d, table.filter(pc.equal(dates, d))) for d in pc.unique(dates).to_pylist()]
     written = []
-    for date in pc.unique(dates).to_pylist():
-        part = table.filter(pc.equal(dates, date)) if len(set(dates.to_pylist())) > 1 else table
+    for date, part in parts:
         directory = root / f"{PARTITION}={date}"
         directory.mkdir(parents=True, exist_ok=True)
         name = f"{prefix}-{uuid.uuid4().hex}.parquet"
@@ -73,9 +78,18 @@ class PartBuffer:
         self.rows += table.num_rows
         return self.rows >= self.max_rows
 
-    def flush(self) -> list[Path]:
+    def take(self) -> dict:
+        """What is queued (for `write`), leaving the buffer empty."""
         pending, self._pending, self.rows = self._pending, {}, 0
+        return pending
+
+    @staticmethod
+    def write(pending: dict) -> list[Path]:
+        """Write what `take` returned; Arrow leaves the GIL while it encodes, so another thread may."""
         written = []
         for (root, ts_column), tables in pending.items():
             written += append_parts(Path(root), pa.concat_tables(tables, promote_options="permissive"), ts_column)
         return written
+
+    def flush(self) -> list[Path]:
+        return self.write(self.take())

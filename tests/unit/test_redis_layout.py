@@ -160,17 +160,58 @@ def test_module_examples_run():
     assert failures == 0
 
 
-def test_encoding_keeps_up_with_the_stream_engine():
-    """20 features per row: encoding alone must leave room for >= 20k rows/s on one core."""
-    import time
+def _hset_commands(blob: bytes) -> list[list[bytes]]:
+    import hiredis
 
-    features = {f"f{i}": ("INT64" if i % 3 == 0 else "DOUBLE") for i in range(20)}
-    layout = OnlineLayout("freshet", {"v": ViewLayout("v", ("card_id",), ("STRING",), features)})
-    row = {f: (i if features[f] == "INT64" else i * 1.5) for i, f in enumerate(features)}
-    n = 5000
-    start = time.perf_counter()
-    for i in range(n):
-        layout.entity_key("v", (f"card-{i}",))
-        layout._codecs["v"].encode(row, 1.7e9 + i)
-    rate = n / (time.perf_counter() - start)
-    assert rate > 40_000, f"{rate:.0f} rows/s"
+    reader = hiredis.Reader()
+    reader.feed(blob)
+    commands = []
+    while (command := reader.gets()) is not False:
+        commands.append(command)
+    return commands
+
+
+@pytest.mark.parametrize("values", [
+    {"count_5m": 4, "sum_5m": 12.5, "max_5m": -0.0, "distinct_5m": 300, "last_5m": 7},      # every feature
+    {"count_5m": 0, "sum_5m": None, "max_5m": math.nan, "distinct_5m": -1, "last_5m": 2**40},  # a null DOUBLE
+    {"sum_5m": 1.0, "count_5m": 2**63 - 1},                                                  # some features
+    {"count_5m": None, "sum_5m": math.inf, "max_5m": 3, "distinct_5m": None, "last_5m": 1.5},  # null ints
+])
+def test_packed_commands_set_the_fields_feast_would(values):
+    view = ViewLayout("v", ("card_id",), ("STRING",), {"count_5m": "INT64", "sum_5m": "DOUBLE", "max_5m": "DOUBLE",
+                                                       "distinct_5m": "INT64", "last_5m": "DOUBLE"})
+    layout = OnlineLayout("freshet", {"v": view})
+    rows = [(("c1",), values, 1700000000.25), (("c2",), values, 1700000001.5)]
+    blob, replies, n = layout.pack_rows("v", rows)
+    commands = _hset_commands(blob)
+    assert (replies, n, len(commands)) == (2, 2, 2)
+    for (key, row, ts), command in zip(rows, commands):
+        assert command[:2] == [b"HSET", layout.entity_key("v", key)]
+        fields = dict(zip(command[2::2], command[3::2]))
+        assert len(fields) * 2 == len(command) - 2  # no field twice
+        assert fields == layout.encode_row("v", row, ts)  # which equals Feast's, above (NaN: the same bytes)
+
+
+def test_packed_commands_name_an_unknown_feature():
+    layout = OnlineLayout("p", {"v": ViewLayout("v", ("card_id",), ("STRING",), {"f": "DOUBLE", "g": "INT64"})})
+    with pytest.raises(LayoutError, match="'h'"):
+        layout.pack_rows("v", [(("c",), {"f": 1.0, "h": 2}, 0.0)])
+
+
+def test_varints_at_every_length_boundary_equal_protobuf():
+    for bits in range(0, 64, 7):
+        for v in {(1 << bits) - 1, 1 << bits, (1 << bits) + 1}:
+            if v < 2**63:
+                assert encode_value(v, "INT64") == _feast_bytes(v, "INT64"), v
+                assert encode_value(-v, "INT64") == _feast_bytes(-v, "INT64"), -v
+
+
+def test_timestamps_of_one_second_and_of_many_equal_protobuf():
+    import random
+
+    rnd = random.Random(3)
+    stamps = [1700000000 + rnd.random() for _ in range(200)] + [rnd.uniform(0, 4e9) for _ in range(5000)]
+    for t in stamps:
+        ts = Timestamp()
+        ts.FromDatetime(datetime.fromtimestamp(t, tz=timezone.utc))
+        assert encode_timestamp(t) == ts.SerializeToString(), t
