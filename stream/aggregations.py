@@ -15,6 +15,7 @@ included.
 from __future__ import annotations
 
 import math
+from operator import itemgetter
 from typing import Any, Iterable
 
 import orjson
@@ -79,9 +80,22 @@ class ViewAggregator:
             specs = [a for a in view.aggregations if a.column == column and a.function == "count_distinct"]
             widths, shapes, index = _windows(specs)
             self._distinct_windows[column] = (widths, shapes, [(a.name, i) for a, i in zip(specs, index)])
-        self._last = [(a.name, a.column, a.slide_s, a.slide_s - a.window_s)
+        self._last = [(a.column, a.slide_s, a.slide_s - a.window_s)
                       for a in view.aggregations if a.function == "last"]
         self._names = [a.name for a in view.aggregations]
+        # `result` fills a flat list of slots, shape by shape: five per tiled shape (count,
+        # sum, mean, min, max), one per distinct shape, one per last; each name reads one
+        slot: dict[str, int] = {}
+        n = 0
+        for _, shapes, outputs in self._tiled_windows.values():
+            slot.update((name, n + 5 * i + code) for name, code, i in outputs)
+            n += 5 * len(shapes)
+        for _, shapes, outputs in self._distinct_windows.values():
+            slot.update((name, n + i) for name, i in outputs)
+            n += len(shapes)
+        slot.update((a.name, n + i) for i, a in enumerate(a for a in view.aggregations if a.function == "last"))
+        order = [slot[name] for name in self._names]
+        self._gather = itemgetter(*order) if len(order) > 1 else (lambda slots: (slots[order[0]],))
 
     def new_state(self) -> dict:
         return {
@@ -177,36 +191,21 @@ class ViewAggregator:
         latest sighting of a distinct value and of `last`, not the history.
         """
         as_of = state["max_ts"] if as_of is None else as_of
-        out: dict[str, Any] = {}
         if as_of is None:
-            for spec in self.specs:
-                out[spec.name] = 0 if spec.function in ("count", "count_distinct") else (
-                    0.0 if spec.function == "sum" else None)
-            return out
+            return {spec.name: 0 if spec.function in ("count", "count_distinct") else (
+                0.0 if spec.function == "sum" else None) for spec in self.specs}
         fine = self.tile_s
-        for column, (_, shapes, outputs) in self._tiled_windows.items():
-            acc = _per_window(state["tiles"][column], shapes, fine, as_of, _scan_tiles, _fold)
-            for name, code, i in outputs:
-                n, total, lo, hi = acc[i]
-                if code == 0:
-                    out[name] = n
-                elif code == 1:
-                    out[name] = float(total)
-                elif not n:
-                    out[name] = None
-                elif code == 2:
-                    out[name] = total / n
-                else:
-                    out[name] = lo if code == 3 else hi
-        for column, (_, shapes, outputs) in self._distinct_windows.items():
-            counts = _per_window(state["distinct_tiles"][column], shapes, fine, as_of, _scan_counts, sum)
-            for name, i in outputs:
-                out[name] = counts[i]
-        for name, column, slide, offset in self._last:
+        slots: list = []
+        for column, (_, shapes, _) in self._tiled_windows.items():
+            for n, total, lo, hi in _per_window(state["tiles"][column], shapes, fine, as_of, _scan_tiles, _fold):
+                slots += (n, float(total), total / n, lo, hi) if n else (0, float(total), None, None, None)
+        for column, (_, shapes, _) in self._distinct_windows.items():
+            slots += _per_window(state["distinct_tiles"][column], shapes, fine, as_of, _scan_counts, sum)
+        for column, slide, offset in self._last:
             start = as_of // slide * slide + offset  # window_start, inlined
             cur = state["last"][column]
-            out[name] = cur[1] if cur is not None and start <= cur[0] <= as_of else None
-        return {name: out[name] for name in self._names}
+            slots.append(cur[1] if cur is not None and start <= cur[0] <= as_of else None)
+        return dict(zip(self._names, self._gather(slots)))
 
     # The changelog record of one entity. Tiles and distinct values are pairs of lists
     # (keys, values), not JSON objects, so integer tile starts and non-string distinct

@@ -20,11 +20,12 @@ class EventError(ValueError):
 
 def parse_timestamp(value: Any, field: str) -> float:
     """Epoch seconds (int/float; milliseconds are recognised by size) or ISO-8601 -> epoch seconds."""
-    if isinstance(value, bool):
-        raise EventError(f"field {field!r} must be a timestamp, got bool")
-    if isinstance(value, (int, float)):
+    kind = type(value)
+    if kind is float or kind is int or (kind is not bool and isinstance(value, (int, float))):
         # 1e11 s is year 5138: anything above is milliseconds
         return value / 1000.0 if value > 1e11 else float(value)
+    if kind is bool:
+        raise EventError(f"field {field!r} must be a timestamp, got bool")
     if isinstance(value, str):
         try:
             dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -36,10 +37,11 @@ def parse_timestamp(value: Any, field: str) -> float:
     raise EventError(f"field {field!r} must be a timestamp, got {type(value).__name__}")
 
 
-_CHECKS = {
+# The exact types JSON decodes to that each schema kind accepts (so bool is no int here)
+_TYPES = {
     "string": (str,),
     "int": (int,),
-    "float": (int, float),
+    "float": (float, int),
     "bool": (bool,),
 }
 
@@ -78,7 +80,7 @@ class EventDecoder:
             required.update(v.join_keys)
             required.update(a.column for a in v.aggregations)
         self.required = tuple(sorted(required))
-        self.typed = tuple((name, kind) for name, kind in schema.items()
+        self.typed = tuple((name, kind, _TYPES[kind]) for name, kind in schema.items()
                            if kind != "timestamp" and name != self.timestamp_field)
 
     def decode(self, raw: bytes | None) -> tuple[float, dict[str, Any]]:
@@ -88,19 +90,22 @@ class EventDecoder:
             event = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise EventError(f"not valid JSON: {exc}") from None
-        if not isinstance(event, dict):
+        if type(event) is not dict:
             raise EventError("event must be a JSON object")
+        get = event.get
         for name in self.required:
-            if event.get(name) is None:
+            if get(name) is None:
                 raise EventError(f"missing field {name!r}")
-        for name, kind in self.typed:
-            value = event.get(name)
+        for name, kind, types in self.typed:
+            value = get(name)
             if value is None:
                 continue
-            if not isinstance(value, _CHECKS[kind]) or (kind in ("int", "float") and isinstance(value, bool)):
-                raise EventError(f"field {name!r} must be {kind}, got {type(value).__name__}")
-            if kind == "float":
-                if value != value or value in (float("inf"), float("-inf")):
+            t = type(value)
+            if t not in types:
+                raise EventError(f"field {name!r} must be {kind}, got {t.__name__}")
+            if t is float:
+                if value - value:  # NaN or an infinity: 0.0 for every finite float
                     raise EventError(f"field {name!r} must be a finite number")
+            elif kind == "float":
                 event[name] = float(value)
         return parse_timestamp(event[self.timestamp_field], self.timestamp_field), event

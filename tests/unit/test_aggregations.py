@@ -109,10 +109,17 @@ def test_decoder_reports_each_kind_of_bad_event():
         b'{"k": "a", "x": true, "m": "z", "ts": 1}': "field 'x' must be float",
         b'{"k": 5, "x": 1.0, "m": "z", "ts": 1}': "field 'k' must be string",
         b'{"k": "a", "x": 1.0, "m": "z", "ts": "soon"}': "not an ISO-8601 timestamp",
+        b'{"k": "a", "x": 1.0, "m": "z", "ts": true}': "'ts' must be a timestamp, got bool",
+        b'[{"k": "a"}]': "event must be a JSON object",
     }
     for raw, reason in cases.items():
         with pytest.raises(EventError, match=reason):
             d.decode(raw)
+
+
+def test_decoder_accepts_an_integer_for_a_float_field_and_returns_it_as_a_float():
+    ts, row = EventDecoder([_view()]).decode(b'{"k": "a", "x": 3, "m": "z", "ts": 1700000000123}')
+    assert (ts, row["x"], type(row["x"])) == (1700000000.123, 3.0, float)
 
 
 def test_timestamps_in_seconds_milliseconds_and_iso_agree():
