@@ -1,5 +1,7 @@
 """Aggregation cost per entity: `ViewAggregator.result` for a sparse and a busy entity.
 
+Also the cost of packing one result row into RESP for Redis (`OnlineLayout.pack_rows`).
+
 The stream bench's entities hold a few tiles (its events span minutes); an entity with
 events all day holds a day of one-minute tiles, and every changed entity costs one
 `result` per micro-batch. This measures both, in-process, for each example view.
@@ -24,6 +26,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from freshet import features  # noqa: E402
+from freshet.redis_layout import OnlineLayout  # noqa: E402
 from freshet.settings import load_settings  # noqa: E402
 from freshet.stack import EmbeddedStack  # noqa: E402
 from stream.aggregations import ViewAggregator  # noqa: E402
@@ -48,6 +51,15 @@ def result_us(agg: ViewAggregator, state: dict, repeat: int) -> float:
     return round((time.perf_counter() - started) / repeat * 1e6, 2)
 
 
+def pack_us(layout: OnlineLayout, view: str, row: dict, repeat: int) -> float:
+    """RESP bytes of one feature row (HSET of every feature), per row, in batches of 1,000."""
+    rows = [((f"card-{i}",), row, 1_790_000_000.0 + i * 1e-3) for i in range(1000)]  # a batch: a second
+    started = time.perf_counter()
+    for _ in range(max(1, repeat // 30)):
+        layout.pack_rows(view, rows)
+    return round((time.perf_counter() - started) / (max(1, repeat // 30) * len(rows)) * 1e6, 2)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=300, help="result() calls timed per case")
@@ -67,15 +79,18 @@ def main() -> int:
     finally:
         stack.stop()
     out: dict = {"bench": "aggregations", "repeat": args.repeat, "seed": args.seed}
+    layout = OnlineLayout(registry.project, registry.views)
     for name, view in sorted(registry.views.items()):
         agg = ViewAggregator(view)
         sparse = entity(agg, 10, 20.0, rnd)  # ten events over a few minutes, like bench/stream.py
         busy = entity(agg, 86400 // 20, 20.0, rnd)  # an event every 20 s for a day
         tiles = {c: {w: len(t) for w, t in by_width.items()} for c, by_width in busy["tiles"].items()}
         out[name] = {"features": len(view.aggregations), "sparse_result_us": result_us(agg, sparse, args.repeat),
-                     "busy_result_us": result_us(agg, busy, args.repeat), "busy_tiles": tiles}
+                     "busy_result_us": result_us(agg, busy, args.repeat), "busy_tiles": tiles,
+                     "pack_row_us": pack_us(layout, name, agg.result(busy), args.repeat)}
         print(f"{name}: sparse {out[name]['sparse_result_us']} us, busy {out[name]['busy_result_us']} us "
-              f"per result (busy tiles by width: {tiles})", file=sys.stderr, flush=True)
+              f"per result (busy tiles by width: {tiles}); {out[name]['pack_row_us']} us to pack its row "
+              "for Redis", file=sys.stderr, flush=True)
     print(json.dumps(out))
     return 0
 
