@@ -23,6 +23,7 @@ def test_defaults_load_without_any_environment():
     ({"FRESHET_HTTP_PORT": "eighty"}, "FRESHET_HTTP_PORT must be an integer"),
     ({"FRESHET_HTTP_PORT": "70000"}, "FRESHET_HTTP_PORT=70000 must be a TCP port"),
     ({"FRESHET_REDIS_URL": "localhost:6379"}, "FRESHET_REDIS_URL must look like redis://"),
+    ({"FRESHET_REDIS_URL": "unix:///run/redis.sock"}, "got scheme 'unix'"),  # Feast's store takes host:port
     ({"FRESHET_KAFKA_SECURITY_PROTOCOL": "TLS"}, "use one of"),
     ({"FRESHET_KAFKA_SASL_MECHANISM": "PLAIN"}, "use SASL_PLAINTEXT or SASL_SSL"),
     ({"FRESHET_TOPIC_DRIFT": ""}, "FRESHET_TOPIC_DRIFT must not be empty"),
