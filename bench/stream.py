@@ -33,7 +33,7 @@ import redis
 from freshet import features, kafka
 from freshet.redis_layout import OnlineLayout
 from freshet.settings import load_settings
-from freshet.stack import EmbeddedStack
+from freshet.stack import EmbeddedStack, cpu_seconds
 
 VIEW = "card_txn_stats"
 
@@ -72,12 +72,6 @@ def collect_visible(client, probes: dict[bytes, float], field: bytes, fresh: lis
     for k, ok in zip(keys, pipe.execute()):
         if ok:
             fresh.append((seen - probes.pop(k)) * 1000)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class CpuMeter:
