@@ -341,7 +341,7 @@ class _ViewCodec:
         # are constant, so the DOUBLEs are [chunk, value, chunk, value, ..., chunk].
         self.doubles = [f for f, t in view.features.items() if t == "DOUBLE"]
         self.others = [f for f, t in view.features.items() if t != "DOUBLE"]
-        self.other_codes = [self.encoders[f][1:] for f in self.others]
+        self.other_codes = [self.encoders[f] for f in self.others]
         chunks, glue = [], b""
         for f in self.doubles:
             chunks.append(glue + _bulk(self.fields[f]) + b"$9\r\n\x29")
@@ -404,6 +404,7 @@ class _ViewCodec:
         append = out.append
         append(b"%s$%d\r\n%s\r\n%s$%d\r\n%s\r\n" % (
             head[0] % (head[1] + 2 * len(values)), len(key), key, self.ts_field_resp, len(ts), ts))
+        pairs = None  # ((hash field, RESP field, kind, encoder), value) still to append
         if self.doubles and len(values) == len(self.encoders):
             try:
                 doubles = [values[f] for f in self.doubles]
@@ -415,19 +416,11 @@ class _ViewCodec:
                     args = self.double_args.copy()
                     args[1::2] = doubles
                     append(self.double_row.pack(*args))
-                    for (fresp, kind, enc), value in zip(self.other_codes, others):
-                        append(fresp)
-                        if value is None:
-                            append(b"$0\r\n\r\n")
-                        elif kind == 2 and type(value) is int and 0 <= value < 0x80:
-                            append(_SMALL_INT64_RESP[value])
-                        else:
-                            raw = enc(value)
-                            append(b"$%d\r\n%s\r\n" % (len(raw), raw))
-                    return
-        encoders = self.encoders
-        for name, value in values.items():
-            _, fresp, kind, enc = encoders.get(name) or self._lookup(name)
+                    pairs = zip(self.other_codes, others)
+        if pairs is None:
+            encoders = self.encoders
+            pairs = ((encoders.get(name) or self._lookup(name), value) for name, value in values.items())
+        for (_, fresp, kind, enc), value in pairs:
             append(fresp)
             if value is None:
                 append(b"$0\r\n\r\n")
