@@ -622,15 +622,14 @@ class StreamEngine:
         arrays["_partition"] = pa.array(parts, pa.int32())
         arrays["_offset"] = pa.array(offsets, pa.int64())
         if self.sink.offline.add(root, pa.table(arrays), decoder.timestamp_field):
-            self.flush_offline()
-
-    def flush_offline(self) -> None:
-        t0 = time.perf_counter()
-        self.sink.offline.flush()
-        self.counters.timed("offline_flush", t0)
+            await self._write_offline()
 
     def _write_offline(self) -> asyncio.Future:
-        """Take what is queued now and write it in the writer thread; await the future."""
+        """Take what is queued now and write it in the writer thread; await the future.
+
+        The writer is one thread, so writes finish in the order they were taken: a commit
+        that awaits its own write has every earlier one on disk too.
+        """
         t0 = time.perf_counter()
         future = asyncio.get_running_loop().run_in_executor(
             self._offline_writer, self.sink.offline.write, self.sink.offline.take())

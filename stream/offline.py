@@ -60,9 +60,9 @@ def read_parts(root: Path, columns: list[str] | None = None) -> pa.Table | None:
 
 
 class PartBuffer:
-    """Collects tables per dataset and writes them as part files on `flush`.
+    """Collects tables per dataset; `take` empties it and `write` makes the part files.
 
-    The engine flushes before every offset commit, so whatever Kafka considers
+    The engine writes what it took before every offset commit, so whatever Kafka considers
     consumed is already on disk; a crash before that replays into new parts, and
     readers drop the duplicates by (partition, offset).
     """
@@ -73,7 +73,7 @@ class PartBuffer:
         self.rows = 0
 
     def add(self, root: Path | str, table: pa.Table, ts_column: str) -> bool:
-        """Queue a table; True when the buffer is full and should be flushed now."""
+        """Queue a table; True when the buffer is full and should be written now."""
         self._pending.setdefault((str(root), ts_column), []).append(table)
         self.rows += table.num_rows
         return self.rows >= self.max_rows
@@ -90,6 +90,3 @@ class PartBuffer:
         for (root, ts_column), tables in pending.items():
             written += append_parts(Path(root), pa.concat_tables(tables, promote_options="permissive"), ts_column)
         return written
-
-    def flush(self) -> list[Path]:
-        return self.write(self.take())

@@ -29,11 +29,11 @@ def test_taken_buffer_is_empty_and_its_tables_are_written_by_whoever_holds_them(
     buf = PartBuffer(max_rows=3)
     day = datetime(2026, 3, 1, tzinfo=timezone.utc)
     assert buf.add(tmp_path / "a", _table([day], [1]), "event_ts") is False
-    assert buf.add(tmp_path / "a", _table([day, day], [2, 3]), "event_ts") is True  # full: flush now
+    assert buf.add(tmp_path / "a", _table([day, day], [2, 3]), "event_ts") is True  # full: write now
     pending = buf.take()
     assert buf.rows == 0 and buf.take() == {}
     assert buf.add(tmp_path / "a", _table([day], [4]), "event_ts") is False  # queued after the take
     PartBuffer.write(pending)
     assert sorted(read_parts(tmp_path / "a")["id"].to_pylist()) == [1, 2, 3]
-    buf.flush()
+    PartBuffer.write(buf.take())
     assert sorted(read_parts(tmp_path / "a")["id"].to_pylist()) == [1, 2, 3, 4]
