@@ -14,6 +14,7 @@ COPY freshet ./freshet
 COPY stream ./stream
 COPY serving ./serving
 COPY monitor ./monitor
+COPY training ./training
 COPY feature_repo ./feature_repo
 RUN uv pip install --system --no-cache --no-deps . \
  && useradd --system --uid 10001 --home /data freshet \

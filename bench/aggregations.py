@@ -28,8 +28,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 from freshet import features  # noqa: E402
 from freshet.redis_layout import OnlineLayout  # noqa: E402
 from freshet.settings import load_settings  # noqa: E402
-from freshet.stack import EmbeddedStack  # noqa: E402
-from stream.aggregations import ViewAggregator  # noqa: E402
+from freshet.app.stack import EmbeddedStack  # noqa: E402
+from freshet.stream.aggregations import ViewAggregator  # noqa: E402
 
 
 def entity(agg: ViewAggregator, events: int, every_s: float, rnd: random.Random) -> dict:

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from freshet.contracts import Label, Prediction  # noqa: E402
-from monitor import DriftMonitor, ModelConfig, MonitorConfig  # noqa: E402
+from freshet.monitor import DriftMonitor, ModelConfig, MonitorConfig  # noqa: E402
 
 MODEL = "fraud"
 NORMAL, LOGNORMAL, POISSON = 10, 4, 4
@@ -347,8 +347,8 @@ def _write_raw_log(settings, registry, batch, topic: str) -> None:
     """The events as the stream engine appends them to the offline raw log (its schema, from the registry)."""
     import pyarrow as pa
 
-    from stream.events import EventDecoder
-    from stream.offline import append_parts, raw_log_path
+    from freshet.stream.events import EventDecoder
+    from freshet.stream.offline import append_parts, raw_log_path
 
     schema = EventDecoder(registry.views_by_topic()[topic]).schema
     cols = batch.columns(ground_truth=False)
@@ -418,8 +418,8 @@ def closed_loop(seed: int, timeout_s: float = 240.0) -> dict:
 
     from freshet import features, kafka
     from freshet.settings import load_settings
-    from freshet.stack import EmbeddedStack, free_port
-    from stream.workload import TransactionWorkload
+    from freshet.app.stack import EmbeddedStack, free_port
+    from freshet.demo.workload import TransactionWorkload
 
     tmp = Path(tempfile.mkdtemp(prefix="freshet-drift-loop-"))
     ok = False

@@ -241,7 +241,7 @@ def register_model(settings, seed: int) -> list[str]:
     from sklearn.preprocessing import StandardScaler
 
     from freshet.features import load_registry
-    from serving.models import ModelRegistry
+    from freshet.models import ModelRegistry
 
     reg = load_registry(settings)
     names = [*reg.feature_services["fraud_model_v1"], "amount"]
@@ -279,7 +279,7 @@ class Servers:
                "FRESHET_FEATURE_REPO": s.feature_repo, "FRESHET_HTTP_PORT": str(port),
                "FRESHET_HTTP_HOST": "127.0.0.1", "FRESHET_API_TOKEN": TOKEN, "FRESHET_LOG_LEVEL": "WARNING"}
         code = ("import logging; logging.basicConfig(level='WARNING'); from freshet.settings import load_settings; "
-                f"from serving.app import run; run(load_settings(), workers={workers})")
+                f"from freshet.serving.workers import run; run(load_settings(), workers={workers})")
         self._spawn([sys.executable, "-c", code], env, "freshet-serve")
 
     def start_feast(self, port: int) -> None:
@@ -321,7 +321,7 @@ def wait_http(url: str, timeout: float, headers: dict | None = None) -> None:
 
 
 def _cpu_seconds(pid: int) -> float:
-    from freshet.stack import cpu_seconds
+    from freshet.app.stack import cpu_seconds
 
     try:
         return cpu_seconds(pid)
@@ -366,7 +366,7 @@ def wait_workers(port: int, workers: int, timeout: float) -> None:
 # ---------------------------------------------------------------------------
 
 def bench_in_process(settings, store, refs, cards, merchants, iterations: int, seed: int) -> dict:
-    from serving.online import OnlineFeatureReader
+    from freshet.serving.online import OnlineFeatureReader
 
     rng = random.Random(seed)
     reader = OnlineFeatureReader(settings, store=store)
@@ -405,7 +405,7 @@ def bench_in_process(settings, store, refs, cards, merchants, iterations: int, s
 def redis_round_trips(reader, n: int) -> dict:
     """A bare PING's round trip, with the thread sleeping on the socket and polling it first:
     the floor under any read, and what FRESHET_REDIS_POLL_US buys."""
-    from serving.online import RespConnection
+    from freshet.serving.online import RespConnection
 
     ping, clock = b"*1\r\n$4\r\nPING\r\n", time.perf_counter
     out = {}
@@ -444,7 +444,7 @@ def main() -> None:
     log(f"work dir {workdir}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
 
     from freshet.settings import load_settings
-    from freshet.stack import EmbeddedStack, free_port
+    from freshet.app.stack import EmbeddedStack, free_port
 
     stack = EmbeddedStack(workdir / "stack")
     endpoints = stack.start()

@@ -33,7 +33,7 @@ import redis
 from freshet import features, kafka
 from freshet.redis_layout import OnlineLayout
 from freshet.settings import load_settings
-from freshet.stack import EmbeddedStack, cpu_seconds
+from freshet.app.stack import EmbeddedStack, cpu_seconds
 
 VIEW = "card_txn_stats"
 

@@ -1,4 +1,4 @@
-"""The Kafka message contracts every freshet process speaks (DESIGN.md).
+"""The Kafka message contracts every freshet process speaks (docs/architecture.md).
 
 Each message is UTF-8 JSON carrying `"schema": "<name>/<major>"`; `decode` checks
 the schema and required fields and raises `ContractError` naming what is wrong.

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from freshet.settings import Settings
-from freshet.stack import feast_connection_string
+from freshet.endpoints import feast_connection_string
 
 log = logging.getLogger("freshet.features")
 

@@ -1,7 +1,7 @@
 """Kafka clients configured from Settings: topics, producers and consumers.
 
 Every component gets its clients here so security options, session timeouts and
-fetch waits that suit the embedded broker (DESIGN.md) are set in one place.
+fetch waits that suit the embedded broker (docs/architecture.md) are set in one place.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def producer(settings: Settings, **overrides) -> Producer:
         **settings.kafka_client_config(),
         "linger.ms": 5,
         "batch.num.messages": 10000,
-        "enable.idempotence": False,  # Tansu lacks InitProducerId v0 (DESIGN.md)
+        "enable.idempotence": False,  # Tansu lacks InitProducerId v0 (docs/architecture.md)
         "acks": "all",
         # Java's (and aiokafka's) partitioner: a key lands where Faust's tables expect it.
         "partitioner": "murmur2_random",

@@ -21,6 +21,12 @@ PREFIX = "FRESHET_"
 PASSTHROUGH = {"FRESHET_CONFIG", "FRESHET_FEAST_REDIS", "FRESHET_TRANSACTIONS_TOPIC", "FRESHET_TESTCONTAINERS"}
 
 
+# The example model and the feature service it reads (feature_repo/): the defaults of
+# FRESHET_MODEL_NAME and of every --feature-service option.
+DEFAULT_MODEL_NAME = "fraud"
+DEFAULT_FEATURE_SERVICE = "fraud_model_v1"
+
+
 class SettingsError(ValueError):
     """A setting is unknown or has a value freshet cannot use."""
 
@@ -40,7 +46,7 @@ class Settings:
     kafka_sasl_username: str = ""
     kafka_sasl_password: str = _secret()
     kafka_ssl_cafile: str = ""
-    # Tansu holds a JoinGroup for session_timeout/2: keep this short (DESIGN.md).
+    # Tansu holds a JoinGroup for session_timeout/2: keep this short (docs/architecture.md).
     kafka_session_timeout_ms: int = 8000
     # Faust's hard-coded 1.5 s fetch wait would cost seconds of freshness.
     kafka_fetch_max_wait_ms: int = 20
@@ -63,7 +69,7 @@ class Settings:
     feature_repo: str = "feature_repo"
     mlflow_tracking_uri: str = ""
     # the registered model `freshet serve` answers /predict with (its champion alias)
-    model_name: str = "fraud"
+    model_name: str = DEFAULT_MODEL_NAME
 
     topic_deadletter: str = "freshet.deadletter"
     topic_predictions: str = "freshet.predictions"

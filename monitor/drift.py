@@ -941,13 +941,6 @@ class DriftMonitor:
             m.observe(p, self.join, out)
         return out
 
-    def observe_many(self, predictions: Iterable[Prediction | Mapping[str, Any] | bytes | str]) -> list[DriftAlert]:
-        """`observe` over a batch (a Kafka poll), alerts concatenated."""
-        out: list[DriftAlert] = []
-        for p in predictions:
-            out += self.observe(p)
-        return out
-
     def observe_label(self, label: Label | Mapping[str, Any] | bytes | str) -> list[DriftAlert]:
         """Take one `freshet.labels` record; alerts on the labelled error rate it completes."""
         out: list[DriftAlert] = []

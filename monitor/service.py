@@ -36,13 +36,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from freshet.contracts import DRIFT_KINDS, ContractError, DriftAlert, Label, Prediction, RetrainRequest
 from freshet.features import FeatureRegistry
-from freshet.settings import Settings
+from freshet.settings import DEFAULT_FEATURE_SERVICE, DEFAULT_MODEL_NAME, Settings
+from freshet.times import iso_utc
 
 log = logging.getLogger("freshet.monitor.service")
 
 STATE_FORMAT = "freshet.monitor.service/1"
-DEFAULT_MODEL = "fraud"
-DEFAULT_SERVICE = "fraud_model_v1"
 DEFAULT_REQUEST_FIELDS = ("amount",)
 
 
@@ -177,7 +176,7 @@ def known_inputs(registry: FeatureRegistry) -> set[str]:
     return names
 
 
-def default_config(registry: FeatureRegistry, model: str = DEFAULT_MODEL, service: str = DEFAULT_SERVICE,
+def default_config(registry: FeatureRegistry, model: str = DEFAULT_MODEL_NAME, service: str = DEFAULT_FEATURE_SERVICE,
                    request_fields: Sequence[str] = DEFAULT_REQUEST_FIELDS,
                    max_window_s: int | None = 3600) -> dict[str, Any]:
     """Watch the model's feature service (features over windows up to `max_window_s`) and its
@@ -212,7 +211,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def build(config: Mapping[str, Any], known_features: Iterable[str] | None):
     """(DriftMonitor, RetrainPolicy) from a config dict; unknown features, detectors or settings fail here."""
-    from monitor import ConfigError, DriftMonitor
+    from freshet.monitor import ConfigError, DriftMonitor
 
     config = dict(config)
     policy = RetrainPolicy.from_dict(config.pop("policy", {}) or {})
@@ -572,7 +571,7 @@ def format_alert(alert: DriftAlert) -> str:
     >>> print(format_alert(DriftAlert("ab12", "fraud", "2", "feature", "amount", "adwin", 3.2, 2.5, 64, 0.0)))
     1970-01-01T00:00:00Z fraud v2 feature amount: adwin statistic 3.2 (threshold 2.5) over 64 (alert ab12)
     """
-    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(alert.ts))
+    when = iso_utc(alert.ts)
     window = json.dumps(alert.window) if isinstance(alert.window, dict) else alert.window
     return (f"{when} {alert.model} v{alert.model_version or '?'} {alert.kind} {alert.subject}: {alert.detector} "
             f"statistic {alert.statistic:.4g} (threshold {alert.threshold:.4g}) over {window} (alert {alert.alert_id})")

@@ -28,12 +28,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
-from freshet.settings import Settings
-from serving.models import MODEL_NAME, LinearModel, ModelFollower, ModelNotFound, ModelRegistry
-from serving.online import (
+from freshet.settings import DEFAULT_MODEL_NAME, Settings
+from freshet.models import LinearModel, ModelFollower, ModelNotFound, ModelRegistry
+from freshet.serving.online import (
     PRESENT, OnlineFeatureReader, ReadPlan, RedisUnavailable, RequestError, UnknownFeature,
 )
-from serving.predictions import PredictionLog
+from freshet.serving.predictions import PredictionLog
 
 log = logging.getLogger("freshet.serving")
 
@@ -215,7 +215,7 @@ class ServingApp:
 
     def __init__(self, settings: Settings, reader: OnlineFeatureReader, registry: ModelRegistry | None,
                  follower: ModelFollower | None, prediction_log: PredictionLog | None, token: str,
-                 model_name: str = MODEL_NAME):
+                 model_name: str = DEFAULT_MODEL_NAME):
         self.settings = settings
         self.reader = reader
         self.registry = registry
@@ -820,23 +820,6 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     return dict(host=settings.http_host, port=settings.http_port, loop="uvloop", http=http_protocol(), lifespan="on",
                 access_log=False, log_level=settings.log_level.lower(), server_header=False,
                 limit_concurrency=10_000, backlog=4096, timeout_keep_alive=30)
-
-
-def run(settings: Settings, model_name: str | None = None, workers: int = 1) -> int:
-    """Serve on settings.http_host:http_port until interrupted (what `freshet serve` calls).
-
-    With workers > 1, that many processes share the port (serving.workers); the token is
-    resolved once here so they cannot race to generate different ones.
-    """
-    model_name = model_name or settings.model_name
-    if workers > 1:
-        from serving.workers import WorkerPool
-
-        return WorkerPool(settings, model_name, resolve_token(settings), workers).run()
-    import uvicorn
-
-    uvicorn.run(create_app(settings, model_name=model_name), **uvicorn_options(settings))
-    return 0
 
 
 def token_path(settings: Settings) -> Path:

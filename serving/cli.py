@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import logging
 
+from freshet.settings import DEFAULT_MODEL_NAME
+
 log = logging.getLogger("freshet.serving")
 
 
 def cmd_serve(args, settings) -> int:
     import dataclasses
 
-    from freshet.cli import CliError, resolve_endpoints
-    from serving import app
+    from freshet.endpoints import resolve_endpoints
+    from freshet.errors import CliError
+    from freshet.serving import app, workers
 
     if args.workers < 1:
         raise CliError(f"--workers must be at least 1, got {args.workers}")
@@ -22,7 +25,7 @@ def cmd_serve(args, settings) -> int:
                                        http_host=args.host or settings.http_host)
     log.info("serving on http://%s:%d (OpenAPI docs at /docs; token: FRESHET_API_TOKEN or %s)",
              settings.http_host, settings.http_port, app.token_path(settings))
-    return app.run(settings, model_name=args.model, workers=args.workers)
+    return workers.run(settings, model_name=args.model, workers=args.workers)
 
 
 def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
@@ -33,7 +36,7 @@ def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
                     "'Authorization: Bearer <FRESHET_API_TOKEN>'.")
     p.add_argument("--host", help="overrides FRESHET_HTTP_HOST")
     p.add_argument("--port", type=int, help="overrides FRESHET_HTTP_PORT")
-    p.add_argument("--model", help="registered model name to serve (overrides FRESHET_MODEL_NAME, default fraud)")
+    p.add_argument("--model", help=f"registered model name to serve (overrides FRESHET_MODEL_NAME, default {DEFAULT_MODEL_NAME})")
     p.add_argument("--workers", type=int, default=1,
                    help="serving processes sharing the port (SO_REUSEPORT), each with its own Redis and Kafka "
                         "clients; Ctrl-C stops them all (default: 1). /metrics is per worker.")

@@ -65,7 +65,6 @@ class UnknownFeature(LookupError):
 class RedisEndpoint:
     host: str = "127.0.0.1"
     port: int = 6379
-    path: str = ""  # unix socket
     db: int = 0
     username: str = ""
     password: str = ""
@@ -75,16 +74,15 @@ class RedisEndpoint:
     def from_url(cls, url: str) -> "RedisEndpoint":
         u = urlparse(url)
         query = parse_qs(u.query)
-        db = (u.path or "/").lstrip("/") if u.scheme != "unix" else ""
-        db = db or query.get("db", ["0"])[0]
+        db = (u.path or "/").lstrip("/") or query.get("db", ["0"])[0]
         return cls(
-            host=u.hostname or "127.0.0.1", port=u.port or 6379, path=u.path if u.scheme == "unix" else "",
+            host=u.hostname or "127.0.0.1", port=u.port or 6379,
             db=int(db or 0), username=unquote(u.username or ""), password=unquote(u.password or ""),
             tls=u.scheme == "rediss",
         )
 
     def __str__(self) -> str:
-        return self.path or f"{self.host}:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def handshake(self) -> tuple[bytes, int]:
         """The commands sent on connect (AUTH, SELECT) and how many replies they give."""
@@ -122,15 +120,10 @@ class RespConnection:
     def _connect(self) -> tuple[socket.socket, Any]:
         ep = self.endpoint
         try:
-            if ep.path:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(self.timeout)
-                sock.connect(ep.path)
-            else:
-                sock = socket.create_connection((ep.host, ep.port), timeout=self.timeout)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if ep.tls:
-                    sock = ssl.create_default_context().wrap_socket(sock, server_hostname=ep.host)
+            sock = socket.create_connection((ep.host, ep.port), timeout=self.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if ep.tls:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=ep.host)
         except OSError as exc:
             raise RedisUnavailable(f"Redis at {ep} is unreachable: {exc.strerror or exc}") from None
         conn = (sock, hiredis.Reader())
@@ -286,14 +279,10 @@ class AsyncRespClient:
         loop = asyncio.get_running_loop()
         ep = self.endpoint
         try:
-            if ep.path:
-                _, proto = await asyncio.wait_for(
-                    loop.create_unix_connection(lambda: _RespProtocol(ep), ep.path), self.timeout)
-            else:
-                ctx = ssl.create_default_context() if ep.tls else None
-                _, proto = await asyncio.wait_for(loop.create_connection(
-                    lambda: _RespProtocol(ep), ep.host, ep.port, ssl=ctx,
-                    server_hostname=ep.host if ctx else None), self.timeout)
+            ctx = ssl.create_default_context() if ep.tls else None
+            _, proto = await asyncio.wait_for(loop.create_connection(
+                lambda: _RespProtocol(ep), ep.host, ep.port, ssl=ctx,
+                server_hostname=ep.host if ctx else None), self.timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             reason = "connect timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
             raise RedisUnavailable(f"Redis at {ep} is unreachable: {reason}") from None
@@ -519,10 +508,11 @@ _KEY_TYPES = {"STRING": (str,), "INT64": (int,), "INT32": (int,), "UNIX_TIMESTAM
 class OnlineFeatureReader:
     """Reads feature vectors from Redis in Feast's layout, without Feast on the request path.
 
-    >>> reader = OnlineFeatureReader(settings)                        # doctest: +SKIP
-    >>> plan = reader.plan(["card_txn_stats:sum_amount_300s"])       # doctest: +SKIP
-    >>> reader.read(plan, {"card_id": ["c1", "c2"]}).row(0)           # doctest: +SKIP
-    {'sum_amount_300s': 42.5}
+    Used against a running Redis (so not a doctest)::
+
+        reader = OnlineFeatureReader(settings)
+        plan = reader.plan(["card_txn_stats:sum_amount_300s"])
+        reader.read(plan, {"card_id": ["c1", "c2"]}).row(0)   # {'sum_amount_300s': 42.5}
 
     `read` blocks (in-process use); `read_async` runs on the server's event loop. The
     registry is re-read when its file changes (checked at most every `refresh_s`).

@@ -28,7 +28,6 @@ from freshet.features import AggregationSpec, ViewSpec
 # min/max, so every one of them costs one pass over the window's tiles.
 _TILED = ("count", "sum", "mean", "min", "max")
 _CODES = {name: i for i, name in enumerate(_TILED)}  # how `result` reads an accumulator
-FUNCTIONS = (*_TILED, "last", "count_distinct")
 STATE_FORMAT = 3  # first element of an encoded state record (2: one tile map per column)
 
 

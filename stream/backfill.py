@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 
 from freshet.features import FeatureRegistry, ViewSpec
 from freshet.settings import Settings
-from stream.aggregations import ViewAggregator
-from stream.events import parse_timestamp
-from stream.offline import raw_log_path, read_parts
+from freshet.times import epoch_seconds
+from freshet.stream.aggregations import ViewAggregator
+from freshet.stream.offline import raw_log_path, read_parts
 
 log = logging.getLogger("freshet.backfill")
 
@@ -46,16 +46,8 @@ def load_events(settings: Settings, topic: str, path: str | None = None) -> pd.D
     return df
 
 
-def _epoch_seconds(series: pd.Series) -> np.ndarray:
-    if pd.api.types.is_datetime64_any_dtype(series):
-        s = series.dt.tz_localize("UTC") if series.dt.tz is None else series
-        return s.astype("int64").to_numpy() / 1e9 if s.dt.unit == "ns" else (
-            s.dt.as_unit("us").astype("int64").to_numpy() / 1e6)
-    return np.array([parse_timestamp(v, series.name) for v in series], dtype="float64")
-
-
 def _ordered(df: pd.DataFrame, view: ViewSpec) -> tuple[np.ndarray, pd.DataFrame]:
-    ts = _epoch_seconds(df[view.timestamp_field])
+    ts = epoch_seconds(df[view.timestamp_field])
     df = df.assign(_ts=ts)
     order = ["_ts"] + [c for c in ("_partition", "_offset") if c in df.columns]
     df = df.sort_values(order, kind="stable")
@@ -116,7 +108,7 @@ def training_set(settings: Settings, registry: FeatureRegistry, labels: pd.DataF
         if feature not in registry.views[view_name].feature_names:
             raise KeyError(f"unknown feature {feature!r} in view {view_name!r}")
         wanted.setdefault(view_name, []).append(feature)
-    label_ts = _epoch_seconds(labels[timestamp_field])
+    label_ts = epoch_seconds(labels[timestamp_field])
     out = labels.reset_index(drop=True).copy()
     for view_name, features in wanted.items():
         view = registry.views[view_name]
@@ -171,7 +163,8 @@ def _feature_refs(registry: FeatureRegistry, service: str | None, views: list[st
 
 def main(args, settings: Settings) -> int:
     from freshet import features
-    from freshet.cli import CliError, resolve_endpoints
+    from freshet.endpoints import resolve_endpoints
+    from freshet.errors import CliError
 
     if args.online:
         settings = resolve_endpoints(settings)

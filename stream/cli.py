@@ -1,4 +1,4 @@
-"""Subcommands of the stream stage: stream, produce, backfill, training-set."""
+"""Subcommands of the stream stage: stream, backfill, training-set."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ log = logging.getLogger("freshet.stream")
 
 def cmd_stream(args, settings) -> int:
     from freshet import features, kafka
-    from freshet.cli import resolve_endpoints
-    from stream.engine import StreamEngine
+    from freshet.endpoints import resolve_endpoints
+    from freshet.stream.engine import StreamEngine
 
     settings = resolve_endpoints(settings)
     kafka.check_reachable(settings)
@@ -34,22 +34,15 @@ def cmd_stream(args, settings) -> int:
 
 
 def cmd_backfill(args, settings) -> int:
-    from stream.backfill import main
+    from freshet.stream.backfill import main
 
     return main(args, settings)
 
 
 def cmd_training_set(args, settings) -> int:
-    from stream.backfill import training_set_main
+    from freshet.stream.backfill import training_set_main
 
     return training_set_main(args, settings)
-
-
-def cmd_produce(args, settings) -> int:
-    from freshet.cli import resolve_endpoints
-    from stream import workload
-
-    return workload.main(args, resolve_endpoints(settings)) or 0
 
 
 def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
@@ -80,15 +73,3 @@ def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
     p.add_argument("--feature-service", default=None, help="default: the registry's only/first service")
     p.add_argument("--output", required=True, help="Parquet file to write")
     handlers["training-set"] = cmd_training_set
-
-    p = sub.add_parser("produce", help="publish the example card-transaction workload to Kafka")
-    try:
-        from stream import workload
-    except ImportError:
-        workload = None
-    if workload is not None and hasattr(workload, "add_arguments"):
-        workload.add_arguments(p)
-        handlers["produce"] = cmd_produce
-    else:
-        p.set_defaults(_unavailable=True)
-        handlers["produce"] = lambda a, s: (print("produce is not available in this build"), 2)[1]

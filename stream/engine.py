@@ -38,9 +38,9 @@ from aiokafka.partitioner import murmur2
 from freshet.contracts import DeadLetter
 from freshet.features import FeatureRegistry, ViewSpec
 from freshet.settings import Settings
-from stream.aggregations import ViewAggregator
-from stream.events import EventDecoder, EventError
-from stream.offline import PartBuffer, raw_log_path
+from freshet.stream.aggregations import ViewAggregator
+from freshet.stream.events import EventDecoder, EventError
+from freshet.stream.offline import PartBuffer, raw_log_path
 
 log = logging.getLogger("freshet.stream")
 
@@ -58,7 +58,7 @@ FENCE_KEY = b"\x00freshet:recovery-fence"  # never an entity key: those are UTF-
 
 def _patch_fetch_wait(ms: int) -> None:
     """Faust passes a hard-coded fetch_max_wait_ms=1500 to aiokafka; that alone costs
-    seconds of freshness (DESIGN.md), so its consumer class gets ours."""
+    seconds of freshness (docs/architecture.md), so its consumer class gets ours."""
 
     class FastFetchConsumer(aiokafka.AIOKafkaConsumer):
         def __init__(self, *args, **kwargs):

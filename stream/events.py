@@ -6,12 +6,12 @@ engine sends the original bytes with that reason to the dead-letter topic.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any
 
 import orjson
 
 from freshet.features import ViewSpec
+from freshet.times import to_epoch
 
 
 class EventError(ValueError):
@@ -19,22 +19,13 @@ class EventError(ValueError):
 
 
 def parse_timestamp(value: Any, field: str) -> float:
-    """Epoch seconds (int/float; milliseconds are recognised by size) or ISO-8601 -> epoch seconds."""
-    kind = type(value)
-    if kind is float or kind is int or (kind is not bool and isinstance(value, (int, float))):
-        # 1e11 s is year 5138: anything above is milliseconds
-        return value / 1000.0 if value > 1e11 else float(value)
-    if kind is bool:
-        raise EventError(f"field {field!r} must be a timestamp, got bool")
-    if isinstance(value, str):
-        try:
-            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise EventError(f"field {field!r} is not an ISO-8601 timestamp: {value[:40]!r}") from None
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
-        return dt.timestamp()
-    raise EventError(f"field {field!r} must be a timestamp, got {type(value).__name__}")
+    """Epoch seconds (milliseconds recognised by size) or ISO-8601 -> epoch seconds (freshet.times)."""
+    try:
+        return to_epoch(value)
+    except TypeError:
+        raise EventError(f"field {field!r} must be a timestamp, got {type(value).__name__}") from None
+    except ValueError:
+        raise EventError(f"field {field!r} is not an ISO-8601 timestamp: {value[:40]!r}") from None
 
 
 # The exact types JSON decodes to that each schema kind accepts (so bool is no int here)
@@ -62,7 +53,7 @@ class EventDecoder:
     >>> d.decode(b'{"card_id": "c1", "amount": "3", "ts": 1}')
     Traceback (most recent call last):
     ...
-    stream.events.EventError: field 'amount' must be float, got str
+    freshet.stream.events.EventError: field 'amount' must be float, got str
     """
 
     def __init__(self, views: list[ViewSpec]):

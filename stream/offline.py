@@ -1,6 +1,6 @@
 """The offline store as the stream writes it: immutable Parquet part files.
 
-Feast's file store rewrites the whole file on every write (DESIGN.md), so the stream
+Feast's file store rewrites the whole file on every write (docs/architecture.md), so the stream
 appends part files instead (write, then atomic rename) under `date=YYYY-MM-DD/`
 directories that Feast's FileSource and pyarrow datasets read as one table.
 """

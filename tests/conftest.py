@@ -53,7 +53,7 @@ def services(tmp_path_factory) -> Services:
             url = f"redis://{rc.get_container_host_ip()}:{rc.get_exposed_port(6379)}/0"
             yield Services(kc.get_bootstrap_server(), url, "testcontainers")
         return
-    from freshet.stack import EmbeddedStack
+    from freshet.app.stack import EmbeddedStack
 
     stack = EmbeddedStack(tmp_path_factory.mktemp("stack"))
     endpoints = stack.start()

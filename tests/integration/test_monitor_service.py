@@ -24,7 +24,7 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from freshet import kafka
 from freshet.contracts import RetrainRequest
 from freshet.settings import load_settings
-from monitor import service
+from freshet.monitor import service
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

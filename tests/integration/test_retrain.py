@@ -25,13 +25,13 @@ import pytest
 
 from freshet import kafka
 from freshet.settings import load_settings
-from monitor.retrain import (
+from freshet.training.retrain import (
     LabelLog, RetrainConfig, Retrainer, RetrainWorker, TrainingWindow, alert_tag, request_retrain,
 )
-from serving.models import CHAMPION, ModelRegistry
-from stream.events import EventDecoder
-from stream.offline import append_parts, raw_log_path
-from stream.workload import TransactionWorkload
+from freshet.models import CHAMPION, ModelRegistry
+from freshet.stream.events import EventDecoder
+from freshet.stream.offline import append_parts, raw_log_path
+from freshet.demo.workload import TransactionWorkload
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -255,8 +255,8 @@ def _produce(settings, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
 
 
 def test_injected_drift_is_alerted_retrained_promoted_and_served(services, tmp_path, apply_feature_repo):
-    from monitor import service
-    from serving.models import ModelFollower
+    from freshet.monitor import service
+    from freshet.models import ModelFollower
 
     uid = "l" + os.urandom(4).hex()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}

@@ -16,10 +16,10 @@ import redis
 
 from freshet import kafka
 from freshet.contracts import Prediction
-from freshet.stack import free_port, redis_binary, wait_for_redis
-from serving.app import create_app
-from serving.models import ModelRegistry
-from serving.online import OnlineFeatureReader
+from freshet.app.stack import free_port, redis_binary, wait_for_redis
+from freshet.serving.app import create_app
+from freshet.models import ModelRegistry
+from freshet.serving.online import OnlineFeatureReader
 from test_serving_support import (  # noqa: F401 - fixtures
     applied_settings, feast_store, fit_fraud_pipeline, serve, with_topics,
 )
@@ -199,7 +199,7 @@ def test_every_endpoint_but_health_ready_and_metrics_needs_the_bearer_token(serv
 
 
 def test_without_a_configured_token_one_is_generated_into_the_data_dir_readable_by_owner_only(settings, tmp_path):
-    from serving.app import resolve_token
+    from freshet.serving.app import resolve_token
 
     s = dataclasses.replace(settings, api_token="", data_dir=str(tmp_path))
     token = resolve_token(s)
@@ -336,7 +336,7 @@ def test_predictions_still_answer_when_kafka_is_down_and_losses_are_counted(sett
     app = create_app(offline, model_name=model_name, reader=OnlineFeatureReader(settings, store=feast_store),
                      registry=ModelRegistry(settings), model_poll_s=3600)
     app.prediction_log.close()
-    from serving.predictions import PredictionLog
+    from freshet.serving.predictions import PredictionLog
 
     app.prediction_log = PredictionLog(offline, max_pending=5, delivery_timeout_s=1)
     with serve(app) as url:

@@ -13,8 +13,8 @@ import pytest
 import redis
 
 from freshet.redis_layout import OnlineLayout
-from freshet.stack import free_port, redis_binary, wait_for_redis
-from serving.online import (
+from freshet.app.stack import free_port, redis_binary, wait_for_redis
+from freshet.serving.online import (
     NOT_FOUND, NULL_VALUE, OUTSIDE_MAX_AGE, PRESENT, OnlineFeatureReader, RedisEndpoint, RedisUnavailable,
     RequestError, RespConnection, UnknownFeature,
 )

@@ -13,8 +13,8 @@ from sklearn.preprocessing import StandardScaler
 
 from freshet import kafka
 from freshet.contracts import ModelEvent
-from serving.models import (
-    CHAMPION, ModelFollower, ModelNotFound, ModelRegistry, load_model, register_sklearn_model,
+from freshet.models import (
+    CHAMPION, ModelFollower, ModelNotFound, ModelRegistry,
 )
 
 pytestmark = pytest.mark.integration
@@ -44,8 +44,8 @@ def _fit(seed: int):
 
 def _register(settings, name: str, seed: int) -> str:
     pipe, _ = _fit(seed)
-    return register_sklearn_model(
-        settings, name, pipe, FEATURES,
+    return ModelRegistry(settings).register_sklearn(
+        name, pipe, FEATURES,
         lineage={"feature_service": "fraud_model_v1", "training_window": ("2024-01-01", "2024-01-31"),
                  "dataset_fingerprint": f"sha256:{seed:08d}", "seed": seed, "params": {"C": 1.0 + seed}},
         metrics={"auc": 0.8 + seed / 100, "logloss": 0.4},
@@ -77,7 +77,7 @@ def test_registered_version_keeps_lineage_metrics_and_scores_like_the_pipeline(s
     assert v["params"]["C"] == "2.0" and v["params"]["model.C"] == "2.0"
 
     pipe, x = _fit(1)
-    model = load_model(settings, name, "1")
+    model = ModelRegistry(settings).load(name, "1")
     assert model.version == "1" and model.feature_names == FEATURES
     np.testing.assert_allclose(model.predict_proba(x.tolist()), pipe.predict_proba(x)[:, 1], rtol=1e-12)
 
@@ -99,7 +99,7 @@ def test_promote_and_rollback_move_the_champion_and_publish_model_events(setting
     reg.promote(name, "1")
     reg.promote(name, "3")
     assert reg.current_version(name) == "3"
-    assert load_model(settings, name, CHAMPION).version == "3"
+    assert ModelRegistry(settings).load(name, CHAMPION).version == "3"
     event = reg.rollback(name)
     assert (event.version, event.stage) == ("1", CHAMPION)
     assert reg.current_version(name) == "1"

@@ -55,10 +55,10 @@ def serve(app):
     """Run an ASGI app under uvicorn in a thread on a free loopback port; yields its base URL."""
     import uvicorn
 
-    from freshet.stack import free_port
+    from freshet.app.stack import free_port
 
     port = free_port()
-    from serving.app import http_protocol
+    from freshet.serving.app import http_protocol
 
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning",
                                            loop="asyncio", access_log=False, http=http_protocol()))

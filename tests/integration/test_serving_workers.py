@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 from freshet import kafka
-from freshet.stack import free_port
-from serving.models import ModelRegistry
+from freshet.app.stack import free_port
+from freshet.models import ModelRegistry
 from test_serving_support import applied_settings, fit_fraud_pipeline, with_topics  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.integration

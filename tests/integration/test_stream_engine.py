@@ -289,7 +289,7 @@ def test_merchant_features_computed_through_repartition_equal_recomputation(scen
 
 
 def test_online_features_equal_the_backfill_recomputation_from_the_raw_log(scenario):
-    from stream.backfill import latest_features, load_events
+    from freshet.stream.backfill import latest_features, load_events
 
     settings, reg = scenario["settings"], scenario["registry"]
     events = load_events(settings, scenario["topic"])
@@ -340,7 +340,7 @@ def test_malformed_and_late_events_reach_the_dead_letter_topic_with_reasons(scen
 
 
 def test_training_set_rows_are_point_in_time_correct_and_never_dropped(scenario):
-    from stream.backfill import load_events, training_set
+    from freshet.stream.backfill import load_events, training_set
 
     settings, reg = scenario["settings"], scenario["registry"]
     valid = pd.DataFrame(scenario["valid"])

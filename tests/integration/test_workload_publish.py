@@ -10,8 +10,8 @@ import pytest
 
 from freshet import kafka
 from freshet.contracts import Label
-from stream import workload
-from stream.workload import EVENT_FIELDS, TransactionWorkload, publish
+from freshet.demo import workload
+from freshet.demo.workload import EVENT_FIELDS, TransactionWorkload, publish
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from freshet.features import AggregationSpec, ViewSpec
-from stream.aggregations import ViewAggregator, window_start
-from stream.events import EventDecoder, EventError, parse_timestamp
+from freshet.stream.aggregations import ViewAggregator, window_start
+from freshet.stream.events import EventDecoder, EventError, parse_timestamp
 
 FUNCS = ("count", "sum", "mean", "min", "max", "last", "count_distinct")
 SHAPES = ((300, 60), (3600, 60), (600, 600), (86400, 300))  # sliding and tumbling

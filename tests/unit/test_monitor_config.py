@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from freshet.contracts import Label, Prediction
-from monitor import ConfigError, DriftMonitor, ModelConfig, MonitorConfig
+from freshet.monitor import ConfigError, DriftMonitor, ModelConfig, MonitorConfig
 
 
 def test_unknown_feature_detector_fails_at_construction_naming_it():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitor import (
+from freshet.monitor import (
     ERROR_DETECTORS,
     ConfigError,
     ErrorRateDetector,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from freshet.contracts import DRIFT_KINDS, DriftAlert, Label, Prediction
-from monitor import DriftMonitor, ModelConfig, MonitorConfig
+from freshet.monitor import DriftMonitor, ModelConfig, MonitorConfig
 
 FEATURES = ["amount", "txn_count_5m", "amount_mean_1h", "merchant_count_1d"]
 WARMUP = 1000

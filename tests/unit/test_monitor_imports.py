@@ -23,13 +23,13 @@ def _imported_after(code: str) -> list[str]:
 
 @pytest.mark.parametrize("code", [
     "import freshet.cli as cli; cli.build_parser()",
-    "import monitor, monitor.cli, monitor.service",
-    "from monitor import service; service.format_alert",
+    "import freshet.monitor, freshet.monitor.cli, freshet.monitor.service",
+    "from freshet.monitor import service; service.format_alert",
 ])
 def test_registering_the_monitor_commands_imports_no_detector_or_training_library(code):
     assert _imported_after(code) == []
 
 
 def test_a_monitor_export_loads_its_module_on_first_use():
-    assert _imported_after("import monitor; monitor.LabelJoin") == []
-    assert "river" in _imported_after("import monitor; monitor.DriftMonitor")
+    assert _imported_after("import freshet.monitor as monitor; monitor.LabelJoin") == []
+    assert "river" in _imported_after("import freshet.monitor as monitor; monitor.DriftMonitor")

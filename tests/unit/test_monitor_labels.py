@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from freshet.contracts import Label, Prediction
-from monitor import DriftMonitor, LabelJoin, ModelConfig, MonitorConfig
+from freshet.monitor import DriftMonitor, LabelJoin, ModelConfig, MonitorConfig
 
 
 def wait(join: LabelJoin, rid: str, ts: float, score: float = 0.8, entities=None) -> list:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from freshet.contracts import DRIFT_KINDS, DriftAlert
-from monitor import DriftMonitor, ModelConfig
+from freshet.monitor import DriftMonitor, ModelConfig
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "freshet" / "schemas" / "drift_alert.schema.json"
 TYPES = {"string": str, "integer": int, "number": (int, float), "object": dict}

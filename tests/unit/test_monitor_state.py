@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from freshet.contracts import Label, Prediction
-from monitor import STATE_FORMAT, DriftMonitor, ModelConfig, MonitorConfig
+from freshet.monitor import STATE_FORMAT, DriftMonitor, ModelConfig, MonitorConfig
 
 FEATURES = ["amount", "amount_mean_1h", "txn_count_5m"]
 

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from stream.offline import PartBuffer, append_parts, read_parts
+from freshet.stream.offline import PartBuffer, append_parts, read_parts
 
 
 def _table(stamps: list[datetime], ids: list[int]) -> pa.Table:

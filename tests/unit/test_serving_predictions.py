@@ -7,7 +7,7 @@ import time
 
 from freshet.contracts import Prediction
 from freshet.settings import load_settings
-from serving.predictions import PredictionLog, encode_prediction
+from freshet.serving.predictions import PredictionLog, encode_prediction
 
 
 def test_message_is_a_valid_prediction_contract():

@@ -11,8 +11,8 @@ import pytest
 
 from freshet.contracts import Label
 from freshet.features import AggregationSpec, ViewSpec
-from stream.events import EventDecoder, EventError
-from stream.workload import (
+from freshet.stream.events import EventDecoder, EventError
+from freshet.demo.workload import (
     BURST, CHANNELS, COUNTRIES, EVENT_FIELDS, MALFORMED_KINDS, SPREE, TESTING, DriftSpec,
     DriftSpecError, TokenBucket, TransactionWorkload, add_arguments, parse_drift,
 )

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import orjson
 
-from freshet.settings import Settings
+from freshet.settings import DEFAULT_MODEL_NAME, Settings
 
 # Defaults a bare `freshet demo` runs with: about 4 minutes of traffic after ~30 s of
 # start-up, so the whole run (report included) stays within 5 minutes on 2 cores.
@@ -41,7 +41,7 @@ DEFAULT_CARDS = 10_000        # simulated rate / cards = 0.002/s keeps velocity 
 DEFAULT_DRIFT = ("covariate@1.5", "concept@2.5")
 RUNS_KEPT = 5                 # earlier run directories kept under <data dir>/demo
 STREAM_APP_ID = "freshet-stream"
-MODEL = "fraud"
+MODEL = DEFAULT_MODEL_NAME
 VISIBLE_TIMEOUT_S = 30.0      # an event not visible in Redis by then counts as not visible
 MAX_IN_FLIGHT = 32            # concurrent /predict requests of the demo's client
 
@@ -83,7 +83,7 @@ def parse_demo_drift(text: str) -> DemoDrift:
     >>> parse_demo_drift("covariate@90s").minute
     1.5
     """
-    from stream.workload import DRIFT_KINDS
+    from freshet.demo.workload import DRIFT_KINDS
 
     form = f"use KIND@MINUTE, e.g. covariate@1.5 or concept@90s; kinds: {', '.join(DRIFT_KINDS)}"
     kind, sep, when = str(text).strip().partition("@")
@@ -148,7 +148,7 @@ class RunDirectory:
         self.notes: list[str] = []
 
     def create(self) -> Path:
-        from freshet.stack import EmbeddedStack
+        from freshet.app.stack import EmbeddedStack
 
         try:
             self.base.mkdir(parents=True, exist_ok=True)
@@ -232,7 +232,7 @@ class Component:
 def _child_setup() -> None:
     """In each component, before exec: die with the demo, and take SIGINT again (a background
     shell job inherits it ignored; the demo stops the producer with SIGINT)."""
-    from freshet.stack import _die_with_parent as die
+    from freshet.app.stack import _die_with_parent as die
 
     die()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -757,7 +757,7 @@ class Demo:
 
     def _setup(self) -> None:
         from freshet import features, kafka
-        from freshet.stack import EmbeddedStack, free_port, port_in_use
+        from freshet.app.stack import EmbeddedStack, free_port, port_in_use
 
         plan, rec = self.plan, self.record
         self.run_dir = self.runs.create()
@@ -814,7 +814,7 @@ class Demo:
                                 s.topic_drift, s.topic_retrain, s.topic_models])
         self.say(f"[setup] {len(registry.views)} stream feature views applied in {time.monotonic() - started:.1f}s")
 
-        from freshet.cli import create_model_store
+        from freshet.app.commands import create_model_store
 
         create_model_store(self.settings)
         self.env = {k: v for k, v in os.environ.items()
@@ -1140,7 +1140,7 @@ class Demo:
                  f"warning: still running: {', '.join(left)}")
 
     def _report(self) -> tuple[Path, dict] | None:
-        from freshet import report
+        from freshet.demo import report
 
         rec = self.record
         if self.run_dir is None:
@@ -1244,7 +1244,7 @@ def _registered_versions(settings: Settings) -> list[dict[str, Any]]:
     if not (settings.data_path / "mlflow.db").exists():
         return []
     try:
-        from serving.models import ModelRegistry
+        from freshet.models import ModelRegistry
 
         out = []
         for v in ModelRegistry(settings, publish_events=False).versions(MODEL):
@@ -1294,7 +1294,7 @@ def cmd_demo(args, settings: Settings, sub, handlers) -> int:
                     time_scale=args.time_scale, cards=args.cards, predict_share=args.predict_share,
                     bootstrap_labels=args.bootstrap_labels, http_port=args.http_port,
                     kafka_port=args.kafka_port, redis_port=args.redis_port)
-    from freshet.stack import port_in_use
+    from freshet.app.stack import port_in_use
 
     for name, port in (("HTTP API", plan.http_port), ("Kafka broker", plan.kafka_port), ("Redis", plan.redis_port)):
         if port and port_in_use(port):

@@ -60,11 +60,12 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import orjson
+
+from freshet.times import iso_utc
 
 DRIFT_KINDS = ("covariate", "concept")
 MALFORMED_KINDS = ("bad_json", "missing_field", "wrong_type")
@@ -608,10 +609,6 @@ def _produce_all(producer, topic: str, messages: list[tuple[bytes, bytes]]) -> N
     producer.poll(0)
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def publish(
     settings,
     topic: str = DEFAULT_TOPIC,
@@ -826,7 +823,7 @@ def main(args: argparse.Namespace, settings) -> int:
 
     def show(p: dict[str, Any]) -> None:
         print(f"produce: {p['sent']:,} sent  {p['rate']:,.0f} events/s  {p['labels']:,} labels  "
-              f"event time {_iso(p['sim_ts'])}", file=sys.stderr, flush=True)
+              f"event time {iso_utc(p['sim_ts'])}", file=sys.stderr, flush=True)
 
     summary = publish(
         settings, args.topic, args.rate, count=args.count, duration=args.duration, seed=args.seed,

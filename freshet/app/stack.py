@@ -16,45 +16,17 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-log = logging.getLogger("freshet.stack")
+from freshet.endpoints import STATE_FILE, Endpoints, proc_stat, read_state
+from freshet.endpoints import alive as _alive
 
-STATE_FILE = "stack.json"
+log = logging.getLogger("freshet.stack")
 
 
 class StackError(RuntimeError):
     """The embedded stack could not start or be reached; the message says why and what to do."""
-
-
-@dataclass
-class Endpoints:
-    kafka: str
-    redis_url: str
-    kafka_pid: int
-    redis_pid: int
-    log_dir: str
-
-    @property
-    def feast_redis(self) -> str:
-        return feast_connection_string(self.redis_url)
-
-
-def feast_connection_string(redis_url: str) -> str:
-    """Translate redis://[:pw@]host:port/db into Feast's "host:port,password=..,db=.." form."""
-    from urllib.parse import urlparse
-
-    u = urlparse(redis_url)
-    parts = [f"{u.hostname or 'localhost'}:{u.port or 6379}"]
-    if u.password:
-        parts.append(f"password={u.password}")
-    if u.scheme == "rediss":
-        parts.append("ssl=true")
-    db = (u.path or "/").lstrip("/")
-    if db and db != "0":
-        parts.append(f"db={db}")
-    return ",".join(parts)
 
 
 def free_port() -> int:
@@ -157,9 +129,11 @@ def wait_for_redis(url: str, timeout: float = 15.0) -> None:
 class EmbeddedStack:
     """Start, find and stop the embedded broker and Redis for one data dir.
 
-    >>> stack = EmbeddedStack("/tmp/freshet-doc")          # doctest: +SKIP
-    >>> endpoints = stack.start()                           # doctest: +SKIP
-    >>> stack.stop()                                        # doctest: +SKIP
+    It starts real processes (so not a doctest)::
+
+        stack = EmbeddedStack("/tmp/freshet-doc")
+        endpoints = stack.start()      # Endpoints(kafka='127.0.0.1:…', redis_url='redis://…')
+        stack.stop()
     """
 
     def __init__(self, data_dir: str | os.PathLike, kafka_port: int = 0, redis_port: int = 0):
@@ -223,11 +197,8 @@ class EmbeddedStack:
 
     def status(self) -> Endpoints | None:
         """The running stack for this data dir, or None (stale state files are removed)."""
-        if not self.state_path.exists():
-            return None
-        try:
-            endpoints = Endpoints(**json.loads(self.state_path.read_text()))
-        except (ValueError, TypeError):
+        endpoints = read_state(self.data_dir)
+        if endpoints is None:
             self.state_path.unlink(missing_ok=True)
             return None
         if _alive(endpoints.kafka_pid) and _alive(endpoints.redis_pid):
@@ -241,14 +212,11 @@ class EmbeddedStack:
     def stop(self) -> bool:
         """Stop the stack of this data dir; True if something was running."""
         stopped = False
-        if self.state_path.exists():
-            try:
-                endpoints = Endpoints(**json.loads(self.state_path.read_text()))
-                for pid in (endpoints.kafka_pid, endpoints.redis_pid):
-                    stopped |= _terminate(pid)
-            except (ValueError, TypeError):
-                pass
-            self.state_path.unlink(missing_ok=True)
+        endpoints = read_state(self.data_dir)
+        if endpoints is not None:
+            for pid in (endpoints.kafka_pid, endpoints.redis_pid):
+                stopped |= _terminate(pid)
+        self.state_path.unlink(missing_ok=True)
         stopped |= self._kill_started()
         return stopped
 
@@ -267,28 +235,10 @@ class EmbeddedStack:
         self.stop()
 
 
-def _proc_stat(pid: int) -> list[str]:
-    """The fields of /proc/<pid>/stat after the command name (state first); OSError if gone."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (Linux /proc), for the benches."""
-    fields = _proc_stat(pid)
+    fields = proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child is not alive
-    with contextlib.suppress(OSError):
-        return _proc_stat(pid)[0] != "Z"
-    return True
 
 
 def _terminate(pid: int, proc: subprocess.Popen | None = None, grace: float = 5.0) -> bool:

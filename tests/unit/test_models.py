@@ -12,8 +12,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MinMaxScaler, StandardScaler
 
-from serving import models
-from serving.models import LinearModel, UnsupportedModel, export_sklearn
+from freshet import models
+from freshet.models import LinearModel, UnsupportedModel, export_sklearn
 
 
 def _data(n=400, d=6, seed=0, nan_share=0.0):

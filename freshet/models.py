@@ -23,11 +23,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from freshet.contracts import ModelEvent
-from freshet.settings import Settings
+from freshet.settings import DEFAULT_MODEL_NAME, Settings
 
 log = logging.getLogger("freshet.serving.models")
 
-MODEL_NAME = "fraud"
 CHAMPION = "champion"
 FORMAT = "freshet.linear-classifier/1"
 MODEL_FILE = "model.json"
@@ -442,33 +441,6 @@ def publish_model_event(settings: Settings, event: ModelEvent, timeout: float = 
     return False
 
 
-# -- what the retraining worker calls ---------------------------------------------
-
-def register_sklearn_model(settings: Settings, name: str, pipeline: Any, feature_names: Sequence[str],
-                           lineage: Mapping[str, Any], metrics: Mapping[str, float]) -> str:
-    """Register a fitted pipeline as a new version of `name`; returns the version (not promoted).
-
-    `feature_names` are the model's inputs in order: Feast refs ("view:feature") read from
-    the online store, or request-time field names. `lineage` may hold feature_service,
-    training_window ((start, end) or {"start", "end"}), dataset_fingerprint, seed, params
-    (dict) and anything else worth keeping.
-    """
-    return ModelRegistry(settings).register_sklearn(name, pipeline, feature_names, lineage, metrics)
-
-
-def load_model(settings: Settings, name: str, version: str | int = CHAMPION) -> LinearModel:
-    """A version (number) or alias ("champion") of `name`, from its JSON artifact."""
-    return ModelRegistry(settings).load(name, version)
-
-
-def promote(settings: Settings, name: str, version: str | int) -> ModelEvent:
-    return ModelRegistry(settings).promote(name, version)
-
-
-def rollback(settings: Settings, name: str) -> ModelEvent:
-    return ModelRegistry(settings).rollback(name)
-
-
 # ---------------------------------------------------------------------------
 # hot swap
 # ---------------------------------------------------------------------------
@@ -480,7 +452,7 @@ class ModelFollower:
     never fails or mixes versions within a request.
     """
 
-    def __init__(self, settings: Settings, name: str = MODEL_NAME, registry: ModelRegistry | None = None,
+    def __init__(self, settings: Settings, name: str = DEFAULT_MODEL_NAME, registry: ModelRegistry | None = None,
                  alias: str = CHAMPION, poll_s: float = 30.0,
                  on_change: Callable[[LinearModel | None, LinearModel], None] | None = None):
         self.settings = settings

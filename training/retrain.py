@@ -35,7 +35,6 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -46,12 +45,11 @@ import pyarrow as pa
 
 from freshet.contracts import ContractError, Label, RetrainRequest, new_id
 from freshet.features import FeatureRegistry
-from freshet.settings import Settings
+from freshet.settings import DEFAULT_FEATURE_SERVICE, DEFAULT_MODEL_NAME, Settings
+from freshet.times import epoch_or_none, epoch_seconds, iso_utc
 
 log = logging.getLogger("freshet.retrain")
 
-DEFAULT_MODEL = "fraud"
-DEFAULT_SERVICE = "fraud_model_v1"
 BOOTSTRAP_REASON = "bootstrap"
 DEFAULT_WINDOW_LABELS = 20_000
 STEPS = 6
@@ -86,24 +84,6 @@ def label_log_path(data_dir: Path | str, topic: str) -> Path:
     return Path(data_dir) / "offline" / "labels" / topic
 
 
-def _epoch(value: Any) -> float | None:
-    """Epoch seconds from a number (milliseconds recognised by size) or ISO-8601; None if neither."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        v = float(value)
-        if not math.isfinite(v):
-            return None
-        return v / 1000.0 if v > 1e11 else v
-    if isinstance(value, str):
-        try:
-            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
-    return None
-
-
 def label_row(raw: bytes) -> dict[str, Any]:
     """One freshet.labels/1 message as a label-log row; raises ContractError naming what is wrong.
 
@@ -123,7 +103,7 @@ def label_row(raw: bytes) -> dict[str, Any]:
     if not math.isfinite(value):
         raise ContractError(f"field 'label' must be finite, got {label.label!r}")
     return {"request_id": label.request_id, "entities": json.dumps(label.entities) if label.entities else None,
-            "label": value, "ts": _epoch(label.ts), "event_ts": _epoch(event_ts)}
+            "label": value, "ts": epoch_or_none(label.ts), "event_ts": epoch_or_none(event_ts)}
 
 
 def _micros(values: list[float | None]) -> pa.Array:
@@ -159,7 +139,7 @@ class LabelLog:
         from confluent_kafka import KafkaError, TopicPartition
 
         from freshet import kafka
-        from stream.offline import append_parts
+        from freshet.stream.offline import append_parts
 
         kafka.ensure_topics(self.settings, [self.topic])
         consumer = kafka.consumer(self.settings, "freshet-label-log", **{"enable.partition.eof": True})
@@ -223,7 +203,7 @@ class LabelLog:
 
     def read(self) -> pd.DataFrame:
         """Every label once (a later label for the same request id replaces an earlier one)."""
-        from stream.offline import read_parts
+        from freshet.stream.offline import read_parts
 
         table = read_parts(self.root)
         if table is None:
@@ -318,18 +298,14 @@ class TrainingWindow:
 def _epoch_or_none(value: Any) -> float | None:
     if value is None or value == "":
         return None
-    if isinstance(value, datetime):
-        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
-    if isinstance(value, pd.Timestamp):
-        return value.timestamp()
-    out = _epoch(value)
+    out = epoch_or_none(value)
     if out is None:
         raise ValueError(f"{value!r} is not a time: use epoch seconds or ISO-8601")
     return out
 
 
 def _iso(ts: float | None) -> str:
-    return "" if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    return "" if ts is None else iso_utc(ts, "auto")
 
 
 def time_split(ts: np.ndarray, holdout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -504,11 +480,6 @@ def dataset_fingerprint(df: pd.DataFrame, columns: Sequence[str]) -> str:
 # examples: labels joined to their events, then point-in-time features
 # ---------------------------------------------------------------------------
 
-def _seconds(series: pd.Series) -> np.ndarray:
-    s = pd.to_datetime(series, utc=True)
-    return ((s - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=float, na_value=np.nan)
-
-
 def join_labels_to_events(labels: pd.DataFrame, events: pd.DataFrame, join_keys: Sequence[str],
                           request_fields: Sequence[str], id_field: str = "transaction_id",
                           ts_field: str = "event_ts") -> tuple[pd.DataFrame, dict[str, int]]:
@@ -521,7 +492,7 @@ def join_labels_to_events(labels: pd.DataFrame, events: pd.DataFrame, join_keys:
     n = len(labels)
     out = pd.DataFrame({"request_id": labels["request_id"].to_numpy(dtype=object),
                         "label": labels["label"].to_numpy(dtype=float)})
-    ts = _seconds(labels["event_ts"]) if n else np.zeros(0)
+    ts = epoch_seconds(labels["event_ts"]) if n else np.zeros(0)
     keys = {k: np.full(n, None, dtype=object) for k in join_keys}
     fields = {f: np.full(n, np.nan) for f in request_fields}
     found = np.zeros(n, bool)
@@ -533,7 +504,7 @@ def join_labels_to_events(labels: pd.DataFrame, events: pd.DataFrame, join_keys:
         if found.any():
             hit = ev.iloc[pos[found]]
             if ts_field in hit.columns:
-                ts[found] = _seconds(hit[ts_field])
+                ts[found] = epoch_seconds(hit[ts_field])
             for k in join_keys:
                 if k in hit.columns:
                     keys[k][found] = hit[k].to_numpy(dtype=object)
@@ -567,8 +538,8 @@ def join_labels_to_events(labels: pd.DataFrame, events: pd.DataFrame, join_keys:
 class RetrainConfig:
     """How one model is retrained; defaults suit the example fraud model."""
 
-    model: str = DEFAULT_MODEL
-    feature_service: str = DEFAULT_SERVICE
+    model: str = DEFAULT_MODEL_NAME
+    feature_service: str = DEFAULT_FEATURE_SERVICE
     # inputs the client sends with /predict, read from the labelled event in the raw log
     request_fields: tuple[str, ...] = ("amount",)
     request_id_field: str = "transaction_id"  # the event field a label's request_id names
@@ -691,7 +662,7 @@ class Retrainer:
     @property
     def models(self):
         if self._models is None:
-            from serving.models import ModelRegistry
+            from freshet.models import ModelRegistry
 
             self._models = ModelRegistry(self.settings)
         return self._models
@@ -700,7 +671,7 @@ class Retrainer:
 
     def handled(self, alert_ids: Iterable[str]) -> dict[str, str]:
         """alert id -> the version already trained for it, for the ids an earlier training covered."""
-        from serving.models import EXPERIMENT
+        from freshet.models import EXPERIMENT
 
         client = self.models.client
         exp = client.get_experiment_by_name(EXPERIMENT)
@@ -795,9 +766,9 @@ class Retrainer:
                  and r not in refs and self._known_ref(r)]
         horizon = max(v.max_window_s for v in views)
         if len(events):
-            ev_ts = _seconds(events[views[0].timestamp_field])
+            ev_ts = epoch_seconds(events[views[0].timestamp_field])
             events = events[(ev_ts >= examples["event_ts"].min() - horizon) & (ev_ts <= examples["event_ts"].max())]
-        from stream.backfill import training_set
+        from freshet.stream.backfill import training_set
 
         frame = examples.assign(event_ts=pd.to_datetime(examples["event_ts"], unit="s", utc=True))
         data = training_set(self.settings, self.registry, frame, refs + extra, timestamp_field="event_ts",
@@ -830,7 +801,7 @@ class Retrainer:
                    cfg.C, int(train.sum()), n_pos, cfg.seed)
 
         # 4. evaluate the candidate and the champion on the same holdout
-        from serving.models import LinearModel, export_sklearn
+        from freshet.models import LinearModel, export_sklearn
 
         exported = LinearModel.from_dict(export_sklearn(pipeline, features_in))  # what serving will score
         p_cand = exported.predict_proba(X[holdout].tolist())
@@ -959,7 +930,7 @@ class Retrainer:
         return view in self.registry.views and feature in self.registry.views[view].feature_names
 
     def _events(self, topic: str) -> pd.DataFrame:
-        from stream.backfill import load_events
+        from freshet.stream.backfill import load_events
 
         return load_events(self.settings, topic)
 
@@ -977,21 +948,6 @@ def _rounded(metrics: Mapping[str, float] | None) -> dict[str, float | None] | N
     if metrics is None:
         return None
     return {k: (round(v, 6) if math.isfinite(v) else None) for k, v in metrics.items()}
-
-
-def train_and_register(settings: Settings, registry: FeatureRegistry | None = None, model_name: str = DEFAULT_MODEL,
-                       window: Any = None, seed: int = 0, reason: Sequence[str] = (),
-                       bootstrap: bool = False, force: bool = False, **config: Any) -> dict[str, Any]:
-    """One retraining of `model_name`; the outcome dict says what happened (see `Retrainer.run`).
-
-    `window`: None (the newest DEFAULT_WINDOW_LABELS labels), "all", (start, end), or a dict with
-    start/end/last_s/last_hours/last_n. Other keyword arguments are `RetrainConfig` fields
-    (margin, metric, holdout_fraction, ...).
-    """
-    if window is not None:
-        config["window"] = TrainingWindow() if window == "all" else TrainingWindow.of(window)
-    cfg = RetrainConfig(model=model_name, seed=seed, **config)
-    return Retrainer(settings, registry, cfg).run(reason, bootstrap=bootstrap, force=force)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""Where Kafka and Redis are: from settings, else from the embedded stack of the data dir.
+
+The embedded stack (`freshet.app.stack`) writes its endpoints to `stack.json` in the data
+dir; every component reads them back here, so engines never depend on the stack itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from freshet.errors import CliError
+from freshet.settings import Settings
+
+STATE_FILE = "stack.json"
+
+
+@dataclass
+class Endpoints:
+    """A running embedded stack: its addresses, process ids and log folder."""
+
+    kafka: str
+    redis_url: str
+    kafka_pid: int
+    redis_pid: int
+    log_dir: str
+
+    @property
+    def feast_redis(self) -> str:
+        return feast_connection_string(self.redis_url)
+
+
+def feast_connection_string(redis_url: str) -> str:
+    """Translate redis://[:pw@]host:port/db into Feast's "host:port,password=..,db=.." form.
+
+    >>> feast_connection_string("redis://:s3cret@10.0.0.5:6380/2")
+    '10.0.0.5:6380,password=s3cret,db=2'
+    >>> feast_connection_string("rediss://cache:6379/0")
+    'cache:6379,ssl=true'
+    """
+    u = urlparse(redis_url)
+    parts = [f"{u.hostname or 'localhost'}:{u.port or 6379}"]
+    if u.password:
+        parts.append(f"password={u.password}")
+    if u.scheme == "rediss":
+        parts.append("ssl=true")
+    db = (u.path or "/").lstrip("/")
+    if db and db != "0":
+        parts.append(f"db={db}")
+    return ",".join(parts)
+
+
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (state first); OSError if gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        return proc_stat(pid)[0] != "Z"
+    return True
+
+
+def read_state(data_dir: str | os.PathLike) -> Endpoints | None:
+    """The endpoints recorded in a data dir, alive or not; None when there are none."""
+    path = Path(data_dir) / STATE_FILE
+    try:
+        return Endpoints(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def running_stack(data_dir: str | os.PathLike) -> Endpoints | None:
+    """The embedded stack running for a data dir, or None when none runs."""
+    endpoints = read_state(Path(data_dir).resolve())
+    if endpoints is not None and alive(endpoints.kafka_pid) and alive(endpoints.redis_pid):
+        return endpoints
+    return None
+
+
+def resolve_endpoints(settings: Settings, need_redis: bool = True) -> Settings:
+    """Fill empty Kafka/Redis endpoints from a running embedded stack of this data dir.
+
+    Raises CliError naming the settings to set when an endpoint is needed and none is known.
+    """
+    if settings.kafka_bootstrap_servers and (settings.redis_url or not need_redis):
+        return settings
+    running = running_stack(settings.data_path)
+    if running is None:
+        wanted = [("FRESHET_KAFKA_BOOTSTRAP_SERVERS", settings.kafka_bootstrap_servers)]
+        if need_redis:
+            wanted.append(("FRESHET_REDIS_URL", settings.redis_url))
+        missing = [name for name, value in wanted if not value]
+        raise CliError(
+            f"{' and '.join(missing)} not set and no embedded stack runs for {settings.data_path}; "
+            "run 'freshet stack start' (or 'freshet up') or set them to your Kafka/Redis"
+        )
+    return settings.with_endpoints(settings.kafka_bootstrap_servers or running.kafka,
+                                   settings.redis_url or running.redis_url)

@@ -1,0 +1,145 @@
+"""Subcommand of the training stage: retrain (the worker, --bootstrap and --once).
+
+Imports the training code lazily so `freshet --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from freshet.endpoints import resolve_endpoints
+from freshet.settings import DEFAULT_FEATURE_SERVICE, DEFAULT_MODEL_NAME
+from freshet.errors import CliError
+
+log = logging.getLogger("freshet.training")
+
+
+def _kafka_settings(settings, required: bool):
+    """Settings with the Kafka endpoint filled in (from the embedded stack if unset); Redis is not needed here."""
+    try:
+        return resolve_endpoints(settings, need_redis=False)
+    except CliError:
+        if required:
+            raise
+    log.warning("FRESHET_KAFKA_BOOTSTRAP_SERVERS is not set and no embedded stack runs for %s: training from "
+                "the label log as it is; no freshet.models event is sent", settings.data_path)
+    return settings
+
+
+def _retrain_config(args, settings):
+    from freshet.training.retrain import RetrainConfig, TrainingWindow
+
+    try:
+        window = TrainingWindow.of({"start": args.since, "end": args.until,
+                                    "last_hours": args.window_hours, "last_n": args.window_labels or None})
+        return RetrainConfig(model=args.model or settings.model_name, feature_service=args.feature_service,
+                             request_fields=tuple(args.request_field) if args.request_field is not None else ("amount",),
+                             window=window, holdout_fraction=args.holdout, metric=args.metric, margin=args.margin,
+                             C=args.C, seed=args.seed, min_rows=args.min_rows, confidence=args.confidence,
+                             wait_labels=args.wait_labels, wait_max_s=args.wait_max)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_retrain(args, settings) -> int:
+    import orjson
+
+    from freshet.training import retrain
+
+    if args.bootstrap and args.reason:
+        raise CliError("--bootstrap trains the first version; it takes no --reason (use --once --reason)")
+    manual = args.once or args.bootstrap or bool(args.reason)
+    settings = _kafka_settings(settings, required=not manual)
+    config = _retrain_config(args, settings)
+    try:
+        trainer = retrain.Retrainer(settings, config=config, progress=sys.stderr.isatty())
+        if manual:
+            outcome = trainer.run(args.reason or (), bootstrap=args.bootstrap, force=args.force)
+            print(retrain.summary_line(outcome), file=sys.stderr if args.json else sys.stdout, flush=True)
+            if args.json:
+                print(orjson.dumps(outcome, option=orjson.OPT_SERIALIZE_NUMPY).decode(), flush=True)
+            return 1 if outcome["status"] == "insufficient_data" else 0
+    except retrain.RetrainError as exc:
+        raise CliError(str(exc)) from None
+
+    def show(outcome):
+        print(retrain.summary_line(outcome), flush=True)
+
+    worker = retrain.RetrainWorker(settings, {config.model: trainer}, group=args.group, on_outcome=show,
+                                   bootstrap_every_s=args.bootstrap_every)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        pass
+    log.info("retrain worker stopped: %s", worker.counts)
+    return 0
+
+
+def _add_retrain(sub) -> None:
+    p = sub.add_parser(
+        "retrain", help="retraining worker: training set, fit, evaluate, register, promote",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Trains the model from the offline store and registers it in MLflow.\n\n"
+                    "  freshet retrain                      worker: one training per batch of requests on\n"
+                    "                                       FRESHET_TOPIC_RETRAIN (what 'freshet monitor' sends)\n"
+                    "  freshet retrain --bootstrap          train and promote version 1 if there is no champion\n"
+                    "  freshet retrain --once [--reason ID] one training now, for alert id(s) ID\n\n"
+                    "Each training copies new labels from FRESHET_TOPIC_LABELS into the label log\n"
+                    "(<data dir>/offline/labels/<topic>/), joins each label to its transaction in the offline\n"
+                    "raw log, builds point-in-time features for the feature service, fits\n"
+                    "SimpleImputer -> StandardScaler -> LogisticRegression with the given seed, scores it and the\n"
+                    "serving champion on the newest --holdout share of the examples, registers it with its\n"
+                    "lineage and promotes it only if it beats the champion by --margin on --metric. Requests\n"
+                    "whose alert ids were all trained for already train nothing (--force overrides).\n"
+                    "Outcomes are appended to <data dir>/retrain/outcomes.jsonl.",
+        epilog="exit status: 0 trained or skipped, 1 not enough labelled data, 2 usage or setup error")
+    mode = p.add_argument_group("mode (default: the worker)")
+    mode.add_argument("--bootstrap", action="store_true", help="train and promote the first version")
+    mode.add_argument("--once", action="store_true", help="train once now and exit")
+    mode.add_argument("--bootstrap-every", type=float, default=0.0, metavar="SECONDS",
+                      help="worker: while the model has no champion, try --bootstrap this often "
+                           "(for 'freshet up' on a fresh system; default: off)")
+    mode.add_argument("--reason", action="append", metavar="ALERT_ID",
+                      help="alert id this training answers (repeatable; implies --once)")
+    mode.add_argument("--force", action="store_true", help="train even if the reason was handled already")
+    mode.add_argument("--json", action="store_true", help="print the outcome as one JSON line (--once/--bootstrap)")
+    mode.add_argument("--group", default="freshet-retrain", help="consumer group of the worker (default: %(default)s)")
+    data = p.add_argument_group("data")
+    data.add_argument("--model", help=f"registered model name (default: FRESHET_MODEL_NAME, i.e. {DEFAULT_MODEL_NAME})")
+    data.add_argument("--feature-service", default=DEFAULT_FEATURE_SERVICE,
+                      help="Feast feature service the model reads (default: %(default)s)")
+    data.add_argument("--request-field", action="append", metavar="FIELD",
+                      help="request-time input read from the labelled event (repeatable; default: amount)")
+    data.add_argument("--window-hours", type=float, help="train on the last H hours of labelled events "
+                                                         "(event time, ending at the newest)")
+    data.add_argument("--window-labels", type=int, default=20_000,
+                      help="train on the newest N labelled events; 0 for all (default: %(default)s)")
+    data.add_argument("--since", help="first event time to train on (ISO-8601 or epoch seconds)")
+    data.add_argument("--until", help="train on events before this time (ISO-8601 or epoch seconds)")
+    data.add_argument("--min-rows", type=int, default=200, help="training examples needed (default: %(default)s)")
+    data.add_argument("--wait-labels", type=int, default=0,
+                      help="before training for alerts, wait for N labels published after the request: "
+                           "outcomes of post-drift traffic (default: %(default)s)")
+    data.add_argument("--wait-max", type=float, default=120.0,
+                      help="longest wait for --wait-labels, seconds (default: %(default)s)")
+    fit = p.add_argument_group("fit and promotion")
+    fit.add_argument("--seed", type=int, default=0, help="recorded with the version (default: %(default)s)")
+    fit.add_argument("--C", type=float, default=1.0, help="inverse L2 strength (default: %(default)s)")
+    fit.add_argument("--holdout", type=float, default=0.2,
+                     help="newest share of examples held out for evaluation (default: %(default)s)")
+    fit.add_argument("--metric", choices=["auc", "log_loss", "error_rate"], default="auc",
+                     help="what promotion compares (default: %(default)s)")
+    fit.add_argument("--margin", type=float, default=0.005,
+                     help="how much better than the champion a candidate must be (default: %(default)s)")
+    fit.add_argument("--confidence", type=float, default=0.95,
+                     help="and how sure: the paired-bootstrap lower bound of the gain at this confidence must "
+                          "be above zero (default: %(default)s)")
+
+
+def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
+    _add_retrain(sub)
+    handlers["retrain"] = cmd_retrain
