@@ -30,22 +30,20 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import orjson
 import pandas as pd
-import pyarrow as pa
 
-from freshet.contracts import ContractError, Label, RetrainRequest, new_id
+from freshet.contracts import ContractError, RetrainRequest, new_id
 from freshet.features import FeatureRegistry
 from freshet.settings import DEFAULT_FEATURE_SERVICE, DEFAULT_MODEL_NAME, Settings
+from freshet.training.labels import LabelLog
 from freshet.times import epoch_or_none, epoch_seconds, iso_utc
 
 log = logging.getLogger("freshet.retrain")
@@ -63,155 +61,6 @@ _TAG_SAFE = re.compile(r"^[A-Za-z0-9_.\- /]{1,200}$")
 
 class RetrainError(RuntimeError):
     """Training cannot proceed; the message says what is missing and how to get it."""
-
-
-# ---------------------------------------------------------------------------
-# the label log: the labels topic, copied to Parquet
-# ---------------------------------------------------------------------------
-
-LABEL_COLUMNS = pa.schema([
-    ("request_id", pa.string()),
-    ("entities", pa.string()),  # JSON object, or null
-    ("label", pa.float64()),
-    ("ts", pa.timestamp("us", tz="UTC")),  # when the label became known
-    ("event_ts", pa.timestamp("us", tz="UTC")),  # the labelled event's own time, when the label says
-    ("_partition", pa.int32()),
-    ("_offset", pa.int64()),
-])
-
-
-def label_log_path(data_dir: Path | str, topic: str) -> Path:
-    return Path(data_dir) / "offline" / "labels" / topic
-
-
-def label_row(raw: bytes) -> dict[str, Any]:
-    """One freshet.labels/1 message as a label-log row; raises ContractError naming what is wrong.
-
-    >>> r = label_row(b'{"schema": "freshet.labels/1", "request_id": "tx1", "label": 1, "ts": 20, "event_ts": 10}')
-    >>> r["request_id"], r["label"], r["ts"], r["event_ts"]
-    ('tx1', 1.0, 20.0, 10.0)
-    """
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ContractError(f"not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ContractError("message must be a JSON object")
-    event_ts = data.get("event_ts")  # not in the contract: the workload and most producers add it
-    label = Label.decode(data)
-    value = float(label.label)
-    if not math.isfinite(value):
-        raise ContractError(f"field 'label' must be finite, got {label.label!r}")
-    return {"request_id": label.request_id, "entities": json.dumps(label.entities) if label.entities else None,
-            "label": value, "ts": epoch_or_none(label.ts), "event_ts": epoch_or_none(event_ts)}
-
-
-def _micros(values: list[float | None]) -> pa.Array:
-    return pa.array([None if v is None else int(round(v * 1e6)) for v in values], pa.timestamp("us", tz="UTC"))
-
-
-class LabelLog:
-    """The labels topic as Parquet part files: `sync` appends what is new, `read` gives each label once."""
-
-    CHECKPOINT = "_offsets.json"
-
-    def __init__(self, settings: Settings, topic: str | None = None):
-        self.settings = settings
-        self.topic = topic or settings.topic_labels
-        self.root = label_log_path(settings.data_path, self.topic)
-        self.rejected = 0
-
-    def offsets(self) -> dict[int, int]:
-        """The next offset to copy, per partition."""
-        path = self.root / self.CHECKPOINT
-        if not path.is_file():
-            return {}
-        return {int(p): int(o) for p, o in json.loads(path.read_text()).items()}
-
-    def _save_offsets(self, offsets: Mapping[int, int]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{self.CHECKPOINT}.tmp"
-        tmp.write_text(json.dumps({str(p): o for p, o in sorted(offsets.items())}))
-        os.replace(tmp, self.root / self.CHECKPOINT)
-
-    def sync(self, timeout: float = 60.0) -> int:
-        """Copy the labels published since the last sync, up to the topic's end; returns how many."""
-        from confluent_kafka import KafkaError, TopicPartition
-
-        from freshet import kafka
-        from freshet.stream.offline import append_parts
-
-        kafka.ensure_topics(self.settings, [self.topic])
-        consumer = kafka.consumer(self.settings, "freshet-label-log", **{"enable.partition.eof": True})
-        try:
-            meta = consumer.list_topics(self.topic, timeout=10).topics[self.topic]
-            offsets = self.offsets()
-            assignment = []
-            for p in sorted(meta.partitions):
-                low, _ = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
-                assignment.append(TopicPartition(self.topic, p, max(offsets.get(p, low), low)))
-            consumer.assign(assignment)
-            # Read until every partition reports its end or nothing comes for a moment; not up to
-            # the end offsets listed first: the embedded broker lists a topic's end as its last
-            # batch's base offset + 1.
-            pending = {tp.partition for tp in assignment}
-            rows: list[dict[str, Any]] = []
-            deadline = time.monotonic() + timeout
-            while pending and time.monotonic() < deadline:
-                msgs = consumer.consume(10_000, 0.3)
-                if not msgs:
-                    break
-                for msg in msgs:
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            pending.discard(msg.partition())
-                        else:
-                            log.warning("label log: %s", err)
-                        continue
-                    p, off = msg.partition(), msg.offset()
-                    offsets[p] = off + 1
-                    # a partition that reached its end once is done: labels keep arriving while the
-                    # copy runs, and chasing them would hold a training back until the timeout
-                    try:
-                        row = label_row(msg.value())
-                    except (ContractError, TypeError, ValueError) as exc:
-                        self.rejected += 1
-                        if self.rejected <= 10 or self.rejected % 1000 == 0:
-                            log.warning("label log: skipping %s[%d]@%d (%s); %d skipped so far",
-                                        self.topic, p, off, exc, self.rejected)
-                        continue
-                    row["_partition"], row["_offset"] = p, off
-                    rows.append(row)
-            if pending and time.monotonic() >= deadline:
-                log.warning("label log: %s not fully copied within %.0fs; the next sync continues", self.topic, timeout)
-            if rows:
-                table = pa.table({
-                    "request_id": pa.array([r["request_id"] for r in rows], pa.string()),
-                    "entities": pa.array([r["entities"] for r in rows], pa.string()),
-                    "label": pa.array([r["label"] for r in rows], pa.float64()),
-                    "ts": _micros([r["ts"] for r in rows]),
-                    "event_ts": _micros([r["event_ts"] for r in rows]),
-                    "_partition": pa.array([r["_partition"] for r in rows], pa.int32()),
-                    "_offset": pa.array([r["_offset"] for r in rows], pa.int64()),
-                }, schema=LABEL_COLUMNS)
-                append_parts(self.root, table, "ts", prefix="labels")
-            self._save_offsets(offsets)  # after the parts: a crash in between only duplicates
-            return len(rows)
-        finally:
-            consumer.close()
-
-    def read(self) -> pd.DataFrame:
-        """Every label once (a later label for the same request id replaces an earlier one)."""
-        from freshet.stream.offline import read_parts
-
-        table = read_parts(self.root)
-        if table is None:
-            return pd.DataFrame({f.name: pd.Series(dtype=object) for f in LABEL_COLUMNS})
-        df = table.to_pandas()
-        df = df.drop_duplicates(["_partition", "_offset"]).sort_values(["_partition", "_offset"], kind="stable")
-        keyed = df["request_id"].notna()
-        return pd.concat([df[keyed].drop_duplicates("request_id", keep="last"), df[~keyed]]).reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------------

@@ -25,8 +25,9 @@ import pytest
 
 from freshet import kafka
 from freshet.settings import load_settings
+from freshet.training.labels import LabelLog
 from freshet.training.retrain import (
-    LabelLog, RetrainConfig, Retrainer, RetrainWorker, TrainingWindow, alert_tag, request_retrain,
+    RetrainConfig, Retrainer, RetrainWorker, TrainingWindow, alert_tag, request_retrain,
 )
 from freshet.models import CHAMPION, ModelRegistry
 from freshet.stream.events import EventDecoder

@@ -12,8 +12,9 @@ import pytest
 from freshet.contracts import ContractError, RetrainRequest
 from freshet.training.retrain import (
     Decision, RetrainConfig, TrainingWindow, alert_tag, dataset_fingerprint, decide_promotion, evaluate,
-    fit_pipeline, join_labels_to_events, label_row, merge_requests, time_split, unhandled,
+    fit_pipeline, join_labels_to_events, merge_requests, time_split, unhandled,
 )
+from freshet.training.labels import label_row
 
 
 # --- split ---------------------------------------------------------------------------
