@@ -30,7 +30,8 @@ def _kafka_settings(settings, required: bool):
 
 
 def _retrain_config(args, settings):
-    from freshet.training.retrain import RetrainConfig, TrainingWindow
+    from freshet.training.dataset import TrainingWindow
+    from freshet.training.retrain import RetrainConfig
 
     try:
         window = TrainingWindow.of({"start": args.since, "end": args.until,

@@ -43,8 +43,12 @@ import pandas as pd
 from freshet.contracts import ContractError, RetrainRequest, new_id
 from freshet.features import FeatureRegistry
 from freshet.settings import DEFAULT_FEATURE_SERVICE, DEFAULT_MODEL_NAME, Settings
+from freshet.training.dataset import (
+    TrainingWindow, dataset_fingerprint, iso_or_blank, join_labels_to_events, time_split,
+)
 from freshet.training.labels import LabelLog
-from freshet.times import epoch_or_none, epoch_seconds, iso_utc
+from freshet.training.pipeline import fit_pipeline, input_column, input_matrix
+from freshet.times import epoch_seconds
 
 log = logging.getLogger("freshet.retrain")
 
@@ -66,117 +70,6 @@ class RetrainError(RuntimeError):
 # ---------------------------------------------------------------------------
 # pure pieces: window, split, metrics, decision, idempotency
 # ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TrainingWindow:
-    """Which labelled events to train on, by event time.
-
-    Absolute bounds (`start` <= t < `end`, epoch seconds) and/or the last `last_s` seconds
-    or the last `last_n` examples. Relative windows end at the newest labelled event, not
-    at the wall clock: event time may be simulated or replayed.
-
-    >>> ts = np.array([10.0, 20.0, 30.0, 40.0])
-    >>> TrainingWindow(last_s=15).select(ts)[0].tolist()
-    [False, False, True, True]
-    >>> TrainingWindow(start=15, end=40).select(ts)[0].tolist()
-    [False, True, True, False]
-    >>> TrainingWindow(last_n=1).select(ts)[0].tolist()
-    [False, False, False, True]
-    """
-
-    start: float | None = None
-    end: float | None = None
-    last_s: float | None = None
-    last_n: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.last_s is not None and not self.last_s > 0:
-            raise ValueError(f"the window's last_s must be > 0 seconds, got {self.last_s}")
-        if self.last_n is not None and self.last_n < 1:
-            raise ValueError(f"the window's last_n must be >= 1, got {self.last_n}")
-        if self.start is not None and self.end is not None and self.start >= self.end:
-            raise ValueError(f"the window's start ({self.start}) must be before its end ({self.end})")
-
-    @classmethod
-    def of(cls, window: Any) -> "TrainingWindow":
-        """From a TrainingWindow, None (everything), (start, end), {"start","end","last_s","last_n"}."""
-        if window is None:
-            return cls()
-        if isinstance(window, TrainingWindow):
-            return window
-        if isinstance(window, Mapping):
-            start, end = _epoch_or_none(window.get("start")), _epoch_or_none(window.get("end"))
-            last_s = window.get("last_s") or (window.get("last_hours") and float(window["last_hours"]) * 3600)
-            return cls(start, end, float(last_s) if last_s else None,
-                       int(window["last_n"]) if window.get("last_n") else None)
-        if isinstance(window, (tuple, list)) and len(window) == 2:
-            return cls(_epoch_or_none(window[0]), _epoch_or_none(window[1]))
-        raise ValueError(f"a training window is (start, end) or a dict with start/end/last_s/last_n, got {window!r}")
-
-    def select(self, ts: np.ndarray) -> tuple[np.ndarray, float | None, float | None]:
-        """(mask of the rows inside, resolved start, resolved end) for event times `ts`."""
-        ts = np.asarray(ts, dtype=float)
-        mask = np.isfinite(ts)
-        if self.start is not None:
-            mask &= ts >= self.start
-        if self.end is not None:
-            mask &= ts < self.end
-        if self.last_s is not None and mask.any():
-            mask &= ts > ts[mask].max() - self.last_s
-        if self.last_n is not None and mask.sum() > self.last_n:
-            idx = np.flatnonzero(mask)
-            keep = idx[np.argsort(ts[idx], kind="stable")[-self.last_n:]]
-            mask = np.zeros_like(mask)
-            mask[keep] = True
-        if not mask.any():
-            return mask, self.start, self.end
-        return mask, float(ts[mask].min()), float(ts[mask].max())
-
-    def describe(self) -> str:
-        parts = []
-        if self.start is not None or self.end is not None:
-            parts.append(f"[{_iso(self.start) if self.start is not None else '...'}, "
-                         f"{_iso(self.end) if self.end is not None else '...'})")
-        if self.last_s is not None:
-            parts.append(f"last {self.last_s / 3600:g} h")
-        if self.last_n is not None:
-            parts.append(f"last {self.last_n} labels")
-        return " and ".join(parts) or "every label"
-
-
-def _epoch_or_none(value: Any) -> float | None:
-    if value is None or value == "":
-        return None
-    out = epoch_or_none(value)
-    if out is None:
-        raise ValueError(f"{value!r} is not a time: use epoch seconds or ISO-8601")
-    return out
-
-
-def _iso(ts: float | None) -> str:
-    return "" if ts is None else iso_utc(ts, "auto")
-
-
-def time_split(ts: np.ndarray, holdout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean masks (train, holdout): the holdout is the newest `holdout_fraction` by event time.
-
-    Rows sharing the boundary time all go to the holdout, so no instant is on both sides.
-
-    >>> train, hold = time_split(np.array([5.0, 1.0, 3.0, 3.0, 2.0]), 0.4)
-    >>> train.tolist(), hold.tolist()
-    ([False, True, False, False, True], [True, False, True, True, False])
-    """
-    if not 0 < holdout_fraction < 1:
-        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
-    ts = np.asarray(ts, dtype=float)
-    n = len(ts)
-    if n == 0:
-        return np.zeros(0, bool), np.zeros(0, bool)
-    n_hold = max(1, math.ceil(n * holdout_fraction))
-    cut = np.sort(ts, kind="stable")[n - n_hold]
-    holdout = ts >= cut
-    return ~holdout, holdout
-
 
 def evaluate(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """AUC, log loss and error rate (at `threshold`) of probabilities `p` for 0/1 outcomes `y`.
@@ -315,74 +208,6 @@ def unhandled(reason: Sequence[str], handled: Mapping[str, str]) -> list[str]:
     return [r for r in dict.fromkeys(map(str, reason)) if r not in handled]
 
 
-def dataset_fingerprint(df: pd.DataFrame, columns: Sequence[str]) -> str:
-    """sha256 of the rows and columns a model was trained and evaluated on (order-independent of input)."""
-    h = hashlib.sha256()
-    h.update(json.dumps(list(columns)).encode())
-    if len(df):
-        hashed = pd.util.hash_pandas_object(df[list(columns)], index=False).to_numpy()
-        h.update(np.sort(hashed).tobytes())
-    return "sha256:" + h.hexdigest()
-
-
-# ---------------------------------------------------------------------------
-# examples: labels joined to their events, then point-in-time features
-# ---------------------------------------------------------------------------
-
-def join_labels_to_events(labels: pd.DataFrame, events: pd.DataFrame, join_keys: Sequence[str],
-                          request_fields: Sequence[str], id_field: str = "transaction_id",
-                          ts_field: str = "event_ts") -> tuple[pd.DataFrame, dict[str, int]]:
-    """Labelled examples: request_id, label, event time (epoch s), join keys, request fields.
-
-    Entity keys, event time and request fields come from the labelled event (found by
-    request id in the raw log); labels whose event is not there fall back to their own
-    `entities` and `event_ts`. Returns (examples, counts: from_events, from_labels, dropped).
-    """
-    n = len(labels)
-    out = pd.DataFrame({"request_id": labels["request_id"].to_numpy(dtype=object),
-                        "label": labels["label"].to_numpy(dtype=float)})
-    ts = epoch_seconds(labels["event_ts"]) if n else np.zeros(0)
-    keys = {k: np.full(n, None, dtype=object) for k in join_keys}
-    fields = {f: np.full(n, np.nan) for f in request_fields}
-    found = np.zeros(n, bool)
-    if n and len(events) and id_field in events.columns:
-        cols = [c for c in dict.fromkeys([id_field, ts_field, *join_keys, *request_fields]) if c in events.columns]
-        ev = events[cols].drop_duplicates(id_field, keep="last").set_index(id_field)
-        pos = ev.index.get_indexer(out["request_id"])
-        found = pos >= 0
-        if found.any():
-            hit = ev.iloc[pos[found]]
-            if ts_field in hit.columns:
-                ts[found] = epoch_seconds(hit[ts_field])
-            for k in join_keys:
-                if k in hit.columns:
-                    keys[k][found] = hit[k].to_numpy(dtype=object)
-            for f in request_fields:
-                if f in hit.columns:
-                    fields[f][found] = pd.to_numeric(hit[f], errors="coerce").to_numpy(dtype=float)
-    if n and "entities" in labels.columns:
-        ents = labels["entities"].to_numpy(dtype=object)
-        for i in range(n):
-            if ents[i] is None or all(keys[k][i] is not None for k in join_keys):
-                continue
-            try:
-                parsed = json.loads(ents[i])
-            except ValueError:
-                continue
-            for k in join_keys:
-                if keys[k][i] is None and parsed.get(k) is not None:
-                    keys[k][i] = str(parsed[k])
-    out["event_ts"] = ts
-    for k in join_keys:
-        out[k] = keys[k]
-    for f in request_fields:
-        out[f] = fields[f]
-    usable = np.isfinite(ts) & np.all([pd.notna(keys[k]) for k in join_keys], axis=0) if n else np.zeros(0, bool)
-    counts = {"from_events": int((usable & found).sum()), "from_labels": int((usable & ~found).sum()),
-              "dropped": int(n - usable.sum())}
-    return out[usable].reset_index(drop=True), counts
-
-
 @dataclass
 class RetrainConfig:
     """How one model is retrained; defaults suit the example fraud model."""
@@ -425,37 +250,6 @@ class RetrainConfig:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
         if not self.C > 0:
             raise ValueError(f"C must be > 0, got {self.C}")
-
-
-def fit_pipeline(X: np.ndarray, y: np.ndarray, seed: int, C: float = 1.0, max_iter: int = 1000):
-    """The fraud pipeline, fitted: what serving.models.export_sklearn turns into JSON."""
-    from sklearn.impute import SimpleImputer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    pipe = Pipeline([
-        # keep_empty_features: a column empty in this window still counts as an input
-        ("impute", SimpleImputer(strategy="mean", keep_empty_features=True)),
-        ("scale", StandardScaler()),
-        ("classify", LogisticRegression(C=C, max_iter=max_iter, random_state=seed)),
-    ])
-    return pipe.fit(X, y)
-
-
-def _column(name: str) -> str:
-    """The training-set column of a model input: "view:feature" -> "view__feature"."""
-    view, sep, feature = name.partition(":")
-    return f"{view}__{feature}" if sep else name
-
-
-def _matrix(df: pd.DataFrame, names: Sequence[str]) -> np.ndarray:
-    cols = []
-    for n in names:
-        c = _column(n)
-        cols.append(pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float) if c in df.columns
-                    else np.full(len(df), np.nan))
-    return np.column_stack(cols) if cols else np.zeros((len(df), 0))
 
 
 # ---------------------------------------------------------------------------
@@ -598,7 +392,7 @@ class Retrainer:
             views[0].timestamp_field)
         in_window, w_start, w_end = cfg.window.select(examples["event_ts"].to_numpy())
         examples = examples[in_window].reset_index(drop=True)
-        outcome["window"] = {"spec": cfg.window.describe(), "start": _iso(w_start), "end": _iso(w_end)}
+        outcome["window"] = {"spec": cfg.window.describe(), "start": iso_or_blank(w_start), "end": iso_or_blank(w_end)}
         unmatched = joined["dropped"]
         outcome["examples"] = {"labels": len(labels), **joined, "in_window": len(examples)}
         if joined["from_labels"] and joined["from_labels"] >= joined["from_events"]:
@@ -637,13 +431,13 @@ class Retrainer:
         outcome["rows"] = {"train": int(train.sum()), "holdout": int(holdout.sum()),
                            "train_positives": n_pos, "holdout_positives": int(y[holdout].sum())}
         ts_all = data["_t"].to_numpy()
-        outcome["window"]["holdout_start"] = _iso(float(ts_all[holdout].min())) if holdout.any() else ""
+        outcome["window"]["holdout_start"] = iso_or_blank(float(ts_all[holdout].min())) if holdout.any() else ""
         if train.sum() < cfg.min_rows or min(n_pos, n_neg) < cfg.min_class_rows:
             return self._finish(outcome, "insufficient_data",
                                 f"{int(train.sum())} training examples ({n_pos} positive, {n_neg} negative); need "
                                 f">= {cfg.min_rows} and >= {cfg.min_class_rows} of each class: wait for more "
                                 f"labels or widen the window")
-        X = _matrix(data, features_in)
+        X = input_matrix(data, features_in)
         pipeline = fit_pipeline(X[train], y[train], cfg.seed, cfg.C, cfg.max_iter)
         t = timed("fit", t)
         self._step(3, "fit: LogisticRegression(C=%g) on %d examples (%d positive), seed %d",
@@ -663,7 +457,7 @@ class Retrainer:
                 champ_note = (f"champion version {champion} reads feature(s) the registry no longer has "
                               f"({', '.join(missing[:5])}); it cannot be scored")
             else:
-                p_champ = champion_model.predict_proba(_matrix(data[holdout], champion_model.feature_names).tolist())
+                p_champ = champion_model.predict_proba(input_matrix(data[holdout], champion_model.feature_names).tolist())
                 champ = evaluate(y[holdout], p_champ)
         outcome["metrics"] = _rounded(cand)
         outcome["champion_metrics"] = _rounded(champ) if champ else None
@@ -684,7 +478,7 @@ class Retrainer:
             gains = (bootstrap_gains(y[holdout], p_cand, p_champ, [cfg.metric, FALLBACK_METRIC],
                                      cfg.bootstrap_rounds, cfg.seed) if cfg.bootstrap_rounds else None)
             decision = decide_promotion(cand, champ, cfg.metric, cfg.margin, gains, cfg.confidence)
-        fingerprint = dataset_fingerprint(data, ["request_id", "label", "_t", *map(_column, features_in)])
+        fingerprint = dataset_fingerprint(data, ["request_id", "label", "_t", *map(input_column, features_in)])
         outcome["dataset_fingerprint"] = fingerprint
         lineage = {
             "project": self.registry.project,

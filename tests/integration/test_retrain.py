@@ -25,10 +25,9 @@ import pytest
 
 from freshet import kafka
 from freshet.settings import load_settings
+from freshet.training.dataset import TrainingWindow
 from freshet.training.labels import LabelLog
-from freshet.training.retrain import (
-    RetrainConfig, Retrainer, RetrainWorker, TrainingWindow, alert_tag, request_retrain,
-)
+from freshet.training.retrain import RetrainConfig, Retrainer, RetrainWorker, alert_tag, request_retrain
 from freshet.models import CHAMPION, ModelRegistry
 from freshet.stream.events import EventDecoder
 from freshet.stream.offline import append_parts, raw_log_path

@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 
 from freshet.contracts import ContractError, RetrainRequest
-from freshet.training.retrain import (
-    Decision, RetrainConfig, TrainingWindow, alert_tag, dataset_fingerprint, decide_promotion, evaluate,
-    fit_pipeline, join_labels_to_events, merge_requests, time_split, unhandled,
-)
+from freshet.training.dataset import TrainingWindow, dataset_fingerprint, join_labels_to_events, time_split
 from freshet.training.labels import label_row
+from freshet.training.pipeline import fit_pipeline
+from freshet.training.retrain import (
+    Decision, RetrainConfig, alert_tag, decide_promotion, evaluate, merge_requests, unhandled,
+)
 
 
 # --- split ---------------------------------------------------------------------------

@@ -1,0 +1,209 @@
+"""The training set: labels joined to their events, the window of event time, the holdout split.
+
+Owns `join_labels_to_events`, `TrainingWindow`, `time_split` and the dataset's fingerprint.
+
+A label is joined to its transaction in the offline raw log by request id (= transaction id):
+the event gives the entity keys, the event time the features are taken at, and request-time
+fields such as `amount`. Labels without their event fall back to their own `entities` and
+`event_ts`; with neither they are counted and dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from freshet.times import epoch_or_none, epoch_seconds, iso_utc
+
+
+@dataclass(frozen=True)
+class TrainingWindow:
+    """Which labelled events to train on, by event time.
+
+    Absolute bounds (`start` <= t < `end`, epoch seconds) and/or the last `last_s` seconds
+    or the last `last_n` examples. Relative windows end at the newest labelled event, not
+    at the wall clock: event time may be simulated or replayed.
+
+    >>> ts = np.array([10.0, 20.0, 30.0, 40.0])
+    >>> TrainingWindow(last_s=15).select(ts)[0].tolist()
+    [False, False, True, True]
+    >>> TrainingWindow(start=15, end=40).select(ts)[0].tolist()
+    [False, True, True, False]
+    >>> TrainingWindow(last_n=1).select(ts)[0].tolist()
+    [False, False, False, True]
+    """
+
+    start: float | None = None
+    end: float | None = None
+    last_s: float | None = None
+    last_n: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.last_s is not None and not self.last_s > 0:
+            raise ValueError(f"the window's last_s must be > 0 seconds, got {self.last_s}")
+        if self.last_n is not None and self.last_n < 1:
+            raise ValueError(f"the window's last_n must be >= 1, got {self.last_n}")
+        if self.start is not None and self.end is not None and self.start >= self.end:
+            raise ValueError(f"the window's start ({self.start}) must be before its end ({self.end})")
+
+    @classmethod
+    def of(cls, window: Any) -> "TrainingWindow":
+        """From a TrainingWindow, None (everything), (start, end), {"start","end","last_s","last_n"}."""
+        if window is None:
+            return cls()
+        if isinstance(window, TrainingWindow):
+            return window
+        if isinstance(window, Mapping):
+            start, end = _epoch_or_none(window.get("start")), _epoch_or_none(window.get("end"))
+            last_s = window.get("last_s") or (window.get("last_hours") and float(window["last_hours"]) * 3600)
+            return cls(start, end, float(last_s) if last_s else None,
+                       int(window["last_n"]) if window.get("last_n") else None)
+        if isinstance(window, (tuple, list)) and len(window) == 2:
+            return cls(_epoch_or_none(window[0]), _epoch_or_none(window[1]))
+        raise ValueError(f"a training window is (start, end) or a dict with start/end/last_s/last_n, got {window!r}")
+
+    def select(self, ts: np.ndarray) -> tuple[np.ndarray, float | None, float | None]:
+        """(mask of the rows inside, resolved start, resolved end) for event times `ts`."""
+        ts = np.asarray(ts, dtype=float)
+        mask = np.isfinite(ts)
+        if self.start is not None:
+            mask &= ts >= self.start
+        if self.end is not None:
+            mask &= ts < self.end
+        if self.last_s is not None and mask.any():
+            mask &= ts > ts[mask].max() - self.last_s
+        if self.last_n is not None and mask.sum() > self.last_n:
+            idx = np.flatnonzero(mask)
+            keep = idx[np.argsort(ts[idx], kind="stable")[-self.last_n:]]
+            mask = np.zeros_like(mask)
+            mask[keep] = True
+        if not mask.any():
+            return mask, self.start, self.end
+        return mask, float(ts[mask].min()), float(ts[mask].max())
+
+    def describe(self) -> str:
+        parts = []
+        if self.start is not None or self.end is not None:
+            parts.append(f"[{iso_or_blank(self.start) if self.start is not None else '...'}, "
+                         f"{iso_or_blank(self.end) if self.end is not None else '...'})")
+        if self.last_s is not None:
+            parts.append(f"last {self.last_s / 3600:g} h")
+        if self.last_n is not None:
+            parts.append(f"last {self.last_n} labels")
+        return " and ".join(parts) or "every label"
+
+
+def _epoch_or_none(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    out = epoch_or_none(value)
+    if out is None:
+        raise ValueError(f"{value!r} is not a time: use epoch seconds or ISO-8601")
+    return out
+
+
+def iso_or_blank(ts: float | None) -> str:
+    """A window bound for people: ISO-8601, or "" when there is none."""
+    return "" if ts is None else iso_utc(ts, "auto")
+
+
+def time_split(ts: np.ndarray, holdout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (train, holdout): the holdout is the newest `holdout_fraction` by event time.
+
+    Rows sharing the boundary time all go to the holdout, so no instant is on both sides.
+
+    >>> train, hold = time_split(np.array([5.0, 1.0, 3.0, 3.0, 2.0]), 0.4)
+    >>> train.tolist(), hold.tolist()
+    ([False, True, False, False, True], [True, False, True, True, False])
+    """
+    if not 0 < holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    ts = np.asarray(ts, dtype=float)
+    n = len(ts)
+    if n == 0:
+        return np.zeros(0, bool), np.zeros(0, bool)
+    n_hold = max(1, math.ceil(n * holdout_fraction))
+    cut = np.sort(ts, kind="stable")[n - n_hold]
+    holdout = ts >= cut
+    return ~holdout, holdout
+
+
+def dataset_fingerprint(df: pd.DataFrame, columns: Sequence[str]) -> str:
+    """sha256 of the rows and columns a model was trained and evaluated on (order-independent of input)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(list(columns)).encode())
+    if len(df):
+        hashed = pd.util.hash_pandas_object(df[list(columns)], index=False).to_numpy()
+        h.update(np.sort(hashed).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def join_labels_to_events(labels: pd.DataFrame, events: pd.DataFrame, join_keys: Sequence[str],
+                          request_fields: Sequence[str], id_field: str = "transaction_id",
+                          ts_field: str = "event_ts") -> tuple[pd.DataFrame, dict[str, int]]:
+    """Labelled examples: request_id, label, event time (epoch s), join keys, request fields.
+
+    Entity keys, event time and request fields come from the labelled event (found by
+    request id in the raw log); labels whose event is not there fall back to their own
+    `entities` and `event_ts`. Returns (examples, counts: from_events, from_labels, dropped).
+    """
+    n = len(labels)
+    out = pd.DataFrame({"request_id": labels["request_id"].to_numpy(dtype=object),
+                        "label": labels["label"].to_numpy(dtype=float)})
+    ts = epoch_seconds(labels["event_ts"]) if n else np.zeros(0)
+    keys = {k: np.full(n, None, dtype=object) for k in join_keys}
+    fields = {f: np.full(n, np.nan) for f in request_fields}
+    found = np.zeros(n, bool)
+    if n and len(events) and id_field in events.columns:
+        found = _fill_from_events(out["request_id"], events, id_field, ts_field, ts, keys, fields)
+    if n and "entities" in labels.columns:
+        _fill_keys_from_labels(labels["entities"].to_numpy(dtype=object), keys)
+    out["event_ts"] = ts
+    for k in join_keys:
+        out[k] = keys[k]
+    for f in request_fields:
+        out[f] = fields[f]
+    usable = np.isfinite(ts) & np.all([pd.notna(keys[k]) for k in join_keys], axis=0) if n else np.zeros(0, bool)
+    counts = {"from_events": int((usable & found).sum()), "from_labels": int((usable & ~found).sum()),
+              "dropped": int(n - usable.sum())}
+    return out[usable].reset_index(drop=True), counts
+
+
+def _fill_from_events(request_ids: pd.Series, events: pd.DataFrame, id_field: str, ts_field: str,
+                      ts: np.ndarray, keys: dict[str, np.ndarray], fields: dict[str, np.ndarray]) -> np.ndarray:
+    """Fill each label's event time, keys and request fields from its event; returns where one was found."""
+    cols = [c for c in dict.fromkeys([id_field, ts_field, *keys, *fields]) if c in events.columns]
+    ev = events[cols].drop_duplicates(id_field, keep="last").set_index(id_field)
+    pos = ev.index.get_indexer(request_ids)
+    found = pos >= 0
+    if found.any():
+        hit = ev.iloc[pos[found]]
+        if ts_field in hit.columns:
+            ts[found] = epoch_seconds(hit[ts_field])
+        for k in keys:
+            if k in hit.columns:
+                keys[k][found] = hit[k].to_numpy(dtype=object)
+        for f in fields:
+            if f in hit.columns:
+                fields[f][found] = pd.to_numeric(hit[f], errors="coerce").to_numpy(dtype=float)
+    return found
+
+
+def _fill_keys_from_labels(entities: np.ndarray, keys: dict[str, np.ndarray]) -> None:
+    """Fill the keys still missing from the label's own `entities` (a JSON object, or None)."""
+    for i, ents in enumerate(entities):
+        if ents is None or all(keys[k][i] is not None for k in keys):
+            continue
+        try:
+            parsed = json.loads(ents)
+        except ValueError:
+            continue
+        for k in keys:
+            if keys[k][i] is None and parsed.get(k) is not None:
+                keys[k][i] = str(parsed[k])
