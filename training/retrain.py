@@ -36,7 +36,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import orjson
 import pandas as pd
 
@@ -45,6 +44,9 @@ from freshet.features import FeatureRegistry
 from freshet.settings import DEFAULT_FEATURE_SERVICE, DEFAULT_MODEL_NAME, Settings
 from freshet.training.dataset import (
     TrainingWindow, dataset_fingerprint, iso_or_blank, join_labels_to_events, time_split,
+)
+from freshet.training.evaluation import (
+    FALLBACK_METRIC, METRICS, Decision, bootstrap_gains, decide_promotion, evaluate, rounded,
 )
 from freshet.training.labels import LabelLog
 from freshet.training.pipeline import fit_pipeline, input_column, input_matrix
@@ -56,10 +58,6 @@ BOOTSTRAP_REASON = "bootstrap"
 DEFAULT_WINDOW_LABELS = 20_000
 STEPS = 6
 
-# metric -> True when higher is better
-METRICS = {"auc": True, "log_loss": False, "error_rate": False}
-FALLBACK_METRIC = "log_loss"  # AUC is undefined on a one-class holdout; log loss never is
-
 _TAG_SAFE = re.compile(r"^[A-Za-z0-9_.\- /]{1,200}$")
 
 
@@ -70,126 +68,6 @@ class RetrainError(RuntimeError):
 # ---------------------------------------------------------------------------
 # pure pieces: window, split, metrics, decision, idempotency
 # ---------------------------------------------------------------------------
-
-def evaluate(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """AUC, log loss and error rate (at `threshold`) of probabilities `p` for 0/1 outcomes `y`.
-
-    >>> m = evaluate(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.4, 0.9]))
-    >>> m["auc"], m["error_rate"]
-    (0.75, 0.5)
-    """
-    y = np.asarray(y, dtype=float)
-    p = np.clip(np.asarray(p, dtype=float), 1e-15, 1 - 1e-15)
-    n = len(y)
-    positives = float(y.sum())
-    out = {"rows": float(n), "positive_rate": positives / n if n else math.nan}
-    out["log_loss"] = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if n else math.nan
-    out["error_rate"] = float(np.mean((p > threshold) != (y > 0.5))) if n else math.nan
-    if 0 < positives < n:
-        from sklearn.metrics import roc_auc_score
-
-        out["auc"] = float(roc_auc_score(y, p))
-    else:
-        out["auc"] = math.nan
-    return out
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Whether the candidate replaces the champion, and why, in a sentence."""
-
-    promote: bool
-    reason: str
-    metric: str = ""
-    improvement: float | None = None
-
-
-def decide_promotion(candidate: Mapping[str, float], champion: Mapping[str, float] | None,
-                     metric: str = "auc", margin: float = 0.005,
-                     gains: Mapping[str, np.ndarray] | None = None, confidence: float = 0.95) -> Decision:
-    """Promote only when the candidate beats the champion by `margin` on `metric` (same holdout)
-    and, given bootstrap `gains` of that metric, the gain is above zero at `confidence`.
-
-    If `metric` is undefined for either (AUC on a one-class holdout), log loss decides.
-
-    >>> decide_promotion({"auc": 0.86}, {"auc": 0.80}).promote
-    True
-    >>> d = decide_promotion({"auc": 0.803}, {"auc": 0.80})
-    >>> d.promote, d.reason
-    (False, 'auc 0.8030 vs champion 0.8000 on the same holdout: +0.0030 < margin 0.0050')
-    >>> noisy = {"auc": np.array([-0.02, 0.0, 0.01, 0.02, 0.03])}
-    >>> decide_promotion({"auc": 0.81}, {"auc": 0.80}, gains=noisy).reason
-    'auc 0.8100 vs champion 0.8000 on the same holdout: +0.0100 >= margin 0.0050 but not significant (95% lower bound -0.0160)'
-    >>> decide_promotion({"log_loss": 0.20}, {"log_loss": 0.30}, metric="log_loss").promote
-    True
-    >>> decide_promotion({"auc": 0.7}, None).reason
-    'no champion to compare with'
-    """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
-    if champion is None:
-        return Decision(True, "no champion to compare with")
-    for name in dict.fromkeys([metric, FALLBACK_METRIC]):
-        c, b = candidate.get(name, math.nan), champion.get(name, math.nan)
-        if c is None or b is None or not (math.isfinite(c) and math.isfinite(b)):
-            continue
-        gain = (c - b) if METRICS[name] else (b - c)
-        note = "" if name == metric else f" ({metric} undefined on this holdout)"
-        verdict = ">=" if gain >= margin else "<"
-        reason = (f"{name} {c:.4f} vs champion {b:.4f} on the same holdout: {gain:+.4f} {verdict} "
-                  f"margin {margin:.4f}{note}")
-        promote = gain >= margin
-        boot = None if gains is None else gains.get(name)
-        if promote and boot is not None and len(boot):
-            low = float(np.quantile(boot, 1 - confidence))
-            if low <= 0:
-                promote = False
-                reason += f" but not significant ({confidence:.0%} lower bound {low:+.4f})"
-        return Decision(promote, reason, name, gain)
-    return Decision(False, f"neither {metric} nor {FALLBACK_METRIC} is defined for both models on the holdout")
-
-
-def _auc_rows(scores: np.ndarray, y: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """AUC of each row of `scores` (Mann-Whitney: mean rank of the positives, ties averaged)."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(scores, axis=1, method="average")
-    neg = y.shape[1] - pos
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return ((ranks * y).sum(axis=1) - pos * (pos + 1) / 2) / (pos * neg)
-
-
-def bootstrap_gains(y: np.ndarray, p_candidate: np.ndarray, p_champion: np.ndarray, metrics: Iterable[str],
-                    rounds: int = 200, seed: int = 0, threshold: float = 0.5) -> dict[str, np.ndarray]:
-    """Paired bootstrap of the candidate's gain over the champion (positive = better), per metric.
-
-    Both models are scored on the same resampled rows, so what the holdout's luck does to
-    one it does to the other: the spread is that of the difference.
-    """
-    y = np.asarray(y, dtype=float)
-    pc = np.clip(np.asarray(p_candidate, dtype=float), 1e-15, 1 - 1e-15)
-    pb = np.clip(np.asarray(p_champion, dtype=float), 1e-15, 1 - 1e-15)
-    n = len(y)
-    out: dict[str, np.ndarray] = {}
-    if n == 0:
-        return out
-    idx = np.random.default_rng(seed).integers(0, n, size=(rounds, n))
-    for name in dict.fromkeys(metrics):
-        if name == "log_loss":
-            loss_c = -(y * np.log(pc) + (1 - y) * np.log(1 - pc))
-            loss_b = -(y * np.log(pb) + (1 - y) * np.log(1 - pb))
-            out[name] = (loss_b - loss_c)[idx].mean(axis=1)
-        elif name == "error_rate":
-            err_c = ((pc > threshold) != (y > 0.5)).astype(float)
-            err_b = ((pb > threshold) != (y > 0.5)).astype(float)
-            out[name] = (err_b - err_c)[idx].mean(axis=1)
-        elif name == "auc":
-            yy = y[idx]
-            pos = yy.sum(axis=1)
-            ok = (pos > 0) & (pos < n)  # a resample with one class has no AUC
-            out[name] = (_auc_rows(pc[idx], yy, pos) - _auc_rows(pb[idx], yy, pos))[ok]
-    return out
-
 
 def alert_tag(alert_id: str) -> str:
     """The MLflow run tag marking that a run was trained for this alert id."""
@@ -459,8 +337,8 @@ class Retrainer:
             else:
                 p_champ = champion_model.predict_proba(input_matrix(data[holdout], champion_model.feature_names).tolist())
                 champ = evaluate(y[holdout], p_champ)
-        outcome["metrics"] = _rounded(cand)
-        outcome["champion_metrics"] = _rounded(champ) if champ else None
+        outcome["metrics"] = rounded(cand)
+        outcome["champion_metrics"] = rounded(champ) if champ else None
         t = timed("evaluate", t)
         self._step(4, "evaluate on %d holdout examples from %s: candidate auc %.4f log_loss %.4f error %.4f%s",
                    int(holdout.sum()), outcome["window"]["holdout_start"], cand["auc"], cand["log_loss"],
@@ -585,12 +463,6 @@ class Retrainer:
         except Exception as exc:  # noqa: BLE001 - an unreadable champion must not block a retrain
             log.warning("could not load champion %s version %s: %s", self.config.model, champion, exc)
             return None
-
-
-def _rounded(metrics: Mapping[str, float] | None) -> dict[str, float | None] | None:
-    if metrics is None:
-        return None
-    return {k: (round(v, 6) if math.isfinite(v) else None) for k, v in metrics.items()}
 
 
 # ---------------------------------------------------------------------------

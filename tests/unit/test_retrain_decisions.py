@@ -11,11 +11,10 @@ import pytest
 
 from freshet.contracts import ContractError, RetrainRequest
 from freshet.training.dataset import TrainingWindow, dataset_fingerprint, join_labels_to_events, time_split
+from freshet.training.evaluation import Decision, bootstrap_gains, decide_promotion, evaluate
 from freshet.training.labels import label_row
 from freshet.training.pipeline import fit_pipeline
-from freshet.training.retrain import (
-    Decision, RetrainConfig, alert_tag, decide_promotion, evaluate, merge_requests, unhandled,
-)
+from freshet.training.retrain import RetrainConfig, alert_tag, merge_requests, unhandled
 
 
 # --- split ---------------------------------------------------------------------------
@@ -162,8 +161,6 @@ def test_fitted_pipeline_is_exportable_and_scores_like_sklearn_with_missing_valu
 
 
 def test_a_gain_the_holdout_cannot_tell_from_noise_is_not_promoted():
-    from freshet.training.retrain import bootstrap_gains
-
     rng = np.random.default_rng(4)
     n = 2000
     y = (rng.random(n) < 0.05).astype(float)
