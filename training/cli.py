@@ -48,7 +48,9 @@ def _retrain_config(args, settings):
 def cmd_retrain(args, settings) -> int:
     import orjson
 
-    from freshet.training import retrain
+    from freshet.training.outcomes import summary_line
+    from freshet.training.retrain import Retrainer, RetrainError
+    from freshet.training.worker import RetrainWorker
 
     if args.bootstrap and args.reason:
         raise CliError("--bootstrap trains the first version; it takes no --reason (use --once --reason)")
@@ -56,21 +58,21 @@ def cmd_retrain(args, settings) -> int:
     settings = _kafka_settings(settings, required=not manual)
     config = _retrain_config(args, settings)
     try:
-        trainer = retrain.Retrainer(settings, config=config, progress=sys.stderr.isatty())
+        trainer = Retrainer(settings, config=config, progress=sys.stderr.isatty())
         if manual:
             outcome = trainer.run(args.reason or (), bootstrap=args.bootstrap, force=args.force)
-            print(retrain.summary_line(outcome), file=sys.stderr if args.json else sys.stdout, flush=True)
+            print(summary_line(outcome), file=sys.stderr if args.json else sys.stdout, flush=True)
             if args.json:
                 print(orjson.dumps(outcome, option=orjson.OPT_SERIALIZE_NUMPY).decode(), flush=True)
             return 1 if outcome["status"] == "insufficient_data" else 0
-    except retrain.RetrainError as exc:
+    except RetrainError as exc:
         raise CliError(str(exc)) from None
 
     def show(outcome):
-        print(retrain.summary_line(outcome), flush=True)
+        print(summary_line(outcome), flush=True)
 
-    worker = retrain.RetrainWorker(settings, {config.model: trainer}, group=args.group, on_outcome=show,
-                                   bootstrap_every_s=args.bootstrap_every)
+    worker = RetrainWorker(settings, {config.model: trainer}, group=args.group, on_outcome=show,
+                           bootstrap_every_s=args.bootstrap_every)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     try:
         worker.run()

@@ -34,12 +34,11 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-import orjson
 import pandas as pd
 
-from freshet.contracts import ContractError, RetrainRequest, new_id
+from freshet.contracts import new_id
 from freshet.features import FeatureRegistry
 from freshet.settings import DEFAULT_FEATURE_SERVICE, DEFAULT_MODEL_NAME, Settings
 from freshet.training.dataset import (
@@ -49,6 +48,7 @@ from freshet.training.evaluation import (
     FALLBACK_METRIC, METRICS, Decision, bootstrap_gains, decide_promotion, evaluate, rounded,
 )
 from freshet.training.labels import LabelLog
+from freshet.training.outcomes import OutcomeLog
 from freshet.training.pipeline import fit_pipeline, input_column, input_matrix
 from freshet.times import epoch_seconds
 
@@ -145,7 +145,7 @@ class Retrainer:
         self._models = models
         self.progress = progress
         self.labels = LabelLog(settings)
-        self.outcomes_path = settings.data_path / "retrain" / "outcomes.jsonl"
+        self.outcomes = OutcomeLog(settings.data_path / "retrain" / "outcomes.jsonl")
 
     def wait_for_labels(self, n: int, max_s: float, stop: threading.Event | None = None) -> int:
         """Copy labels until `n` arrived after now, or `max_s` passed; returns how many came.
@@ -233,12 +233,12 @@ class Retrainer:
         outcome["champion_before"] = champion
         if not force:
             if bootstrap and champion is not None:
-                return self._finish(outcome, "skipped", f"model {cfg.model!r} already has a champion "
+                return self.outcomes.finish(outcome, "skipped", f"model {cfg.model!r} already has a champion "
                                                         f"(version {champion}); --bootstrap trains only the first")
             done = self.handled(reason) if reason else {}
             if reason and not unhandled(reason, done):
                 outcome["handled_by"] = done
-                return self._finish(outcome, "skipped", "every alert in the reason was handled already "
+                return self.outcomes.finish(outcome, "skipped", "every alert in the reason was handled already "
                                     f"(by version(s) {', '.join(sorted(set(done.values())))})")
 
         if cfg.wait_labels and not bootstrap and self.settings.kafka_bootstrap_servers:
@@ -278,7 +278,7 @@ class Retrainer:
                         "request-time fields are missing (is 'freshet stream' running?)",
                         cfg.model, joined["from_labels"], len(labels), topic)
         if len(examples) == 0:
-            return self._finish(outcome, "insufficient_data",
+            return self.outcomes.finish(outcome, "insufficient_data",
                                 f"no labelled events in the window ({cfg.window.describe()}): {len(labels)} labels "
                                 f"in {self.labels.root}, {unmatched} without their event; publish labels to "
                                 f"{self.labels.topic} and run 'freshet stream' so events reach the offline log")
@@ -311,7 +311,7 @@ class Retrainer:
         ts_all = data["_t"].to_numpy()
         outcome["window"]["holdout_start"] = iso_or_blank(float(ts_all[holdout].min())) if holdout.any() else ""
         if train.sum() < cfg.min_rows or min(n_pos, n_neg) < cfg.min_class_rows:
-            return self._finish(outcome, "insufficient_data",
+            return self.outcomes.finish(outcome, "insufficient_data",
                                 f"{int(train.sum())} training examples ({n_pos} positive, {n_neg} negative); need "
                                 f">= {cfg.min_rows} and >= {cfg.min_class_rows} of each class: wait for more "
                                 f"labels or widen the window")
@@ -395,7 +395,7 @@ class Retrainer:
         outcome["promoted"] = promoted
         self._step(6, "%s version %s: %s", "promoted" if promoted else "did not promote", version, decision.reason)
         outcome["seconds"]["total"] = round(time.monotonic() - t0, 3)
-        return self._finish(outcome, "promoted" if promoted else "not_promoted", decision.reason)
+        return self.outcomes.finish(outcome, "promoted" if promoted else "not_promoted", decision.reason)
 
     def _record(self, version: str, reason: list[str], request_ids: list[str], decision: Decision,
                 promoted: bool, champion: str | None) -> None:
@@ -412,20 +412,6 @@ class Retrainer:
                 "freshet.request_ids": json.dumps(request_ids[:20])[:4900]}
         tags.update({alert_tag(a): self.config.model for a in reason[:200]})
         client.log_batch(mv.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-
-    def _finish(self, outcome: dict[str, Any], status: str, why: str) -> dict[str, Any]:
-        outcome["status"] = status
-        outcome["decision"] = why
-        outcome["finished_at"] = time.time()
-        if status in ("skipped", "insufficient_data"):
-            log.info("retrain %s: %s: %s", self.config.model, status.replace("_", " "), why)
-        try:
-            self.outcomes_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.outcomes_path, "ab") as f:
-                f.write(orjson.dumps(outcome, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
-        except OSError as exc:
-            log.warning("could not append the outcome to %s: %s", self.outcomes_path, exc)
-        return outcome
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -463,184 +449,3 @@ class Retrainer:
         except Exception as exc:  # noqa: BLE001 - an unreadable champion must not block a retrain
             log.warning("could not load champion %s version %s: %s", self.config.model, champion, exc)
             return None
-
-
-# ---------------------------------------------------------------------------
-# the worker: settings.topic_retrain -> Retrainer.run
-# ---------------------------------------------------------------------------
-
-def merge_requests(requests: Sequence[RetrainRequest]) -> dict[str, tuple[list[str], list[str]]]:
-    """Requests queued together, per model: (every alert id once, every request id).
-
-    >>> a = RetrainRequest("r1", "fraud", ["x", "y"]); b = RetrainRequest("r2", "fraud", ["y", "z"])
-    >>> merge_requests([a, b])
-    {'fraud': (['x', 'y', 'z'], ['r1', 'r2'])}
-    """
-    out: dict[str, tuple[list[str], list[str]]] = {}
-    for r in requests:
-        reasons, ids = out.setdefault(r.model, ([], []))
-        reasons.extend(x for x in r.reason if x not in reasons)
-        ids.append(r.request_id)
-    return out
-
-
-class RetrainWorker:
-    """Consumes RetrainRequests, trains once per batch of requests per model, commits after."""
-
-    def __init__(self, settings: Settings, retrainers: Mapping[str, Retrainer], group: str = "freshet-retrain",
-                 on_outcome: Callable[[dict[str, Any]], None] | None = None, label_sync_every_s: float = 15.0,
-                 bootstrap_every_s: float = 0.0):
-        self.settings = settings
-        # > 0: while a model has no champion, try a bootstrap training this often when idle
-        self.bootstrap_every_s = bootstrap_every_s
-        # copying labels while idle keeps the copy at training time (alert -> promotion) short
-        self.label_sync_every_s = label_sync_every_s
-        self.retrainers = dict(retrainers)
-        self.group = group
-        self.on_outcome = on_outcome
-        self.counts = {"requests": 0, "rejected": 0, "unknown_model": 0, "trainings": 0, "skipped": 0,
-                       "promoted": 0, "failed": 0}
-        self.stop_event = threading.Event()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-
-    def run(self, gather_s: float = 0.5) -> None:
-        from freshet import kafka
-
-        topic = self.settings.topic_retrain
-        kafka.ensure_topics(self.settings, [topic])
-        consumer = kafka.consumer(self.settings, self.group, **{"max.poll.interval.ms": 3_600_000})
-        consumer.subscribe([topic])
-        for retrainer in self.retrainers.values():
-            retrainer.warm_up()
-        log.info("retrain worker: waiting for requests on %s (group %s) for model(s) %s",
-                 topic, self.group, ", ".join(self.retrainers))
-        next_sync = time.monotonic() + self.label_sync_every_s
-        next_bootstrap = time.monotonic()
-        try:
-            while not self.stop_event.is_set():
-                msgs = consumer.consume(100, 0.5)
-                if not msgs:
-                    if self.bootstrap_every_s and time.monotonic() >= next_bootstrap:
-                        self._bootstrap_missing()
-                        next_bootstrap = time.monotonic() + self.bootstrap_every_s
-                    elif self.label_sync_every_s and time.monotonic() >= next_sync:
-                        self._sync_labels()
-                        next_sync = time.monotonic() + self.label_sync_every_s
-                    continue
-                # requests that arrive together (an alert burst) train together
-                deadline = time.monotonic() + gather_s
-                while time.monotonic() < deadline:
-                    more = consumer.consume(100, 0.1)
-                    if not more:
-                        break
-                    msgs.extend(more)
-                self.handle([m for m in msgs if self._ok(m)])
-                try:
-                    consumer.commit(asynchronous=False)
-                except Exception as exc:  # noqa: BLE001 - a replay is harmless: requests are idempotent
-                    log.warning("retrain worker: offset commit failed (%s); requests may be seen again", exc)
-        finally:
-            consumer.close()
-
-    def _bootstrap_missing(self) -> None:
-        for model, retrainer in self.retrainers.items():
-            try:
-                if retrainer.models.current_version(model) is not None:
-                    continue
-                outcome = retrainer.run(bootstrap=True)
-            except Exception as exc:  # noqa: BLE001 - try again later
-                log.warning("retrain worker: bootstrap of %s failed: %s", model, exc)
-                continue
-            if outcome["status"] in ("promoted", "not_promoted"):
-                self.counts["trainings"] += 1
-                self.counts["promoted"] += bool(outcome.get("promoted"))
-                if self.on_outcome:
-                    self.on_outcome(outcome)
-
-    def _sync_labels(self) -> None:
-        logs = {r.labels.topic: r.labels for r in self.retrainers.values()}
-        for topic, label_log in logs.items():
-            try:
-                n = label_log.sync(timeout=10.0)
-                if n:
-                    log.info("retrain worker: copied %d new label(s) from %s", n, topic)
-            except Exception as exc:  # noqa: BLE001 - training copies them anyway
-                log.warning("retrain worker: could not copy labels from %s: %s", topic, exc)
-
-    def _ok(self, msg) -> bool:
-        if msg.error() is not None:
-            log.warning("retrain worker: %s", msg.error())
-            return False
-        return True
-
-    def handle(self, messages: Sequence[Any]) -> list[dict[str, Any]]:
-        requests = []
-        for m in messages:
-            self.counts["requests"] += 1
-            try:
-                requests.append(RetrainRequest.decode(m.value()))
-            except ContractError as exc:
-                self.counts["rejected"] += 1
-                log.warning("retrain worker: ignoring %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), exc)
-        outcomes = []
-        for model, (reason, ids) in merge_requests(requests).items():
-            retrainer = self.retrainers.get(model)
-            if retrainer is None:
-                self.counts["unknown_model"] += 1
-                log.warning("retrain worker: no training recipe for model %r (requests %s); known: %s",
-                            model, ", ".join(ids), ", ".join(self.retrainers))
-                continue
-            log.info("retrain %s: %d request(s) %s for %d alert(s)", model, len(ids), ", ".join(ids[:5]), len(reason))
-            try:
-                outcome = retrainer.run(reason, ids)
-            except Exception as exc:  # noqa: BLE001 - one bad training must not stop the worker
-                self.counts["failed"] += 1
-                log.exception("retrain %s failed for requests %s: %s", model, ", ".join(ids), exc)
-                outcome = retrainer._finish({"model": model, "reason": reason, "request_ids": ids,
-                                             "promoted": False, "version": None}, "failed", str(exc))
-            status = outcome["status"]
-            if status in ("promoted", "not_promoted"):
-                self.counts["trainings"] += 1
-            elif status != "failed":
-                self.counts["skipped"] += 1
-            self.counts["promoted"] += bool(outcome.get("promoted"))
-            if self.on_outcome:
-                self.on_outcome(outcome)
-            outcomes.append(outcome)
-        return outcomes
-
-
-def request_retrain(settings: Settings, model: str, reason: Sequence[str], request_id: str | None = None) -> RetrainRequest:
-    """Publish one RetrainRequest (for operators and tests); returns it."""
-    from freshet import kafka
-
-    req = RetrainRequest(request_id=request_id or new_id(), model=model, reason=list(reason))
-    kafka.ensure_topics(settings, [settings.topic_retrain])
-    p = kafka.producer(settings)
-    p.produce(settings.topic_retrain, key=req.key(), value=req.encode())
-    if p.flush(15) != 0:
-        raise RuntimeError(f"retrain request not delivered to {settings.topic_retrain}")
-    return req
-
-
-def summary_line(outcome: Mapping[str, Any]) -> str:
-    """One line for the terminal."""
-    status = outcome.get("status", "")
-    m = outcome.get("metrics") or {}
-    c = outcome.get("champion_metrics") or {}
-    parts = [f"{outcome.get('model')}: {status.replace('_', ' ')}"]
-    if outcome.get("version"):
-        parts.append(f"version {outcome['version']}")
-    if m:
-        parts.append(f"auc {_fmt(m.get('auc'))} log_loss {_fmt(m.get('log_loss'))} error {_fmt(m.get('error_rate'))}")
-    if c:
-        parts.append(f"champion v{outcome.get('champion_before')} auc {_fmt(c.get('auc'))}")
-    parts.append(str(outcome.get("decision", "")))
-    return " | ".join(p for p in parts if p)
-
-
-def _fmt(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
-

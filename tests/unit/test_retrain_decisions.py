@@ -14,7 +14,8 @@ from freshet.training.dataset import TrainingWindow, dataset_fingerprint, join_l
 from freshet.training.evaluation import Decision, bootstrap_gains, decide_promotion, evaluate
 from freshet.training.labels import label_row
 from freshet.training.pipeline import fit_pipeline
-from freshet.training.retrain import RetrainConfig, alert_tag, merge_requests, unhandled
+from freshet.training.retrain import RetrainConfig, alert_tag, unhandled
+from freshet.training.worker import merge_requests
 
 
 # --- split ---------------------------------------------------------------------------
