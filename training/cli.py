@@ -48,8 +48,9 @@ def _retrain_config(args, settings):
 def cmd_retrain(args, settings) -> int:
     import orjson
 
+    from freshet.training.dataset import RetrainError
     from freshet.training.outcomes import summary_line
-    from freshet.training.retrain import Retrainer, RetrainError
+    from freshet.training.retrain import Retrainer
     from freshet.training.worker import RetrainWorker
 
     if args.bootstrap and args.reason:

@@ -1,6 +1,6 @@
-"""The training set: labels joined to their events, the window of event time, the holdout split.
+"""The training set: labels joined to their events, the window of event time, point-in-time features, the split.
 
-Owns `join_labels_to_events`, `TrainingWindow`, `time_split` and the dataset's fingerprint.
+Owns `FeaturePlan`, `join_labels_to_events`, `TrainingWindow`, `point_in_time_features` and `TrainingSet`.
 
 A label is joined to its transaction in the offline raw log by request id (= transaction id):
 the event gives the entity keys, the event time the features are taken at, and request-time
@@ -10,6 +10,7 @@ fields such as `amount`. Labels without their event fall back to their own `enti
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -19,7 +20,56 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from freshet.features import FeatureRegistry, ViewSpec
+from freshet.settings import Settings
 from freshet.times import epoch_or_none, epoch_seconds, iso_utc
+from freshet.training.pipeline import input_column, input_matrix
+
+
+class RetrainError(RuntimeError):
+    """Training cannot proceed; the message says what is missing and how to get it."""
+
+
+@dataclass(frozen=True)
+class FeaturePlan:
+    """The features a feature service reads: its refs, their views, and the one event topic labels join to."""
+
+    registry: FeatureRegistry
+    refs: list[str]
+    views: list[ViewSpec]
+    topic: str
+
+    @classmethod
+    def of(cls, registry: FeatureRegistry, service: str) -> "FeaturePlan":
+        services = registry.feature_services
+        if service not in services:
+            raise RetrainError(f"unknown feature service {service!r}; known: "
+                               f"{', '.join(services) or 'none'} (run 'freshet apply')")
+        refs = list(services[service])
+        views = [registry.views[v] for v in dict.fromkeys(r.split(":")[0] for r in refs)]
+        topics = {v.topic for v in views}
+        if len(topics) != 1:
+            raise RetrainError(f"feature service {service!r} reads several topics ({sorted(topics)}); "
+                               "the retrainer joins labels to one event topic")
+        return cls(registry, refs, views, topics.pop())
+
+    @property
+    def join_keys(self) -> list[str]:
+        return list(dict.fromkeys(k for v in self.views for k in v.join_keys))
+
+    @property
+    def timestamp_field(self) -> str:
+        return self.views[0].timestamp_field
+
+    @property
+    def horizon_s(self) -> int:
+        """How far back in event time the longest window reaches."""
+        return max(v.max_window_s for v in self.views)
+
+    def knows(self, ref: str) -> bool:
+        """Whether the registry still has the feature "view:feature" (an older model may read one it dropped)."""
+        view, _, feature = ref.partition(":")
+        return view in self.registry.views and feature in self.registry.views[view].feature_names
 
 
 @dataclass(frozen=True)
@@ -207,3 +257,57 @@ def _fill_keys_from_labels(entities: np.ndarray, keys: dict[str, np.ndarray]) ->
         for k in keys:
             if keys[k][i] is None and parsed.get(k) is not None:
                 keys[k][i] = str(parsed[k])
+
+
+def point_in_time_features(settings: Settings, plan: FeaturePlan, examples: pd.DataFrame, events: pd.DataFrame,
+                           refs: Sequence[str], progress: bool = False) -> pd.DataFrame:
+    """The examples with each feature of `refs` as of their event time, oldest first (`_t`: that time, epoch s)."""
+    from freshet.stream.backfill import training_set
+
+    if len(events):
+        # only the events some example's windows reach
+        ev_ts = epoch_seconds(events[plan.timestamp_field])
+        events = events[(ev_ts >= examples["event_ts"].min() - plan.horizon_s) & (ev_ts <= examples["event_ts"].max())]
+    frame = examples.assign(event_ts=pd.to_datetime(examples["event_ts"], unit="s", utc=True))
+    data = training_set(settings, plan.registry, frame, list(refs), timestamp_field="event_ts",
+                        events={plan.topic: events}, progress=progress)
+    data["_t"] = examples["event_ts"].to_numpy()
+    return data.sort_values(["_t", "request_id"], kind="stable").reset_index(drop=True)
+
+
+@dataclass
+class TrainingSet:
+    """Point-in-time examples, oldest first, split in event time: the older part to fit, the newest to score.
+
+    `inputs` are the model's inputs (feature refs, then request fields); `y` the 0/1 labels.
+    """
+
+    data: pd.DataFrame
+    inputs: list[str]
+    y: np.ndarray
+    train: np.ndarray
+    holdout: np.ndarray
+
+    @classmethod
+    def split(cls, data: pd.DataFrame, inputs: Sequence[str], holdout_fraction: float) -> "TrainingSet":
+        y = (data["label"].to_numpy(dtype=float) > 0.5).astype(int)
+        train, holdout = time_split(data["_t"].to_numpy(), holdout_fraction)
+        return cls(data, list(inputs), y, train, holdout)
+
+    @functools.cached_property
+    def X(self) -> np.ndarray:
+        """Every example's inputs, as the pipeline takes them."""
+        return input_matrix(self.data, self.inputs)
+
+    def rows(self) -> dict[str, int]:
+        return {"train": int(self.train.sum()), "holdout": int(self.holdout.sum()),
+                "train_positives": int(self.y[self.train].sum()),
+                "holdout_positives": int(self.y[self.holdout].sum())}
+
+    def holdout_start(self) -> str:
+        ts = self.data["_t"].to_numpy()
+        return iso_or_blank(float(ts[self.holdout].min())) if self.holdout.any() else ""
+
+    def fingerprint(self) -> str:
+        """What the model was trained and evaluated on: the examples' ids, labels, times and inputs."""
+        return dataset_fingerprint(self.data, ["request_id", "label", "_t", *map(input_column, self.inputs)])

@@ -1,6 +1,6 @@
 """Scoring models on the holdout, and the promotion rule.
 
-Owns the metrics (`evaluate`), the paired bootstrap of a gain (`bootstrap_gains`) and `decide_promotion`.
+Owns the metrics, `score_on_holdout` (candidate and `Champion` on the same rows), `bootstrap_gains`, `decide_promotion`.
 
 The candidate and the current champion are scored on the same holdout, and the candidate
 is promoted only if it beats the champion by `margin` on `metric` and the gain is above
@@ -9,11 +9,17 @@ zero at `confidence`. Either way the decision carries its reason, in a sentence.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
+
+from freshet.training.dataset import FeaturePlan, TrainingSet
+from freshet.training.pipeline import input_matrix
+
+log = logging.getLogger("freshet.retrain")
 
 # metric -> True when higher is better
 METRICS = {"auc": True, "log_loss": False, "error_rate": False}
@@ -145,3 +151,76 @@ def rounded(metrics: Mapping[str, float] | None) -> dict[str, float | None] | No
     if metrics is None:
         return None
     return {k: (round(v, 6) if math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The version serving now, which a candidate must beat, and its model when it loads."""
+
+    version: str | None
+    model: Any = None  # a freshet.models.LinearModel
+
+    @classmethod
+    def load(cls, models: Any, name: str, version: str | None) -> "Champion":
+        """From the model registry (`freshet.models.ModelRegistry`); a champion that will not load has no model."""
+        if version is None:
+            return cls(None)
+        try:
+            return cls(version, models.load(name, version))
+        except Exception as exc:  # noqa: BLE001 - an unreadable champion must not block a retrain
+            log.warning("could not load champion %s version %s: %s", name, version, exc)
+            return cls(version)
+
+    def extra_inputs(self, plan: FeaturePlan) -> list[str]:
+        """Its features the service no longer lists but the registry still has: computed too, so it can be scored."""
+        names = self.model.feature_names if self.model else []
+        return [r for r in names if ":" in r and r not in plan.refs and plan.knows(r)]
+
+
+@dataclass
+class HoldoutScores:
+    """The candidate's and the champion's probabilities and metrics on the same holdout outcomes `y`.
+
+    The champion's are None when there is none or it could not be scored (`champion_note` says why).
+    """
+
+    y: np.ndarray
+    p_candidate: np.ndarray
+    candidate: dict[str, float]
+    p_champion: np.ndarray | None = None
+    champion: dict[str, float] | None = None
+    champion_note: str = ""
+
+    def gains(self, metrics: Iterable[str], rounds: int, seed: int) -> dict[str, np.ndarray]:
+        """The candidate's bootstrapped gains over the champion (see `bootstrap_gains`)."""
+        assert self.p_champion is not None, "the champion was not scored"
+        return bootstrap_gains(self.y, self.p_candidate, self.p_champion, metrics, rounds, seed)
+
+    def describe_champion(self, version: str | None) -> str:
+        """How the champion did, for the log: "; champion v2 auc ...", or why it has no scores."""
+        c = self.champion
+        if c:
+            return f"; champion v{version} auc {c['auc']:.4f} log_loss {c['log_loss']:.4f} error {c['error_rate']:.4f}"
+        return f"; {self.champion_note}" if self.champion_note else "; no champion yet"
+
+
+def score_on_holdout(candidate: Any, champion: Champion, training: TrainingSet, plan: FeaturePlan) -> HoldoutScores:
+    """The candidate's and the champion's scores on the training set's holdout.
+
+    The champion is scored only if it loaded and the registry still has every feature it reads.
+    """
+    holdout = training.holdout
+    y = training.y[holdout]
+    p = candidate.predict_proba(training.X[holdout].tolist())
+    scores = HoldoutScores(y, p, evaluate(y, p))
+    model = champion.model
+    if model is None:
+        return scores
+    missing = [r for r in model.feature_names if ":" in r and not plan.knows(r)]
+    if missing:
+        scores.champion_note = (f"champion version {champion.version} reads feature(s) the registry no longer "
+                                f"has ({', '.join(missing[:5])}); it cannot be scored")
+    else:
+        scores.p_champion = model.predict_proba(input_matrix(training.data[holdout], model.feature_names).tolist())
+        scores.champion = evaluate(y, scores.p_champion)
+    return scores

@@ -123,6 +123,14 @@ class LabelLog:
         finally:
             consumer.close()
 
+    def try_sync(self, timeout: float = 60.0) -> int:
+        """Like `sync`, but a failure copies nothing and is logged: a training goes on with the labels it has."""
+        try:
+            return self.sync(timeout)
+        except Exception as exc:  # noqa: BLE001 - train on the labels already copied
+            log.warning("could not copy new labels from %s (%s); using the label log as it is", self.topic, exc)
+            return 0
+
     def _assign(self, consumer: Any, offsets: Mapping[int, int]) -> set[int]:
         """Assign every partition from where the last sync stopped (or its first offset); returns them."""
         from confluent_kafka import TopicPartition

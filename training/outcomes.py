@@ -42,8 +42,8 @@ def summary_line(outcome: Mapping[str, Any]) -> str:
 
     >>> summary_line({"model": "fraud", "status": "not_promoted", "version": "3", "champion_before": "2",
     ...               "metrics": {"auc": 0.8123, "log_loss": 0.2, "error_rate": None},
-    ...               "champion_metrics": {"auc": 0.8101}, "decision": "auc +0.0022 < margin 0.0050"})
-    'fraud: not promoted | version 3 | auc 0.8123 log_loss 0.2000 error n/a | champion v2 auc 0.8101 | auc +0.0022 < margin 0.0050'
+    ...               "champion_metrics": {"auc": 0.8101}, "decision": "+0.0022 < margin"})
+    'fraud: not promoted | version 3 | auc 0.8123 log_loss 0.2000 error n/a | champion v2 auc 0.8101 | +0.0022 < margin'
     """
     status = outcome.get("status", "")
     m = outcome.get("metrics") or {}

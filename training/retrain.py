@@ -1,40 +1,22 @@
-"""The retraining worker: labels, a point-in-time training set, fit, evaluation against the champion, registration, promotion.
+"""One retraining, step by step: labels, training set, fit, evaluation against the champion, registration, promotion.
 
-Owns `freshet retrain` (a worker on settings.topic_retrain, `--once`, `--bootstrap`), the label log and the promotion rule.
+Owns `RetrainConfig` (how a model is retrained) and `Retrainer` (`run` returns what happened as an outcome dict).
 
-Labels. The labels topic is the source of truth. Before each training the worker copies
-what is new on it into a Parquet label log, `<data_dir>/offline/labels/<topic>/` (part
-files, then an offsets checkpoint; a crash in between replays into duplicates readers drop
-by (partition, offset)), so a retrain never rereads the whole topic and the labels a model
-saw can be inspected afterwards. A label is joined to its transaction in the offline raw log
-by request id (= transaction id): the event gives the entity keys, the event time the
-features are taken at, and request-time fields such as `amount`. Labels without their event
-fall back to their own `entities` and `event_ts`; with neither they are counted and dropped.
-
-Training. Features come from `stream.backfill.training_set` over the feature service (the
-same aggregation code as the stream, point-in-time correct); the pipeline is SimpleImputer ->
-StandardScaler -> LogisticRegression, what `serving.models.export_sklearn` stores as JSON.
-The newest `holdout_fraction` of the examples by event time is the holdout; the candidate
-and the current champion are scored on that same holdout, and the candidate is promoted only
-if it beats the champion by `margin` on `metric`. Either way the decision and its reason
-are tags of the MLflow run and of the model version, and in the returned outcome.
-
-Idempotency. Every alert id a registered version was trained for is a tag of its run
-(`freshet.alert.<id>`): a request whose alert ids were all handled trains nothing. Requests
-queued together are merged into one training.
+Features come from `freshet.stream.backfill.training_set` over the feature service (the same
+aggregation code as the stream, point-in-time correct). The newest `holdout_fraction` of the
+examples by event time is the holdout; the candidate and the current champion are scored on
+that same holdout, and the candidate is registered either way and promoted only if it beats
+the champion by `margin` on `metric`. The decision and its reason are tags of the MLflow run
+and of the model version, and in the returned outcome.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import re
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -42,15 +24,15 @@ from freshet.contracts import new_id
 from freshet.features import FeatureRegistry
 from freshet.settings import DEFAULT_FEATURE_SERVICE, DEFAULT_MODEL_NAME, Settings
 from freshet.training.dataset import (
-    TrainingWindow, dataset_fingerprint, iso_or_blank, join_labels_to_events, time_split,
+    FeaturePlan, TrainingSet, TrainingWindow, iso_or_blank, join_labels_to_events, point_in_time_features,
 )
 from freshet.training.evaluation import (
-    FALLBACK_METRIC, METRICS, Decision, bootstrap_gains, decide_promotion, evaluate, rounded,
+    FALLBACK_METRIC, METRICS, Champion, Decision, HoldoutScores, decide_promotion, rounded, score_on_holdout,
 )
 from freshet.training.labels import LabelLog
+from freshet.training.ledger import TrainingLedger, unhandled
 from freshet.training.outcomes import OutcomeLog
-from freshet.training.pipeline import fit_pipeline, input_column, input_matrix
-from freshet.times import epoch_seconds
+from freshet.training.pipeline import fit_pipeline
 
 log = logging.getLogger("freshet.retrain")
 
@@ -58,37 +40,15 @@ BOOTSTRAP_REASON = "bootstrap"
 DEFAULT_WINDOW_LABELS = 20_000
 STEPS = 6
 
-_TAG_SAFE = re.compile(r"^[A-Za-z0-9_.\- /]{1,200}$")
-
-
-class RetrainError(RuntimeError):
-    """Training cannot proceed; the message says what is missing and how to get it."""
-
-
-# ---------------------------------------------------------------------------
-# pure pieces: window, split, metrics, decision, idempotency
-# ---------------------------------------------------------------------------
-
-def alert_tag(alert_id: str) -> str:
-    """The MLflow run tag marking that a run was trained for this alert id."""
-    alert_id = str(alert_id)
-    if not _TAG_SAFE.match(alert_id):
-        alert_id = "h" + hashlib.sha1(alert_id.encode()).hexdigest()[:24]
-    return f"freshet.alert.{alert_id}"
-
-
-def unhandled(reason: Sequence[str], handled: Mapping[str, str]) -> list[str]:
-    """The alert ids of `reason` no earlier training covered, in order, once each.
-
-    >>> unhandled(["a", "b", "a", "c"], {"b": "2"})
-    ['a', 'c']
-    """
-    return [r for r in dict.fromkeys(map(str, reason)) if r not in handled]
-
 
 @dataclass
 class RetrainConfig:
-    """How one model is retrained; defaults suit the example fraud model."""
+    """How one model is retrained; defaults suit the example fraud model.
+
+    >>> cfg = RetrainConfig(window={"last_hours": 2}, request_fields=["amount"])
+    >>> cfg.window.describe(), cfg.request_fields
+    ('last 2 h', ('amount',))
+    """
 
     model: str = DEFAULT_MODEL_NAME
     feature_service: str = DEFAULT_FEATURE_SERVICE
@@ -129,10 +89,56 @@ class RetrainConfig:
         if not self.C > 0:
             raise ValueError(f"C must be > 0, got {self.C}")
 
+    def params(self) -> dict[str, Any]:
+        """The fit and promotion parameters a registered version records."""
+        return {"C": self.C, "max_iter": self.max_iter, "imputer": "mean", "scaler": "standard",
+                "holdout_fraction": self.holdout_fraction, "metric": self.metric, "margin": self.margin,
+                "confidence": self.confidence, "bootstrap_rounds": self.bootstrap_rounds}
 
-# ---------------------------------------------------------------------------
-# the retrainer
-# ---------------------------------------------------------------------------
+
+@dataclass
+class Retraining:
+    """One retraining under way: what it answers, the champion it may replace, its outcome so far."""
+
+    reason: list[str]
+    request_ids: list[str]
+    bootstrap: bool
+    outcome: dict[str, Any]
+    started: float  # time.monotonic()
+    lap_started: float
+
+    @classmethod
+    def start(cls, config: RetrainConfig, reason: list[str], request_ids: list[str], bootstrap: bool) -> "Retraining":
+        started = time.monotonic()
+        outcome: dict[str, Any] = {
+            "model": config.model, "status": "", "promoted": False, "version": None, "champion_before": None,
+            "decision": "", "reason": reason, "request_ids": request_ids, "seed": config.seed,
+            "started_at": time.time(), "seconds": {},
+        }
+        return cls(reason, request_ids, bootstrap, outcome, started, started)
+
+    @property
+    def champion(self) -> str | None:
+        return self.outcome["champion_before"]
+
+    def lap(self, step: str) -> None:
+        """Time the step that just ended, into the outcome's seconds."""
+        now = time.monotonic()
+        self.outcome["seconds"][step] = round(now - self.lap_started, 3)
+        self.lap_started = now
+
+    def total(self) -> None:
+        self.outcome["seconds"]["total"] = round(time.monotonic() - self.started, 3)
+
+
+class _Ended(Exception):
+    """The retraining ends before registering a version: `status` skipped or insufficient_data, and why."""
+
+    def __init__(self, status: str, why: str):
+        super().__init__(why)
+        self.status = status
+        self.why = why
+
 
 class Retrainer:
     """Trains, evaluates, registers and (maybe) promotes one model; `run` returns the outcome as a dict."""
@@ -147,7 +153,7 @@ class Retrainer:
         self.labels = LabelLog(settings)
         self.outcomes = OutcomeLog(settings.data_path / "retrain" / "outcomes.jsonl")
 
-    def wait_for_labels(self, n: int, max_s: float, stop: threading.Event | None = None) -> int:
+    def wait_for_labels(self, n: int, max_s: float) -> int:
         """Copy labels until `n` arrived after now, or `max_s` passed; returns how many came.
 
         Counted by copying them, not from end offsets: the embedded broker reports a topic's
@@ -157,7 +163,7 @@ class Retrainer:
         log.info("retrain %s: waiting for %d new labels on %s (at most %.0fs)", self.config.model, n,
                  self.labels.topic, max_s)
         arrived = 0
-        while not (stop and stop.is_set()):
+        while True:
             arrived += self.labels.sync(self.config.label_sync_timeout_s)
             if arrived >= n or time.monotonic() >= deadline:
                 break
@@ -188,264 +194,206 @@ class Retrainer:
             self._models = ModelRegistry(self.settings)
         return self._models
 
-    # -- idempotency ------------------------------------------------------------------
+    @property
+    def ledger(self) -> TrainingLedger:
+        return TrainingLedger(self.models.client, self.config.model)
 
-    def handled(self, alert_ids: Iterable[str]) -> dict[str, str]:
-        """alert id -> the version already trained for it, for the ids an earlier training covered."""
-        from freshet.models import EXPERIMENT
+    def run(self, reason: Sequence[str] = (), request_ids: Sequence[str] = (), *, bootstrap: bool = False,
+            force: bool = False, sync_labels: bool = True) -> dict[str, Any]:
+        """One retraining for `reason` (alert ids), step by step; each numbered step is timed and logged.
 
-        client = self.models.client
-        exp = client.get_experiment_by_name(EXPERIMENT)
-        if exp is None:
-            return {}
-        model = self.config.model.replace("'", "\\'")
-        out = {}
-        for aid in dict.fromkeys(map(str, alert_ids)):
-            runs = client.search_runs([exp.experiment_id], f"tags.`{alert_tag(aid)}` = '{model}'", max_results=1)
-            if runs:
-                out[aid] = runs[0].data.tags.get("freshet.version", "?")
-        return out
-
-    # -- the steps ----------------------------------------------------------------------
+        It ends early, as "skipped", when every alert in `reason` was trained for already (unless
+        `force`) and, as "insufficient_data", when there is too little to learn from.
+        """
+        job = self._begin(reason, request_ids, bootstrap)
+        try:
+            self._prepare(job, force)
+            labels = self._read_labels(job, sync_labels)
+            plan = FeaturePlan.of(self.registry, self.config.feature_service)
+            examples, events = self._select_examples(job, labels, plan)
+            champion = Champion.load(self.models, self.config.model, job.champion)
+            training = self._build_training_set(job, plan, examples, events, champion)
+            pipeline = self._fit(job, training)
+            scores = self._evaluate(job, training, pipeline, plan, champion)
+            decision = self._decide(job, scores)
+            version = self._register(job, training, pipeline, scores, plan)
+            promoted = self._promote(job, version, decision)
+        except _Ended as end:
+            return self.outcomes.finish(job.outcome, end.status, end.why)
+        return self.outcomes.finish(job.outcome, "promoted" if promoted else "not_promoted", decision.reason)
 
     def _step(self, n: int, text: str, *args: Any) -> None:
         log.info(f"retrain %s [%d/%d] {text}", self.config.model, n, STEPS, *args)
 
-    def run(self, reason: Sequence[str] = (), request_ids: Sequence[str] = (), *, bootstrap: bool = False,
-            force: bool = False, sync_labels: bool = True) -> dict[str, Any]:
-        """One retraining for `reason` (alert ids); see the module docstring for what it does."""
-        cfg = self.config
-        t0 = time.monotonic()
+    def _begin(self, reason: Sequence[str], request_ids: Sequence[str], bootstrap: bool) -> Retraining:
         reason = [str(r) for r in dict.fromkeys(reason)] or ([BOOTSTRAP_REASON] if bootstrap else [])
-        request_ids = list(request_ids) or [new_id()]
-        outcome: dict[str, Any] = {
-            "model": cfg.model, "status": "", "promoted": False, "version": None, "champion_before": None,
-            "decision": "", "reason": reason, "request_ids": request_ids, "seed": cfg.seed,
-            "started_at": time.time(), "seconds": {},
-        }
+        job = Retraining.start(self.config, reason, list(request_ids) or [new_id()], bootstrap)
+        job.outcome["champion_before"] = self.models.current_version(self.config.model)
+        return job
 
-        def timed(step: str, since: float) -> float:
-            now = time.monotonic()
-            outcome["seconds"][step] = round(now - since, 3)
-            return now
-
-        champion = self.models.current_version(cfg.model)
-        outcome["champion_before"] = champion
+    def _prepare(self, job: Retraining, force: bool) -> None:
+        """Skip what was done already; wait for post-drift labels when configured."""
         if not force:
-            if bootstrap and champion is not None:
-                return self.outcomes.finish(outcome, "skipped", f"model {cfg.model!r} already has a champion "
-                                                        f"(version {champion}); --bootstrap trains only the first")
-            done = self.handled(reason) if reason else {}
-            if reason and not unhandled(reason, done):
-                outcome["handled_by"] = done
-                return self.outcomes.finish(outcome, "skipped", "every alert in the reason was handled already "
+            self._skip_if_done(job)
+        cfg = self.config
+        if cfg.wait_labels and not job.bootstrap and self.settings.kafka_bootstrap_servers:
+            job.outcome["waited_for_labels"] = self.wait_for_labels(cfg.wait_labels, cfg.wait_max_s)
+        job.lap("prepare")
+
+    def _skip_if_done(self, job: Retraining) -> None:
+        if job.bootstrap and job.champion is not None:
+            raise _Ended("skipped", f"model {self.config.model!r} already has a champion "
+                                    f"(version {job.champion}); --bootstrap trains only the first")
+        if not job.reason:
+            return
+        done = self.ledger.handled(job.reason)
+        if not unhandled(job.reason, done):
+            job.outcome["handled_by"] = done
+            raise _Ended("skipped", "every alert in the reason was handled already "
                                     f"(by version(s) {', '.join(sorted(set(done.values())))})")
 
-        if cfg.wait_labels and not bootstrap and self.settings.kafka_bootstrap_servers:
-            outcome["waited_for_labels"] = self.wait_for_labels(cfg.wait_labels, cfg.wait_max_s)
-
-        # 1. labels
-        t = timed("prepare", t0)
-        if sync_labels and self.settings.kafka_bootstrap_servers:
-            try:
-                copied = self.labels.sync(cfg.label_sync_timeout_s)
-            except Exception as exc:  # noqa: BLE001 - train on the labels already copied
-                copied = 0
-                log.warning("could not copy new labels from %s (%s); using the label log as it is",
-                            self.labels.topic, exc)
-        else:
-            copied = 0
+    def _read_labels(self, job: Retraining, sync: bool) -> pd.DataFrame:
+        """1. Copy what is new on the labels topic into the label log, then read the log."""
+        copied = 0
+        if sync and self.settings.kafka_bootstrap_servers:
+            copied = self.labels.try_sync(self.config.label_sync_timeout_s)
         labels = self.labels.read()
-        t = timed("labels", t)
+        job.lap("labels")
         self._step(1, "labels: %d new from %s, %d in the label log %s", copied, self.labels.topic, len(labels),
                    self.labels.root)
-        outcome["labels"] = {"topic": self.labels.topic, "copied": copied, "total": len(labels),
-                             "rejected": self.labels.rejected}
+        job.outcome["labels"] = {"topic": self.labels.topic, "copied": copied, "total": len(labels),
+                                 "rejected": self.labels.rejected}
+        return labels
 
-        # 2. examples and point-in-time features
-        refs, views, topic = self._feature_plan()
-        events = self._events(topic)
-        examples, joined = join_labels_to_events(
-            labels, events, self._join_keys(views), cfg.request_fields, cfg.request_id_field,
-            views[0].timestamp_field)
+    def _select_examples(self, job: Retraining, labels: pd.DataFrame,
+                         plan: FeaturePlan) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Join the labels to their events; (the examples inside the training window, the events)."""
+        from freshet.stream.backfill import load_events
+
+        cfg = self.config
+        events = load_events(self.settings, plan.topic)
+        examples, joined = join_labels_to_events(labels, events, plan.join_keys, cfg.request_fields,
+                                                 cfg.request_id_field, plan.timestamp_field)
         in_window, w_start, w_end = cfg.window.select(examples["event_ts"].to_numpy())
         examples = examples[in_window].reset_index(drop=True)
-        outcome["window"] = {"spec": cfg.window.describe(), "start": iso_or_blank(w_start), "end": iso_or_blank(w_end)}
-        unmatched = joined["dropped"]
-        outcome["examples"] = {"labels": len(labels), **joined, "in_window": len(examples)}
+        job.outcome["window"] = {"spec": cfg.window.describe(), "start": iso_or_blank(w_start),
+                                 "end": iso_or_blank(w_end)}
+        job.outcome["examples"] = {"labels": len(labels), **joined, "in_window": len(examples)}
         if joined["from_labels"] and joined["from_labels"] >= joined["from_events"]:
             log.warning("retrain %s: %d of %d labels have no event in the offline raw log of %s; their "
                         "request-time fields are missing (is 'freshet stream' running?)",
-                        cfg.model, joined["from_labels"], len(labels), topic)
+                        cfg.model, joined["from_labels"], len(labels), plan.topic)
         if len(examples) == 0:
-            return self.outcomes.finish(outcome, "insufficient_data",
-                                f"no labelled events in the window ({cfg.window.describe()}): {len(labels)} labels "
-                                f"in {self.labels.root}, {unmatched} without their event; publish labels to "
-                                f"{self.labels.topic} and run 'freshet stream' so events reach the offline log")
-        champion_model = self._champion_model(champion)
-        extra = [r for r in (champion_model.feature_names if champion_model else []) if ":" in r
-                 and r not in refs and self._known_ref(r)]
-        horizon = max(v.max_window_s for v in views)
-        if len(events):
-            ev_ts = epoch_seconds(events[views[0].timestamp_field])
-            events = events[(ev_ts >= examples["event_ts"].min() - horizon) & (ev_ts <= examples["event_ts"].max())]
-        from freshet.stream.backfill import training_set
+            raise _Ended("insufficient_data",
+                         f"no labelled events in the window ({cfg.window.describe()}): {len(labels)} labels "
+                         f"in {self.labels.root}, {joined['dropped']} without their event; publish labels to "
+                         f"{self.labels.topic} and run 'freshet stream' so events reach the offline log")
+        return examples, events
 
-        frame = examples.assign(event_ts=pd.to_datetime(examples["event_ts"], unit="s", utc=True))
-        data = training_set(self.settings, self.registry, frame, refs + extra, timestamp_field="event_ts",
-                            events={topic: events}, progress=self.progress)
-        data["_t"] = examples["event_ts"].to_numpy()
-        data = data.sort_values(["_t", "request_id"], kind="stable").reset_index(drop=True)
-        t = timed("training_set", t)
+    def _build_training_set(self, job: Retraining, plan: FeaturePlan, examples: pd.DataFrame,
+                            events: pd.DataFrame, champion: Champion) -> TrainingSet:
+        """2. Point-in-time features of every example, split in event time."""
+        cfg = self.config
+        refs = plan.refs + champion.extra_inputs(plan)
+        data = point_in_time_features(self.settings, plan, examples, events, refs, self.progress)
+        job.lap("training_set")
         self._step(2, "training set: %d examples x %d features (%s; %d labels without their event), "
-                      "events from %s", len(data), len(refs) + len(cfg.request_fields), cfg.window.describe(),
-                   unmatched, topic)
+                      "events from %s", len(data), len(plan.refs) + len(cfg.request_fields), cfg.window.describe(),
+                   job.outcome["examples"]["dropped"], plan.topic)
+        return TrainingSet.split(data, plan.refs + list(cfg.request_fields), cfg.holdout_fraction)
 
-        # 3. split and fit
-        features_in = refs + list(cfg.request_fields)
-        y = (data["label"].to_numpy(dtype=float) > 0.5).astype(int)
-        train, holdout = time_split(data["_t"].to_numpy(), cfg.holdout_fraction)
-        n_pos, n_neg = int(y[train].sum()), int((1 - y[train]).sum())
-        outcome["rows"] = {"train": int(train.sum()), "holdout": int(holdout.sum()),
-                           "train_positives": n_pos, "holdout_positives": int(y[holdout].sum())}
-        ts_all = data["_t"].to_numpy()
-        outcome["window"]["holdout_start"] = iso_or_blank(float(ts_all[holdout].min())) if holdout.any() else ""
-        if train.sum() < cfg.min_rows or min(n_pos, n_neg) < cfg.min_class_rows:
-            return self.outcomes.finish(outcome, "insufficient_data",
-                                f"{int(train.sum())} training examples ({n_pos} positive, {n_neg} negative); need "
-                                f">= {cfg.min_rows} and >= {cfg.min_class_rows} of each class: wait for more "
-                                f"labels or widen the window")
-        X = input_matrix(data, features_in)
-        pipeline = fit_pipeline(X[train], y[train], cfg.seed, cfg.C, cfg.max_iter)
-        t = timed("fit", t)
+    def _fit(self, job: Retraining, training: TrainingSet):
+        """3. Fit the pipeline on the older part, given enough examples of each class."""
+        cfg = self.config
+        rows = training.rows()
+        job.outcome["rows"] = rows
+        job.outcome["window"]["holdout_start"] = training.holdout_start()
+        n_train, n_pos = rows["train"], rows["train_positives"]
+        n_neg = n_train - n_pos
+        if n_train < cfg.min_rows or min(n_pos, n_neg) < cfg.min_class_rows:
+            raise _Ended("insufficient_data",
+                         f"{n_train} training examples ({n_pos} positive, {n_neg} negative); need "
+                         f">= {cfg.min_rows} and >= {cfg.min_class_rows} of each class: wait for more "
+                         f"labels or widen the window")
+        pipeline = fit_pipeline(training.X[training.train], training.y[training.train], cfg.seed, cfg.C, cfg.max_iter)
+        job.lap("fit")
         self._step(3, "fit: LogisticRegression(C=%g) on %d examples (%d positive), seed %d",
-                   cfg.C, int(train.sum()), n_pos, cfg.seed)
+                   cfg.C, n_train, n_pos, cfg.seed)
+        return pipeline
 
-        # 4. evaluate the candidate and the champion on the same holdout
+    def _evaluate(self, job: Retraining, training: TrainingSet, pipeline: Any, plan: FeaturePlan,
+                  champion: Champion) -> HoldoutScores:
+        """4. Score the candidate, as serving will, and the champion on the same holdout."""
         from freshet.models import LinearModel, export_sklearn
 
-        exported = LinearModel.from_dict(export_sklearn(pipeline, features_in))  # what serving will score
-        p_cand = exported.predict_proba(X[holdout].tolist())
-        cand = evaluate(y[holdout], p_cand)
-        champ = None
-        champ_note = ""
-        if champion_model is not None:
-            missing = [r for r in champion_model.feature_names if ":" in r and not self._known_ref(r)]
-            if missing:
-                champ_note = (f"champion version {champion} reads feature(s) the registry no longer has "
-                              f"({', '.join(missing[:5])}); it cannot be scored")
-            else:
-                p_champ = champion_model.predict_proba(input_matrix(data[holdout], champion_model.feature_names).tolist())
-                champ = evaluate(y[holdout], p_champ)
-        outcome["metrics"] = rounded(cand)
-        outcome["champion_metrics"] = rounded(champ) if champ else None
-        t = timed("evaluate", t)
+        exported = LinearModel.from_dict(export_sklearn(pipeline, training.inputs))  # what serving will score
+        scores = score_on_holdout(exported, champion, training, plan)
+        job.outcome["metrics"] = rounded(scores.candidate)
+        job.outcome["champion_metrics"] = rounded(scores.champion) if scores.champion else None
+        job.lap("evaluate")
+        cand = scores.candidate
         self._step(4, "evaluate on %d holdout examples from %s: candidate auc %.4f log_loss %.4f error %.4f%s",
-                   int(holdout.sum()), outcome["window"]["holdout_start"], cand["auc"], cand["log_loss"],
-                   cand["error_rate"], f"; champion v{champion} auc {champ['auc']:.4f} log_loss "
-                   f"{champ['log_loss']:.4f} error {champ['error_rate']:.4f}" if champ else
-                   (f"; {champ_note}" if champ_note else "; no champion yet"))
+                   int(training.holdout.sum()), job.outcome["window"]["holdout_start"], cand["auc"],
+                   cand["log_loss"], cand["error_rate"], scores.describe_champion(job.champion))
+        return scores
 
-        # 5. register with lineage
-        if bootstrap or champion is None:
-            decision = Decision(True, "bootstrap: the first version is promoted so there is a model to serve"
-                                if bootstrap else "no champion to compare with")
-        elif champ is None:
-            decision = Decision(True, champ_note or "the champion could not be scored")
-        else:
-            gains = (bootstrap_gains(y[holdout], p_cand, p_champ, [cfg.metric, FALLBACK_METRIC],
-                                     cfg.bootstrap_rounds, cfg.seed) if cfg.bootstrap_rounds else None)
-            decision = decide_promotion(cand, champ, cfg.metric, cfg.margin, gains, cfg.confidence)
-        fingerprint = dataset_fingerprint(data, ["request_id", "label", "_t", *map(input_column, features_in)])
-        outcome["dataset_fingerprint"] = fingerprint
-        lineage = {
-            "project": self.registry.project,
+    def _decide(self, job: Retraining, scores: HoldoutScores) -> Decision:
+        cfg = self.config
+        if job.bootstrap or job.champion is None:
+            return Decision(True, "bootstrap: the first version is promoted so there is a model to serve"
+                            if job.bootstrap else "no champion to compare with")
+        if scores.champion is None:
+            return Decision(True, scores.champion_note or "the champion could not be scored")
+        gains = None
+        if cfg.bootstrap_rounds:
+            gains = scores.gains([cfg.metric, FALLBACK_METRIC], cfg.bootstrap_rounds, cfg.seed)
+        return decide_promotion(scores.candidate, scores.champion, cfg.metric, cfg.margin, gains, cfg.confidence)
+
+    def _register(self, job: Retraining, training: TrainingSet, pipeline: Any, scores: HoldoutScores,
+                  plan: FeaturePlan) -> str:
+        """5. Register the candidate with its lineage and both models' metrics, whatever the decision."""
+        cfg = self.config
+        fingerprint = training.fingerprint()
+        job.outcome["dataset_fingerprint"] = fingerprint
+        metrics = {k: v for k, v in scores.candidate.items() if math.isfinite(v)}
+        metrics.update({f"champion_{k}": v for k, v in (scores.champion or {}).items() if math.isfinite(v)})
+        version = self.models.register_sklearn(cfg.model, pipeline, training.inputs,
+                                               self._lineage(job, plan, fingerprint), metrics)
+        job.outcome["version"] = version
+        job.lap("register")
+        self._step(5, "registered %s version %s (dataset %s)", cfg.model, version, fingerprint[:19])
+        return version
+
+    def _lineage(self, job: Retraining, plan: FeaturePlan, fingerprint: str) -> dict[str, Any]:
+        cfg, window = self.config, job.outcome["window"]
+        return {
+            "project": plan.registry.project,
             "feature_service": cfg.feature_service,
-            "feature_refs": refs,
+            "feature_refs": plan.refs,
             "request_fields": list(cfg.request_fields),
-            "training_window": {"start": outcome["window"]["start"], "end": outcome["window"]["end"]},
-            "holdout_start": outcome["window"]["holdout_start"],
+            "training_window": {"start": window["start"], "end": window["end"]},
+            "holdout_start": window["holdout_start"],
             "window_spec": cfg.window.describe(),
             "dataset_fingerprint": fingerprint,
-            "rows": outcome["rows"],
+            "rows": job.outcome["rows"],
             "seed": cfg.seed,
-            "params": {"C": cfg.C, "max_iter": cfg.max_iter, "imputer": "mean", "scaler": "standard",
-                       "holdout_fraction": cfg.holdout_fraction, "metric": cfg.metric, "margin": cfg.margin,
-                       "confidence": cfg.confidence, "bootstrap_rounds": cfg.bootstrap_rounds},
-            "reason": reason,
-            "request_ids": request_ids[:20],
-            "labels": {"topic": self.labels.topic, "log": str(self.labels.root), "count": len(labels)},
-            "events_topic": topic,
-            "champion_before": champion,
+            "params": cfg.params(),
+            "reason": job.reason,
+            "request_ids": job.request_ids[:20],
+            "labels": {"topic": self.labels.topic, "log": str(self.labels.root),
+                       "count": job.outcome["labels"]["total"]},
+            "events_topic": plan.topic,
+            "champion_before": job.champion,
         }
-        metrics = {k: v for k, v in cand.items() if math.isfinite(v)}
-        metrics.update({f"champion_{k}": v for k, v in (champ or {}).items() if math.isfinite(v)})
-        version = self.models.register_sklearn(cfg.model, pipeline, features_in, lineage, metrics)
-        outcome["version"] = version
-        t = timed("register", t)
-        self._step(5, "registered %s version %s (dataset %s)", cfg.model, version, fingerprint[:19])
 
-        # 6. promote, or record why not
-        promoted = False
-        if decision.promote:
-            self.models.promote(cfg.model, version)
-            promoted = True
-        self._record(version, reason, request_ids, decision, promoted, champion)
-        timed("promote", t)
-        outcome["promoted"] = promoted
+    def _promote(self, job: Retraining, version: str, decision: Decision) -> bool:
+        """6. Promote the candidate if the decision says so; record the decision either way."""
+        promoted = bool(decision.promote)
+        if promoted:
+            self.models.promote(self.config.model, version)
+        self.ledger.record(version, job.reason, job.request_ids, decision, promoted, job.champion)
+        job.lap("promote")
+        job.outcome["promoted"] = promoted
         self._step(6, "%s version %s: %s", "promoted" if promoted else "did not promote", version, decision.reason)
-        outcome["seconds"]["total"] = round(time.monotonic() - t0, 3)
-        return self.outcomes.finish(outcome, "promoted" if promoted else "not_promoted", decision.reason)
-
-    def _record(self, version: str, reason: list[str], request_ids: list[str], decision: Decision,
-                promoted: bool, champion: str | None) -> None:
-        """The decision as tags of the run and the version; alert tags last, so a crash before retrains."""
-        from mlflow.entities import RunTag
-
-        client = self.models.client
-        mv = client.get_model_version(self.config.model, version)
-        common = {"freshet.promoted": str(promoted).lower(), "freshet.promotion_decision": decision.reason[:4900],
-                  "freshet.champion_before": champion or ""}
-        for k, v in common.items():
-            client.set_model_version_tag(self.config.model, version, k, v)
-        tags = {**common, "freshet.version": version, "freshet.reason": json.dumps(reason)[:4900],
-                "freshet.request_ids": json.dumps(request_ids[:20])[:4900]}
-        tags.update({alert_tag(a): self.config.model for a in reason[:200]})
-        client.log_batch(mv.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-
-    # -- helpers --------------------------------------------------------------------------
-
-    def _feature_plan(self):
-        cfg = self.config
-        services = self.registry.feature_services
-        if cfg.feature_service not in services:
-            raise RetrainError(f"unknown feature service {cfg.feature_service!r}; known: "
-                               f"{', '.join(services) or 'none'} (run 'freshet apply')")
-        refs = list(services[cfg.feature_service])
-        views = [self.registry.views[v] for v in dict.fromkeys(r.split(":")[0] for r in refs)]
-        topics = {v.topic for v in views}
-        if len(topics) != 1:
-            raise RetrainError(f"feature service {cfg.feature_service!r} reads several topics ({sorted(topics)}); "
-                               "the retrainer joins labels to one event topic")
-        return refs, views, topics.pop()
-
-    def _join_keys(self, views) -> list[str]:
-        return list(dict.fromkeys(k for v in views for k in v.join_keys))
-
-    def _known_ref(self, ref: str) -> bool:
-        view, _, feature = ref.partition(":")
-        return view in self.registry.views and feature in self.registry.views[view].feature_names
-
-    def _events(self, topic: str) -> pd.DataFrame:
-        from freshet.stream.backfill import load_events
-
-        return load_events(self.settings, topic)
-
-    def _champion_model(self, champion: str | None):
-        if champion is None:
-            return None
-        try:
-            return self.models.load(self.config.model, champion)
-        except Exception as exc:  # noqa: BLE001 - an unreadable champion must not block a retrain
-            log.warning("could not load champion %s version %s: %s", self.config.model, champion, exc)
-            return None
+        job.total()
+        return promoted

@@ -27,7 +27,8 @@ from freshet import kafka
 from freshet.settings import load_settings
 from freshet.training.dataset import TrainingWindow
 from freshet.training.labels import LabelLog
-from freshet.training.retrain import RetrainConfig, Retrainer, alert_tag
+from freshet.training.ledger import alert_tag
+from freshet.training.retrain import RetrainConfig, Retrainer
 from freshet.training.worker import RetrainWorker, request_retrain
 from freshet.models import CHAMPION, ModelRegistry
 from freshet.stream.events import EventDecoder

@@ -13,8 +13,9 @@ from freshet.contracts import ContractError, RetrainRequest
 from freshet.training.dataset import TrainingWindow, dataset_fingerprint, join_labels_to_events, time_split
 from freshet.training.evaluation import Decision, bootstrap_gains, decide_promotion, evaluate
 from freshet.training.labels import label_row
+from freshet.training.ledger import alert_tag, unhandled
 from freshet.training.pipeline import fit_pipeline
-from freshet.training.retrain import RetrainConfig, alert_tag, unhandled
+from freshet.training.retrain import RetrainConfig
 from freshet.training.worker import merge_requests
 
 
