@@ -265,7 +265,7 @@ def point_in_time_features(settings: Settings, plan: FeaturePlan, examples: pd.D
     from freshet.stream.backfill import training_set
 
     if len(events):
-        # only the events some example's windows reach
+        # events outside every example's windows change no feature; skipping them saves the replay
         ev_ts = epoch_seconds(events[plan.timestamp_field])
         events = events[(ev_ts >= examples["event_ts"].min() - plan.horizon_s) & (ev_ts <= examples["event_ts"].max())]
     frame = examples.assign(event_ts=pd.to_datetime(examples["event_ts"], unit="s", utc=True))

@@ -20,6 +20,7 @@ from freshet.training.retrain import Retrainer
 
 log = logging.getLogger("freshet.retrain")
 
+
 def merge_requests(requests: Sequence[RetrainRequest]) -> dict[str, tuple[list[str], list[str]]]:
     """Requests queued together, per model: (every alert id once, every request id).
 
