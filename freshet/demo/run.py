@@ -66,39 +66,26 @@ class DemoError(RuntimeError):
 
 @dataclass(frozen=True)
 class DemoDrift:
-    """A drift injection at a minute of traffic (wall clock, from the first event)."""
+    """A drift injection at a minute of traffic (wall clock, from the first event).
+
+    >>> DemoDrift.parse("concept@2.5")
+    DemoDrift(kind='concept', minute=2.5)
+    >>> DemoDrift.parse("covariate@90s").minute
+    1.5
+    """
 
     kind: str
     minute: float
 
+    @classmethod
+    def parse(cls, text: str) -> "DemoDrift":
+        """"KIND@MINUTE": a number of traffic minutes, or with an s/m/h suffix (DriftSpecError if not)."""
+        from freshet.demo.workload import read_drift
+
+        return cls(*read_drift(text, unit="m"))
+
     def sim_seconds(self, time_scale: float) -> float:
         return self.minute * 60.0 * time_scale
-
-
-def parse_demo_drift(text: str) -> DemoDrift:
-    """"KIND@MINUTE" (a number of traffic minutes, or with an s/m suffix).
-
-    >>> parse_demo_drift("concept@2.5")
-    DemoDrift(kind='concept', minute=2.5)
-    >>> parse_demo_drift("covariate@90s").minute
-    1.5
-    """
-    from freshet.demo.workload import DRIFT_KINDS
-
-    form = f"use KIND@MINUTE, e.g. covariate@1.5 or concept@90s; kinds: {', '.join(DRIFT_KINDS)}"
-    kind, sep, when = str(text).strip().partition("@")
-    kind = kind.strip().lower()
-    if not sep or kind not in DRIFT_KINDS:
-        raise argparse.ArgumentTypeError(f"drift {text!r}: {form}")
-    when = when.strip().lower()
-    scale = {"s": 1 / 60, "m": 1.0}.get(when[-1:], None)
-    try:
-        minute = float(when[:-1] if scale else when) * (scale or 1.0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"drift {text!r}: {when!r} is not a time; {form}") from None
-    if not math.isfinite(minute) or minute < 0:
-        raise argparse.ArgumentTypeError(f"drift {text!r}: the minute must be >= 0; {form}")
-    return DemoDrift(kind, minute)
 
 
 @dataclass(frozen=True)
@@ -1287,7 +1274,7 @@ def _fail(message: str) -> int:
 def cmd_demo(args, settings: Settings, sub, handlers) -> int:
     if args.demo_data_dir:
         settings = dataclasses.replace(settings, data_dir=args.demo_data_dir)
-    drift = tuple(args.drift) if args.drift else tuple(parse_demo_drift(d) for d in DEFAULT_DRIFT)
+    drift = tuple(args.drift) if args.drift else tuple(DemoDrift.parse(d) for d in DEFAULT_DRIFT)
     if args.no_drift:
         drift = ()
     plan = DemoPlan(minutes=args.minutes, rate=args.rate, seed=args.seed, drift=drift,
@@ -1340,6 +1327,15 @@ def _port(text: str) -> int:
     return v
 
 
+def _drift_arg(text: str) -> DemoDrift:
+    from freshet.demo.workload import DriftSpecError
+
+    try:
+        return DemoDrift.parse(text)
+    except DriftSpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
     p = sub.add_parser(
         "demo", help="the whole system under a drifting workload, end to end, with a report",
@@ -1356,7 +1352,7 @@ def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
                    help=f"transactions per second (default {DEFAULT_RATE:g}; one stream worker does "
                         "~500-1000/s on 2 cores)")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
-    p.add_argument("--drift", type=parse_demo_drift, action="append", metavar="KIND@MINUTE",
+    p.add_argument("--drift", type=_drift_arg, action="append", metavar="KIND@MINUTE",
                    help="inject covariate or concept drift at this minute of traffic (repeatable; "
                         f"default {' '.join(DEFAULT_DRIFT)})")
     p.add_argument("--no-drift", action="store_true", help="inject no drift (a baseline run)")

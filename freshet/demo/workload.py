@@ -60,7 +60,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import orjson
@@ -116,28 +116,53 @@ class DriftSpec:
     at_s: float
 
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+# A bare WHEN counts `unit`s; a suffixed one (30s, 2.5m, 1h) says its own.
+_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class _When(NamedTuple):
+    name: str       # what the spec calls WHEN
+    plural: str     # what a bare number counts
+    examples: str
+
+
+_WHEN = {"s": _When("WHEN", "seconds", "covariate@120 or concept@5m"),       # `freshet produce`: simulated s
+         "m": _When("MINUTE", "minutes", "covariate@1.5 or concept@90s")}    # `freshet demo`: traffic minutes
+
+
+def read_drift(text: str, unit: str = "s") -> tuple[str, float]:
+    """Read "KIND@WHEN" as (kind, WHEN in `unit`): WHEN is a number of `unit`s ("s" or "m")
+    or carries an s/m/h suffix.
+
+    >>> read_drift(" Concept@2.5 ", unit="m")
+    ('concept', 2.5)
+    >>> read_drift("covariate@90s", unit="m")
+    ('covariate', 1.5)
+    """
+    when_is = _WHEN[unit]
+    form = f"use KIND@{when_is.name}, e.g. {when_is.examples}; kinds: {', '.join(DRIFT_KINDS)}"
+    kind, sep, when = str(text).strip().partition("@")
+    kind = kind.strip().lower()
+    if not sep or not when.strip():
+        raise DriftSpecError(f"drift spec {text!r} has no '@{when_is.name}'; {form}")
+    if kind not in DRIFT_KINDS:
+        raise DriftSpecError(f"drift spec {text!r}: unknown kind {kind!r}; {form}")
+    when = when.strip().lower()
+    suffix = when[-1] if when[-1] in _SECONDS else ""
+    try:
+        at = float(when[:-1] if suffix else when)
+    except ValueError:
+        raise DriftSpecError(f"drift spec {text!r}: {when!r} is not a time; {form}") from None
+    if suffix:
+        at = at * _SECONDS[suffix] / _SECONDS[unit]
+    if not math.isfinite(at) or at < 0:
+        raise DriftSpecError(f"drift spec {text!r}: the time must be >= 0 {when_is.plural}; {form}")
+    return kind, at
 
 
 def parse_drift(text: str) -> DriftSpec:
     """Parse "KIND@WHEN" (WHEN in simulated seconds, or with an s/m/h suffix)."""
-    form = f"use KIND@WHEN, e.g. covariate@120 or concept@5m; kinds: {', '.join(DRIFT_KINDS)}"
-    kind, sep, when = str(text).strip().partition("@")
-    kind = kind.strip().lower()
-    if not sep or not when.strip():
-        raise DriftSpecError(f"drift spec {text!r} has no '@WHEN'; {form}")
-    if kind not in DRIFT_KINDS:
-        raise DriftSpecError(f"drift spec {text!r}: unknown kind {kind!r}; {form}")
-    when = when.strip().lower()
-    scale = _UNITS.get(when[-1], None)
-    number = when[:-1] if scale else when
-    try:
-        at = float(number) * (scale or 1.0)
-    except ValueError:
-        raise DriftSpecError(f"drift spec {text!r}: {when!r} is not a time; {form}") from None
-    if not math.isfinite(at) or at < 0:
-        raise DriftSpecError(f"drift spec {text!r}: the time must be >= 0 seconds; {form}")
-    return DriftSpec(kind, at)
+    return DriftSpec(*read_drift(text, unit="s"))
 
 
 def _as_spec(d: DriftSpec | str) -> DriftSpec:
