@@ -6,7 +6,6 @@ client-side measurements (freshness, API latency, error rates) and the live prog
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -26,7 +25,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 
@@ -107,6 +106,14 @@ class DemoPlan:
         return self.minutes * 60.0
 
     def check(self) -> None:
+        """Raise DemoError naming the option to change, before anything starts."""
+        from freshet.app.stack import port_in_use
+
+        for name, flag, port in (("HTTP API", "--http-port", self.http_port),
+                                 ("Kafka broker", "--kafka-port", self.kafka_port),
+                                 ("Redis", "--redis-port", self.redis_port)):
+            if port and port_in_use(port):
+                raise DemoError(f"port {port} for the {name} is in use; pick another ({flag}) or 0 for a free one")
         for d in self.drift:
             if d.minute >= self.minutes:
                 raise DemoError(f"drift {d.kind}@{d.minute:g} is at or after the end of traffic "
@@ -1260,114 +1267,3 @@ def _pct(values: list[float], q: float) -> str:
 
 def _version_key(v: str) -> tuple:
     return (0, int(v)) if v.isdigit() else (1, v)
-
-
-# --- the subcommand --------------------------------------------------------------------------
-
-def _fail(message: str) -> int:
-    # printed here rather than raised as CliError: under `python -m freshet.cli` that class
-    # exists twice (__main__ and freshet.cli) and main() would not recognise ours
-    print(f"freshet: error: {message}", file=sys.stderr)
-    return 2
-
-
-def cmd_demo(args, settings: Settings, sub, handlers) -> int:
-    if args.demo_data_dir:
-        settings = dataclasses.replace(settings, data_dir=args.demo_data_dir)
-    drift = tuple(args.drift) if args.drift else tuple(DemoDrift.parse(d) for d in DEFAULT_DRIFT)
-    if args.no_drift:
-        drift = ()
-    plan = DemoPlan(minutes=args.minutes, rate=args.rate, seed=args.seed, drift=drift,
-                    time_scale=args.time_scale, cards=args.cards, predict_share=args.predict_share,
-                    bootstrap_labels=args.bootstrap_labels, http_port=args.http_port,
-                    kafka_port=args.kafka_port, redis_port=args.redis_port)
-    from freshet.app.stack import port_in_use
-
-    for name, port in (("HTTP API", plan.http_port), ("Kafka broker", plan.kafka_port), ("Redis", plan.redis_port)):
-        if port and port_in_use(port):
-            flag = {"HTTP API": "--http-port", "Kafka broker": "--kafka-port", "Redis": "--redis-port"}[name]
-            return _fail(f"port {port} for the {name} is in use; pick another ({flag}) or 0 for a free one")
-    try:
-        plan.check()
-        return Demo(plan, settings).run()
-    except DemoError as exc:
-        return _fail(str(exc))
-
-
-def _positive(kind: type, what: str) -> Callable[[str], Any]:
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not v > 0 or not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return v
-
-    return parse
-
-
-def _share(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a share between 0 and 1")
-    return v
-
-
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = -1
-    if not 0 <= v < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0 = a free one)")
-    return v
-
-
-def _drift_arg(text: str) -> DemoDrift:
-    from freshet.demo.workload import DriftSpecError
-
-    try:
-        return DemoDrift.parse(text)
-    except DriftSpecError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
-    p = sub.add_parser(
-        "demo", help="the whole system under a drifting workload, end to end, with a report",
-        description="Starts the embedded stack and every component (stream, serve, and monitor and "
-                    "retrain when this build has them) as processes, publishes seeded card transactions "
-                    "with delayed fraud labels, scores them over the HTTP API, injects drift, shows progress "
-                    "every few seconds and writes an HTML report and summary.json to a fresh run directory "
-                    "under <data dir>/demo (Ctrl-C stops early and still writes it).",
-        epilog="Times are minutes of traffic (wall clock); simulated time runs --time-scale times faster. "
-               f"Default drift: {' '.join(DEFAULT_DRIFT)}.")
-    p.add_argument("--minutes", type=_positive(float, "a number of minutes > 0"), default=DEFAULT_MINUTES,
-                   help=f"minutes of traffic (default {DEFAULT_MINUTES:g}; set-up adds about half a minute)")
-    p.add_argument("--rate", type=_positive(float, "a rate > 0"), default=DEFAULT_RATE,
-                   help=f"transactions per second (default {DEFAULT_RATE:g}; one stream worker does "
-                        "~500-1000/s on 2 cores)")
-    p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
-    p.add_argument("--drift", type=_drift_arg, action="append", metavar="KIND@MINUTE",
-                   help="inject covariate or concept drift at this minute of traffic (repeatable; "
-                        f"default {' '.join(DEFAULT_DRIFT)})")
-    p.add_argument("--no-drift", action="store_true", help="inject no drift (a baseline run)")
-    p.add_argument("--data-dir", dest="demo_data_dir", metavar="D",
-                   help="where run directories and reports go (default FRESHET_DATA_DIR, i.e. ./data)")
-    p.add_argument("--time-scale", type=_positive(float, "a number > 0"), default=DEFAULT_TIME_SCALE,
-                   help=f"simulated seconds per wall second (default {DEFAULT_TIME_SCALE:g})")
-    p.add_argument("--cards", type=_positive(int, "a whole number > 0"), default=DEFAULT_CARDS,
-                   help=f"number of cards (default {DEFAULT_CARDS}; keep rate / time-scale / cards <= 0.002)")
-    p.add_argument("--predict-share", type=_share, default=1.0,
-                   help="share of transactions scored over the HTTP API (default 1)")
-    p.add_argument("--bootstrap-labels", type=_positive(int, "a whole number > 0"), default=1000,
-                   help="labelled transactions before the first model is asked for (default 1000; "
-                        "'freshet retrain --bootstrap' trains on all labels there are once it has started)")
-    p.add_argument("--http-port", type=_port, default=0, help="HTTP API port (default: a free one)")
-    p.add_argument("--kafka-port", type=_port, default=0, help="broker port (default: a free one)")
-    p.add_argument("--redis-port", type=_port, default=0, help="Redis port (default: a free one)")
-    handlers["demo"] = lambda args, settings: cmd_demo(args, settings, sub, handlers)

@@ -1,7 +1,7 @@
 """The example workload behind `freshet produce`: seeded card transactions, delayed fraud labels, drift.
 
 `TransactionWorkload` generates it without Kafka (backfill tests, benchmarks, training);
-`publish` sends it to Kafka at a fixed offered rate; `add_arguments`/`main` are the CLI.
+`publish` sends it to Kafka at a fixed offered rate (`freshet produce`, in freshet.demo.cli).
 
 Events (transactions topic, key = card_id, UTF-8 JSON, no schema tag: it is a user topic)::
 
@@ -52,11 +52,9 @@ so bursts stand out), e.g. `--rate 2000 --time-scale 100 --cards 10000`.
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import math
 import os
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -64,8 +62,6 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import orjson
-
-from freshet.times import iso_utc
 
 DRIFT_KINDS = ("covariate", "concept")
 MALFORMED_KINDS = ("bad_json", "missing_field", "wrong_type")
@@ -771,100 +767,3 @@ def publish(
         "drift": [f"{d.kind}@{d.at_s:g}" for d in w.drift],
         "interrupted": interrupted,
     }
-
-
-# --- command line ------------------------------------------------------------------
-
-def _arg(convert: Callable[[str], Any], check: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-
-    return parse
-
-
-def _drift_arg(text: str) -> DriftSpec:
-    try:
-        return parse_drift(text)
-    except DriftSpecError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-_positive = _arg(float, lambda v: v > 0 and math.isfinite(v), "a number > 0")
-_seconds = _arg(float, lambda v: v >= 0 and math.isfinite(v), "a number of seconds >= 0")
-_fraction = _arg(float, lambda v: 0 <= v <= 1, "a fraction between 0 and 1")
-_count = _arg(int, lambda v: v >= 0, "a whole number >= 0")
-_at_least_one = _arg(int, lambda v: v >= 1, "a whole number >= 1")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `freshet produce` options."""
-    parser.description = (
-        "Publish seeded card transactions (key card_id, JSON, event_ts in epoch seconds) at a fixed "
-        "offered rate, and their fraud labels (freshet.labels/1, request_id = transaction_id) after a "
-        "simulated delay. Prints progress to stderr and a JSON summary as the last stdout line.")
-    parser.add_argument("--rate", type=_positive, default=1000.0,
-                        help="offered events per wall-clock second (default 1000)")
-    parser.add_argument("--count", type=_count, help="stop after this many events")
-    parser.add_argument("--duration", type=_seconds, help="stop after this many wall-clock seconds")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same events (default 0)")
-    parser.add_argument("--drift", type=_drift_arg, action="append", default=[], metavar="KIND@WHEN",
-                        help="inject drift from WHEN simulated seconds on (suffix s/m/h allowed); KIND is "
-                             "covariate (amounts and country/channel mix shift) or concept (fraud moves to "
-                             "card testing); repeatable")
-    parser.add_argument("--topic", default=DEFAULT_TOPIC,
-                        help=f"transactions topic (default {DEFAULT_TOPIC!r}, env FRESHET_TRANSACTIONS_TOPIC)")
-    parser.add_argument("--time-scale", type=_positive, default=1.0,
-                        help="simulated seconds per wall-clock second (default 1)")
-    parser.add_argument("--start-ts", type=float, help="event time of the first event, epoch seconds (default now)")
-    parser.add_argument("--cards", type=_at_least_one, default=10_000, help="number of cards (default 10000)")
-    parser.add_argument("--merchants", type=_at_least_one, default=1_000, help="number of merchants (default 1000)")
-    parser.add_argument("--fraud-rate", type=_arg(float, lambda v: 0 < v < 0.5, "a fraction in (0, 0.5)"),
-                        default=0.03, help="share of fraudulent transactions (default 0.03)")
-    parser.add_argument("--covariate-factor", type=_positive, default=2.0,
-                        help="amount multiplier per covariate drift (default 2)")
-    parser.add_argument("--label-delay", type=_seconds, default=30.0,
-                        help="simulated seconds between a transaction and its label (default 30)")
-    parser.add_argument("--no-labels", action="store_true", help="publish no labels")
-    parser.add_argument("--jitter", type=_seconds, default=0.0,
-                        help="move event times back by up to this many seconds: out-of-order events (default 0)")
-    parser.add_argument("--late-fraction", type=_fraction, default=0.0,
-                        help="share of events whose event time is --late-by seconds old (default 0)")
-    parser.add_argument("--late-by", type=_seconds, default=120.0,
-                        help="how late a late event is, in seconds (default 120, beyond the 30 s lateness "
-                             "feature_repo allows)")
-    parser.add_argument("--malformed-fraction", type=_fraction, default=0.0,
-                        help="share of events sent broken: bad JSON, a missing field or a wrong type (default 0)")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
-
-
-def main(args: argparse.Namespace, settings) -> int:
-    """Run `freshet produce`: publish, print the summary as one JSON line on stdout."""
-
-    def show(p: dict[str, Any]) -> None:
-        print(f"produce: {p['sent']:,} sent  {p['rate']:,.0f} events/s  {p['labels']:,} labels  "
-              f"event time {iso_utc(p['sim_ts'])}", file=sys.stderr, flush=True)
-
-    summary = publish(
-        settings, args.topic, args.rate, count=args.count, duration=args.duration, seed=args.seed,
-        labels=not args.no_labels, drift=args.drift, progress=None if args.quiet else show,
-        time_scale=args.time_scale, start_ts=args.start_ts, cards=args.cards, merchants=args.merchants,
-        fraud_rate=args.fraud_rate, covariate_factor=args.covariate_factor, label_delay_s=args.label_delay,
-        jitter_s=args.jitter, late_fraction=args.late_fraction, late_by_s=args.late_by,
-        malformed_fraction=args.malformed_fraction,
-    )
-    if not args.quiet:
-        print(f"produce: {summary['sent']:,} events ({summary['malformed']:,} malformed, {summary['late']:,} late) "
-              f"and {summary['labels']:,} labels in {summary['elapsed_s']:.1f} s = {summary['rate']:,.0f} events/s",
-              file=sys.stderr, flush=True)
-    print(orjson.dumps(summary).decode(), flush=True)
-    if summary["failed"]:
-        print(f"produce: {summary['failed']} messages were not acknowledged: {summary['first_error']}",
-              file=sys.stderr)
-        return 1
-    return 0

@@ -12,9 +12,10 @@ import pytest
 from freshet.contracts import Label
 from freshet.features import AggregationSpec, ViewSpec
 from freshet.stream.events import EventDecoder, EventError
+from freshet.demo.cli import add_produce_arguments
 from freshet.demo.workload import (
     BURST, CHANNELS, COUNTRIES, EVENT_FIELDS, MALFORMED_KINDS, SPREE, TESTING, DriftSpec,
-    DriftSpecError, TokenBucket, TransactionWorkload, add_arguments, parse_drift,
+    DriftSpecError, TokenBucket, TransactionWorkload, parse_drift,
 )
 
 # One transaction per card per ~17 simulated minutes, so a burst stands out (see the module docstring).
@@ -247,7 +248,7 @@ def test_bad_drift_specs_say_what_is_wrong_and_the_accepted_form(text, says):
 
 def test_cli_rejects_a_bad_drift_spec_with_its_reason(capsys):
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_produce_arguments(parser)
     args = parser.parse_args(["--count", "5", "--drift", "covariate@2m", "--drift", "concept@300"])
     assert args.drift == [DriftSpec("covariate", 120.0), DriftSpec("concept", 300.0)]
     for bad in (["--drift", "sudden@5"], ["--late-fraction", "1.5"], ["--rate", "0"]):
