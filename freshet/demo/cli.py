@@ -13,10 +13,11 @@ from typing import Any, Callable
 import orjson
 
 from freshet.demo import workload
-from freshet.demo.run import (
-    DEFAULT_CARDS, DEFAULT_DRIFT, DEFAULT_MINUTES, DEFAULT_RATE, DEFAULT_TIME_SCALE, Demo, DemoDrift,
-    DemoError, DemoPlan,
+from freshet.demo.plan import (
+    DEFAULT_CARDS, DEFAULT_DRIFT, DEFAULT_MINUTES, DEFAULT_RATE, DEFAULT_TIME_SCALE, DemoDrift, DemoError,
+    DemoPlan,
 )
+from freshet.demo.run import Demo
 from freshet.endpoints import resolve_endpoints
 from freshet.errors import CliError
 from freshet.settings import Settings
