@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from freshet.demo.workload import read_drift
 from freshet.settings import DEFAULT_MODEL_NAME
+
+if TYPE_CHECKING:
+    from freshet.features import FeatureRegistry
 
 # Defaults a bare `freshet demo` runs with: about 4 minutes of traffic after ~30 s of
 # start-up, so the whole run (report included) stays within 5 minutes on 2 cores.
@@ -40,8 +44,6 @@ class DemoDrift:
     @classmethod
     def parse(cls, text: str) -> "DemoDrift":
         """"KIND@MINUTE": a number of traffic minutes, or with an s/m/h suffix (DriftSpecError if not)."""
-        from freshet.demo.workload import read_drift
-
         return cls(*read_drift(text, unit="m"))
 
     def sim_seconds(self, time_scale: float) -> float:
@@ -50,6 +52,13 @@ class DemoDrift:
 
 @dataclass(frozen=True)
 class DemoPlan:
+    """What one demo run does: how much traffic, how fast, which drift when, on which ports.
+
+    >>> plan = DemoPlan(minutes=2, rate=100, drift=(DemoDrift("covariate", 1.0),))
+    >>> plan.produce_args("transactions", start_ts=1_700_000_000.0)[-4:]
+    ['--cards', '10000', '--drift', 'covariate@600']
+    """
+
     minutes: float = DEFAULT_MINUTES
     rate: float = DEFAULT_RATE
     seed: int = 0
@@ -84,3 +93,36 @@ class DemoPlan:
         out = dataclasses.asdict(self)
         out["drift"] = [f"{d.kind}@{d.minute:g}" for d in self.drift]
         return out
+
+    def produce_args(self, topic: str, start_ts: float) -> list[str]:
+        """The `freshet produce` options that play this plan's traffic, its drift in simulated seconds."""
+        argv = ["--topic", topic, "--rate", f"{self.rate:g}", "--duration", f"{self.traffic_s:g}",
+                "--seed", str(self.seed), "--time-scale", f"{self.time_scale:g}", "--start-ts",
+                f"{start_ts:.6f}", "--cards", str(self.cards)]
+        for d in self.drift:
+            argv += ["--drift", f"{d.kind}@{d.sim_seconds(self.time_scale):g}"]
+        return argv
+
+    def monitor_config(self, registry: FeatureRegistry) -> tuple[dict[str, Any], int]:
+        """What the demo asks `freshet monitor` to watch, and how many features it leaves out.
+
+        A demo compresses time: its whole run is a fraction of the 1-hour and 1-day windows,
+        so counts, sums, distinct counts, minima and maxima over those windows keep growing
+        (or shrinking) as the windows fill and would raise drift alerts with no drift at all.
+        The demo watches every feature that is stationary on its time scale (every function
+        over windows under a third of the simulated run, means and last values over longer
+        ones) plus the request's amount; and it shortens the retraining cooldown to a fifth
+        of the run (at most 45 s) so that a drift after an early retraining is still
+        answered by a promotion with time left to serve it.
+        """
+        horizon = self.traffic_s * self.time_scale / 3.0
+        service = next(iter(registry.feature_services), None)
+        refs = registry.feature_services.get(service) or [
+            f"{v.name}:{f}" for v in registry.views.values() for f in v.feature_names]
+        specs = {f"{v.name}:{a.name}": a for v in registry.views.values() for a in v.aggregations}
+        watched = [r for r in refs if r in specs and (specs[r].window_s <= horizon
+                                                      or specs[r].function in ("mean", "last"))]
+        config = {"seed": self.seed,
+                  "models": [{"model": MODEL, "numeric_features": [*watched, "amount"]}],
+                  "policy": {"cooldown_s": round(min(45.0, self.traffic_s / 5.0), 1), "window_s": 120.0}}
+        return config, len(refs) - len(watched)

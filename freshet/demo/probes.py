@@ -1,5 +1,5 @@
 """The demo's probes: what a user could watch on Kafka (KafkaTap), the client that measures
-freshness and scores transactions (ClientProbe), CPU shares and the broker's event counts.
+freshness and scores transactions (ClientProbe), and the once-a-second Sampler (broker, CPU, monitor).
 """
 
 from __future__ import annotations
@@ -8,21 +8,27 @@ import asyncio
 import contextlib
 import math
 import os
+import random
 import threading
 import time
 import traceback
+import urllib.request
 import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
 from freshet.demo.plan import MODEL, DemoPlan
 from freshet.demo.processes import STREAM_APP_ID
 from freshet.demo.record import DemoRecord
+from freshet.endpoints import proc_stat
 from freshet.settings import Settings
+
+if TYPE_CHECKING:
+    from freshet.features import FeatureRegistry
 
 VISIBLE_TIMEOUT_S = 30.0      # an event not visible in Redis by then counts as not visible
 MAX_IN_FLIGHT = 32            # concurrent /predict requests of the demo's client
@@ -34,7 +40,7 @@ class KafkaTap(threading.Thread):
     """Reads what a user of the system could watch on Kafka: every transaction and label,
     drift alerts, retraining requests and model events (assigned partitions, no group join)."""
 
-    def __init__(self, settings: Settings, topic: str, record: DemoRecord, probe: "ClientProbe",
+    def __init__(self, settings: Settings, topic: str, record: DemoRecord, client: ClientProbe,
                  start_ts: float):
         super().__init__(name="freshet-demo-tap", daemon=True)
         from confluent_kafka import OFFSET_BEGINNING, TopicPartition
@@ -44,7 +50,7 @@ class KafkaTap(threading.Thread):
         self.settings = settings
         self.topic = topic
         self.record = record
-        self.probe = probe
+        self.client = client  # gets every transaction read
         self.start_ts = start_ts
         self.stop_event = threading.Event()
         group = f"freshet-demo-{uuid.uuid4().hex[:8]}"
@@ -57,7 +63,6 @@ class KafkaTap(threading.Thread):
         meta = self.events.list_topics(timeout=10).topics
         self.events.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta[topic].partitions])
         self.control.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in control for p in meta[t].partitions])
-        self.transactions = 0
         self.last_control = time.monotonic()  # when a label, alert or model event was last read
 
     def finish(self, quiet_s: float = 2.0, limit_s: float = 15.0) -> None:
@@ -66,6 +71,9 @@ class KafkaTap(threading.Thread):
         deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline and time.monotonic() - self.last_control < quiet_s:
             time.sleep(0.1)
+        self.stop()
+
+    def stop(self) -> None:
         self.stop_event.set()
         self.join(timeout=5)
 
@@ -97,7 +105,7 @@ class KafkaTap(threading.Thread):
                         if self.record.bad_messages[topic] == 1:
                             self.record.problem(f"a message on {topic} could not be read: {exc}")
                 if txs:
-                    self.probe.submit(txs)
+                    self.client.submit(txs)
         finally:
             self.events.close()
             self.control.close()
@@ -114,12 +122,9 @@ class KafkaTap(threading.Thread):
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             rec.bad_messages["malformed transactions"] += 1  # the stream dead-letters these
             return None
-        self.transactions += 1
-        rec.transactions_read = self.transactions
+        rec.transactions_read += 1
         rec.events["sim_s"].append(round(event_ts - self.start_ts, 3))
         rec.events["amount"].append(amount)
-        if len(rec.amounts) < 200_000:
-            rec.amounts[tx] = amount
         return (tx, card, merchant, amount, event_ts, created)
 
     def _label(self, raw: bytes) -> None:
@@ -128,10 +133,6 @@ class KafkaTap(threading.Thread):
         if tx is None or label is None:
             raise ValueError("label without request_id or label")
         self.record.labels[tx] = int(label)
-        ents = d.get("entities") or {}
-        if len(self.record.label_rows) < 200_000:
-            self.record.label_rows.append((tx, ents.get("card_id"), ents.get("merchant_id"),
-                                           d.get("event_ts"), int(label)))
 
     def _control(self, topic: str, raw: bytes) -> None:
         from freshet.contracts import DriftAlert, ModelEvent, RetrainRequest
@@ -177,7 +178,7 @@ class ClientProbe(threading.Thread):
     payment gateway would, and the client-side latency is recorded.
     """
 
-    def __init__(self, settings: Settings, registry, topic: str, api_url: str, token: str,
+    def __init__(self, settings: Settings, registry: FeatureRegistry, topic: str, api_url: str, token: str,
                  record: DemoRecord, plan: DemoPlan, start_ts: float):
         super().__init__(name="freshet-demo-client", daemon=True)
         from freshet.redis_layout import OnlineLayout
@@ -190,12 +191,12 @@ class ClientProbe(threading.Thread):
         self.record = record
         self.plan = plan
         self.start_ts = start_ts
-        self.model_ready = threading.Event()
+        self.model_ready = threading.Event()  # set once the API serves a model: scoring starts
         self.stop_event = threading.Event()
-        self._inbox: deque = deque()
-        self.pending: list[_Tracked] = []
+        self._inbox: deque = deque()          # batches of transactions from the tap
+        self.pending: list[_Tracked] = []     # events not yet visible in every view
         self.in_flight = 0
-        self._rng = __import__("random").Random(plan.seed)
+        self._rng = random.Random(plan.seed)
         self.error: str = ""
 
     def submit(self, txs: list[tuple]) -> None:
@@ -204,6 +205,25 @@ class ClientProbe(threading.Thread):
     @property
     def backlog(self) -> int:
         return len(self.pending) + sum(len(x) for x in list(self._inbox))
+
+    def start_scoring_once_served(self) -> bool:
+        """Start prediction traffic once the API serves a model; True the moment it does."""
+        if self.model_ready.is_set() or not self._api_ready():
+            return False
+        self.model_ready.set()
+        return True
+
+    def _api_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.api_url + "/ready", timeout=2) as resp:
+                return resp.status == 200
+        except Exception:  # noqa: BLE001 - 503 until a model is loaded, or not up yet
+            return False
+
+    def stop(self) -> None:
+        """Stop at once: events still waited for are counted as unresolved."""
+        self.stop_event.set()
+        self.join(timeout=10)
 
     def run(self) -> None:
         try:
@@ -222,7 +242,7 @@ class ClientProbe(threading.Thread):
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
         tasks: set[asyncio.Task] = set()
         try:
-            while not self.stop_event.is_set() or (self.pending and not self._hurry):
+            while not self.stop_event.is_set():
                 tick = time.monotonic()
                 self._take_inbox()
                 if self.pending:
@@ -235,12 +255,6 @@ class ClientProbe(threading.Thread):
             self.record.unresolved = self.backlog
             await session.close()
             await client.aclose()
-
-    _hurry = False
-
-    def finish(self, hurry: bool = False) -> None:
-        self._hurry = hurry
-        self.stop_event.set()
 
     def _take_inbox(self) -> None:
         layout, views = self.layout, self.views
@@ -257,54 +271,56 @@ class ClientProbe(threading.Thread):
                                              created, predict))
 
     async def _poll(self, client, session, headers, tasks: set) -> None:
-        from freshet.redis_layout import decode_timestamp
-
-        # one HGET per distinct entity row, however many of its events wait: a backlog after a
-        # stall must not turn the probe into the busiest Redis client on the machine
-        wanted: dict[tuple[bytes, bytes], None] = {}
-        for item in self.pending:
-            for i, key in enumerate(item.keys):
-                if item.seen[i] is None:
-                    wanted[key] = None
-        rows = list(wanted)
-        if rows:
-            pipe = client.pipeline(transaction=False)
-            for key, ts_field in rows:
-                pipe.hget(key, ts_field)
-            replies = await pipe.execute()
-        else:
-            replies = []
+        """One round: what Redis shows for the waiting events, then settle the ones done or given up."""
+        stamps = await self._event_times(client)
         now = time.time()
-        stamps = {row: decode_timestamp(raw) for row, raw in zip(rows, replies)}
         for item in self.pending:
             for i, key in enumerate(item.keys):
                 if item.seen[i] is None:
                     ts = stamps.get(key)
                     if ts is not None and ts >= item.event_ts - 1e-6:
                         item.seen[i] = now
+        self.pending = [item for item in self.pending if not self._settle(item, now, session, headers, tasks)]
+
+    async def _event_times(self, client) -> dict[tuple[bytes, bytes], float | None]:
+        """The event time each view row still waited for shows: one HGET per distinct row, however
+        many of its events wait (a backlog after a stall must not turn the probe into the busiest
+        Redis client on the machine)."""
+        from freshet.redis_layout import decode_timestamp
+
+        rows = list(dict.fromkeys(key for item in self.pending
+                                  for i, key in enumerate(item.keys) if item.seen[i] is None))
+        if not rows:
+            return {}
+        pipe = client.pipeline(transaction=False)
+        for key, ts_field in rows:
+            pipe.hget(key, ts_field)
+        replies = await pipe.execute()
+        return {row: decode_timestamp(raw) for row, raw in zip(rows, replies)}
+
+    def _settle(self, item: _Tracked, now: float, session, headers, tasks: set) -> bool:
+        """Record an event's freshness (or that it never showed) and score it; False while it is
+        still waited for."""
+        done = all(s is not None for s in item.seen)
+        if not done and now - item.created < VISIBLE_TIMEOUT_S:
+            return False
         rec = self.record
-        still = []
-        for item in self.pending:
-            done = all(s is not None for s in item.seen)
-            if not done and now - item.created < VISIBLE_TIMEOUT_S:
-                still.append(item)
-                continue
-            if done and item.seen:
-                rec.freshness["t"].append(rec.rel(item.created))
-                rec.freshness["first_ms"].append(round((item.seen[0] - item.created) * 1000, 2))
-                rec.freshness["all_ms"].append(round((max(item.seen) - item.created) * 1000, 2))
+        if done and item.seen:
+            rec.freshness["t"].append(rec.rel(item.created))
+            rec.freshness["first_ms"].append(round((item.seen[0] - item.created) * 1000, 2))
+            rec.freshness["all_ms"].append(round((max(item.seen) - item.created) * 1000, 2))
+        else:
+            rec.not_visible += 1
+        if item.predict:
+            if not self.model_ready.is_set():
+                rec.unscored["no model served yet"] += 1
+            elif self.in_flight >= MAX_IN_FLIGHT:
+                rec.unscored["client at its concurrency limit"] += 1
             else:
-                rec.not_visible += 1
-            if item.predict:
-                if not self.model_ready.is_set():
-                    rec.unscored["no model served yet"] += 1
-                elif self.in_flight >= MAX_IN_FLIGHT:
-                    rec.unscored["client at its concurrency limit"] += 1
-                else:
-                    task = asyncio.get_running_loop().create_task(self._predict(session, headers, item))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-        self.pending = still
+                task = asyncio.get_running_loop().create_task(self._predict(session, headers, item))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        return True
 
     async def _predict(self, session, headers, item: _Tracked) -> None:
         import aiohttp
@@ -381,8 +397,8 @@ class CpuShare:
     @staticmethod
     def _ticks(pid: int) -> float | None:
         try:
-            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return float(f[11]) + float(f[12])
+            f = proc_stat(pid)
+            return float(f[11]) + float(f[12])  # utime + stime
         except (OSError, IndexError, ValueError):
             return None
 
@@ -436,6 +452,59 @@ class OffsetReader:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.c.close()
+
+
+class Sampler:
+    """The run's once-a-second sample (DemoRecord.samples): events produced, processed and
+    dead-lettered, labels and predictions seen, CPU per process and for the rest of the machine,
+    the client's backlog and the load; and the monitor's detector statistics, from its /metrics."""
+
+    def __init__(self, settings: Settings, topic: str, record: DemoRecord, metrics_url: str,
+                 pids: Callable[[], dict[str, int]], backlog: Callable[[], int]):
+        self.record = record
+        self.offsets = OffsetReader(settings, topic)
+        self.cpu = CpuShare()
+        self.metrics_url = metrics_url
+        self.pids = pids          # the processes whose CPU is the demo's
+        self.backlog = backlog    # events the client still waits for
+
+    def sample(self) -> dict[str, Any]:
+        rec = self.record
+        now = time.time()
+        produced, processed, deadletter = self.offsets.read()
+        cpu_demo, cpu_other, cpu_by = self.cpu.sample(self.pids())
+        sample = {"at": now, "produced": produced, "cpu_demo": cpu_demo, "cpu_other": cpu_other,
+                  "cpu_by": cpu_by, "processed": processed, "deadletter": deadletter,
+                  "labels": len(rec.labels), "predictions": len(rec.predictions["t"]),
+                  "prediction_errors": sum(rec.prediction_failures.values()),
+                  "backlog": self.backlog(), "load": round(os.getloadavg()[0], 2)}
+        rec.samples.append(sample)
+        self._scrape_monitor(now)
+        return sample
+
+    def _scrape_monitor(self, now: float) -> None:
+        """The monitor service's own detector statistics, from its Prometheus endpoint."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=1) as resp:
+                text = resp.read().decode()
+        except Exception:  # noqa: BLE001 - not up yet, or busy: skip this second
+            return
+        stats = {}
+        for family in text_string_to_metric_families(text):
+            if family.name == "freshet_monitor_detector_statistic":
+                for s in family.samples:
+                    if s.labels.get("model") == MODEL and math.isfinite(s.value):
+                        stats[s.labels["statistic"]] = round(s.value, 5)
+        if stats:
+            d = self.record.detector
+            d["source"] = "freshet monitor (its /metrics gauges, scraped every second)"
+            d["t"].append(self.record.rel(now))
+            d["stats"].append(stats)
+
+    def close(self) -> None:
+        self.offsets.close()
 
 
 def registered_versions(settings: Settings) -> list[dict[str, Any]]:

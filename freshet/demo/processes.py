@@ -13,14 +13,21 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any, Callable
+
+import orjson
 
 from freshet.demo.plan import DemoError
+from freshet.demo.record import DemoRecord
+from freshet.settings import Settings
 
 RUNS_KEPT = 5                 # earlier run directories kept under <data dir>/demo
+COMPONENTS = ("stream", "serve", "monitor", "retrain")  # the system; the producer drives it
 STREAM_APP_ID = "freshet-stream"
+PRODUCE_SUMMARY = "produce.json"  # the producer's stdout: its summary is the last line
 
 # The installed console script, as a user would run it; `python -m freshet.cli` otherwise.
 _SCRIPT = Path(sys.executable).with_name("freshet")
@@ -117,8 +124,6 @@ class Component:
     name: str
     proc: subprocess.Popen
     log_path: Path
-    required: bool
-    started: float = field(default_factory=time.time)
 
     @property
     def running(self) -> bool:
@@ -130,6 +135,133 @@ class Component:
         except OSError:
             return ""
         return "\n".join("    " + line for line in text[-lines:])
+
+
+class Supervisor:
+    """The run's component processes: each started with the run's settings and its own log,
+    watched for an exit that ends the demo, and stopped newest first.
+
+    `components` must keep running until the end (the producer until its traffic is sent);
+    `bootstrap` is the latest `freshet retrain --bootstrap`, which is expected to exit.
+    Their fate is kept in `record.components`.
+    """
+
+    def __init__(self, run_dir: Path, settings: Settings, record: DemoRecord, say: Callable[[str], None]):
+        self.run_dir = run_dir
+        self.settings = settings
+        self.record = record
+        self.say = say
+        # the caller's environment minus its FRESHET_* settings: the run's own take their place
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith("FRESHET_") or k == "FRESHET_TRANSACTIONS_TOPIC"}
+        self.env.update(settings.to_env())
+        self.components: list[Component] = []
+        self.producer: Component | None = None
+        self.bootstrap: Component | None = None
+
+    # -- starting ------------------------------------------------------------------
+
+    def start(self, argv: list[str], name: str) -> Component:
+        """`freshet <argv>` as a component that must keep running."""
+        c = self._spawn(argv, name)
+        self.components.append(c)
+        return c
+
+    def start_producer(self, argv: list[str]) -> Component:
+        """`freshet produce <argv>`, its summary written to PRODUCE_SUMMARY."""
+        self.producer = self._spawn(["produce", *argv], "produce", stdout_name=PRODUCE_SUMMARY)
+        self.components.append(self.producer)
+        return self.producer
+
+    def start_bootstrap(self) -> Component:
+        """`freshet retrain --bootstrap`: trains the first model and exits."""
+        self.bootstrap = self._spawn(["retrain", "--bootstrap"], "bootstrap")
+        return self.bootstrap
+
+    def _spawn(self, argv: list[str], name: str, stdout_name: str | None = None) -> Component:
+        env = self.env
+        if name in RELAXED_FETCH:
+            env = {**env, "FRESHET_KAFKA_FETCH_MAX_WAIT_MS": str(RELAXED_FETCH_MS)}
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        log = open(log_path, "ab")  # noqa: SIM115 - owned by the child
+        out = open(self.run_dir / stdout_name, "wb") if stdout_name else log  # noqa: SIM115
+        # own session: a Ctrl-C in the terminal reaches only the demo, which stops children in order;
+        # PDEATHSIG: they still die if the demo itself is killed
+        proc = subprocess.Popen([*FRESHET, *argv], env=env, stdout=out,
+                                stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_child_setup)
+        log.close()
+        if out is not log:
+            out.close()
+        self.say(f"[{self.record.clock()}] started {name} (pid {proc.pid}, log logs/{log_path.name})")
+        return Component(name, proc, log_path)
+
+    # -- watching ------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise DemoError, with the last lines of its log, when a component has exited (the
+        producer may, once done)."""
+        status = self.record.components
+        for c in self.components:
+            if status.get(c.name, "").startswith("exited"):
+                continue
+            code = c.proc.poll()
+            if code is None or c is self.producer and code == 0:
+                continue
+            status[c.name] = f"exited with code {code}"
+            raise DemoError(f"{c.name} exited with code {code}; last lines of {c.log_path}:\n{c.tail()}")
+
+    def wait_for_stream(self, timeout: float = 90.0) -> None:
+        """Traffic starts once the stream worker has joined its group: otherwise freshness
+        would measure the worker's start-up, not the system."""
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({**self.settings.kafka_client_config(), "log_level": 0})
+        started = time.monotonic()
+        self.say("[setup] waiting for the stream worker to join its consumer group ...")
+        while time.monotonic() - started < timeout:
+            self.check()
+            try:
+                desc = admin.describe_consumer_groups([STREAM_APP_ID])[STREAM_APP_ID].result(timeout=5)
+                if str(desc.state).endswith("STABLE"):
+                    self.say(f"[setup] stream worker ready after {time.monotonic() - started:.1f}s")
+                    return
+            except Exception:  # noqa: BLE001 - not there yet
+                pass
+            time.sleep(0.5)
+        self.record.problem(f"the stream worker had not joined its group after {timeout:.0f}s; traffic "
+                            "started anyway (early freshness includes its start-up)")
+
+    def pids(self) -> dict[str, int]:
+        """The demo's own pid and its children's, by name."""
+        pids = {"demo": os.getpid(), **{c.name: c.proc.pid for c in self.components}}
+        if self.bootstrap is not None:
+            pids[f"bootstrap-{self.bootstrap.proc.pid}"] = self.bootstrap.proc.pid
+        return pids
+
+    # -- stopping ------------------------------------------------------------------
+
+    def stop_producer(self, hurry: threading.Event) -> None:
+        """SIGINT: the producer publishes the labels still pending and prints its summary."""
+        if self.producer is not None and self.producer.running:
+            stop_components([self.producer], grace=15.0, hurry=hurry, first_signal=signal.SIGINT)
+
+    def stop(self, hurry: threading.Event) -> list[str]:
+        """Stop every child, newest first; the names of those killed after 10 s."""
+        return stop_components(self._children()[::-1], grace=10.0, hurry=hurry)
+
+    def still_running(self) -> list[str]:
+        return [f"{c.name} (pid {c.proc.pid})" for c in self._children() if c.proc.poll() is None]
+
+    def mark_ran(self) -> None:
+        """At the end: every component that was started and did not exit early "ran"."""
+        status = self.record.components
+        for c in self.components:
+            if c.name in status and not status[c.name].startswith("exited"):
+                status[c.name] = "ran"
+
+    def _children(self) -> list[Component]:
+        return [c for c in [self.bootstrap, *self.components] if c is not None]
 
 
 def _child_setup() -> None:
@@ -160,3 +292,12 @@ def stop_components(components: list[Component], grace: float = 10.0,
         with contextlib.suppress(subprocess.TimeoutExpired):
             c.proc.wait(timeout=5)
     return killed
+
+
+def producer_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary `freshet produce` printed last, once it has."""
+    try:
+        lines = (run_dir / PRODUCE_SUMMARY).read_text().strip().splitlines()
+        return orjson.loads(lines[-1]) if lines else None
+    except (OSError, orjson.JSONDecodeError):
+        return None

@@ -20,6 +20,7 @@ class DemoRecord:
         self.t0: float | None = None          # epoch of the first produced event
         self.launched = time.time()
         self.meta: dict[str, Any] = {}
+        self.components: dict[str, str] = {}  # what became of each component: started, ran, exited ...
         self.problems: list[str] = []
         self.samples: list[dict[str, Any]] = []
         self.freshness: dict[str, list] = {"t": [], "first_ms": [], "all_ms": []}
@@ -34,8 +35,6 @@ class DemoRecord:
         self.events: dict[str, list] = {"sim_s": [], "amount": []}
         self.features: dict[str, Any] = {"names": [], "t": [], "version": [], "values": []}
         self.labels: dict[str, int] = {}
-        self.label_rows: list[tuple] = []     # (tx, card, merchant, event_ts, label) for a first model
-        self.amounts: dict[str, float] = {}   # tx -> amount, early events only (first model)
         self.detector: dict[str, Any] = {"t": [], "stats": [], "source": ""}
         self.alerts: list[dict[str, Any]] = []
         self.retrains: list[dict[str, Any]] = []
@@ -45,6 +44,13 @@ class DemoRecord:
 
     def rel(self, epoch: float) -> float:
         return round(epoch - (self.t0 if self.t0 is not None else self.launched), 4)
+
+    def clock(self) -> str:
+        """Traffic time for the console, m:ss since the first event ("setup" before it)."""
+        if self.t0 is None:
+            return "setup"
+        s = max(0, int(time.time() - self.t0))
+        return f"{s // 60}:{s % 60:02d}"
 
     def problem(self, text: str) -> None:
         self.problems.append(text)
