@@ -28,6 +28,7 @@ from freshet.demo.processes import (
     COMPONENTS, STREAM_APP_ID, Component, RunDirectory, Supervisor, producer_summary,
 )
 from freshet.demo.record import DemoRecord
+from freshet.demo.summary import version_key
 from freshet.settings import Settings
 
 if TYPE_CHECKING:
@@ -420,7 +421,7 @@ class ProgressLine:
         recent = [ms for t, ms in zip(rec.freshness["t"][-3000:], rec.freshness["all_ms"][-3000:]) if t >= now_t - 10]
         lat = [ms for t, ms in zip(rec.predictions["t"][-3000:], rec.predictions["latency_ms"][-3000:])
                if t >= now_t - 10]
-        versions = sorted(set(rec.predictions["version"][-500:]), key=_version_key)
+        versions = sorted(set(rec.predictions["version"][-500:]), key=version_key)
         promotions = [e for e in rec.model_events if e["stage"] == "champion"]
         drift_next = [d for d in self.drift if d.minute * 60 > now_t]
         parts = [f"[{rec.clock()}]",
@@ -441,7 +442,3 @@ def _pct(values: list[float], q: float) -> str:
     v = sorted(values)
     x = v[min(len(v) - 1, int(math.ceil(q / 100 * len(v))) - 1)]
     return f"{x:,.0f} ms" if x >= 10 else f"{x:.1f} ms"
-
-
-def _version_key(v: str) -> tuple:
-    return (0, int(v)) if v.isdigit() else (1, v)
