@@ -1,7 +1,5 @@
-"""`freshet demo`: the whole system on the embedded stack under a drifting workload, with a report.
-
-Owns the run's timeline (set-up, traffic, drain, shutdown, report), when the first model is asked
-for, and the live progress line; the plan, processes, probes and record have their own modules.
+"""`freshet demo`, the run itself: its timeline (set-up, traffic, drain, shutdown, report), when
+the first model is asked for, and the progress line; plan, processes, probes, record live next door.
 """
 
 from __future__ import annotations
