@@ -13,6 +13,7 @@ from freshet.contracts import Label
 from freshet.features import AggregationSpec, ViewSpec
 from freshet.stream.events import EventDecoder, EventError
 from freshet.demo.cli import add_produce_arguments
+from freshet.demo.plan import DemoDrift
 from freshet.demo.workload import (
     BURST, CHANNELS, COUNTRIES, EVENT_FIELDS, MALFORMED_KINDS, SPREE, TESTING, DriftSpec,
     DriftSpecError, TokenBucket, TransactionWorkload, parse_drift,
@@ -244,6 +245,17 @@ def test_bad_drift_specs_say_what_is_wrong_and_the_accepted_form(text, says):
     with pytest.raises(DriftSpecError, match="use KIND@WHEN") as exc:
         parse_drift(text)
     assert says in str(exc.value)
+
+
+@pytest.mark.parametrize("text, minute", [("concept@2.5", 2.5), ("covariate@90s", 1.5), ("concept@1m", 1.0)])
+def test_the_demo_reads_the_same_specs_in_minutes_of_traffic(text, minute):
+    assert DemoDrift.parse(text).minute == minute
+
+
+def test_a_bad_demo_drift_spec_names_the_minute_form():
+    with pytest.raises(DriftSpecError, match="use KIND@MINUTE, e.g. covariate@1.5") as exc:
+        DemoDrift.parse("covariate")
+    assert "no '@MINUTE'" in str(exc.value)
 
 
 def test_cli_rejects_a_bad_drift_spec_with_its_reason(capsys):
