@@ -10,7 +10,7 @@ import pytest
 
 from freshet import kafka
 from freshet.contracts import Label
-from freshet.demo import workload
+from freshet.demo import cli
 from freshet.demo.workload import EVENT_FIELDS, TransactionWorkload, publish
 
 pytestmark = pytest.mark.integration
@@ -86,10 +86,10 @@ def test_publish_paces_to_the_offered_rate(settings, unique):
 
 def test_produce_command_prints_a_json_summary_and_progress(settings, unique, capsys):
     parser = argparse.ArgumentParser()
-    workload.add_arguments(parser)
+    cli.add_produce_arguments(parser)
     args = parser.parse_args(["--rate", "5000", "--count", "500", "--seed", "3", "--topic", f"{unique}.tx",
                               "--drift", "concept@0", "--cards", "100", "--label-delay", "0"])
-    assert workload.main(args, settings) == 0
+    assert cli.cmd_produce(args, settings) == 0
     out, err = capsys.readouterr()
     summary = orjson.loads(out.strip().splitlines()[-1])
     assert summary["sent"] == 500 and summary["labels"] == 500 and summary["drift"] == ["concept@0"]

@@ -12,9 +12,11 @@ import pytest
 from freshet.contracts import Label
 from freshet.features import AggregationSpec, ViewSpec
 from freshet.stream.events import EventDecoder, EventError
+from freshet.demo.cli import add_produce_arguments
+from freshet.demo.plan import DemoDrift
 from freshet.demo.workload import (
     BURST, CHANNELS, COUNTRIES, EVENT_FIELDS, MALFORMED_KINDS, SPREE, TESTING, DriftSpec,
-    DriftSpecError, TokenBucket, TransactionWorkload, add_arguments, parse_drift,
+    DriftSpecError, TokenBucket, TransactionWorkload, parse_drift,
 )
 
 # One transaction per card per ~17 simulated minutes, so a burst stands out (see the module docstring).
@@ -245,9 +247,20 @@ def test_bad_drift_specs_say_what_is_wrong_and_the_accepted_form(text, says):
     assert says in str(exc.value)
 
 
+@pytest.mark.parametrize("text, minute", [("concept@2.5", 2.5), ("covariate@90s", 1.5), ("concept@1m", 1.0)])
+def test_the_demo_reads_the_same_specs_in_minutes_of_traffic(text, minute):
+    assert DemoDrift.parse(text).minute == minute
+
+
+def test_a_bad_demo_drift_spec_names_the_minute_form():
+    with pytest.raises(DriftSpecError, match="use KIND@MINUTE, e.g. covariate@1.5") as exc:
+        DemoDrift.parse("covariate")
+    assert "no '@MINUTE'" in str(exc.value)
+
+
 def test_cli_rejects_a_bad_drift_spec_with_its_reason(capsys):
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_produce_arguments(parser)
     args = parser.parse_args(["--count", "5", "--drift", "covariate@2m", "--drift", "concept@300"])
     assert args.drift == [DriftSpec("covariate", 120.0), DriftSpec("concept", 300.0)]
     for bad in (["--drift", "sudden@5"], ["--late-fraction", "1.5"], ["--rate", "0"]):

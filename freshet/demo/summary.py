@@ -1,0 +1,225 @@
+"""The demo's numbers: summary.json from what a run recorded (data.json), and the headline
+lines the console prints at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def _q(values, q: float) -> float | None:
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    return round(float(np.percentile(v, q)), 2) if len(v) else None
+
+
+def version_key(v: str) -> tuple:
+    """Model versions in registry order, numbers before names.
+
+    >>> sorted(["10", "2", "candidate"], key=version_key)
+    ['2', '10', 'candidate']
+    """
+    return (0, int(v)) if str(v).isdigit() else (1, str(v))
+
+
+def rates(samples: list[dict], key: str, window: float) -> tuple[np.ndarray, np.ndarray]:
+    """(t, per-second rate of the counter `key` over the trailing `window` seconds), per sample."""
+    if len(samples) < 2:
+        return np.array([]), np.array([])
+    t = np.array([s["t"] for s in samples], dtype=float)
+    v = np.array([s[key] for s in samples], dtype=float)
+    out_t, out_r = [], []
+    j = 0
+    for i in range(1, len(t)):
+        while t[i] - t[j] > window and j < i - 1:
+            j += 1
+        dt = t[i] - t[j]
+        if dt > 0:
+            out_t.append(t[i])
+            out_r.append((v[i] - v[j]) / dt)
+    return np.array(out_t), np.array(out_r)
+
+
+def promotion_times(data: dict) -> dict[str, float]:
+    """When each version became the served one: its champion event, else its first prediction."""
+    out: dict[str, float] = {}
+    for e in data["model_events"]:
+        if e["stage"] == "champion" and e["version"] not in out:
+            out[e["version"]] = e["t"]
+    p = data["predictions"]
+    for t, v in zip(p["t"], p["version"]):
+        out.setdefault(v, t)
+    return out
+
+
+def error_buckets(data: dict) -> dict[str, dict[str, Any]]:
+    """Error rate of labelled predictions before the first drift, after a drift while served by a
+    model promoted before that drift, and after a drift while served by one promoted after it."""
+    drifts = sorted(d["t"] for d in data["meta"].get("drift", []))
+    promoted = promotion_times(data)
+    p = data["predictions"]
+    buckets = {"before_drift": [], "after_drift": [], "after_promotion": []}
+    for t, v, pred, truth in zip(p["t"], p["version"], p["label"], p["truth"]):
+        if truth is None or pred is None:
+            continue
+        wrong = int(pred != truth)
+        if not drifts or t < drifts[0]:
+            buckets["before_drift"].append(wrong)
+            continue
+        latest = max(d for d in drifts if d <= t)
+        stale = promoted.get(v, -math.inf) < latest
+        buckets["after_drift" if stale else "after_promotion"].append(wrong)
+    return {k: {"error_rate": round(float(np.mean(w)), 4) if w else None, "labelled_predictions": len(w)}
+            for k, w in buckets.items()}
+
+
+def summarize(data: dict) -> dict[str, Any]:
+    meta = data["meta"]
+    samples = data["samples"]
+    last = samples[-1] if samples else {"produced": 0, "processed": 0, "deadletter": 0}
+    produce = meta.get("produce") or {}
+    traffic_s = produce.get("elapsed_s") or (samples[-1]["t"] if samples else 0.0)
+    if produce.get("sent") is not None:  # the producer's own count, acknowledged by the broker
+        last = {**last, "produced": max(0, produce["sent"] - produce.get("failed", 0))}
+    rates_5s = rates(samples, "processed", 5.0)
+    fr = data["freshness"]
+    p = data["predictions"]
+    drifts = sorted(meta.get("drift", []), key=lambda d: d["t"])
+    first_drift = drifts[0]["t"] if drifts else None
+    alerts = [{**a, "after_injection": first_drift is not None and a["t"] >= first_drift} for a in data["alerts"]]
+    promotions = [e for e in data["model_events"] if e["stage"] == "champion"]
+    for e in promotions:
+        e["after_drift"] = first_drift is not None and e["t"] >= first_drift
+    by_version = {}
+    for v in sorted(set(p["version"]), key=version_key):
+        idx = [i for i, x in enumerate(p["version"]) if x == v]
+        lab = [(p["label"][i], p["truth"][i]) for i in idx if p["truth"][i] is not None and p["label"][i] is not None]
+        by_version[v] = {"predictions": len(idx),
+                         "error_rate": round(float(np.mean([a != b for a, b in lab])), 4) if lab else None}
+    failures = data.get("prediction_failures", {})
+    loads = [x["load"] for x in samples if x.get("load") is not None]
+    cpu_demo = [x["cpu_demo"] for x in samples if x.get("cpu_demo") is not None]
+    cpu_other = [x["cpu_other"] for x in samples if x.get("cpu_other") is not None]
+    summary = {
+        "run_dir": meta.get("run_dir"),
+        "interrupted": bool(meta.get("interrupted")),
+        "failed": meta.get("failed") or None,
+        "plan": meta.get("plan"),
+        "components": meta.get("components", {}),
+        "traffic_s": round(float(traffic_s), 1),
+        "events": {"produced": last["produced"], "processed": last["processed"],
+                   "deadlettered": last.get("deadletter", 0), "labels": data.get("labels_seen", 0),
+                   "fraud_labels": data.get("fraud_labels", 0)},
+        "events_per_s": round(last["processed"] / traffic_s, 1) if traffic_s else None,
+        "events_per_s_peak_5s": round(max(rates_5s[1]), 1) if len(rates_5s[1]) else None,
+        "freshness_ms": {"p50": _q(fr["all_ms"], 50), "p99": _q(fr["all_ms"], 99), "max": _q(fr["all_ms"], 100),
+                         "card_view_p50": _q(fr["first_ms"], 50), "card_view_p99": _q(fr["first_ms"], 99),
+                         "samples": len(fr["all_ms"]), "not_visible_within_30s": fr.get("not_visible", 0),
+                         "unresolved_at_end": fr.get("unresolved", 0),
+                         "events_read": fr.get("transactions_read", 0),
+                         "measured": "Kafka create time of each event -> first poll that sees its event time "
+                                     "in Redis for every view (polled every ~10 ms)"},
+        "api_ms": {"p50": _q(p["latency_ms"], 50), "p99": _q(p["latency_ms"], 99),
+                   "p999": _q(p["latency_ms"], 99.9), "requests_ok": len(p["latency_ms"]),
+                   "requests_failed": sum(failures.values()), "failures_by_status": failures,
+                   "measured": "client side: POST /predict round trip from the demo's aiohttp client"},
+        "unscored": data.get("unscored", {}),
+        "drift": drifts,
+        "alerts": alerts,
+        "alerts_after_injection": sum(a["after_injection"] for a in alerts),
+        "retrainings": data["retrains"],
+        "registered_versions": data.get("model_versions", []),
+        "promotions": promotions,
+        "promotions_after_drift": sum(e["after_drift"] for e in promotions),
+        "error_rate": error_buckets(data),
+        "error_rate_by_version": by_version,
+        "machine": {"cpus": meta.get("cpus"),
+                    "load_1m_mean": round(float(np.mean(loads)), 2) if loads else None,
+                    "load_1m_max": round(float(np.max(loads)), 2) if loads else None,
+                    "cpu_demo_cores": round(float(np.mean(cpu_demo)), 2) if cpu_demo else None,
+                    "cpu_other_cores": round(float(np.mean(cpu_other)), 2) if cpu_other else None,
+                    "cpu_cores_by_process": _cpu_by(samples)},
+        "problems": data.get("problems", []),
+    }
+    summary["warnings"] = _warnings(summary, data)
+    return summary
+
+
+def _cpu_by(samples: list[dict]) -> dict[str, float]:
+    """Average cores per demo process over the run (bootstrap runs summed into one entry)."""
+    n = sum(1 for x in samples if x.get("cpu_by"))
+    totals: dict[str, float] = {}
+    for x in samples:
+        for name, v in (x.get("cpu_by") or {}).items():
+            key = "bootstrap" if name.startswith("bootstrap") else name
+            totals[key] = totals.get(key, 0.0) + v
+    return {k: round(v / n, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])} if n else {}
+
+
+def _warnings(s: dict, data: dict) -> list[str]:
+    """What makes this run's numbers less than they seem, in words."""
+    out = []
+    p = data["predictions"]
+    drifts = s["drift"]
+    if drifts and p["t"]:
+        first_pred, first_drift = min(p["t"]), drifts[0]["t"]
+        if first_pred >= first_drift:
+            out.append(f"the first model was served at {first_pred:.0f} s, after the first drift at "
+                       f"{first_drift:.0f} s: there is no 'before drift' baseline; inject drift later or "
+                       "give the demo more CPU")
+        else:
+            warm = [t for t in sorted(p["t"])[2000:2001]]
+            if warm and warm[0] > first_drift:
+                out.append(f"the monitor's reference window (the first 2000 predictions) ended at {warm[0]:.0f} s, "
+                           f"after the first drift at {first_drift:.0f} s: part of the reference is drifted")
+    m = s.get("machine") or {}
+    if m.get("cpus") and (m.get("cpu_other_cores") or 0) > 0.25 * m["cpus"]:
+        out.append(f"other work on this machine used {m['cpu_other_cores']:.1f} of its {m['cpus']} CPUs on average "
+                   f"during the run (the demo used {m['cpu_demo_cores']:.1f}): freshness and latency are inflated "
+                   "by that contention")
+    ev = s["events"]
+    if ev["produced"] and ev["processed"] < 0.99 * ev["produced"]:
+        out.append(f"the stream had processed {ev['processed']:,} of {ev['produced']:,} events when the demo stopped")
+    return out
+
+
+def headline(s: dict) -> str:
+    """The numbers the CLI prints at the end."""
+    def ms(x):
+        return "-" if x is None else f"{x:,.1f} ms"
+
+    def rate(b):
+        r = s["error_rate"][b]
+        return "-" if r["error_rate"] is None else f"{r['error_rate']:.2%} (n={r['labelled_predictions']:,})"
+
+    ev = s["events"]
+    lines = [
+        f"events       {ev['processed']:,} processed of {ev['produced']:,} produced in {s['traffic_s']:.0f} s "
+        f"= {s['events_per_s'] or 0:,.0f} events/s ({ev['deadlettered']:,} dead-lettered, {ev['labels']:,} labels)",
+        f"freshness    p50 {ms(s['freshness_ms']['p50'])}  p99 {ms(s['freshness_ms']['p99'])}  "
+        f"({s['freshness_ms']['samples']:,} events, {s['freshness_ms']['not_visible_within_30s']} not visible in 30 s)",
+        f"API /predict p50 {ms(s['api_ms']['p50'])}  p99 {ms(s['api_ms']['p99'])}  "
+        f"({s['api_ms']['requests_ok']:,} ok, {s['api_ms']['requests_failed']:,} failed)",
+        f"alerts       {len(s['alerts'])} ({s['alerts_after_injection']} after the first injection)"
+        + "".join(f"\n               {a['t']:6.1f}s  {a['kind']}: {a['subject']} ({a['detector']}, v{a['model_version']})"
+                  for a in s["alerts"][:8]),
+        f"retrainings  {len(s['retrainings'])} requested, {len(s['registered_versions'])} versions registered",
+        f"promotions   {len(s['promotions'])}"
+        + "".join(f"\n               {e['t']:6.1f}s  version {e['version']}" for e in s["promotions"][:8]),
+        f"error rate   before drift {rate('before_drift')}  after drift {rate('after_drift')}  "
+        f"after promotion {rate('after_promotion')}",
+    ]
+    m = s.get("machine") or {}
+    if m.get("cpu_demo_cores") is not None:
+        lines.append(f"machine      {m['cpus']} CPUs: the demo's processes used {m['cpu_demo_cores']:.2f} cores on "
+                     f"average, other work {m['cpu_other_cores']:.2f} (load average {m['load_1m_mean']})")
+    missing = [f"{k}: {v}" for k, v in s["components"].items() if str(v).startswith(("missing", "exited", "failed"))]
+    if missing:
+        lines.append("missing      " + "; ".join(missing))
+    for w in s.get("warnings", []):
+        lines.append(f"warning      {w}")
+    if s["problems"]:
+        lines.append(f"problems     {len(s['problems'])} (see summary.json)")
+    return "\n".join(lines)
