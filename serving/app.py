@@ -1,7 +1,7 @@
 """The HTTP API: feature vectors, predictions, model admin, health and metrics.
 
-Owns routing, bearer-token auth, request validation and the mapping of errors to
-statuses. The hot endpoints (/get-online-features, /predict, /health, /ready, /metrics)
+Owns routing, request validation and the mapping of errors to statuses. The hot
+endpoints (/get-online-features, /predict, /health, /ready, /metrics)
 are answered by a small ASGI router in front of FastAPI; FastAPI serves the model
 admin endpoints and the OpenAPI docs, which describe every endpoint.
 """
@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hmac
 import itertools
 import logging
-import os
 import secrets
 import time
 from bisect import bisect_left
-from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import orjson
@@ -30,6 +27,8 @@ from pydantic import BaseModel, Field
 
 from freshet.settings import DEFAULT_MODEL_NAME, Settings
 from freshet.models import LinearModel, ModelFollower, ModelNotFound, ModelRegistry
+from freshet.serving.auth import BearerAuth, resolve_token
+from freshet.serving.errors import ANSWERED, JSON, HTTPError, as_http_error
 from freshet.serving.online import (
     PRESENT, OnlineFeatureReader, ReadPlan, RedisUnavailable, RequestError, UnknownFeature,
 )
@@ -37,64 +36,10 @@ from freshet.serving.predictions import PredictionLog
 
 log = logging.getLogger("freshet.serving")
 
-TOKEN_FILE = "api-token"
-PUBLIC = frozenset({"/health", "/ready", "/metrics"})
-JSON = b"application/json"
 LATENCY_BUCKETS = (.0001, .00025, .0005, .00075, .001, .0015, .0025, .005, .0075, .01, .025, .05, .1, .25, .5, 1, 2.5)
 AGE_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 6 * 3600, 86400, 2 * 86400, 7 * 86400)
 # A client's request id is a Kafka key and a join key in the monitor: bounded, printable
 MAX_REQUEST_ID = 128
-
-
-class HTTPError(Exception):
-    """An answer other than 200: status, a message, and the request field it concerns."""
-
-    def __init__(self, status: int, message: str, field: str | None = None, headers: list | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field
-        self.headers = headers or []
-
-    def body(self) -> bytes:
-        doc: dict[str, Any] = {"detail": self.message, "status": self.status}
-        if self.field:
-            doc["field"] = self.field
-        return orjson.dumps(doc)
-
-
-def as_http_error(exc: Exception) -> HTTPError:
-    """The answer for an error the read path raises: 422 bad field, 404 unknown name, 503 Redis down."""
-    if isinstance(exc, HTTPError):
-        return exc
-    if isinstance(exc, RequestError):
-        return HTTPError(422, exc.message, exc.field)
-    if isinstance(exc, UnknownFeature):
-        return HTTPError(404, str(exc))
-    if isinstance(exc, RedisUnavailable):
-        return HTTPError(503, f"the online store is unavailable: {exc}", headers=[(b"retry-after", b"1")])
-    raise TypeError(exc)
-
-
-def resolve_token(settings: Settings) -> str:
-    """settings.api_token, else the token in <data_dir>/api-token, else a new one written there (0600)."""
-    if settings.api_token:
-        return settings.api_token
-    path = settings.data_path / TOKEN_FILE
-    if path.is_file() and (path.stat().st_mode & 0o077) == 0:
-        token = path.read_text().strip()
-        if token:
-            log.info("API token read from %s", path)
-            return token
-    settings.data_path.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    os.chmod(path, 0o600)
-    log.warning("FRESHET_API_TOKEN is not set: generated an API token, written to %s (mode 0600); "
-                "send it as 'Authorization: Bearer <token>'", path)
-    return token
 
 
 def _loads(body: bytes) -> Any:
@@ -222,7 +167,7 @@ class ServingApp:
         self.follower = follower
         self.prediction_log = prediction_log
         self.model_name = model_name
-        self._token = ("Bearer " + token).encode()
+        self.auth = BearerAuth(token)
         self.max_body = settings.max_body_bytes
         self._predict_plans: dict[tuple[str, str], _PredictPlan] = {}
         self._tasks: list[asyncio.Task] = []
@@ -312,16 +257,14 @@ class ServingApp:
         headers = scope["headers"]
         status = 500
         try:
-            if path not in PUBLIC and not self._authorized(headers):
-                raise HTTPError(401, "missing or wrong bearer token; send 'Authorization: Bearer <token>'",
-                                headers=[(b"www-authenticate", b"Bearer")])
+            self.auth.check(path, headers)
             if handler is None:
                 status = await self._delegate(scope, receive, send)
                 return
             body = await self._read_body(headers, receive) if method == "POST" else b""
             status, payload, content_type = await handler(body)
             await _respond(send, status, payload, content_type)
-        except (HTTPError, RequestError, UnknownFeature, RedisUnavailable) as exc:
+        except ANSWERED as exc:
             err = as_http_error(exc)
             status = err.status
             await _respond(send, status, err.body(), JSON, err.headers)
@@ -333,12 +276,6 @@ class ServingApp:
             await _respond(send, 500, HTTPError(500, "internal error; see the server log").body(), JSON)
         finally:
             self._observe(endpoint, status, time.perf_counter() - started)
-
-    def _authorized(self, headers) -> bool:
-        for name, value in headers:
-            if name == b"authorization":
-                return hmac.compare_digest(value, self._token)
-        return False
 
     async def _read_body(self, headers, receive) -> bytes:
         for name, value in headers:
@@ -678,7 +615,7 @@ def _admin_api(app: ServingApp):
     async def _call(handler, request: Request):
         try:
             status, body, ctype = await handler(await request.body())
-        except (HTTPError, RequestError, UnknownFeature, RedisUnavailable) as exc:
+        except ANSWERED as exc:
             err = as_http_error(exc)
             return Response(err.body(), err.status, media_type="application/json")
         return Response(body, status, media_type=ctype.decode())
@@ -751,7 +688,7 @@ def _admin_api(app: ServingApp):
 
 
 # ---------------------------------------------------------------------------
-# construction and running
+# construction
 # ---------------------------------------------------------------------------
 
 def create_app(settings: Settings, *, model_name: str | None = None, reader: OnlineFeatureReader | None = None,
@@ -770,58 +707,3 @@ def create_app(settings: Settings, *, model_name: str | None = None, reader: Onl
         follower = ModelFollower(settings, model_name, registry=registry, poll_s=model_poll_s)
     plog = PredictionLog(settings) if log_predictions else None
     return ServingApp(settings, reader, registry, follower, plog, token, model_name)
-
-
-class _CoalescingTransport:
-    """A transport whose writes of one event-loop turn leave in one send.
-
-    uvicorn writes a response's head and body separately and uvloop sends each at once:
-    two syscalls and two TCP segments (the client woken twice) for every answer.
-    """
-
-    __slots__ = ("_transport", "_loop", "_pending")
-
-    def __init__(self, transport: asyncio.Transport):
-        self._transport = transport
-        self._loop = asyncio.get_running_loop()
-        self._pending: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        if not self._pending:
-            self._loop.call_soon(self._flush)
-        self._pending.append(data)
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if pending and not self._transport.is_closing():
-            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:  # everything else is the transport's
-        return getattr(self._transport, name)
-
-
-def http_protocol():
-    """uvicorn's httptools protocol, writing each response with one send (see _CoalescingTransport)."""
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    class ServingHttpProtocol(HttpToolsProtocol):
-        def connection_made(self, transport) -> None:
-            super().connection_made(_CoalescingTransport(transport))
-
-    return ServingHttpProtocol
-
-
-def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """How uvicorn runs the app, in one process or in each of several workers."""
-    return dict(host=settings.http_host, port=settings.http_port, loop="uvloop", http=http_protocol(), lifespan="on",
-                access_log=False, log_level=settings.log_level.lower(), server_header=False,
-                limit_concurrency=10_000, backlog=4096, timeout_keep_alive=30)
-
-
-def token_path(settings: Settings) -> Path:
-    """Where the generated API token lives when FRESHET_API_TOKEN is not set (for the CLI to print)."""
-    return settings.data_path / TOKEN_FILE

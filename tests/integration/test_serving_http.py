@@ -199,7 +199,7 @@ def test_every_endpoint_but_health_ready_and_metrics_needs_the_bearer_token(serv
 
 
 def test_without_a_configured_token_one_is_generated_into_the_data_dir_readable_by_owner_only(settings, tmp_path):
-    from freshet.serving.app import resolve_token
+    from freshet.serving.auth import resolve_token
 
     s = dataclasses.replace(settings, api_token="", data_dir=str(tmp_path))
     token = resolve_token(s)
