@@ -1,6 +1,6 @@
 """The HTTP API: feature vectors, predictions, model admin, health and metrics.
 
-Owns routing, request validation and the mapping of errors to statuses. The hot
+Owns routing, prediction and the mapping of errors to statuses. The hot
 endpoints (/get-online-features, /predict, /health, /ready, /metrics)
 are answered by a small ASGI router in front of FastAPI; FastAPI serves the model
 admin endpoints and the OpenAPI docs, which describe every endpoint.
@@ -33,47 +33,12 @@ from freshet.serving.online import (
     PRESENT, OnlineFeatureReader, ReadPlan, RedisUnavailable, RequestError, UnknownFeature,
 )
 from freshet.serving.predictions import PredictionLog
+from freshet.serving.validation import MAX_REQUEST_ID, features_request, parse_instances, predict_request
 
 log = logging.getLogger("freshet.serving")
 
 LATENCY_BUCKETS = (.0001, .00025, .0005, .00075, .001, .0015, .0025, .005, .0075, .01, .025, .05, .1, .25, .5, 1, 2.5)
 AGE_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 6 * 3600, 86400, 2 * 86400, 7 * 86400)
-# A client's request id is a Kafka key and a join key in the monitor: bounded, printable
-MAX_REQUEST_ID = 128
-
-
-def _loads(body: bytes) -> Any:
-    if not body:
-        raise HTTPError(400, "the request body is empty; send a JSON object", "body")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise HTTPError(400, f"the request body is not valid JSON: {exc}", "body") from None
-
-
-def _expect(value: Any, kinds: type | tuple, field: str, what: str) -> Any:
-    if not isinstance(value, kinds):
-        raise HTTPError(422, f"must be {what}, got {_json_type(value)}", field)
-    return value
-
-
-def _client_request_id(inst: dict, field: str) -> str | None:
-    """The request id a client sent with an instance (e.g. its transaction id), or None."""
-    rid = inst.get("request_id")
-    if rid is None:
-        return None
-    if not isinstance(rid, str):
-        raise HTTPError(422, f"must be a string, got {_json_type(rid)}", field)
-    if not 0 < len(rid) <= MAX_REQUEST_ID:
-        raise HTTPError(422, f"must be 1 to {MAX_REQUEST_ID} characters, got {len(rid)}", field)
-    if not rid.isprintable():
-        raise HTTPError(422, "must hold printable characters only", field)
-    return rid
-
-
-def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 class _PredictPlan:
@@ -91,54 +56,6 @@ class _PredictPlan:
         for vr in (self.read.views if self.read else []):
             self.key_types.update(zip(vr.view.join_keys, vr.view.join_key_types))
         self.generation = reader.generation
-
-
-def _parse_instances(instances: list, batch: bool, plan: _PredictPlan,
-                     model_name: str) -> tuple[dict[str, list], list[dict], list[str | None]]:
-    """Join-key columns, request fields and client request ids of the instances, validated.
-
-    Field names for errors are built only on error: this runs for every prediction.
-    """
-    columns: dict[str, list] = {k: [] for k in plan.key_types}
-    key_types = list(plan.key_types.items())
-    fields_rows: list[dict] = []
-    request_ids: list[str | None] = []
-    first_with_id: dict[str, int] = {}
-
-    def at(i: int, name: str) -> str:
-        return f"instances[{i}].{name}" if batch else name
-
-    for i, inst in enumerate(instances):
-        if type(inst) is not dict:
-            raise HTTPError(422, f"must be a JSON object, got {_json_type(inst)}",
-                            f"instances[{i}]" if batch else "body")
-        rid = inst.get("request_id")
-        if rid is not None:
-            rid = _client_request_id(inst, at(i, "request_id"))
-            if rid in first_with_id:  # one id, two predictions: a label could join only one of them
-                raise HTTPError(422, f"repeats the request_id of instances[{first_with_id[rid]}]", at(i, "request_id"))
-            first_with_id[rid] = i
-        request_ids.append(rid)
-        ents = inst.get("entities", {})
-        if type(ents) is not dict:
-            raise HTTPError(422, f"must be an object of join keys, got {_json_type(ents)}", at(i, "entities"))
-        for key, kind in key_types:
-            v = ents.get(key)
-            if v is None:
-                raise HTTPError(422, f"missing; model {model_name!r} reads features keyed by {key!r}",
-                                at(i, f"entities.{key}"))
-            if not _key_ok(v, kind):
-                raise HTTPError(422, f"{v!r} is not a {kind.lower()}", at(i, f"entities.{key}"))
-            columns[key].append(v)
-        fields = inst.get("fields", {})
-        if type(fields) is not dict:
-            raise HTTPError(422, f"must be an object of request fields, got {_json_type(fields)}", at(i, "fields"))
-        for name in plan.fields:
-            v = fields.get(name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise HTTPError(422, f"must be a number or null, got {_json_type(v)}", at(i, f"fields.{name}"))
-        fields_rows.append(fields)
-    return columns, fields_rows, request_ids
 
 
 def _model_inputs(plan: _PredictPlan, result, fields_rows: list[dict]) -> list[list]:
@@ -366,18 +283,10 @@ class ServingApp:
 
     async def get_online_features(self, body: bytes) -> tuple[int, bytes, bytes]:
         """Feast's /get-online-features: the same request and response JSON."""
-        req = _expect(_loads(body), dict, "body", "a JSON object")
-        features = req.get("features")
-        features = [] if features is None else _expect(features, list, "features", "a list of 'view:feature' strings")
-        service = req.get("feature_service")
-        if service is not None:
-            _expect(service, str, "feature_service", "a string")
-        full = _expect(req.get("full_feature_names", False), bool, "full_feature_names", "true or false")
-        if "entities" not in req:
-            raise HTTPError(422, "missing; send {\"entities\": {\"<join key>\": [values...]}}", "entities")
+        features, service, full, entities = features_request(body)
         try:
             plan = self.reader.plan(features, service, full)
-            result = await self.reader.read_async(plan, req["entities"])
+            result = await self.reader.read_async(plan, entities)
         except TypeError:  # unhashable feature refs
             raise HTTPError(422, "must be a list of 'view:feature' strings", "features") from None
         self._observe_features(result)
@@ -390,19 +299,10 @@ class ServingApp:
             reason = self.follower.last_error if self.follower is not None else "model serving is off"
             raise HTTPError(503, f"no model to serve: {reason}; promote a version of {self.model_name!r} "
                                  "(freshet retrain --bootstrap)", headers=[(b"retry-after", b"5")])
-        req = _expect(_loads(body), dict, "body", "a JSON object")
-        wanted = req.get("model")
-        if wanted is not None and wanted != model.name:
-            raise HTTPError(404, f"model {wanted!r} is not served here; this server serves {model.name!r}", "model")
-        batch = "instances" in req
-        instances = _expect(req["instances"], list, "instances", "a list of objects") if batch else [req]
-        if not instances:
-            raise HTTPError(422, "must hold at least one instance", "instances")
-        if batch and "request_id" in req:
-            raise HTTPError(422, "the batch form takes a request_id per instance, not one for the batch",
-                            "request_id")
+        instances, batch = predict_request(body, model.name)
         plan = self._predict_plan(model)
-        columns, fields_rows, request_ids = _parse_instances(instances, batch, plan, model.name)
+        columns, fields_rows, request_ids = parse_instances(instances, batch, plan.key_types, plan.fields,
+                                                            model.name)
         result = await self.reader.read_async(plan.read, columns) if plan.read else None
         rows = _model_inputs(plan, result, fields_rows)
         scores = [model.score_one(rows[0])] if len(rows) == 1 else model.predict_proba(rows)
@@ -470,14 +370,6 @@ class ServingApp:
 
 class _Disconnected(Exception):
     pass
-
-
-def _key_ok(v: Any, kind: str) -> bool:
-    if kind == "STRING":
-        return isinstance(v, str)
-    if kind in ("INT64", "INT32", "UNIX_TIMESTAMP"):
-        return isinstance(v, int) and not isinstance(v, bool)
-    return True
 
 
 def _endpoint_label(path: str) -> str:
