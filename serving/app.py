@@ -2,8 +2,8 @@
 
 Owns routing, prediction and the mapping of errors to statuses. The hot
 endpoints (/get-online-features, /predict, /health, /ready, /metrics)
-are answered by a small ASGI router in front of FastAPI; FastAPI serves the model
-admin endpoints and the OpenAPI docs, which describe every endpoint.
+are answered by a small ASGI router in front of FastAPI; FastAPI (freshet.serving.admin)
+serves the model admin endpoints and the OpenAPI docs, which describe every endpoint.
 """
 
 from __future__ import annotations
@@ -15,25 +15,23 @@ import logging
 import secrets
 import time
 from bisect import bisect_left
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import orjson
-from fastapi import Body, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, Field
 
 from freshet.settings import DEFAULT_MODEL_NAME, Settings
-from freshet.models import LinearModel, ModelFollower, ModelNotFound, ModelRegistry
+from freshet.models import LinearModel, ModelFollower, ModelRegistry
+from freshet.serving.admin import admin_api
 from freshet.serving.auth import BearerAuth, resolve_token
 from freshet.serving.errors import ANSWERED, JSON, HTTPError, as_http_error
 from freshet.serving.online import (
     PRESENT, OnlineFeatureReader, ReadPlan, RedisUnavailable, RequestError, UnknownFeature,
 )
 from freshet.serving.predictions import PredictionLog
-from freshet.serving.validation import MAX_REQUEST_ID, features_request, parse_instances, predict_request
+from freshet.serving.validation import features_request, parse_instances, predict_request
 
 log = logging.getLogger("freshet.serving")
 
@@ -99,7 +97,7 @@ class ServingApp:
             ("GET", "/ready"): self.ready,
             ("GET", "/metrics"): self.metrics,
         }
-        self.api = _admin_api(self)
+        self.api = admin_api(self)
         if follower is not None:
             follower.on_change = self._model_changed
 
@@ -460,123 +458,6 @@ class _HotMetrics:
         yield published
         yield dropped
         yield pending
-
-
-# Request bodies as the OpenAPI docs show them (the hot paths validate by hand, naming the field).
-class GetOnlineFeaturesRequest(BaseModel):
-    entities: dict[str, list[Any]] = Field(..., examples=[{"card_id": ["c1"], "merchant_id": ["m1"]}])
-    features: list[str] = Field([], examples=[["card_txn_stats:sum_amount_300s"]])
-    feature_service: str | None = None
-    full_feature_names: bool = False
-
-
-_REQUEST_ID_DOC = ("the prediction's id in the response and on the predictions topic (e.g. the transaction "
-                   "id), so labels published later under it join the prediction; generated when left out")
-
-
-class Instance(BaseModel):
-    entities: dict[str, Any] = Field(..., examples=[{"card_id": "c1", "merchant_id": "m1"}])
-    fields: dict[str, float | None] = Field({}, examples=[{"amount": 42.5}])
-    request_id: str | None = Field(None, min_length=1, max_length=MAX_REQUEST_ID, description=_REQUEST_ID_DOC,
-                                   examples=["tx-0001"])
-
-
-class PredictRequest(BaseModel):
-    entities: dict[str, Any] | None = Field(None, examples=[{"card_id": "c1", "merchant_id": "m1"}])
-    fields: dict[str, float | None] | None = None
-    request_id: str | None = Field(None, min_length=1, max_length=MAX_REQUEST_ID,
-                                   description=_REQUEST_ID_DOC + "; in the batch form, set it per instance")
-    instances: list[Instance] | None = Field(None, description="the batch form; then leave entities out")
-    model: str | None = None
-
-
-class PromoteRequest(BaseModel):
-    version: str = Field(..., examples=["3"])
-
-
-def _admin_api(app: ServingApp):
-
-    api = FastAPI(
-        title="freshet serving",
-        description="Feature vectors (Feast's feature-server shapes), predictions from the model version the "
-                    "registry serves, model admin, health and metrics. Every endpoint but /health, /ready and "
-                    "/metrics needs 'Authorization: Bearer <token>'.",
-        version="1",
-    )
-
-    async def _call(handler, request: Request):
-        try:
-            status, body, ctype = await handler(await request.body())
-        except ANSWERED as exc:
-            err = as_http_error(exc)
-            return Response(err.body(), err.status, media_type="application/json")
-        return Response(body, status, media_type=ctype.decode())
-
-    # These five are answered by ServingApp before FastAPI sees them; declared here for the docs.
-    @api.post("/get-online-features", tags=["features"], summary="Feature vectors (Feast's request/response)")
-    async def get_online_features(request: Request, _: GetOnlineFeaturesRequest = Body(...)):
-        return await _call(app.get_online_features, request)
-
-    @api.post("/predict", tags=["predictions"],
-              summary="Score one instance (entities + fields) or a batch (instances) with the served model")
-    async def predict(request: Request, _: PredictRequest = Body(...)):
-        return await _call(app.predict, request)
-
-    @api.get("/health", tags=["operations"], summary="Liveness")
-    async def health(request: Request):
-        return await _call(app.health, request)
-
-    @api.get("/ready", tags=["operations"], summary="Readiness: Redis reachable and a model loaded")
-    async def ready(request: Request):
-        return await _call(app.ready, request)
-
-    @api.get("/metrics", tags=["operations"], summary="Prometheus metrics")
-    async def metrics(request: Request):
-        return await _call(app.metrics, request)
-
-    def registry() -> ModelRegistry:
-        if app.registry is None:
-            raise HTTPError(503, "no model registry configured")
-        return app.registry
-
-    @api.exception_handler(HTTPError)
-    async def _http_error(request, exc: HTTPError):
-        return Response(exc.body(), exc.status, media_type="application/json")
-
-    @api.exception_handler(ModelNotFound)
-    async def _not_found(request, exc: ModelNotFound):
-        return JSONResponse({"detail": str(exc), "status": 404}, 404)
-
-    @api.get("/models", tags=["models"], summary="Registered models and what their aliases point at")
-    def list_models():
-        served = app.follower.model if app.follower else None
-        return {"models": registry().models(),
-                "serving": {"name": served.name, "version": served.version} if served else None}
-
-    @api.get("/models/{name}", tags=["models"],
-             summary="Versions of a model: stage, metrics, parameters, training lineage")
-    def get_model(name: str):
-        reg = registry()
-        served = app.follower.model if app.follower and app.follower.model and app.follower.model.name == name \
-            else None
-        return {"name": name, "champion": reg.current_version(name), "serving": served.version if served else None,
-                "versions": reg.versions(name)}
-
-    @api.post("/models/{name}/promote", tags=["models"], summary="Serve this version (admin)")
-    def promote(name: str, req: PromoteRequest):
-        event = registry().promote(name, req.version)
-        if app.follower is not None and name == app.follower.name:
-            app.follower.check()  # this server switches now; others follow the event
-        return event.to_dict()
-
-    @api.post("/models/{name}/rollback", tags=["models"], summary="Serve the previously promoted version (admin)")
-    def rollback(name: str):
-        event = registry().rollback(name)
-        if app.follower is not None and name == app.follower.name:
-            app.follower.check()
-        return event.to_dict()
-
-    return api
 
 
 # ---------------------------------------------------------------------------
