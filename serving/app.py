@@ -1,9 +1,7 @@
-"""The serving app: an ASGI router in front of FastAPI, its start-up and shutdown, and create_app.
+"""The serving app: the ASGI router in front of FastAPI, start-up and shutdown, and create_app.
 
-Owns routing, request bodies and their limit, the errors-to-statuses answer and the
-feature, health, readiness and metrics endpoints. The hot endpoints (/get-online-features,
-/predict, /health, /ready, /metrics) are answered here; FastAPI (freshet.serving.admin)
-serves the model admin endpoints and the OpenAPI docs, which describe every endpoint.
+Owns the hot endpoints (/get-online-features, /predict through the Predictor, /health, /ready,
+/metrics), request bodies and their limit, and errors as statuses; FastAPI (admin.py) answers the rest.
 """
 
 from __future__ import annotations
