@@ -25,7 +25,7 @@ import math
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Generator, Iterable, Mapping, Sequence
 
 import mmh3
 import redis
@@ -476,6 +476,59 @@ return 1
 """
 
 
+# ---------------------------------------------------------------------------
+# one round trip, written once for the redis-py client and its asyncio twin
+# ---------------------------------------------------------------------------
+
+def _exchange(pool: Any, blob: bytes, replies: int) -> Generator:
+    """Send `blob` on one pooled connection and read its `replies`; raises the first error reply.
+
+    Yields each connection call's result: run it with `_run` or `_run_async`.
+    """
+    conn = yield pool.get_connection()
+    try:
+        yield conn.send_packed_command([blob])
+        error = None
+        for _ in range(replies):
+            try:
+                yield conn.read_response()
+            except redis.ResponseError as exc:  # read every reply so the connection stays in sync
+                error = error or exc
+        if error:
+            raise error
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        yield conn.disconnect()
+        raise
+    finally:
+        yield pool.release(conn)
+
+
+def _run(steps: Generator) -> Any:
+    """The value of `steps` on a sync client, whose calls return their result."""
+    try:
+        result = next(steps)
+        while True:
+            result = steps.send(result)
+    except StopIteration as done:
+        return done.value
+
+
+async def _run_async(steps: Generator) -> Any:
+    """The value of `steps` on an asyncio client: each call's awaitable is awaited and its result,
+    or its error, handed back, so the steps' own except and finally clauses run as in sync code."""
+    try:
+        step = next(steps)
+        while True:
+            try:
+                result = await step
+            except BaseException as exc:  # cancellation too: the steps release their connection
+                step = steps.throw(exc)
+            else:
+                step = steps.send(result)
+    except StopIteration as done:
+        return done.value
+
+
 class OnlineLayout:
     """Feast's Redis layout for one project's feature views: the writer and the decoder.
 
@@ -492,7 +545,7 @@ class OnlineLayout:
             lay = ViewLayout.from_spec(v) if hasattr(v, "aggregations") or isinstance(v, ViewLayout) \
                 else ViewLayout.from_feast(v)
             self._codecs[name] = _ViewCodec(lay, project_b)
-        # a pipeline given this script loads it before executing (redis-py Script)
+        # what a redis-py pipeline loads before executing (its `scripts`), and the EVALSHA digest
         self._write_if_newer = Script(None, _WRITE_IF_NEWER.encode())
 
     @classmethod
@@ -533,7 +586,7 @@ class OnlineLayout:
         return dict(zip(args[::2], args[1::2]))
 
     def write_rows(self, pipe: Any, view: str, rows: Iterable[Row], only_newer: bool = False) -> int:
-        """Queue one HSET per row on a redis-py pipeline (any client, Redis Cluster too).
+        """Queue one HSET per row on a redis-py pipeline, sync or asyncio (Redis Cluster too).
 
         A row is (join key values in the view's join key order, {feature: value}, event
         time as epoch seconds or datetime). Features left out keep their stored value; a
@@ -544,21 +597,23 @@ class OnlineLayout:
         """
         codec = self._codec(view)
         ttl = self.key_ttl_s
-        script = self._write_if_newer
-        sync_pipe = not hasattr(pipe, "__aenter__")
+        command = self._row_command(pipe) if only_newer else ("HSET",)
         n = 0
         for key_values, values, event_ts in rows:
             key = codec.key(key_values)
-            if only_newer and sync_pipe:
-                script(keys=[key], args=codec.encode(values, event_ts), client=pipe)
-            elif only_newer:  # an asyncio pipeline cannot load the script first: EVAL (cached by Redis)
-                pipe.execute_command("EVAL", _WRITE_IF_NEWER, 1, key, *codec.encode(values, event_ts))
-            else:
-                pipe.execute_command("HSET", key, *codec.encode(values, event_ts))
+            pipe.execute_command(*command, key, *codec.encode(values, event_ts))
             if ttl:
                 pipe.expire(key, ttl)
             n += 1
         return n
+
+    def _row_command(self, pipe: Any) -> tuple:
+        """The only_newer command on `pipe`, before a row's key and fields."""
+        scripts = getattr(pipe, "scripts", None)
+        if scripts is None:  # a cluster pipeline cannot load a script first: EVAL (cached by Redis)
+            return ("EVAL", _WRITE_IF_NEWER, 1)
+        scripts.add(self._write_if_newer)  # a redis-py pipeline loads its scripts before executing
+        return ("EVALSHA", self._write_if_newer.sha, 1)
 
     def write(self, client: Any, view: str, rows: Iterable[Row], only_newer: bool = False) -> int:
         """Write rows now, in one round trip on one pooled connection; returns the rows written.
@@ -566,35 +621,27 @@ class OnlineLayout:
         Same rows and semantics as `write_rows`, about twice as fast: the commands are
         packed here instead of by redis-py. A Redis Cluster client goes through a pipeline.
         """
-        if not hasattr(client, "connection_pool"):
-            pipe = client.pipeline(transaction=False)
-            n = self.write_rows(pipe, view, rows, only_newer)
-            pipe.execute()
-            return n
-        blob, replies, n = self.pack_rows(view, rows, only_newer)
-        if n:
-            try:
-                self._send(client, blob, replies)
-            except redis.exceptions.NoScriptError:
-                # every EVALSHA failed alike, so nothing was written: load the script and resend
-                client.script_load(_WRITE_IF_NEWER)
-                self._send(client, blob, replies)
-        return n
+        return _run(self._writing(client, view, rows, only_newer))
 
     async def write_async(self, client: Any, view: str, rows: Iterable[Row], only_newer: bool = False) -> int:
         """`write` for a redis.asyncio client (the stream engine's event loop)."""
-        if not hasattr(client, "connection_pool"):
+        return await _run_async(self._writing(client, view, rows, only_newer))
+
+    def _writing(self, client: Any, view: str, rows: Iterable[Row], only_newer: bool) -> Generator:
+        """`write` for either client: yields each client call's result (an awaitable from asyncio's)."""
+        if not hasattr(client, "connection_pool"):  # Redis Cluster: no one connection to pack for
             pipe = client.pipeline(transaction=False)
             n = self.write_rows(pipe, view, rows, only_newer)
-            await pipe.execute()
+            yield pipe.execute()
             return n
         blob, replies, n = self.pack_rows(view, rows, only_newer)
         if n:
             try:
-                await self._send_async(client, blob, replies)
+                yield from _exchange(client.connection_pool, blob, replies)
             except redis.exceptions.NoScriptError:
-                await client.script_load(_WRITE_IF_NEWER)
-                await self._send_async(client, blob, replies)
+                # every EVALSHA failed alike, so nothing was written: load the script and resend
+                yield client.script_load(_WRITE_IF_NEWER)
+                yield from _exchange(client.connection_pool, blob, replies)
         return n
 
     def pack_rows(self, view: str, rows: Iterable[Row], only_newer: bool = False) -> tuple[bytes, int, int]:
@@ -615,46 +662,6 @@ class OnlineLayout:
                 replies += 1
             n += 1
         return b"".join(out), replies, n
-
-    @staticmethod
-    def _send(client: Any, blob: bytes, replies: int) -> None:
-        pool = client.connection_pool
-        conn = pool.get_connection()
-        try:
-            conn.send_packed_command([blob])
-            error = None
-            for _ in range(replies):
-                try:
-                    conn.read_response()
-                except redis.ResponseError as exc:  # read every reply so the connection stays in sync
-                    error = error or exc
-            if error:
-                raise error
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
-            conn.disconnect()
-            raise
-        finally:
-            pool.release(conn)
-
-    @staticmethod
-    async def _send_async(client: Any, blob: bytes, replies: int) -> None:
-        pool = client.connection_pool
-        conn = await pool.get_connection()
-        try:
-            await conn.send_packed_command([blob])
-            error = None
-            for _ in range(replies):
-                try:
-                    await conn.read_response()
-                except redis.ResponseError as exc:
-                    error = error or exc
-            if error:
-                raise error
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
-            await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
 
     # -- reading ------------------------------------------------------------
 

@@ -1,213 +1,35 @@
-"""The HTTP API: feature vectors, predictions, model admin, health and metrics.
+"""The serving app: the ASGI router in front of FastAPI, start-up and shutdown, and create_app.
 
-Owns routing, bearer-token auth, request validation and the mapping of errors to
-statuses. The hot endpoints (/get-online-features, /predict, /health, /ready, /metrics)
-are answered by a small ASGI router in front of FastAPI; FastAPI serves the model
-admin endpoints and the OpenAPI docs, which describe every endpoint.
+Owns the hot endpoints (/get-online-features, /predict through the Predictor, /health, /ready,
+/metrics), request bodies and their limit, and errors as statuses; FastAPI (admin.py) answers the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import hmac
-import itertools
 import logging
-import os
-import secrets
 import time
-from bisect import bisect_left
-from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import orjson
-from fastapi import Body, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, Field
 
 from freshet.settings import DEFAULT_MODEL_NAME, Settings
-from freshet.models import LinearModel, ModelFollower, ModelNotFound, ModelRegistry
-from freshet.serving.online import (
-    PRESENT, OnlineFeatureReader, ReadPlan, RedisUnavailable, RequestError, UnknownFeature,
-)
+from freshet.models import ModelFollower, ModelRegistry
+from freshet.serving.admin import admin_api
+from freshet.serving.auth import BearerAuth, resolve_token
+from freshet.serving.errors import ANSWERED, JSON, HTTPError, as_http_error
+from freshet.serving.metrics import ServingMetrics
+from freshet.serving.online import OnlineFeatureReader, RedisUnavailable
 from freshet.serving.predictions import PredictionLog
+from freshet.serving.scoring import Predictor
+from freshet.serving.validation import features_request
 
 log = logging.getLogger("freshet.serving")
 
-TOKEN_FILE = "api-token"
-PUBLIC = frozenset({"/health", "/ready", "/metrics"})
-JSON = b"application/json"
-LATENCY_BUCKETS = (.0001, .00025, .0005, .00075, .001, .0015, .0025, .005, .0075, .01, .025, .05, .1, .25, .5, 1, 2.5)
-AGE_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 6 * 3600, 86400, 2 * 86400, 7 * 86400)
-# A client's request id is a Kafka key and a join key in the monitor: bounded, printable
-MAX_REQUEST_ID = 128
-
-
-class HTTPError(Exception):
-    """An answer other than 200: status, a message, and the request field it concerns."""
-
-    def __init__(self, status: int, message: str, field: str | None = None, headers: list | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field
-        self.headers = headers or []
-
-    def body(self) -> bytes:
-        doc: dict[str, Any] = {"detail": self.message, "status": self.status}
-        if self.field:
-            doc["field"] = self.field
-        return orjson.dumps(doc)
-
-
-def as_http_error(exc: Exception) -> HTTPError:
-    """The answer for an error the read path raises: 422 bad field, 404 unknown name, 503 Redis down."""
-    if isinstance(exc, HTTPError):
-        return exc
-    if isinstance(exc, RequestError):
-        return HTTPError(422, exc.message, exc.field)
-    if isinstance(exc, UnknownFeature):
-        return HTTPError(404, str(exc))
-    if isinstance(exc, RedisUnavailable):
-        return HTTPError(503, f"the online store is unavailable: {exc}", headers=[(b"retry-after", b"1")])
-    raise TypeError(exc)
-
-
-def resolve_token(settings: Settings) -> str:
-    """settings.api_token, else the token in <data_dir>/api-token, else a new one written there (0600)."""
-    if settings.api_token:
-        return settings.api_token
-    path = settings.data_path / TOKEN_FILE
-    if path.is_file() and (path.stat().st_mode & 0o077) == 0:
-        token = path.read_text().strip()
-        if token:
-            log.info("API token read from %s", path)
-            return token
-    settings.data_path.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    os.chmod(path, 0o600)
-    log.warning("FRESHET_API_TOKEN is not set: generated an API token, written to %s (mode 0600); "
-                "send it as 'Authorization: Bearer <token>'", path)
-    return token
-
-
-def _loads(body: bytes) -> Any:
-    if not body:
-        raise HTTPError(400, "the request body is empty; send a JSON object", "body")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise HTTPError(400, f"the request body is not valid JSON: {exc}", "body") from None
-
-
-def _expect(value: Any, kinds: type | tuple, field: str, what: str) -> Any:
-    if not isinstance(value, kinds):
-        raise HTTPError(422, f"must be {what}, got {_json_type(value)}", field)
-    return value
-
-
-def _client_request_id(inst: dict, field: str) -> str | None:
-    """The request id a client sent with an instance (e.g. its transaction id), or None."""
-    rid = inst.get("request_id")
-    if rid is None:
-        return None
-    if not isinstance(rid, str):
-        raise HTTPError(422, f"must be a string, got {_json_type(rid)}", field)
-    if not 0 < len(rid) <= MAX_REQUEST_ID:
-        raise HTTPError(422, f"must be 1 to {MAX_REQUEST_ID} characters, got {len(rid)}", field)
-    if not rid.isprintable():
-        raise HTTPError(422, "must hold printable characters only", field)
-    return rid
-
-
-def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-class _PredictPlan:
-    """How one model version reads its inputs: feature refs from Redis, the rest from the request."""
-
-    def __init__(self, model: LinearModel, reader: OnlineFeatureReader):
-        refs = [f for f in model.feature_names if ":" in f]
-        self.read: ReadPlan | None = reader.plan(refs, full_feature_names=True) if refs else None
-        self.fields = [f for f in model.feature_names if ":" not in f]
-        position = {r: i for i, r in enumerate(self.read.refs)} if self.read else {}
-        # per model input: (True, index into the read result, index of its view) or (False, field name, -1)
-        self.inputs = [(True, position[f], self.read.feature_view[position[f]]) if ":" in f else (False, f, -1)
-                       for f in model.feature_names]
-        self.key_types: dict[str, str] = {}
-        for vr in (self.read.views if self.read else []):
-            self.key_types.update(zip(vr.view.join_keys, vr.view.join_key_types))
-        self.generation = reader.generation
-
-
-def _parse_instances(instances: list, batch: bool, plan: _PredictPlan,
-                     model_name: str) -> tuple[dict[str, list], list[dict], list[str | None]]:
-    """Join-key columns, request fields and client request ids of the instances, validated.
-
-    Field names for errors are built only on error: this runs for every prediction.
-    """
-    columns: dict[str, list] = {k: [] for k in plan.key_types}
-    key_types = list(plan.key_types.items())
-    fields_rows: list[dict] = []
-    request_ids: list[str | None] = []
-    first_with_id: dict[str, int] = {}
-
-    def at(i: int, name: str) -> str:
-        return f"instances[{i}].{name}" if batch else name
-
-    for i, inst in enumerate(instances):
-        if type(inst) is not dict:
-            raise HTTPError(422, f"must be a JSON object, got {_json_type(inst)}",
-                            f"instances[{i}]" if batch else "body")
-        rid = inst.get("request_id")
-        if rid is not None:
-            rid = _client_request_id(inst, at(i, "request_id"))
-            if rid in first_with_id:  # one id, two predictions: a label could join only one of them
-                raise HTTPError(422, f"repeats the request_id of instances[{first_with_id[rid]}]", at(i, "request_id"))
-            first_with_id[rid] = i
-        request_ids.append(rid)
-        ents = inst.get("entities", {})
-        if type(ents) is not dict:
-            raise HTTPError(422, f"must be an object of join keys, got {_json_type(ents)}", at(i, "entities"))
-        for key, kind in key_types:
-            v = ents.get(key)
-            if v is None:
-                raise HTTPError(422, f"missing; model {model_name!r} reads features keyed by {key!r}",
-                                at(i, f"entities.{key}"))
-            if not _key_ok(v, kind):
-                raise HTTPError(422, f"{v!r} is not a {kind.lower()}", at(i, f"entities.{key}"))
-            columns[key].append(v)
-        fields = inst.get("fields", {})
-        if type(fields) is not dict:
-            raise HTTPError(422, f"must be an object of request fields, got {_json_type(fields)}", at(i, "fields"))
-        for name in plan.fields:
-            v = fields.get(name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise HTTPError(422, f"must be a number or null, got {_json_type(v)}", at(i, f"fields.{name}"))
-        fields_rows.append(fields)
-    return columns, fields_rows, request_ids
-
-
-def _model_inputs(plan: _PredictPlan, result, fields_rows: list[dict]) -> list[list]:
-    """One row of model inputs per instance; missing and stale features are None (the model fills them)."""
-    inputs = plan.inputs
-    if result is None:
-        return [[fields.get(ref) for _, ref, _ in inputs] for fields in fields_rows]
-    values, row_status = result.values, result.row_status
-    rows = []
-    for r, fields in enumerate(fields_rows):
-        present = [statuses[r] is PRESENT for statuses in row_status]  # per view
-        rows.append([(values[ref][r] if present[view] else None) if from_store else fields.get(ref)
-                     for from_store, ref, view in inputs])
-    return rows
+# (status, body, content type) of a request body
+Handler = Callable[[bytes], Awaitable[tuple[int, bytes, bytes]]]
 
 
 class ServingApp:
@@ -220,77 +42,23 @@ class ServingApp:
         self.reader = reader
         self.registry = registry
         self.follower = follower
-        self.prediction_log = prediction_log
         self.model_name = model_name
-        self._token = ("Bearer " + token).encode()
+        self.auth = BearerAuth(token)
         self.max_body = settings.max_body_bytes
-        self._predict_plans: dict[tuple[str, str], _PredictPlan] = {}
         self._tasks: list[asyncio.Task] = []
-        # request ids: 64 random bits per process + a counter, unique without a syscall per request
-        self._id_prefix = secrets.token_hex(8)
-        self._ids = itertools.count()
-        self._init_metrics()
-        self.routes: dict[tuple[str, str], Callable[[bytes], Awaitable[tuple[int, bytes, bytes]]]] = {
+        self.metrics = ServingMetrics(reader)
+        self.predictor = Predictor(reader, follower, prediction_log, self.metrics, model_name)
+        self.metrics.expose_predictions(self.predictor)
+        self.routes: dict[tuple[str, str], Handler] = {
             ("POST", "/get-online-features"): self.get_online_features,
-            ("POST", "/predict"): self.predict,
+            ("POST", "/predict"): self.predictor.predict,
             ("GET", "/health"): self.health,
             ("GET", "/ready"): self.ready,
-            ("GET", "/metrics"): self.metrics,
+            ("GET", "/metrics"): self.scrape,
         }
-        self.api = _admin_api(self)
+        self.api = admin_api(self)
         if follower is not None:
-            follower.on_change = self._model_changed
-
-    # -- metrics ---------------------------------------------------------------
-
-    def _init_metrics(self) -> None:
-        r = self.metrics_registry = CollectorRegistry(auto_describe=True)
-        # Per-request metrics are plain counters exposed by a collector: prometheus_client's own
-        # children cost several microseconds each (more in multiprocess mode, which importing
-        # feast switches on), on the path every request takes.
-        self.latency: dict[str, _Histogram] = {}
-        self.requests: dict[tuple[str, int], int] = {}
-        self.feature_age: dict[str, _Histogram] = {}
-        self.feature_rows: dict[tuple[str, str], int] = {}
-        self.predictions: dict[tuple[str, str], int] = {}
-        self._model_version = Gauge("freshet_model_version", "Model version in use", ["model"], registry=r)
-        self._model_info = Gauge("freshet_model_info", "1 for the model version in use, 0 for versions "
-                                 "served before", ["model", "version"], registry=r)
-        r.register(_HotMetrics(self))
-
-    def _observe(self, endpoint: str, status: int, seconds: float) -> None:
-        hist = self.latency.get(endpoint)
-        if hist is None:
-            hist = self.latency[endpoint] = _Histogram(LATENCY_BUCKETS)
-        hist.observe(seconds)
-        key = (endpoint, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-
-    def _observe_features(self, result) -> None:
-        now = time.time()
-        views = self.reader.layout.views
-        rows = self.feature_rows
-        for view, stamps in result.view_ts.items():
-            hist = self.feature_age.get(view)
-            if hist is None:
-                hist = self.feature_age[view] = _Histogram(AGE_BUCKETS)
-            ttl = views[view].ttl_s if view in views else 0
-            for ts in stamps:
-                if ts is None:
-                    status = "not_found"
-                else:
-                    age = now - ts
-                    hist.observe(age)
-                    status = "stale" if ttl and age > ttl else "present"
-                key = (view, status)
-                rows[key] = rows.get(key, 0) + 1
-
-    def _model_changed(self, old: LinearModel | None, new: LinearModel) -> None:
-        if old is not None:
-            self._model_info.labels(old.name, old.version).set(0)
-        self._model_info.labels(new.name, new.version).set(1)
-        if new.version.isdigit():
-            self._model_version.labels(new.name).set(int(new.version))
+            follower.on_change = self.metrics.model_changed
 
     # -- ASGI ------------------------------------------------------------------
 
@@ -312,16 +80,14 @@ class ServingApp:
         headers = scope["headers"]
         status = 500
         try:
-            if path not in PUBLIC and not self._authorized(headers):
-                raise HTTPError(401, "missing or wrong bearer token; send 'Authorization: Bearer <token>'",
-                                headers=[(b"www-authenticate", b"Bearer")])
+            self.auth.check(path, headers)
             if handler is None:
                 status = await self._delegate(scope, receive, send)
                 return
             body = await self._read_body(headers, receive) if method == "POST" else b""
             status, payload, content_type = await handler(body)
             await _respond(send, status, payload, content_type)
-        except (HTTPError, RequestError, UnknownFeature, RedisUnavailable) as exc:
+        except ANSWERED as exc:
             err = as_http_error(exc)
             status = err.status
             await _respond(send, status, err.body(), JSON, err.headers)
@@ -332,13 +98,7 @@ class ServingApp:
             status = 500
             await _respond(send, 500, HTTPError(500, "internal error; see the server log").body(), JSON)
         finally:
-            self._observe(endpoint, status, time.perf_counter() - started)
-
-    def _authorized(self, headers) -> bool:
-        for name, value in headers:
-            if name == b"authorization":
-                return hmac.compare_digest(value, self._token)
-        return False
+            self.metrics.observe(endpoint, status, time.perf_counter() - started)
 
     async def _read_body(self, headers, receive) -> bytes:
         for name, value in headers:
@@ -377,6 +137,8 @@ class ServingApp:
         await self.api(scope, receive, capture)
         return status
 
+    # -- start-up and shutdown -------------------------------------------------
+
     async def _lifespan(self, receive, send) -> None:
         while True:
             message = await receive()
@@ -394,8 +156,8 @@ class ServingApp:
                 return
 
     async def startup(self) -> None:
-        if self.prediction_log is not None:
-            self.prediction_log.start()
+        if self.predictor.prediction_log is not None:
+            self.predictor.prediction_log.start()
         if self.follower is not None:
             await asyncio.to_thread(self.follower.start)
         self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_registry()))
@@ -411,8 +173,8 @@ class ServingApp:
             task.cancel()
         if self.follower is not None:
             await asyncio.to_thread(self.follower.stop)
-        if self.prediction_log is not None:
-            await asyncio.to_thread(self.prediction_log.close)
+        if self.predictor.prediction_log is not None:
+            await asyncio.to_thread(self.predictor.prediction_log.close)
         await self.reader.aio.close()
 
     async def _refresh_registry(self) -> None:
@@ -425,85 +187,18 @@ class ServingApp:
             except Exception as exc:  # noqa: BLE001 - keep serving with the registry we have
                 log.warning("feature registry refresh failed: %s", exc)
 
-    # -- endpoints -------------------------------------------------------------
+    # -- endpoints (/predict is the Predictor's) -------------------------------
 
     async def get_online_features(self, body: bytes) -> tuple[int, bytes, bytes]:
         """Feast's /get-online-features: the same request and response JSON."""
-        req = _expect(_loads(body), dict, "body", "a JSON object")
-        features = req.get("features")
-        features = [] if features is None else _expect(features, list, "features", "a list of 'view:feature' strings")
-        service = req.get("feature_service")
-        if service is not None:
-            _expect(service, str, "feature_service", "a string")
-        full = _expect(req.get("full_feature_names", False), bool, "full_feature_names", "true or false")
-        if "entities" not in req:
-            raise HTTPError(422, "missing; send {\"entities\": {\"<join key>\": [values...]}}", "entities")
+        features, service, full, entities = features_request(body)
         try:
             plan = self.reader.plan(features, service, full)
-            result = await self.reader.read_async(plan, req["entities"])
+            result = await self.reader.read_async(plan, entities)
         except TypeError:  # unhashable feature refs
             raise HTTPError(422, "must be a list of 'view:feature' strings", "features") from None
-        self._observe_features(result)
+        self.metrics.observe_features(result)
         return 200, orjson.dumps(result.to_feast_dict()), JSON
-
-    async def predict(self, body: bytes) -> tuple[int, bytes, bytes]:
-        """Score one instance or a batch with the served model version."""
-        model = self.follower.model if self.follower is not None else None
-        if model is None:
-            reason = self.follower.last_error if self.follower is not None else "model serving is off"
-            raise HTTPError(503, f"no model to serve: {reason}; promote a version of {self.model_name!r} "
-                                 "(freshet retrain --bootstrap)", headers=[(b"retry-after", b"5")])
-        req = _expect(_loads(body), dict, "body", "a JSON object")
-        wanted = req.get("model")
-        if wanted is not None and wanted != model.name:
-            raise HTTPError(404, f"model {wanted!r} is not served here; this server serves {model.name!r}", "model")
-        batch = "instances" in req
-        instances = _expect(req["instances"], list, "instances", "a list of objects") if batch else [req]
-        if not instances:
-            raise HTTPError(422, "must hold at least one instance", "instances")
-        if batch and "request_id" in req:
-            raise HTTPError(422, "the batch form takes a request_id per instance, not one for the batch",
-                            "request_id")
-        plan = self._predict_plan(model)
-        columns, fields_rows, request_ids = _parse_instances(instances, batch, plan, model.name)
-        result = await self.reader.read_async(plan.read, columns) if plan.read else None
-        rows = _model_inputs(plan, result, fields_rows)
-        scores = [model.score_one(rows[0])] if len(rows) == 1 else model.predict_proba(rows)
-        now = time.time()
-        names = model.feature_names
-        out = []
-        log_ = self.prediction_log
-        for r, x in enumerate(rows):
-            score = float(scores[r])
-            label = model.label(score)
-            request_id = request_ids[r] or f"{self._id_prefix}{next(self._ids):016x}"
-            features = dict(zip(names, x))
-            entities = {k: col[r] for k, col in columns.items()}
-            prediction = {"score": score, "label": label}
-            if log_ is not None:
-                log_.publish(request_id, model.name, model.version, entities, features, prediction, now)
-            out.append({"request_id": request_id, "score": score, "label": label, "features": features,
-                        "missing": [n for n, v in zip(names, x) if v is None]})
-        served = (model.name, model.version)
-        self.predictions[served] = self.predictions.get(served, 0) + len(out)
-        if result is not None:
-            self._observe_features(result)
-        head = {"model": model.name, "model_version": model.version}
-        doc = {**head, "predictions": out} if batch else {**head, **out[0]}
-        return 200, orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), JSON
-
-    def _predict_plan(self, model: LinearModel) -> _PredictPlan:
-        plan = self._predict_plans.get((model.name, model.version))
-        if plan is None or plan.generation != self.reader.generation:
-            try:
-                plan = _PredictPlan(model, self.reader)
-            except (UnknownFeature, RequestError) as exc:
-                raise HTTPError(503, f"model {model.name!r} version {model.version} needs features the "
-                                     f"registry does not serve: {exc}") from None
-            if len(self._predict_plans) > 16:
-                self._predict_plans.clear()
-            self._predict_plans[(model.name, model.version)] = plan
-        return plan
 
     async def health(self, body: bytes) -> tuple[int, bytes, bytes]:
         return 200, b'{"status":"ok"}', JSON
@@ -527,20 +222,13 @@ class ServingApp:
                "model": {"name": model.name, "version": model.version} if model else None}
         return (200 if ok else 503), orjson.dumps(doc), JSON
 
-    async def metrics(self, body: bytes) -> tuple[int, bytes, bytes]:
-        return 200, generate_latest(self.metrics_registry), CONTENT_TYPE_LATEST.encode()
+    async def scrape(self, body: bytes) -> tuple[int, bytes, bytes]:
+        """/metrics: what a Prometheus scrape reads."""
+        return 200, self.metrics.exposition(), CONTENT_TYPE_LATEST.encode()
 
 
 class _Disconnected(Exception):
     pass
-
-
-def _key_ok(v: Any, kind: str) -> bool:
-    if kind == "STRING":
-        return isinstance(v, str)
-    if kind in ("INT64", "INT32", "UNIX_TIMESTAMP"):
-        return isinstance(v, int) and not isinstance(v, bool)
-    return True
 
 
 def _endpoint_label(path: str) -> str:
@@ -559,201 +247,6 @@ async def _respond(send, status: int, body: bytes, content_type: bytes, headers:
     await send({"type": "http.response.body", "body": body})
 
 
-class _Histogram:
-    """A Prometheus histogram without locks: observed from the event loop thread only."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1  # buckets are "<= le"
-        self.sum += value
-
-    def buckets(self) -> list[tuple[str, int]]:
-        out, total = [], 0
-        for bound, n in zip((*map(str, self.bounds), "+Inf"), self.counts):
-            total += n
-            out.append((bound, total))
-        return out
-
-
-class _HotMetrics:
-    """Prometheus view of the per-request counters and of the prediction log."""
-
-    def __init__(self, app: ServingApp):
-        self.app = app
-
-    def describe(self):
-        return []
-
-    def collect(self):
-        app = self.app
-        latency = HistogramMetricFamily("freshet_http_request_duration_seconds", "HTTP request latency by endpoint",
-                                        labels=["endpoint"])
-        for endpoint, h in list(app.latency.items()):
-            latency.add_metric([endpoint], h.buckets(), h.sum)
-        yield latency
-        requests = CounterMetricFamily("freshet_http_requests", "HTTP requests by endpoint and status",
-                                       labels=["endpoint", "status"])
-        for (endpoint, status), n in list(app.requests.items()):
-            requests.add_metric([endpoint, str(status)], n)
-        yield requests
-        age = HistogramMetricFamily("freshet_feature_age_seconds", "Age of the feature rows served, by view",
-                                    labels=["view"])
-        for view, h in list(app.feature_age.items()):
-            age.add_metric([view], h.buckets(), h.sum)
-        yield age
-        rows = CounterMetricFamily("freshet_feature_rows", "Entity rows read per view: present, stale (older "
-                                   "than the view's TTL) or not_found", labels=["view", "status"])
-        for (view, status), n in list(app.feature_rows.items()):
-            rows.add_metric([view, status], n)
-        yield rows
-        preds = CounterMetricFamily("freshet_predictions", "Predictions answered", labels=["model", "version"])
-        for (model, version), n in list(app.predictions.items()):
-            preds.add_metric([model, version], n)
-        yield preds
-        plog = app.prediction_log
-        if plog is not None:
-            plog.hand_over()
-        published = CounterMetricFamily("freshet_predictions_logged", "Predictions handed to the Kafka producer")
-        dropped = CounterMetricFamily("freshet_predictions_dropped", "Predictions not logged, by reason",
-                                      labels=["reason"])
-        pending = GaugeMetricFamily("freshet_prediction_log_pending", "Predictions queued for Kafka")
-        if plog is not None:
-            published.add_metric([], plog.published)
-            for reason, n in plog.dropped.items():
-                dropped.add_metric([reason], n)
-            pending.add_metric([], plog.pending)
-        yield published
-        yield dropped
-        yield pending
-
-
-# Request bodies as the OpenAPI docs show them (the hot paths validate by hand, naming the field).
-class GetOnlineFeaturesRequest(BaseModel):
-    entities: dict[str, list[Any]] = Field(..., examples=[{"card_id": ["c1"], "merchant_id": ["m1"]}])
-    features: list[str] = Field([], examples=[["card_txn_stats:sum_amount_300s"]])
-    feature_service: str | None = None
-    full_feature_names: bool = False
-
-
-_REQUEST_ID_DOC = ("the prediction's id in the response and on the predictions topic (e.g. the transaction "
-                   "id), so labels published later under it join the prediction; generated when left out")
-
-
-class Instance(BaseModel):
-    entities: dict[str, Any] = Field(..., examples=[{"card_id": "c1", "merchant_id": "m1"}])
-    fields: dict[str, float | None] = Field({}, examples=[{"amount": 42.5}])
-    request_id: str | None = Field(None, min_length=1, max_length=MAX_REQUEST_ID, description=_REQUEST_ID_DOC,
-                                   examples=["tx-0001"])
-
-
-class PredictRequest(BaseModel):
-    entities: dict[str, Any] | None = Field(None, examples=[{"card_id": "c1", "merchant_id": "m1"}])
-    fields: dict[str, float | None] | None = None
-    request_id: str | None = Field(None, min_length=1, max_length=MAX_REQUEST_ID,
-                                   description=_REQUEST_ID_DOC + "; in the batch form, set it per instance")
-    instances: list[Instance] | None = Field(None, description="the batch form; then leave entities out")
-    model: str | None = None
-
-
-class PromoteRequest(BaseModel):
-    version: str = Field(..., examples=["3"])
-
-
-def _admin_api(app: ServingApp):
-
-    api = FastAPI(
-        title="freshet serving",
-        description="Feature vectors (Feast's feature-server shapes), predictions from the model version the "
-                    "registry serves, model admin, health and metrics. Every endpoint but /health, /ready and "
-                    "/metrics needs 'Authorization: Bearer <token>'.",
-        version="1",
-    )
-
-    async def _call(handler, request: Request):
-        try:
-            status, body, ctype = await handler(await request.body())
-        except (HTTPError, RequestError, UnknownFeature, RedisUnavailable) as exc:
-            err = as_http_error(exc)
-            return Response(err.body(), err.status, media_type="application/json")
-        return Response(body, status, media_type=ctype.decode())
-
-    # These five are answered by ServingApp before FastAPI sees them; declared here for the docs.
-    @api.post("/get-online-features", tags=["features"], summary="Feature vectors (Feast's request/response)")
-    async def get_online_features(request: Request, _: GetOnlineFeaturesRequest = Body(...)):
-        return await _call(app.get_online_features, request)
-
-    @api.post("/predict", tags=["predictions"],
-              summary="Score one instance (entities + fields) or a batch (instances) with the served model")
-    async def predict(request: Request, _: PredictRequest = Body(...)):
-        return await _call(app.predict, request)
-
-    @api.get("/health", tags=["operations"], summary="Liveness")
-    async def health(request: Request):
-        return await _call(app.health, request)
-
-    @api.get("/ready", tags=["operations"], summary="Readiness: Redis reachable and a model loaded")
-    async def ready(request: Request):
-        return await _call(app.ready, request)
-
-    @api.get("/metrics", tags=["operations"], summary="Prometheus metrics")
-    async def metrics(request: Request):
-        return await _call(app.metrics, request)
-
-    def registry() -> ModelRegistry:
-        if app.registry is None:
-            raise HTTPError(503, "no model registry configured")
-        return app.registry
-
-    @api.exception_handler(HTTPError)
-    async def _http_error(request, exc: HTTPError):
-        return Response(exc.body(), exc.status, media_type="application/json")
-
-    @api.exception_handler(ModelNotFound)
-    async def _not_found(request, exc: ModelNotFound):
-        return JSONResponse({"detail": str(exc), "status": 404}, 404)
-
-    @api.get("/models", tags=["models"], summary="Registered models and what their aliases point at")
-    def list_models():
-        served = app.follower.model if app.follower else None
-        return {"models": registry().models(),
-                "serving": {"name": served.name, "version": served.version} if served else None}
-
-    @api.get("/models/{name}", tags=["models"],
-             summary="Versions of a model: stage, metrics, parameters, training lineage")
-    def get_model(name: str):
-        reg = registry()
-        served = app.follower.model if app.follower and app.follower.model and app.follower.model.name == name \
-            else None
-        return {"name": name, "champion": reg.current_version(name), "serving": served.version if served else None,
-                "versions": reg.versions(name)}
-
-    @api.post("/models/{name}/promote", tags=["models"], summary="Serve this version (admin)")
-    def promote(name: str, req: PromoteRequest):
-        event = registry().promote(name, req.version)
-        if app.follower is not None and name == app.follower.name:
-            app.follower.check()  # this server switches now; others follow the event
-        return event.to_dict()
-
-    @api.post("/models/{name}/rollback", tags=["models"], summary="Serve the previously promoted version (admin)")
-    def rollback(name: str):
-        event = registry().rollback(name)
-        if app.follower is not None and name == app.follower.name:
-            app.follower.check()
-        return event.to_dict()
-
-    return api
-
-
-# ---------------------------------------------------------------------------
-# construction and running
-# ---------------------------------------------------------------------------
-
 def create_app(settings: Settings, *, model_name: str | None = None, reader: OnlineFeatureReader | None = None,
                registry: ModelRegistry | None = None, follow_models: bool = True, log_predictions: bool = True,
                model_poll_s: float = 30.0, token: str | None = None) -> ServingApp:
@@ -770,58 +263,3 @@ def create_app(settings: Settings, *, model_name: str | None = None, reader: Onl
         follower = ModelFollower(settings, model_name, registry=registry, poll_s=model_poll_s)
     plog = PredictionLog(settings) if log_predictions else None
     return ServingApp(settings, reader, registry, follower, plog, token, model_name)
-
-
-class _CoalescingTransport:
-    """A transport whose writes of one event-loop turn leave in one send.
-
-    uvicorn writes a response's head and body separately and uvloop sends each at once:
-    two syscalls and two TCP segments (the client woken twice) for every answer.
-    """
-
-    __slots__ = ("_transport", "_loop", "_pending")
-
-    def __init__(self, transport: asyncio.Transport):
-        self._transport = transport
-        self._loop = asyncio.get_running_loop()
-        self._pending: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        if not self._pending:
-            self._loop.call_soon(self._flush)
-        self._pending.append(data)
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if pending and not self._transport.is_closing():
-            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:  # everything else is the transport's
-        return getattr(self._transport, name)
-
-
-def http_protocol():
-    """uvicorn's httptools protocol, writing each response with one send (see _CoalescingTransport)."""
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    class ServingHttpProtocol(HttpToolsProtocol):
-        def connection_made(self, transport) -> None:
-            super().connection_made(_CoalescingTransport(transport))
-
-    return ServingHttpProtocol
-
-
-def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """How uvicorn runs the app, in one process or in each of several workers."""
-    return dict(host=settings.http_host, port=settings.http_port, loop="uvloop", http=http_protocol(), lifespan="on",
-                access_log=False, log_level=settings.log_level.lower(), server_header=False,
-                limit_concurrency=10_000, backlog=4096, timeout_keep_alive=30)
-
-
-def token_path(settings: Settings) -> Path:
-    """Where the generated API token lives when FRESHET_API_TOKEN is not set (for the CLI to print)."""
-    return settings.data_path / TOKEN_FILE

@@ -15,7 +15,7 @@ def cmd_serve(args, settings) -> int:
 
     from freshet.endpoints import resolve_endpoints
     from freshet.errors import CliError
-    from freshet.serving import app, workers
+    from freshet.serving import auth, workers
 
     if args.workers < 1:
         raise CliError(f"--workers must be at least 1, got {args.workers}")
@@ -24,7 +24,7 @@ def cmd_serve(args, settings) -> int:
         settings = dataclasses.replace(settings, http_port=args.port or settings.http_port,
                                        http_host=args.host or settings.http_host)
     log.info("serving on http://%s:%d (OpenAPI docs at /docs; token: FRESHET_API_TOKEN or %s)",
-             settings.http_host, settings.http_port, app.token_path(settings))
+             settings.http_host, settings.http_port, auth.token_path(settings))
     return workers.run(settings, model_name=args.model, workers=args.workers)
 
 

@@ -439,8 +439,8 @@ class OnlineFeatures:
     """Feature values for a batch of entity rows, column-major like Feast's response.
 
     A status and event time belong to an entity row of a view (all its features were
-    written together), so they are kept per view and row; `statuses` and `event_ts`
-    spread them over features (a stored null reads NULL_VALUE).
+    written together), so they are kept per view and row; `statuses` spreads them over
+    features (a stored null reads NULL_VALUE).
     """
 
     entity_names: list[str]
@@ -460,10 +460,6 @@ class OnlineFeatures:
     def row(self, i: int) -> dict[str, Any]:
         return {name: col[i] for name, col in zip(self.feature_names, self.values)}
 
-    def status(self, feature: int, row: int) -> str:
-        s = self.row_status[self.feature_view[feature]][row]
-        return NULL_VALUE if s is PRESENT and self.values[feature][row] is None else s
-
     @property
     def statuses(self) -> list[list[str]]:
         """[feature][row] statuses, as Feast lays them out."""
@@ -473,10 +469,6 @@ class OnlineFeatures:
             out.append([NULL_VALUE if v is None and s is PRESENT else s for v, s in zip(vals, sts)]
                        if None in vals else list(sts))
         return out
-
-    @property
-    def event_ts(self) -> list[list[tuple[int, int] | None]]:
-        return [self.row_parts[vi] for vi in self.feature_view]
 
     @property
     def view_ts(self) -> dict[str, list[float | None]]:

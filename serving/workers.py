@@ -70,7 +70,8 @@ def worker_main(settings: Settings, model_name: str, token: str, index: int, par
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     import uvicorn
 
-    from freshet.serving.app import create_app, uvicorn_options
+    from freshet.serving.app import create_app
+    from freshet.serving.transport import uvicorn_options
 
     app = create_app(settings, model_name=model_name, token=token)
     sock = reuseport_socket(settings.http_host, settings.http_port)
@@ -161,14 +162,15 @@ def run(settings: Settings, model_name: str | None = None, workers: int = 1) -> 
     With workers > 1, that many processes share the port (WorkerPool); the token is
     resolved once here so they cannot race to generate different ones.
     """
-    from freshet.serving.app import resolve_token
+    from freshet.serving.auth import resolve_token
 
     model_name = model_name or settings.model_name
     if workers > 1:
         return WorkerPool(settings, model_name, resolve_token(settings), workers).run()
     import uvicorn
 
-    from freshet.serving.app import create_app, uvicorn_options
+    from freshet.serving.app import create_app
+    from freshet.serving.transport import uvicorn_options
 
     uvicorn.run(create_app(settings, model_name=model_name), **uvicorn_options(settings))
     return 0

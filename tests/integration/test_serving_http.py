@@ -199,7 +199,7 @@ def test_every_endpoint_but_health_ready_and_metrics_needs_the_bearer_token(serv
 
 
 def test_without_a_configured_token_one_is_generated_into_the_data_dir_readable_by_owner_only(settings, tmp_path):
-    from freshet.serving.app import resolve_token
+    from freshet.serving.auth import resolve_token
 
     s = dataclasses.replace(settings, api_token="", data_dir=str(tmp_path))
     token = resolve_token(s)
@@ -335,10 +335,10 @@ def test_predictions_still_answer_when_kafka_is_down_and_losses_are_counted(sett
     # its own reader: the module's server runs on another event loop, and a loop's connections are its own
     app = create_app(offline, model_name=model_name, reader=OnlineFeatureReader(settings, store=feast_store),
                      registry=ModelRegistry(settings), model_poll_s=3600)
-    app.prediction_log.close()
+    app.predictor.prediction_log.close()
     from freshet.serving.predictions import PredictionLog
 
-    app.prediction_log = PredictionLog(offline, max_pending=5, delivery_timeout_s=1)
+    app.predictor.prediction_log = PredictionLog(offline, max_pending=5, delivery_timeout_s=1)
     with serve(app) as url:
         card = next(iter(data["cards"]))
         for _ in range(20):  # each answers although no message can leave (the timeout guards a hang)
@@ -346,7 +346,7 @@ def test_predictions_still_answer_when_kafka_is_down_and_losses_are_counted(sett
                               json={"entities": {"card_id": card, "merchant_id": data["m"]}}, timeout=5)
             assert resp.status_code == 200
         metrics = httpx.get(url + "/metrics").text
-    assert app.prediction_log.published == 5 and app.prediction_log.dropped["buffer_full"] == 15
+    assert app.predictor.prediction_log.published == 5 and app.predictor.prediction_log.dropped["buffer_full"] == 15
     assert 'freshet_predictions_dropped_total{reason="buffer_full"} 15.0' in metrics
 
 

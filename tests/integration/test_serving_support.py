@@ -58,7 +58,7 @@ def serve(app):
     from freshet.app.stack import free_port
 
     port = free_port()
-    from freshet.serving.app import http_protocol
+    from freshet.serving.transport import http_protocol
 
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning",
                                            loop="asyncio", access_log=False, http=http_protocol()))

@@ -1,0 +1,142 @@
+"""The FastAPI side of the server: model admin endpoints and the OpenAPI docs of every endpoint.
+
+Owns /models (list, versions, promote, rollback) and the request bodies as the docs show them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Body, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from freshet.models import ModelNotFound, ModelRegistry
+from freshet.serving.errors import ANSWERED, HTTPError, as_http_error
+from freshet.serving.validation import MAX_REQUEST_ID
+
+DESCRIPTION = ("Feature vectors (Feast's feature-server shapes), predictions from the model version the registry "
+               "serves, model admin, health and metrics. Every endpoint but /health, /ready and /metrics needs "
+               "'Authorization: Bearer <token>'.")
+
+
+# Request bodies as the OpenAPI docs show them (the hot paths validate by hand, naming the field).
+class GetOnlineFeaturesRequest(BaseModel):
+    entities: dict[str, list[Any]] = Field(..., examples=[{"card_id": ["c1"], "merchant_id": ["m1"]}])
+    features: list[str] = Field([], examples=[["card_txn_stats:sum_amount_300s"]])
+    feature_service: str | None = None
+    full_feature_names: bool = False
+
+
+_REQUEST_ID_DOC = ("the prediction's id in the response and on the predictions topic (e.g. the transaction "
+                   "id), so labels published later under it join the prediction; generated when left out")
+
+
+class Instance(BaseModel):
+    entities: dict[str, Any] = Field(..., examples=[{"card_id": "c1", "merchant_id": "m1"}])
+    fields: dict[str, float | None] = Field({}, examples=[{"amount": 42.5}])
+    request_id: str | None = Field(None, min_length=1, max_length=MAX_REQUEST_ID, description=_REQUEST_ID_DOC,
+                                   examples=["tx-0001"])
+
+
+class PredictRequest(BaseModel):
+    entities: dict[str, Any] | None = Field(None, examples=[{"card_id": "c1", "merchant_id": "m1"}])
+    fields: dict[str, float | None] | None = None
+    request_id: str | None = Field(None, min_length=1, max_length=MAX_REQUEST_ID,
+                                   description=_REQUEST_ID_DOC + "; in the batch form, set it per instance")
+    instances: list[Instance] | None = Field(None, description="the batch form; then leave entities out")
+    model: str | None = None
+
+
+class PromoteRequest(BaseModel):
+    version: str = Field(..., examples=["3"])
+
+
+def admin_api(app: Any) -> FastAPI:
+    """The FastAPI app behind a ServingApp: what its own router does not answer, and the docs."""
+    api = FastAPI(title="freshet serving", description=DESCRIPTION, version="1")
+
+    @api.exception_handler(HTTPError)
+    async def _http_error(request, exc: HTTPError):
+        return Response(exc.body(), exc.status, media_type="application/json")
+
+    @api.exception_handler(ModelNotFound)
+    async def _not_found(request, exc: ModelNotFound):
+        return JSONResponse({"detail": str(exc), "status": 404}, 404)
+
+    _declare_hot_routes(api, app.routes)
+    _add_model_routes(api, app)
+    return api
+
+
+def _declare_hot_routes(api: FastAPI, routes: dict) -> None:
+    """The routes ServingApp answers before FastAPI sees them, declared here for the docs."""
+
+    async def answer(method: str, path: str, request: Request):
+        try:
+            status, body, ctype = await routes[(method, path)](await request.body())
+        except ANSWERED as exc:
+            err = as_http_error(exc)
+            return Response(err.body(), err.status, media_type="application/json")
+        return Response(body, status, media_type=ctype.decode())
+
+    @api.post("/get-online-features", tags=["features"], summary="Feature vectors (Feast's request/response)")
+    async def get_online_features(request: Request, _: GetOnlineFeaturesRequest = Body(...)):
+        return await answer("POST", "/get-online-features", request)
+
+    @api.post("/predict", tags=["predictions"],
+              summary="Score one instance (entities + fields) or a batch (instances) with the served model")
+    async def predict(request: Request, _: PredictRequest = Body(...)):
+        return await answer("POST", "/predict", request)
+
+    @api.get("/health", tags=["operations"], summary="Liveness")
+    async def health(request: Request):
+        return await answer("GET", "/health", request)
+
+    @api.get("/ready", tags=["operations"], summary="Readiness: Redis reachable and a model loaded")
+    async def ready(request: Request):
+        return await answer("GET", "/ready", request)
+
+    @api.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+    async def metrics(request: Request):
+        return await answer("GET", "/metrics", request)
+
+
+def _add_model_routes(api: FastAPI, app: Any) -> None:
+    """/models: what is registered and served, and the admin's promote and rollback."""
+
+    def registry() -> ModelRegistry:
+        if app.registry is None:
+            raise HTTPError(503, "no model registry configured")
+        return app.registry
+
+    def served():
+        return app.follower.model if app.follower else None
+
+    @api.get("/models", tags=["models"], summary="Registered models and what their aliases point at")
+    def list_models():
+        model = served()
+        return {"models": registry().models(),
+                "serving": {"name": model.name, "version": model.version} if model else None}
+
+    @api.get("/models/{name}", tags=["models"],
+             summary="Versions of a model: stage, metrics, parameters, training lineage")
+    def get_model(name: str):
+        reg = registry()
+        model = served()
+        return {"name": name, "champion": reg.current_version(name),
+                "serving": model.version if model and model.name == name else None, "versions": reg.versions(name)}
+
+    @api.post("/models/{name}/promote", tags=["models"], summary="Serve this version (admin)")
+    def promote(name: str, req: PromoteRequest):
+        event = registry().promote(name, req.version)
+        if app.follower is not None and name == app.follower.name:
+            app.follower.check()  # this server switches now; others follow the event
+        return event.to_dict()
+
+    @api.post("/models/{name}/rollback", tags=["models"], summary="Serve the previously promoted version (admin)")
+    def rollback(name: str):
+        event = registry().rollback(name)
+        if app.follower is not None and name == app.follower.name:
+            app.follower.check()
+        return event.to_dict()

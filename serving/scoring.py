@@ -1,0 +1,128 @@
+"""Predictions: the served model version scored on features read from Redis and request fields.
+
+Owns how a model version reads its inputs, the /predict answer and handing every prediction to the log.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+
+import orjson
+
+from freshet.models import LinearModel, ModelFollower
+from freshet.serving.errors import JSON, HTTPError
+from freshet.serving.metrics import ServingMetrics
+from freshet.serving.online import PRESENT, OnlineFeatureReader, ReadPlan, RequestError, UnknownFeature
+from freshet.serving.predictions import PredictionLog
+from freshet.serving.validation import parse_instances, predict_request
+
+# input plans kept before the cache starts over (versions served by one process: a handful)
+MAX_PLANS = 16
+
+
+class InputPlan:
+    """How one model version reads its inputs: feature refs from Redis, the rest from the request."""
+
+    def __init__(self, model: LinearModel, reader: OnlineFeatureReader):
+        refs = [f for f in model.feature_names if ":" in f]
+        self.read: ReadPlan | None = reader.plan(refs, full_feature_names=True) if refs else None
+        self.fields = [f for f in model.feature_names if ":" not in f]
+        position = {r: i for i, r in enumerate(self.read.refs)} if self.read else {}
+        # per model input: (True, index into the read result, index of its view) or (False, field name, -1)
+        self.inputs = [(True, position[f], self.read.feature_view[position[f]]) if ":" in f else (False, f, -1)
+                       for f in model.feature_names]
+        self.key_types: dict[str, str] = {}
+        for vr in (self.read.views if self.read else []):
+            self.key_types.update(zip(vr.view.join_keys, vr.view.join_key_types))
+        self.generation = reader.generation
+
+    def rows(self, result, fields_rows: list[dict]) -> list[list]:
+        """One row of model inputs per instance; missing and stale features are None (the model fills them)."""
+        inputs = self.inputs
+        if result is None:
+            return [[fields.get(ref) for _, ref, _ in inputs] for fields in fields_rows]
+        values, row_status = result.values, result.row_status
+        rows = []
+        for r, fields in enumerate(fields_rows):
+            present = [statuses[r] is PRESENT for statuses in row_status]  # per view
+            rows.append([(values[ref][r] if present[view] else None) if from_store else fields.get(ref)
+                         for from_store, ref, view in inputs])
+        return rows
+
+
+class Predictor:
+    """Answers /predict with the model version `follower` serves; `counts` are predictions by version."""
+
+    def __init__(self, reader: OnlineFeatureReader, follower: ModelFollower | None,
+                 prediction_log: PredictionLog | None, metrics: ServingMetrics, model_name: str):
+        self.reader = reader
+        self.follower = follower
+        self.prediction_log = prediction_log
+        self.metrics = metrics
+        self.model_name = model_name
+        self.counts: dict[tuple[str, str], int] = {}
+        self._plans: dict[tuple[str, str], InputPlan] = {}
+        # request ids: 64 random bits per process + a counter, unique without a syscall per request
+        self._id_prefix = secrets.token_hex(8)
+        self._ids = itertools.count()
+
+    async def predict(self, body: bytes) -> tuple[int, bytes, bytes]:
+        """Score one instance or a batch with the served model version."""
+        model = self._served_model()
+        instances, batch = predict_request(body, model.name)
+        plan = self._plan(model)
+        columns, fields_rows, request_ids = parse_instances(instances, batch, plan.key_types, plan.fields,
+                                                            model.name)
+        result = await self.reader.read_async(plan.read, columns) if plan.read else None
+        out = self._predictions(model, plan.rows(result, fields_rows), columns, request_ids)
+        if result is not None:
+            self.metrics.observe_features(result)
+        head = {"model": model.name, "model_version": model.version}
+        doc = {**head, "predictions": out} if batch else {**head, **out[0]}
+        return 200, orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), JSON
+
+    def _served_model(self) -> LinearModel:
+        model = self.follower.model if self.follower is not None else None
+        if model is None:
+            reason = self.follower.last_error if self.follower is not None else "model serving is off"
+            raise HTTPError(503, f"no model to serve: {reason}; promote a version of {self.model_name!r} "
+                                 "(freshet retrain --bootstrap)", headers=[(b"retry-after", b"5")])
+        return model
+
+    def _plan(self, model: LinearModel) -> InputPlan:
+        plan = self._plans.get((model.name, model.version))
+        if plan is None or plan.generation != self.reader.generation:
+            try:
+                plan = InputPlan(model, self.reader)
+            except (UnknownFeature, RequestError) as exc:
+                raise HTTPError(503, f"model {model.name!r} version {model.version} needs features the "
+                                     f"registry does not serve: {exc}") from None
+            if len(self._plans) > MAX_PLANS:
+                self._plans.clear()
+            self._plans[(model.name, model.version)] = plan
+        return plan
+
+    def _predictions(self, model: LinearModel, rows: list[list], columns: dict[str, list],
+                     request_ids: list[str | None]) -> list[dict]:
+        """One answer per instance, each handed to the prediction log."""
+        scores = [model.score_one(rows[0])] if len(rows) == 1 else model.predict_proba(rows)
+        now = time.time()
+        names = model.feature_names
+        log_ = self.prediction_log
+        out = []
+        for r, x in enumerate(rows):
+            score = float(scores[r])
+            label = model.label(score)
+            request_id = request_ids[r] or f"{self._id_prefix}{next(self._ids):016x}"
+            features = dict(zip(names, x))
+            entities = {k: col[r] for k, col in columns.items()}
+            prediction = {"score": score, "label": label}
+            if log_ is not None:
+                log_.publish(request_id, model.name, model.version, entities, features, prediction, now)
+            out.append({"request_id": request_id, "score": score, "label": label, "features": features,
+                        "missing": [n for n, v in zip(names, x) if v is None]})
+        served = (model.name, model.version)
+        self.counts[served] = self.counts.get(served, 0) + len(out)
+        return out
