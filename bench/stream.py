@@ -1,10 +1,21 @@
-"""Stream engine benchmark: sustained throughput and freshness of one worker.
+"""Stream engine benchmark: backlog throughput and freshness of one worker, per feature view.
 
 Starts the embedded stack and one `freshet stream` worker, then
-1. throughput: publishes a backlog of events as fast as the producer can and times
-   until the last event of every partition is visible in Redis;
-2. freshness: publishes at a fixed offered rate, with probe events for fresh cards
-   mixed in, and times each probe from produce() to its value being readable in Redis.
+1. backlog: publishes a backlog of events as fast as the producer can, then marker events,
+   and times, for every view of the registry, until its markers are visible in Redis and
+   their rows are in the view's offline part files (and the raw log's parts hold them).
+   Markers carry fresh entities: for the view keyed by the message key one per source
+   partition, for a repartitioned view one per (source partition, owner partition) pair,
+   since each owner partition merges several source partitions. A marker is produced
+   after every backlog event of its partition, so once all are applied every event is.
+   The backlog ends when the last view's last marker is in Redis and on disk;
+   `events_per_s` is delivered events over that time;
+2. freshness: publishes at a fixed offered rate; every 50th event is a probe with a fresh
+   card and a fresh merchant, timed per view from produce() to its row being readable in
+   Redis (the merchant row goes through the repartition topic first).
+
+Every send's delivery is checked: failed sends are reported (`delivery`) and not counted,
+and a run with any is marked `"ok": false`.
 
 Progress goes to stderr; the last stdout line is one JSON object.
     .venv/bin/python bench/stream.py [--quick] [--rate 5000] [--seconds 20] [--backlog 200000] [--cards 20000]
@@ -28,50 +39,69 @@ import time
 from pathlib import Path
 
 import orjson
+import pyarrow.parquet as pq
 import redis
+from aiokafka.partitioner import murmur2
 
 from freshet import features, kafka
+from freshet.app.stack import EmbeddedStack, cpu_seconds
 from freshet.redis_layout import OnlineLayout
 from freshet.settings import load_settings
-from freshet.app.stack import EmbeddedStack, cpu_seconds
+from freshet.stream.offline import raw_log_path
 
-VIEW = "card_txn_stats"
+PROBE_EVERY = 50
+MERCHANTS = 500
 
 
 def say(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-def event(i: int, card: str, ts: float, rnd: random.Random) -> bytes:
-    return orjson.dumps({"transaction_id": f"b{i}", "card_id": card, "merchant_id": f"m{rnd.randrange(500)}",
+def event(tx: str, card: str, merchant: str, ts: float, rnd: random.Random) -> bytes:
+    return orjson.dumps({"transaction_id": tx, "card_id": card, "merchant_id": merchant,
                          "amount": round(rnd.uniform(1, 300), 2), "country": "DE", "channel": "web",
                          "event_ts": ts})
 
 
-def wait_visible(client, layout, cards: list[str], timeout: float) -> float | None:
-    keys = [layout.entity_key(VIEW, (c,)) for c in cards]
-    field = layout.ts_field(VIEW)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pipe = client.pipeline(transaction=False)
-        for k in keys:
-            pipe.hexists(k, field)
-        if all(pipe.execute()):
-            return time.monotonic()
-        time.sleep(0.005)
-    return None
+def partition_of(key: str, partitions: int) -> int:
+    """Where the producer (murmur2) and the engine's repartition put this key."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
-def collect_visible(client, probes: dict[bytes, float], field: bytes, fresh: list[float]) -> None:
-    """Move every probe now readable in Redis from `probes` to `fresh` (ms since produce)."""
-    pipe = client.pipeline(transaction=False)
-    keys = list(probes)
-    for k in keys:
-        pipe.hexists(k, field)
-    seen = time.monotonic()
-    for k, ok in zip(keys, pipe.execute()):
-        if ok:
-            fresh.append((seen - probes.pop(k)) * 1000)
+def key_in_partition(prefix: str, partition: int, partitions: int) -> str:
+    """The first `prefix<n>` that lands in `partition`."""
+    n = 0
+    while partition_of(f"{prefix}{n}", partitions) != partition:
+        n += 1
+    return f"{prefix}{n}"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+class Delivery:
+    """Counts failed sends from librdkafka's delivery reports (it reports only errors here)."""
+
+    def __init__(self):
+        self.failed = 0
+        self.failed_keys: set[bytes] = set()
+        self.errors: dict[str, int] = {}
+
+    def report(self, err, msg) -> None:
+        if err is not None:
+            self.failed += 1
+            self.failed_keys.add(msg.key())
+            self.errors[str(err)] = self.errors.get(str(err), 0) + 1
+
+    def phase(self, sent: int, undelivered: int, failed_before: int) -> dict:
+        """One phase's figures: `undelivered` still queued after flush(), failures since `failed_before`."""
+        failed = self.failed - failed_before
+        return {"sent": sent, "failed": failed, "undelivered_after_flush": undelivered,
+                "delivered": sent - failed - undelivered}
 
 
 class CpuMeter:
@@ -92,11 +122,309 @@ class CpuMeter:
                 **{f"{name}_cores": round(v / wall, 2) for name, v in self.used.items()}}
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+class OnlineWatch:
+    """When each of a view's entities first has a row in Redis."""
+
+    def __init__(self, client, layout: OnlineLayout, view: str, entities: list[str]):
+        self.client = client
+        self.field = layout.ts_field(view)
+        self.pending = {layout.entity_key(view, (e,)): e for e in entities}
+
+    def poll(self) -> bool:
+        """True once every entity is visible."""
+        if self.pending:
+            keys = list(self.pending)
+            pipe = self.client.pipeline(transaction=False)
+            for k in keys:
+                pipe.hexists(k, self.field)
+            for k, seen in zip(keys, pipe.execute()):
+                if seen:
+                    del self.pending[k]
+        return not self.pending
+
+
+class OfflineWatch:
+    """When rows with given values of one column are in a dataset's part files (read once each)."""
+
+    def __init__(self, root: Path, column: str, values: list[str]):
+        self.root = Path(root)
+        self.column = column
+        self.pending = set(values)
+        self.read: set[Path] = set()
+
+    def poll(self) -> bool:
+        if self.pending and self.root.exists():
+            for path in self.root.rglob("*.parquet"):
+                if path.name.startswith(".") or path in self.read:
+                    continue  # hidden: a part still being written (renamed into place when done)
+                self.read.add(path)
+                self.pending -= set(pq.read_table(path, columns=[self.column]).column(0).to_pylist())
+        return not self.pending
+
+
+class ViewClock:
+    """Seconds from a start until a view's markers are in Redis and in its offline parts."""
+
+    def __init__(self, online: OnlineWatch | None, offline: OfflineWatch):
+        self.online, self.offline = online, offline
+        self.online_s: float | None = None if online else 0.0
+        self.offline_s: float | None = None
+
+    def poll(self, elapsed: float, offline_too: bool) -> bool:
+        if self.online_s is None and self.online.poll():
+            self.online_s = elapsed
+        if offline_too and self.offline_s is None and self.offline.poll():
+            self.offline_s = elapsed
+        return self.online_s is not None and self.offline_s is not None
+
+    def figures(self, events: int) -> dict:
+        done = max(self.online_s, self.offline_s) if self.online_s is not None and self.offline_s is not None \
+            else None
+        return {"online_s": _r(self.online_s), "offline_s": _r(self.offline_s), "done_s": _r(done),
+                "online_events_per_s": _r(events / self.online_s if self.online_s else None, 1),
+                "events_per_s": _r(events / done if done else None, 1)}
+
+
+def _r(v: float | None, digits: int = 2) -> float | None:
+    return None if v is None else round(v, digits)
+
+
+class Bench:
+    """The worker under test, its stack, and how to see what it wrote."""
+
+    def __init__(self, settings, registry, endpoints, tmp: Path):
+        self.settings = settings
+        self.registry = registry
+        self.endpoints = endpoints
+        self.tmp = tmp
+        (self.topic,) = registry.views_by_topic()  # the example repo reads one events topic
+        self.views = registry.views_by_topic()[self.topic]
+        self.partitions = settings.kafka_partitions
+        self.layout = OnlineLayout(registry.project, registry.views)
+        self.client = redis.Redis.from_url(endpoints.redis_url)
+        self.delivery = Delivery()
+        self.producer = kafka.producer(settings, **{"delivery.report.only.error": True,
+                                                    "on_delivery": self.delivery.report})
+        self.worker: subprocess.Popen | None = None
+
+    def key_of(self, view) -> str:
+        (key,) = view.join_keys
+        return key
+
+    def start_worker(self, env: dict) -> None:
+        self.worker = subprocess.Popen([sys.executable, "-m", "freshet.cli", "stream"],
+                                       env={**env, **self.settings.to_env()},
+                                       stdout=open(self.tmp / "worker.log", "ab"), stderr=subprocess.STDOUT)
+
+    def stop_worker(self) -> None:
+        if self.worker is None:
+            return
+        self.worker.send_signal(signal.SIGTERM)
+        try:
+            self.worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.worker.kill()
+            self.worker.wait()
+
+    def markers(self, tag: str, ts: float, rnd: random.Random) -> tuple[list[tuple[str, bytes]], dict[str, list[str]]]:
+        """Marker events behind everything produced so far, and each view's marker entities.
+
+        One per (source partition, owner partition of every repartitioned view); their
+        fresh cards and merchants are new entities, so a row in Redis means "applied"."""
+        events, entities = [], {v.name: [] for v in self.views}
+        for p in range(self.partitions):
+            for q in range(self.partitions):
+                card = key_in_partition(f"{tag}-c{p}-{q}-", p, self.partitions)
+                merchant = key_in_partition(f"{tag}-m{p}-{q}-", q, self.partitions)
+                events.append((card, event(f"{tag}-{p}-{q}", card, merchant, ts, rnd)))
+                for view in self.views:
+                    entities[view.name].append({"card_id": card, "merchant_id": merchant}[self.key_of(view)])
+        return events, entities
+
+    def clocks(self, tag: str, entities: dict[str, list[str]]) -> dict[str, ViewClock]:
+        data = self.settings.data_path
+        out = {}
+        for view in self.views:
+            keys = sorted(set(entities[view.name]))
+            out[view.name] = ViewClock(OnlineWatch(self.client, self.layout, view.name, keys),
+                                       OfflineWatch(Path(view.offline_path), self.key_of(view), keys))
+        txs = [f"{tag}-{p}-{q}" for p in range(self.partitions) for q in range(self.partitions)]
+        out["raw_log"] = ViewClock(None, OfflineWatch(raw_log_path(data, self.topic), "transaction_id", txs))
+        return out
+
+    def produce(self, key: str, value: bytes) -> None:
+        while True:
+            try:
+                self.producer.produce(self.topic, key=key.encode(), value=value)
+                return
+            except BufferError:  # the local queue is full: let deliveries drain it
+                self.producer.poll(0.05)
+
+    def flush(self, timeout: float) -> int:
+        return self.producer.flush(timeout)
+
+
+def warm_up(bench: Bench, t: float, rnd: random.Random) -> None:
+    """Until the worker applies events of every view (its group joined, its tables recovered)."""
+    events, entities = bench.markers("warm", t, rnd)
+    for card, value in events:
+        bench.produce(card, value)
+    bench.flush(10)
+    watches = [OnlineWatch(bench.client, bench.layout, v.name, entities[v.name]) for v in bench.views]
+    deadline = time.monotonic() + 120
+    while not all(w.poll() for w in watches):
+        if time.monotonic() > deadline or bench.worker.poll() is not None:
+            raise RuntimeError(f"worker did not start; see {bench.tmp / 'worker.log'}")
+        time.sleep(0.05)
+
+
+def backlog_phase(bench: Bench, args, cards: list[str], t: float, rnd: random.Random, meter: CpuMeter) -> dict:
+    payloads = [(c, event(f"b{i}", c, f"m{rnd.randrange(MERCHANTS)}", t + i * 1e-3, rnd))
+                for i, c in enumerate(rnd.choice(cards) for _ in range(args.backlog))]
+    t_end = t + args.backlog * 1e-3 + 1
+    markers, entities = bench.markers("end", t_end, rnd)
+    clocks = bench.clocks("end", entities)
+    failed_before = bench.delivery.failed
+    meter.start()
+    started = time.monotonic()
+    for c, value in payloads:
+        bench.produce(c, value)
+    for c, value in markers:
+        bench.produce(c, value)
+    undelivered = bench.flush(60)
+    produced_s = time.monotonic() - started
+    delivery = bench.delivery.phase(len(payloads) + len(markers), undelivered, failed_before)
+    lost_markers = {c.encode() for c, _ in markers} & bench.delivery.failed_keys
+    if lost_markers or undelivered:
+        raise RuntimeError(f"backlog sends failed: {delivery}, errors {bench.delivery.errors}")
+    deadline = started + max(120, args.backlog / 200)
+    last_offline_poll = 0.0
+    while True:
+        now = time.monotonic()
+        # the part files are read only when a new one may be there (~every 0.1 s); Redis every 10 ms
+        offline_too = now - last_offline_poll >= 0.1
+        if offline_too:
+            last_offline_poll = now
+        if all([c.poll(now - started, offline_too) for c in clocks.values()]):
+            break
+        if now > deadline or bench.worker.poll() is not None:
+            raise RuntimeError(f"backlog not drained in time: {({n: c.figures(0) for n, c in clocks.items()})}; "
+                               f"see {bench.tmp / 'worker.log'}")
+        time.sleep(0.01)
+    cpu = meter.stop()
+    delivered = delivery["delivered"]
+    elapsed = max(max(c.online_s, c.offline_s) for c in clocks.values())
+    # what one worker does with a core to itself: on this machine it shares two with the
+    # broker (which works for every message it stores and serves), Redis and this script
+    per_core = delivered / meter.used["worker"] if meter.used["worker"] > 0 else None
+    return {"events_per_s": round(delivered / elapsed, 1), "backlog_events": delivered,
+            "backlog_seconds": round(elapsed, 2), "produce_seconds": round(produced_s, 2),
+            "backlog_delivery": delivery,
+            "backlog_views": {name: c.figures(delivered) for name, c in clocks.items()},
+            "events_per_worker_cpu_s": round(per_core, 1) if per_core else None,
+            "worker_cpu_us_per_event": round(1e6 / per_core, 1) if per_core else None,
+            "broker_cpu_us_per_event": round(1e6 * meter.used["broker"] / delivered, 1),
+            "backlog_cpu": cpu, "t_end": t_end}
+
+
+class FreshnessProbes:
+    """Probe events in flight: per view, the Redis key each probe's row appears under."""
+
+    def __init__(self, bench: Bench):
+        self.bench = bench
+        self.pending: dict[str, dict[bytes, tuple[bytes, float]]] = {v.name: {} for v in bench.views}
+        self.fresh: dict[str, list[float]] = {v.name: [] for v in bench.views}
+
+    def sent(self, entities: dict[str, str], message_key: bytes, at: float) -> None:
+        for view, entity in entities.items():
+            self.pending[view][self.bench.layout.entity_key(view, (entity,))] = (message_key, at)
+
+    def collect(self) -> None:
+        """Move every probe row now readable in Redis from `pending` to `fresh` (ms since produce)."""
+        client, layout = self.bench.client, self.bench.layout
+        for view, pending in self.pending.items():
+            if not pending:
+                continue
+            keys = list(pending)
+            pipe = client.pipeline(transaction=False)
+            field = layout.ts_field(view)
+            for k in keys:
+                pipe.hexists(k, field)
+            seen = time.monotonic()
+            for k, ok in zip(keys, pipe.execute()):
+                if ok:
+                    self.fresh[view].append((seen - pending.pop(k)[1]) * 1000)
+
+    def outstanding(self) -> int:
+        return sum(len(p) for p in self.pending.values())
+
+    def drop_undelivered(self, failed_keys: set[bytes]) -> None:
+        """Probes whose send failed are not waited for, and counted apart."""
+        self.not_delivered = {}
+        for view, pending in self.pending.items():
+            gone = [k for k, (message_key, _) in pending.items() if message_key in failed_keys]
+            for k in gone:
+                del pending[k]
+            self.not_delivered[view] = len(gone)
+
+    def figures(self) -> dict[str, dict]:
+        out = {}
+        for view, fresh in self.fresh.items():
+            out[view] = {"freshness_p50_ms": _r(percentile(fresh, 50), 1),
+                         "freshness_p99_ms": _r(percentile(fresh, 99), 1),
+                         "freshness_max_ms": _r(max(fresh) if fresh else None, 1),
+                         "probes": len(fresh), "probes_never_seen": len(self.pending[view]),
+                         "probes_not_delivered": self.not_delivered.get(view, 0)}
+        return out
+
+
+def freshness_phase(bench: Bench, args, cards: list[str], t2: float, rnd: random.Random, meter: CpuMeter) -> dict:
+    """Every PROBE_EVERY-th event at a fixed offered rate is a probe with a new card and merchant."""
+    interval = 1.0 / args.rate
+    n = int(args.rate * args.seconds)
+    probes = FreshnessProbes(bench)
+    failed_before = bench.delivery.failed
+    card_view = next(v.name for v in bench.views if bench.key_of(v) == "card_id")
+    merchant_views = [v.name for v in bench.views if bench.key_of(v) == "merchant_id"]
+    meter.start()
+    start = time.monotonic()
+    next_poll = start
+    for i in range(n):
+        due = start + i * interval
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        if i % PROBE_EVERY == 0:
+            card, merchant = f"probe{i}", f"probe-m{i}"
+            bench.produce(card, event(f"p{i}", card, merchant, t2 + i * interval, rnd))
+            bench.producer.poll(0)
+            probes.sent({card_view: card, **{v: merchant for v in merchant_views}}, card.encode(), time.monotonic())
+        else:
+            c = rnd.choice(cards)
+            bench.produce(c, event(f"f{i}", c, f"m{rnd.randrange(MERCHANTS)}", t2 + i * interval, rnd))
+        if time.monotonic() >= next_poll and probes.outstanding():
+            bench.producer.poll(0)
+            probes.collect()
+            next_poll = time.monotonic() + 0.005
+    achieved = n / (time.monotonic() - start)
+    cpu = meter.stop()
+    undelivered = bench.flush(30)
+    delivery = bench.delivery.phase(n, undelivered, failed_before)
+    probes.drop_undelivered(bench.delivery.failed_keys)
+    deadline = time.monotonic() + 60
+    while probes.outstanding() and time.monotonic() < deadline:
+        probes.collect()
+        time.sleep(0.005)
+    views = probes.figures()
+    worst = max(views.values(), key=lambda v: v["freshness_p99_ms"] or float("inf"))
+    return {"freshness_views": views, "freshness_delivery": delivery, "freshness_cpu": cpu,
+            # the headline is the slower view's: a feature vector is as fresh as its stalest part
+            "freshness_p50_ms": max((v["freshness_p50_ms"] or 0) for v in views.values()),
+            "freshness_p99_ms": worst["freshness_p99_ms"],
+            "freshness_max_ms": max((v["freshness_max_ms"] or 0) for v in views.values()),
+            "probes": min(v["probes"] for v in views.values()),
+            "probes_never_seen": sum(v["probes_never_seen"] for v in views.values()),
+            "achieved_offered_rate": round(achieved, 1), "freshness_seconds": args.seconds}
 
 
 def main() -> int:
@@ -115,8 +443,8 @@ def main() -> int:
     rnd = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="freshet-bench-"))
     stack = EmbeddedStack(tmp)
-    worker = producer = None
-    result: dict = {"offered_rate": args.rate, "quick": args.quick, "seed": args.seed}
+    bench = None
+    result: dict = {"bench": "stream", "offered_rate": args.rate, "quick": args.quick, "seed": args.seed}
     try:
         ep = stack.start()
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
@@ -125,126 +453,48 @@ def main() -> int:
         result["commit_interval_ms"] = settings.stream_commit_interval_ms
         say("applying the feature repo ...")
         features.apply(settings)
-        registry = features.load_registry(settings)
-        topic = registry.views[VIEW].topic
-        kafka.ensure_topics(settings, [topic, settings.topic_deadletter])
-        layout = OnlineLayout(registry.project, registry.views)
-        client = redis.Redis.from_url(ep.redis_url)
-        producer = kafka.producer(settings)
-
-        worker = subprocess.Popen([sys.executable, "-m", "freshet.cli", "stream"],
-                                  env={**env, **settings.to_env()}, stdout=open(tmp / "worker.log", "ab"),
-                                  stderr=subprocess.STDOUT)
+        bench = Bench(settings, features.load_registry(settings), ep, tmp)
+        kafka.ensure_topics(settings, [bench.topic, settings.topic_deadletter])
+        bench.start_worker(env)
         t = time.time()
-        warm = [f"warm{p}" for p in range(8)]
-        for i, c in enumerate(warm):
-            producer.produce(topic, key=c.encode(), value=event(i, c, t, rnd))
-        producer.flush(10)
-        if wait_visible(client, layout, warm, 90) is None:
-            raise RuntimeError(f"worker did not start; see {tmp / 'worker.log'}")
+        warm_up(bench, t, rnd)
         say("worker is up")
-
-        # 1. throughput: backlog, then one marker per partition (same key -> same partition order)
+        meter = CpuMeter({"worker": bench.worker.pid, "broker": ep.kafka_pid, "redis": ep.redis_pid,
+                          "bench": os.getpid()})
         cards = [f"card{i}" for i in range(args.cards)]
-        by_partition: dict[int, str] = {}
-        from aiokafka.partitioner import murmur2
-        for c in cards:
-            by_partition.setdefault((murmur2(c.encode()) & 0x7FFFFFFF) % settings.kafka_partitions, c)
-        payloads = [(c, event(i, c, t + i * 1e-3, rnd)) for i, c in
-                    enumerate(rnd.choice(cards) for _ in range(args.backlog))]
-        t_end = t + args.backlog * 1e-3 + 1
-        meter = CpuMeter({"worker": worker.pid, "broker": ep.kafka_pid, "redis": ep.redis_pid, "bench": os.getpid()})
-        meter.start()
-        started = time.monotonic()
-        for c, value in payloads:
-            producer.produce(topic, key=c.encode(), value=value)
-            if len(producer) > 50000:
-                producer.poll(0)
-        markers = []
-        for p, c in sorted(by_partition.items()):
-            producer.produce(topic, key=c.encode(), value=event(-p - 1, c, t_end, rnd))
-            markers.append(c)
-        producer.flush(30)
-        produced_s = time.monotonic() - started
-        field = layout.ts_field(VIEW)
-        deadline = time.monotonic() + max(120, args.backlog / 200)
-        while time.monotonic() < deadline:
-            stamps = [client.hget(layout.entity_key(VIEW, (c,)), field) for c in markers]
-            from freshet.redis_layout import decode_timestamp
-            if all(s is not None and decode_timestamp(s) >= t_end - 1e-6 for s in stamps):
-                break
-            time.sleep(0.02)
-        else:
-            raise RuntimeError("backlog not drained in time")
-        elapsed = time.monotonic() - started
-        cpu = meter.stop()
-        # what one worker does with a core to itself: on this machine it shares two with the
-        # broker (which works for every message it stores and serves), Redis and this script
-        per_core = args.backlog / meter.used["worker"] if meter.used["worker"] > 0 else None
-        result.update(events_per_s=round(args.backlog / elapsed, 1), backlog_events=args.backlog,
-                      backlog_seconds=round(elapsed, 2), produce_seconds=round(produced_s, 2),
-                      events_per_worker_cpu_s=round(per_core, 1) if per_core else None,
-                      worker_cpu_us_per_event=round(1e6 / per_core, 1) if per_core else None,
-                      broker_cpu_us_per_event=round(1e6 * meter.used["broker"] / args.backlog, 1),
-                      backlog_cpu=cpu)
-        say(f"throughput: {args.backlog} events in {elapsed:.1f}s = {args.backlog / elapsed:.0f} events/s; "
-            f"worker {cpu['worker_cores']} cores ({result['worker_cpu_us_per_event']} us/event), "
-            f"broker {cpu['broker_cores']} cores ({result['broker_cpu_us_per_event']} us/event), "
-            f"redis {cpu['redis_cores']}, bench {cpu['bench_cores']}")
 
-        # 2. freshness at a fixed offered rate: every 50th event is a probe for a new card
-        interval = 1.0 / args.rate
-        n = int(args.rate * args.seconds)
-        probes: dict[bytes, float] = {}
-        fresh: list[float] = []
-        meter.start()
-        start = time.monotonic()
-        next_poll = start
-        t2 = t_end + 10
-        for i in range(n):
-            due = start + i * interval
-            now = time.monotonic()
-            if due > now:
-                time.sleep(due - now)
-            if i % 50 == 0:
-                card = f"probe{i}"
-                key = layout.entity_key(VIEW, (card,))
-                producer.produce(topic, key=card.encode(), value=event(i, card, t2 + i * interval, rnd))
-                producer.poll(0)
-                probes[key] = time.monotonic()
-            else:
-                c = rnd.choice(cards)
-                producer.produce(topic, key=c.encode(), value=event(i, c, t2 + i * interval, rnd))
-            if time.monotonic() >= next_poll and probes:
-                producer.poll(0)
-                collect_visible(client, probes, field, fresh)
-                next_poll = time.monotonic() + 0.005
-        achieved = n / (time.monotonic() - start)
-        result["freshness_cpu"] = meter.stop()
-        producer.flush(30)
-        deadline = time.monotonic() + 60
-        while probes and time.monotonic() < deadline:
-            collect_visible(client, probes, field, fresh)
-            time.sleep(0.005)
-        result.update(freshness_p50_ms=round(percentile(fresh, 50), 1) if fresh else None,
-                      freshness_p99_ms=round(percentile(fresh, 99), 1) if fresh else None,
-                      freshness_max_ms=round(max(fresh), 1) if fresh else None,
-                      probes=len(fresh), probes_never_seen=len(probes), achieved_offered_rate=round(achieved, 1),
-                      freshness_seconds=args.seconds)
-        say(f"freshness at {achieved:.0f} events/s offered: p50 {result['freshness_p50_ms']} ms, "
-            f"p99 {result['freshness_p99_ms']} ms over {len(fresh)} probes")
+        backlog = backlog_phase(bench, args, cards, t, rnd, meter)
+        t_end = backlog.pop("t_end")
+        result.update(backlog)
+        cpu = backlog["backlog_cpu"]
+        say(f"backlog: {backlog['backlog_events']} events delivered, every view in Redis and on disk after "
+            f"{backlog['backlog_seconds']:.1f}s = {backlog['events_per_s']:.0f} events/s; per view "
+            + "; ".join(f"{n} online {v['online_s']}s offline {v['offline_s']}s"
+                        for n, v in backlog["backlog_views"].items())
+            + f"; worker {cpu['worker_cores']} cores ({backlog['worker_cpu_us_per_event']} us/event), "
+              f"broker {cpu['broker_cores']} cores, redis {cpu['redis_cores']}, bench {cpu['bench_cores']}")
+
+        fresh = freshness_phase(bench, args, cards, t_end + 10, rnd, meter)
+        result.update(fresh)
+        say(f"freshness at {fresh['achieved_offered_rate']:.0f} events/s offered: "
+            + "; ".join(f"{n} p50 {v['freshness_p50_ms']} ms p99 {v['freshness_p99_ms']} ms "
+                        f"({v['probes']} probes, {v['probes_never_seen']} never seen)"
+                        for n, v in fresh["freshness_views"].items()))
+        result["delivery_errors"] = bench.delivery.errors
+        result["ok"] = bench.delivery.failed == 0 and fresh["probes_never_seen"] == 0 and \
+            fresh["freshness_delivery"]["undelivered_after_flush"] == 0
+    except Exception as exc:  # noqa: BLE001 - the JSON line says why the run failed
+        result.update(ok=False, error=f"{type(exc).__name__}: {exc}", logs=str(tmp))
+        say(result["error"])
     finally:
-        if worker is not None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-        producer = None  # librdkafka's threads end with it, before the broker goes away
+        if bench is not None:
+            bench.stop_worker()
+            bench.producer = None  # librdkafka's threads end with it, before the broker goes away
         stack.stop()
     result["machine"] = f"{os.cpu_count()} cores"
+    result["load_average_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result))
-    return 0
+    return 0 if result.get("ok") else 1
 
 
 if __name__ == "__main__":

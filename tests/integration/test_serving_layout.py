@@ -104,19 +104,15 @@ def test_only_newer_write_skips_rows_older_than_the_stored_one(registry, layout,
     assert ts == pytest.approx((t0 + timedelta(microseconds=1)).timestamp(), abs=1e-7)
 
 
-def test_writer_sustains_the_stream_engine_rate(registry, layout, client, unique):
-    """~20k rows/s is what the stream engine needs; writes here include the Redis round trips."""
-    import time
-
-    vals = _card_values(registry, 1.5)
-    rows = [((f"{unique}-w{i}",), vals, 1.7e9 + i) for i in range(20_000)]
-    start = time.perf_counter()
+def test_a_large_batch_written_in_chunks_reads_back_row_for_row(registry, layout, client, unique):
+    # what the stream engine's sink sends: thousands of rows per write, each one round trip.
+    # How fast is a figure of bench/aggregations.py (redis_write_rows_per_s), not a spec.
+    view = registry.views["card_txn_stats"]
+    rows = [((f"{unique}-w{i}",), _card_values(registry, i + 0.5), 1.7e9 + i) for i in range(20_000)]
     for chunk in range(0, len(rows), 2000):
-        layout.write(client, "card_txn_stats", rows[chunk:chunk + 2000])
-    rate = len(rows) / (time.perf_counter() - start)
-    print(f"writer: {rate:.0f} rows/s with 21 features per row")
-    assert rate > 20_000
-    assert layout.read_rows(client, "card_txn_stats", [rows[-1][0]])[0] == (rows[-1][2], vals)
+        assert layout.write(client, "card_txn_stats", rows[chunk:chunk + 2000]) == 2000
+    read = layout.read_rows(client, "card_txn_stats", [key for key, _, _ in rows], view.feature_names)
+    assert [r for r, (key, vals, ts) in zip(read, rows) if r != (ts, vals)] == []
 
 
 def test_direct_write_equals_pipelined_write_and_keeps_order_rules(registry, layout, client, unique):

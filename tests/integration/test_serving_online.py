@@ -125,6 +125,22 @@ def test_malformed_requests_name_the_field(reader, features, entities, field):
     assert err.value.field == field
 
 
+def _until_a_write_gets_a_later_mtime(path) -> None:
+    """Until a file written now gets a later modification time than `path` (the file system's
+    clock is coarser than a test step)."""
+    probe = path.with_name(f".{path.name}.mtime-probe")
+    deadline = time.monotonic() + 5
+    try:
+        while True:
+            probe.touch()
+            if probe.stat().st_mtime_ns > path.stat().st_mtime_ns:
+                return
+            assert time.monotonic() < deadline, "the file system's clock does not move"
+            time.sleep(0.001)
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def test_a_new_view_is_served_after_the_registry_file_changes(applied_settings, tmp_path, unique):  # noqa: F811
     from feast import Entity, FeatureView, Field, FileSource
     from feast.types import Float64
@@ -145,7 +161,7 @@ def test_a_new_view_is_served_after_the_registry_file_changes(applied_settings, 
     view = FeatureView(name="card_risk", entities=[card], ttl=timedelta(days=1),
                        schema=[Field(name="score", dtype=Float64)],
                        source=FileSource(path=str(tmp_path / "x.parquet"), timestamp_field="event_ts"))
-    time.sleep(0.01)
+    _until_a_write_gets_a_later_mtime(data / "registry.db")  # the reader notices changes by mtime
     writer_store.apply([card, view])
     assert reader.refresh_if_changed()
     client = redis.Redis.from_url(settings.redis_url)

@@ -136,7 +136,7 @@ def test_follower_switches_on_the_event_without_waiting_for_its_poll(settings, u
     follower.start()
     try:
         assert follower.model.version == "1"
-        time.sleep(1.0)  # the follower's consumer is assigned at the end of the topic
+        _wait_until_reading_events(settings, follower, name, "1")
         reg.promote(name, "2")
         deadline = time.monotonic() + 15
         while follower.model.version != "2" and time.monotonic() < deadline:
@@ -145,6 +145,28 @@ def test_follower_switches_on_the_event_without_waiting_for_its_poll(settings, u
         assert changes == ["1", "2"]
     finally:
         follower.stop()
+
+
+def _wait_until_reading_events(settings, follower, name: str, served: str, timeout: float = 30) -> None:
+    """Until the follower's consumer reads the models topic (it starts at the topic's end once
+    assigned): an event naming the version it serves already makes it check the registry,
+    and nothing else calls `check` here (its poll is an hour away)."""
+    from freshet.models import publish_model_event
+
+    checks = []
+    check = follower.check
+    follower.check = lambda: checks.append(1) or check()
+    try:
+        deadline = time.monotonic() + timeout
+        while not checks:
+            assert time.monotonic() < deadline, "the follower never read an event"
+            publish_model_event(settings, ModelEvent(model=name, version=served, stage=CHAMPION, metrics={}))
+            wait_until = time.monotonic() + 0.5
+            while not checks and time.monotonic() < wait_until:
+                time.sleep(0.02)
+    finally:
+        del follower.check  # the method again
+    assert follower.model.version == served
 
 
 def test_follower_polls_the_registry_when_kafka_is_unreachable(settings, unique):

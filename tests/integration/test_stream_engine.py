@@ -3,14 +3,16 @@
 One scenario feeds every test in this module: events (out of order, late and
 malformed ones included) are produced; a worker is killed with SIGKILL mid-stream,
 after it wrote part of the work, and two workers in one consumer group (sharing the
-partitions, recovering the dead one's tables) finish the job. The online store must
-then equal an independent pandas recomputation (nothing lost, nothing counted twice),
-Feast must read it, and the dead-letter topic must hold exactly the bad events.
+partitions, recovering the dead one's tables) finish the job: the rest of the events
+is produced once each of them owns partitions. The online store must then equal an
+independent pandas recomputation (nothing lost, nothing counted twice), Feast must
+read it, and the dead-letter topic must hold exactly the bad events.
 FRESHET_TEST_CRASH=0 runs one uninterrupted worker instead.
 """
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import random
@@ -63,10 +65,26 @@ MALFORMED = [
 ]
 
 
-def _produce(settings, topic: str, events: list[dict]) -> None:
+class Sent:
+    """Each partition's end offset, from the producers' delivery reports (Tansu's listed
+    high watermark is its last batch's base offset + 1, not past its last record)."""
+
+    def __init__(self):
+        self.ends: dict[int, int] = {}
+
+    def report(self, err, msg) -> None:
+        assert err is None, err
+        self.ends[msg.partition()] = max(self.ends.get(msg.partition(), 0), msg.offset() + 1)
+
+
+def _produce(settings, topic: str, events: list[dict], sent: Sent) -> None:
+    _send(settings, topic, [(e["card_id"].encode(), orjson.dumps(e)) for e in events], sent)
+
+
+def _send(settings, topic: str, messages: list[tuple[bytes, bytes]], sent: Sent) -> None:
     p = kafka.producer(settings)
-    for e in events:
-        p.produce(topic, key=e["card_id"].encode(), value=orjson.dumps(e))
+    for key, value in messages:
+        p.produce(topic, key=key, value=value, on_delivery=sent.report)
     assert p.flush(30) == 0
 
 
@@ -76,11 +94,6 @@ def _worker(settings, env_extra: dict, log: Path, app_id: str) -> subprocess.Pop
     env.update(env_extra)
     return subprocess.Popen([sys.executable, "-m", "freshet.cli", "stream", "--app-id", app_id], env=env,
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-
-
-def _online_count(registry, layout, client, view, keys) -> int:
-    vals = [client.hget(layout.entity_key(view, (k,)), layout.ts_field(view)) for k in keys]
-    return sum(v is not None for v in vals)
 
 
 def _expected(events: list[dict], view, key_col: str) -> dict[str, dict]:
@@ -132,37 +145,41 @@ def scenario(services, tmp_path_factory):
 
     app_id = f"{uid}-stream"
     killed = {}
+    sent = Sent()
     if CRASH:
-        killed = _kill_mid_stream(settings, topic, first, extra, tmp / "worker1.log", app_id, registry)
+        killed = _kill_mid_stream(settings, topic, first, extra, tmp / "worker1.log", app_id, registry, sent)
     else:
-        _produce(settings, topic, first)
-    _produce(settings, topic, second)
-    _produce(settings, topic, late)
-    p = kafka.producer(settings)
-    for raw, _ in MALFORMED:
-        p.produce(topic, key=b"card1", value=raw)
-    p.flush(10)
+        _produce(settings, topic, first, sent)
 
-    workers = [_worker(settings, extra, tmp / f"worker{i}.log", app_id)
-               for i in range(2, 2 + (N_RESTARTED if CRASH else 1))]
+    logs = [tmp / f"worker{i}.log" for i in range(2, 2 + (N_RESTARTED if CRASH else 1))]
+    workers = [_worker(settings, extra, log, app_id) for log in logs]
     valid = first + second
     from freshet.redis_layout import OnlineLayout
 
     layout = OnlineLayout(registry.project, registry.views)
     client = redis.Redis.from_url(services.redis_url)
-    cards = sorted({e["card_id"] for e in valid})
-    expected_card = _expected(valid, registry.views["card_txn_stats"], "card_id")
-    deadline = time.monotonic() + 150
+    views = (("card_txn_stats", "card_id"), ("merchant_txn_stats", "merchant_id"))
+    expected = {name: _expected(valid, registry.views[name], key) for name, key in views}
+    expected_first = {name: _expected(first, registry.views[name], key) for name, key in views}
+    ownership = {}
     try:
-        while time.monotonic() < deadline:
-            assert all(w.poll() is None for w in workers), (tmp / "worker2.log").read_text()[-3000:]
-            done = _online_count(registry, layout, client, "card_txn_stats", cards) == len(cards)
-            if done:
-                got = _read(layout, client, "card_txn_stats", cards, registry)
-                if all(_close(got[c], expected_card[c]) for c in cards):
-                    break
-            time.sleep(1.0)
-        time.sleep(3.0)  # let the merchant repartition path settle too
+        # the rest of the events once the group has settled with every worker in it and the
+        # first part is applied (tables recovered, the killed worker's tail replayed), so that
+        # each worker applies some of them: they land in every partition, each with one owner
+        _wait_until(lambda: _settled(logs, topic, settings.kafka_partitions), 60, workers, logs)
+        _wait_until(lambda: all(_online_equals(layout, client, registry, name, want)
+                                for name, want in expected_first.items()), 150, workers, logs)
+        ownership["before"] = [_owned(log, topic) for log in logs]
+        _produce(settings, topic, second, sent)
+        _produce(settings, topic, late, sent)
+        _send(settings, topic, [(b"card1", raw) for raw, _ in MALFORMED], sent)
+        # every message consumed (the group committed past it: its effects are durable), and
+        # the merchant rows, which take a hop through the repartition topic, in Redis
+        _wait_until(lambda: all(at >= sent.ends.get(p, 0) for p, at in _committed(settings, app_id, topic).items()),
+                    150, workers, logs)
+        _wait_until(lambda: all(_online_equals(layout, client, registry, name, want)
+                                for name, want in expected.items()), 150, workers, logs)
+        ownership["after"] = [_owned(log, topic) for log in logs]
     finally:
         for w in workers:
             w.send_signal(signal.SIGTERM)
@@ -171,8 +188,46 @@ def scenario(services, tmp_path_factory):
                 w.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 w.kill()
-    yield dict(settings=settings, registry=registry, layout=layout, client=client, valid=valid, late=late,
-               topic=topic, tmp=tmp, extra=extra, killed=killed)
+    yield dict(settings=settings, registry=registry, layout=layout, client=client, valid=valid, second=second,
+               late=late, topic=topic, tmp=tmp, extra=extra, killed=killed, ownership=ownership)
+
+
+def _wait_until(condition, timeout: float, workers, logs):
+    """Poll `condition` until it returns something truthy (returned), or None after `timeout`:
+    then the specifications that depend on it fail with their own details. A worker that
+    exits meanwhile fails the scenario."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for w, log in zip(workers, logs):
+            assert w.poll() is None, f"{log.name} exited: " + log.read_text()[-3000:]
+        got = condition()
+        if got or time.monotonic() > deadline:
+            return got or None
+        time.sleep(0.2)
+
+
+def _owned(log: Path, topic: str) -> set[int]:
+    """Partitions of `topic` a worker owns by its log, replaying its assignments and revocations."""
+    owned: set[tuple[str, int]] = set()
+    for line in log.read_text().splitlines():
+        for what in ("partitions assigned: ", "partitions revoked: "):
+            if what in line:
+                tps = set(ast.literal_eval(line.split(what, 1)[1].strip()))
+                owned = tps if what.startswith("partitions assigned") else owned - tps
+    return {p for t, p in owned if t == topic}
+
+
+def _settled(logs: list[Path], topic: str, partitions: int) -> list[set[int]] | None:
+    """Each worker's source partitions once every worker owns some and together they own all."""
+    owned = [_owned(log, topic) for log in logs]
+    if all(owned) and set().union(*owned) == set(range(partitions)) and sum(map(len, owned)) == partitions:
+        return owned
+    return None
+
+
+def _online_equals(layout, client, registry, view: str, want: dict) -> bool:
+    got = _read(layout, client, view, sorted(want), registry)
+    return not _mismatches(got, want)
 
 
 def _applied_card_events(settings, registry, cards) -> int:
@@ -184,8 +239,8 @@ def _applied_card_events(settings, registry, cards) -> int:
     return sum(v["count_amount_86400s"] or 0 for v in got.values())
 
 
-def _committed(settings, app_id: str, topic: str) -> int:
-    """Source messages the group has committed (a fresh topic's offsets start at 0)."""
+def _committed(settings, app_id: str, topic: str) -> dict[int, int]:
+    """The group's committed offset per partition: the next one to read (a fresh topic's start at 0)."""
     from confluent_kafka import TopicPartition
 
     c = kafka.consumer(settings, app_id)
@@ -193,24 +248,24 @@ def _committed(settings, app_id: str, topic: str) -> int:
         parts = c.committed([TopicPartition(topic, p) for p in range(settings.kafka_partitions)], timeout=10)
     finally:
         c.close()
-    return sum(max(tp.offset, 0) for tp in parts)
+    return {tp.partition: max(tp.offset, 0) for tp in parts}
 
 
-def _kill_mid_stream(settings, topic, events, extra, log, app_id, registry) -> dict:
+def _kill_mid_stream(settings, topic, events, extra, log, app_id, registry, sent: Sent) -> dict:
     """Start a worker, feed it `events` at ~1,000/s and SIGKILL it while they flow.
 
-    Offsets are committed once a second here, so at the kill the worker has applied (and
-    written to Redis) events its committed offsets do not cover: the ones a restart
-    reads again and must not count twice."""
+    Offsets are committed once a second here; the kill comes once a commit has covered
+    some of the paced events and Redis shows more events applied than committed: the
+    ones a restart reads again and must not count twice."""
     import threading
 
     cards = sorted({e["card_id"] for e in events})
     head, rest = events[:100], events[100:]
-    _produce(settings, topic, head)
+    _produce(settings, topic, head, sent)
     worker = _worker(settings, extra, log, app_id)
     deadline = time.monotonic() + 120
     # joined its group, caught up and committed the head
-    while _committed(settings, app_id, topic) < len(head):
+    while sum(_committed(settings, app_id, topic).values()) < len(head):
         assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
 
@@ -218,19 +273,26 @@ def _kill_mid_stream(settings, topic, events, extra, log, app_id, registry) -> d
         p = kafka.producer(settings)
         for i in range(0, len(rest), 50):
             for e in rest[i:i + 50]:
-                p.produce(topic, key=e["card_id"].encode(), value=orjson.dumps(e))
+                p.produce(topic, key=e["card_id"].encode(), value=orjson.dumps(e), on_delivery=sent.report)
             p.poll(0)
             time.sleep(0.05)
         assert p.flush(30) == 0
 
+    def past_a_commit_with_uncommitted_effects() -> bool:
+        committed = sum(_committed(settings, app_id, topic).values())
+        return committed > len(head) and _applied_card_events(settings, registry, cards) > committed
+
     feeder = threading.Thread(target=paced)
     feeder.start()
-    time.sleep(1.6)  # mid-stream: about half of `rest` produced, and past a commit
+    while feeder.is_alive() and not past_a_commit_with_uncommitted_effects():
+        assert worker.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.02)
     worker.send_signal(STOP_SIGNAL)
     worker.wait(timeout=60)
     feeder.join()
-    return {"applied": _applied_card_events(settings, registry, cards),
-            "committed": _committed(settings, app_id, topic), "produced": len(events)}
+    committed = _committed(settings, app_id, topic)
+    return {"applied": _applied_card_events(settings, registry, cards), "committed": sum(committed.values()),
+            "committed_by_partition": committed, "produced": len(events)}
 
 
 def _read(layout, client, view, keys, registry) -> dict[str, dict]:
@@ -271,6 +333,21 @@ def test_the_killed_worker_had_applied_events_beyond_its_committed_offsets(scena
     assert 0 < k["committed"] < k["applied"] < k["produced"], k
 
 
+def test_each_worker_owns_source_partitions_while_the_second_half_of_the_events_is_applied(scenario):
+    # the second half was produced once every worker owned partitions, into all of them, and the
+    # assignment did not change until the online values were complete: each partition's events were
+    # applied by its one owner, so every worker applied events
+    before, after = scenario["ownership"]["before"], scenario["ownership"]["after"]
+    assert len(before) == (N_RESTARTED if CRASH else 1)
+    assert all(before) and after == before
+    partitions = scenario["settings"].kafka_partitions
+    assert sorted(p for owned in before for p in owned) == list(range(partitions))
+    from aiokafka.partitioner import murmur2
+
+    hit = {(murmur2(e["card_id"].encode()) & 0x7FFFFFFF) % partitions for e in scenario["second"]}
+    assert hit == set(range(partitions)), "the second half must reach every partition"
+
+
 def test_online_card_features_equal_pandas_recomputation_for_every_function_and_window(scenario):
     reg = scenario["registry"]
     view = reg.views["card_txn_stats"]
@@ -300,40 +377,82 @@ def test_online_features_equal_the_backfill_recomputation_from_the_raw_log(scena
     assert not _mismatches(got, {k[0]: v for k, (_, v) in recomputed.items()})
 
 
-def test_feast_get_online_features_returns_the_stream_values(scenario):
+def test_the_raw_log_holds_each_event_once_but_what_a_replay_after_the_kill_appended_again(scenario):
+    # the parts as written, before the (partition, offset) deduplication of load_events: an event
+    # the group had committed at the kill is never appended twice, and nothing is lost
+    from freshet.stream.offline import raw_log_path, read_parts
+
+    raw = read_parts(raw_log_path(scenario["settings"].data_path, scenario["topic"]),
+                     ["transaction_id", "_partition", "_offset"]).to_pandas()
+    assert set(raw["transaction_id"]) == {e["transaction_id"] for e in scenario["valid"]}
+    copies = raw.groupby(["_partition", "_offset"])["transaction_id"].agg(["nunique", "size"])
+    assert (copies["nunique"] == 1).all(), "two events share a (partition, offset)"
+    assert len(copies) == len(scenario["valid"])
+    again = copies[copies["size"] > 1].reset_index()
+    if not CRASH:
+        assert again.empty, again.head(10)
+    else:
+        committed = scenario["killed"]["committed_by_partition"]
+        below = again[again["_offset"] < again["_partition"].map(committed)]
+        assert below.empty, f"committed events appended again: {below.head(10)}"
+    assert len(raw) == len(scenario["valid"]) + int((again["size"] - 1).sum())
+
+
+def test_feast_get_online_features_returns_every_stream_feature_of_both_views(scenario):
     reg = scenario["registry"]
     store = features.feature_store(scenario["settings"])
-    want = _expected(scenario["valid"], reg.views["card_txn_stats"], "card_id")
-    cards = sorted(want)[:5]
-    refs = [f"card_txn_stats:{n}" for n in ("count_amount_3600s", "sum_amount_300s", "last_amount_86400s",
-                                            "count_distinct_merchant_id_3600s", "min_amount_300s")]
-    resp = store.get_online_features(features=refs, entity_rows=[{"card_id": c} for c in cards]).to_dict()
-    for i, c in enumerate(cards):
-        for ref in refs:
-            name = ref.split(":")[1]
-            assert _close({name: resp[name][i]}, {name: want[c][name]}), (c, name, resp[name][i], want[c][name])
+    want = {name: _expected(scenario["valid"], reg.views[name], key)
+            for name, key in (("card_txn_stats", "card_id"), ("merchant_txn_stats", "merchant_id"))}
+    cards, merchants = sorted(want["card_txn_stats"]), sorted(want["merchant_txn_stats"])
+    rows = [{"card_id": c, "merchant_id": merchants[i % len(merchants)]}
+            for i, c in enumerate(cards)]  # every card and every merchant, each at least once
+    refs = [f"{name}:{f}" for name in want for f in reg.views[name].feature_names]
+    resp = store.get_online_features(features=refs, entity_rows=rows, full_feature_names=True).to_dict()
+    wrong = []
+    for i, row in enumerate(rows):
+        for name, key in (("card_txn_stats", "card_id"), ("merchant_txn_stats", "merchant_id")):
+            for f, expected in want[name][row[key]].items():
+                got = resp[f"{name}__{f}"][i]
+                if not _close({f: got}, {f: expected}):
+                    wrong.append((row[key], f, got, expected))
+    assert not wrong, wrong[:10]
+
+
+def _dead_letters(settings) -> list[DeadLetter]:
+    """Every record of the dead-letter topic, read to the end offsets it has now."""
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    c = kafka.consumer(settings, f"check-{os.urandom(3).hex()}")
+    try:
+        topic = settings.topic_deadletter
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        records, read = [], {p: 0 for p in parts}
+        deadline = time.monotonic() + 30
+        while any(read[p] < ends[p] for p in parts) and time.monotonic() < deadline:
+            m = c.poll(0.2)
+            if m is not None and not m.error():
+                records.append(DeadLetter.decode(m.value()))
+                read[m.partition()] = m.offset() + 1
+        assert all(read[p] >= ends[p] for p in parts), (read, ends)
+        return records
+    finally:
+        c.close()
 
 
 def test_malformed_and_late_events_reach_the_dead_letter_topic_with_reasons(scenario):
-    settings = scenario["settings"]
-    c = kafka.consumer(settings, f"check-{os.urandom(3).hex()}")
-    c.subscribe([settings.topic_deadletter])
-    records, deadline = [], time.monotonic() + 30
-    while len(records) < len(MALFORMED) + len(scenario["late"]) and time.monotonic() < deadline:
-        m = c.poll(0.2)
-        if m is not None and not m.error():
-            records.append(DeadLetter.decode(m.value()))
-    time.sleep(1.0)
-    while (m := c.poll(0.5)) is not None:
-        if not m.error():
-            records.append(DeadLetter.decode(m.value()))
-    c.close()
+    # the workers have stopped: the topic holds every dead letter there will be
+    records = _dead_letters(scenario["settings"])
     by_payload = {r.original(): r for r in records}
     for raw, reason in MALFORMED:
         assert raw in by_payload, f"no dead letter for {raw!r}"
         assert reason in by_payload[raw].error
     late_ids = {e["transaction_id"] for e in scenario["late"]}
     late_records = [r for r in records if r.error.startswith("late")]
+    unexpected = [(orjson.loads(r.original())["transaction_id"], r.partition, r.offset, r.error)
+                  for r in late_records if orjson.loads(r.original())["transaction_id"] not in late_ids]
+    assert not unexpected, (len(unexpected), unexpected[:5])
     assert {orjson.loads(r.original())["transaction_id"] for r in late_records} == late_ids
     assert len(records) == len(MALFORMED) + len(late_ids)
     assert all(r.topic == scenario["topic"] and r.offset >= 0 for r in records)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from fractions import Fraction
 
 import pytest
 
@@ -25,9 +26,16 @@ def _view(lateness: int = 30) -> ViewSpec:
                                                              "ts": "timestamp"}, lateness, tuple(aggs), "")
 
 
+def _window_start(as_of: float, spec) -> Fraction:
+    """The README's window, in exact arithmetic: the slide holding `as_of` and the slides
+    before it that fit in the window, i.e. floor(t/S)*S + S - W <= ts <= t."""
+    slide = math.floor(Fraction(as_of) / spec.slide_s)
+    return (slide + 1) * spec.slide_s - spec.window_s
+
+
 def _brute(events, spec, as_of):
-    start = window_start(as_of, spec)
-    inside = [(ts, r) for ts, r in events if start <= ts <= as_of]
+    start = _window_start(as_of, spec)
+    inside = [(ts, r) for ts, r in events if start <= Fraction(ts) <= as_of]
     vals = [r[spec.column] for _, r in inside]
     if spec.function == "count":
         return len(vals)
@@ -75,6 +83,24 @@ def test_window_start_covers_whole_slides_ending_with_the_current_one():
     assert window_start(1000.0, spec) == 720.0   # minutes 720..960: the one holding 1000 and 4 before
     tumbling = AggregationSpec("s", "x", "sum", 600, 600, "DOUBLE")
     assert window_start(1000.0, tumbling) == 600.0
+
+
+@pytest.mark.parametrize("newest", ["on a slide boundary", "just before it"])
+def test_an_event_at_the_window_start_is_inside_and_one_just_before_it_is_not(newest):
+    boundary = 1_700_000_100.0  # a whole minute and a whole 5 minutes
+    as_of = boundary if newest == "on a slide boundary" else math.nextafter(boundary, 0)
+    start = boundary - 240 if newest == "on a slide boundary" else boundary - 300  # of the 300 s window by 60 s
+    view = _view()
+    agg = ViewAggregator(view)
+    state = agg.new_state()
+    events = [(math.nextafter(start, 0), {"k": "a", "x": 100.0, "m": "before"}),
+              (start, {"k": "a", "x": 10.0, "m": "start"}),
+              (as_of, {"k": "a", "x": 1.0, "m": "newest"})]
+    for ts, row in events:
+        agg.update(state, ts, row)
+    got = agg.result(state)
+    assert (got["count_x_300s_60"], got["sum_x_300s_60"], got["count_distinct_m_300s_60"]) == (2, 11.0, 2)
+    _assert_brute_force(agg, state, events, abs_tol=0)
 
 
 def test_windows_empty_out_when_time_passes_without_events():

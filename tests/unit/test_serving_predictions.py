@@ -44,7 +44,9 @@ def test_on_an_event_loop_predictions_are_handed_over_together_and_counted_then(
     async def burst() -> tuple[list[bool], int]:
         results = [plog.publish(f"r{i}", "m", "1", {}, {"x": 1.0}, {"score": 0.5, "label": 1}) for i in range(30)]
         waiting = plog.published  # nothing is handed over on the request path
-        await asyncio.sleep(plog.handover_s * 2)  # the hand-over timer is due first
+        deadline = time.monotonic() + 5
+        while plog.published == 0 and time.monotonic() < deadline:  # until the hand-over timer ran
+            await asyncio.sleep(plog.handover_s)
         return results, waiting
 
     results, waiting = asyncio.run(burst())
