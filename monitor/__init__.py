@@ -11,6 +11,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    "ModelConfig": "config",
+    "MonitorConfig": "config",
     "ERROR_DETECTORS": "detectors",
     "NUMERIC_DETECTORS": "detectors",
     "ConfigError": "detectors",
@@ -21,8 +23,6 @@ _EXPORTS = {
     "StandardScores": "detectors",
     "STATE_FORMAT": "drift",
     "DriftMonitor": "drift",
-    "ModelConfig": "drift",
-    "MonitorConfig": "drift",
     "ExpectedErrorEstimate": "estimate",
     "LabelJoin": "labels",
     "Outcome": "labels",
@@ -31,6 +31,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from .config import ModelConfig, MonitorConfig
     from .detectors import (
         ERROR_DETECTORS,
         NUMERIC_DETECTORS,
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
         RateRule,
         StandardScores,
     )
-    from .drift import STATE_FORMAT, DriftMonitor, ModelConfig, MonitorConfig
+    from .drift import STATE_FORMAT, DriftMonitor
     from .estimate import ExpectedErrorEstimate
     from .labels import LabelJoin, Outcome
 

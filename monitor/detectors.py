@@ -1,7 +1,7 @@
 """The monitor's detectors: River change detectors, frequency-shift tests and data-quality rules.
 
 Each is a small object with one verb (`update`) and a `state_dict`/`load_state` pair
-holding only JSON values; `monitor.drift` decides what feeds them and when they may alert.
+holding only JSON values; `monitor.watches` decides what feeds them, `monitor.drift` when they may alert.
 """
 
 from __future__ import annotations

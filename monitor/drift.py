@@ -1,16 +1,14 @@
 """The drift monitor: predictions and labels in, few and precise `DriftAlert`s out.
 
-Owns the per-model configuration, the reference (warm-up) window, block accumulation of
-predictions, alert budgets (Bonferroni split, cooldown, de-duplication) and restart state.
+Owns routing records to each model's watches, block accumulation of predictions, alert budgets
+(Bonferroni split, cooldown, de-duplication), counters and restart state.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
-from collections import Counter, deque
-from dataclasses import dataclass
+from collections import Counter
 from itertools import chain
 from operator import itemgetter
 from typing import Any, Iterable, Mapping, Sequence
@@ -19,545 +17,14 @@ import numpy as np
 
 from freshet.contracts import ContractError, DriftAlert, Label, Prediction
 
-from .detectors import (
-    ERROR_DETECTORS,
-    NUMERIC_DETECTORS,
-    ConfigError,
-    ErrorRateDetector,
-    FrequencyShift,
-    MeanShiftDetector,
-    RateRule,
-    StandardScores,
-    check_detector,
-    rewarm,
-)
+from .config import ModelConfig, MonitorConfig
+from .detectors import ConfigError
 from .estimate import ExpectedErrorEstimate
 from .labels import LabelJoin, Outcome
+from .watches import CandidateAlert, CategoricalWatch, NumericWatch, OutcomeWatch, finite_or_zero
 
 STATE_FORMAT = "freshet.monitor.state/1"
 _TS_TYPES = (float, int)
-_RECENT_BLOCKS = 128   # block statistics kept per column (restart summaries)
-_SHIFT_BLOCKS = 4      # of which the newest few give an alert's statistic
-
-
-@dataclass
-class ModelConfig:
-    """What to watch for one model, and how strictly.
-
-    The defaults meet the targets bench/drift.py measures: under one false alert per 100,000
-    predictions over 20 features, a 1 sd shift in one of them found in about 60 predictions.
-    """
-
-    model: str
-    numeric_features: Sequence[str] = ()
-    categorical_features: Sequence[str] = ()
-    # detectors: "adwin" | "page_hinkley" | "kswin" on numeric features and the score;
-    # "adwin" | "hddm_a" | "hddm_w" | "ddm" | "eddm" | "fhddm" on labelled outcomes
-    feature_detector: str = "adwin"
-    score_detector: str = "adwin"
-    error_detector: str = "adwin"
-    # family-wise significance for feature, prediction and categorical drift, split
-    # evenly (Bonferroni) over the watched streams
-    alpha: float = 1e-3
-    # same for the two performance tests (labelled error rate and the label-free estimate)
-    performance_alpha: float = 2e-3
-    warmup: int = 2000              # predictions forming the reference window
-    label_warmup: int = 1000        # labelled outcomes forming the reference error rate
-    block_size: int = 16            # predictions averaged into one detector update
-    batch_blocks: int = 3           # blocks judged together (numpy work per call is amortised;
-                                    # an alert can come out up to block_size * (batch_blocks - 1) later)
-    cooldown: int = 5000            # observations before one (kind, subject, detector) alerts again
-    standardise: str = "quantile"   # "quantile" (normal scores) or "zscore"
-    watch_score: bool = True
-    join_labels: bool = True        # False for a model that never gets labels: nothing waits for them
-    decision_threshold: float = 0.5
-    category_window: int = 1000
-    max_categories: int = 30
-    quality_window: int = 1000
-    missing_margin: float = 0.05
-    out_of_range_margin: float = 0.1   # bounds = reference [min, max] widened by this share of the range
-    out_of_range_rate: float = 0.01
-    unseen_margin: float = 0.05
-    deadletter_rate: float = 0.01
-    estimate: bool = True           # the label-free estimate; needs scores in [0, 1] (classifiers)
-    estimate_window: int = 500
-    estimate_min_increase: float = 0.02
-    calibration_labels: int = 2000
-    rewarm_on_new_version: bool = True
-
-    def __post_init__(self) -> None:
-        self.numeric_features = tuple(self.numeric_features)
-        self.categorical_features = tuple(self.categorical_features)
-        self.validate()
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown monitor setting(s) {', '.join(map(repr, unknown))} for model "
-                              f"{data.get('model', '?')!r}; known: {', '.join(sorted(known))}")
-        if "model" not in data:
-            raise ConfigError("a model's monitor config needs 'model'")
-        return cls(**data)
-
-    def validate(self) -> None:
-        where = f"model {self.model!r}"
-        self.feature_detector = check_detector(self.feature_detector, NUMERIC_DETECTORS, f"numeric features of {where}")
-        self.score_detector = check_detector(self.score_detector, NUMERIC_DETECTORS, f"the score of {where}")
-        self.error_detector = check_detector(self.error_detector, ERROR_DETECTORS, f"labelled outcomes of {where}")
-        names = list(self.numeric_features) + list(self.categorical_features)
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ConfigError(f"{where}: feature(s) {', '.join(map(repr, dupes))} listed twice")
-        for name in names:
-            if not isinstance(name, str) or not name:
-                raise ConfigError(f"{where}: feature names must be non-empty strings, got {name!r}")
-        for name in ("alpha", "performance_alpha"):
-            if not 0 < getattr(self, name) < 1:
-                raise ConfigError(f"{where}: {name} must be in (0, 1), got {getattr(self, name)}")
-        for name in ("warmup", "label_warmup", "block_size", "batch_blocks", "category_window", "quality_window",
-                     "estimate_window", "max_categories"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{where}: {name} must be a positive integer, got {getattr(self, name)}")
-        if self.warmup < 2 * self.block_size:
-            raise ConfigError(f"{where}: warmup ({self.warmup}) must be at least two blocks ({2 * self.block_size})")
-        if self.cooldown < 0:
-            raise ConfigError(f"{where}: cooldown must be >= 0, got {self.cooldown}")
-        if not 0 < self.decision_threshold < 1:
-            raise ConfigError(f"{where}: decision_threshold must be in (0, 1), got {self.decision_threshold}")
-        StandardScores(self.standardise)  # raises naming an unknown standardisation
-
-    @property
-    def drift_streams(self) -> int:
-        return len(self.numeric_features) + len(self.categorical_features) + (1 if self.watch_score else 0)
-
-
-@dataclass
-class MonitorConfig:
-    """Every watched model plus the label join shared by all of them."""
-
-    models: Sequence[ModelConfig] = ()
-    seed: int = 0
-    label_wait_s: float = 3600.0
-    max_pending_labels: int = 200_000
-    label_entity_keys: Sequence[str] = ()
-
-    def __post_init__(self) -> None:
-        self.models = tuple(m if isinstance(m, ModelConfig) else ModelConfig.from_dict(m) for m in self.models)
-        names = [m.model for m in self.models]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ConfigError(f"model(s) {', '.join(map(repr, dupes))} configured twice")
-        if self.label_wait_s <= 0:
-            raise ConfigError(f"label_wait_s must be > 0, got {self.label_wait_s}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "MonitorConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown monitor setting(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
-        return cls(**data)
-
-
-# ---------------------------------------------------------------------------------------
-# Watches: one per group of streams of a model, each with its own warm-up.
-
-@dataclass(slots=True)
-class _Signal:
-    """An alert a watch would raise, before cooldown and de-duplication."""
-
-    kind: str
-    subject: str
-    detector: str
-    statistic: float
-    threshold: float
-    window: int
-
-
-def _finite(x: float) -> float:
-    x = float(x)
-    return x if math.isfinite(x) else 0.0
-
-
-class NumericWatch:
-    """A model's numeric columns (features, and the score): reference, block detectors, quality rules.
-
-    Columns warm up on their own clocks, so a new model version re-learns the score's
-    reference while the features keep theirs.
-    """
-
-    def __init__(self, names: Sequence[str], kinds: Sequence[str], detectors: Sequence[str], delta: float,
-                 config: ModelConfig, seed: int):
-        self.names = tuple(names)
-        self.kinds = tuple(kinds)
-        self.detector_names = tuple(detectors)
-        self.delta = delta
-        self.config = config
-        self.seed = seed
-        F = len(self.names)
-        self.scores = StandardScores(config.standardise)
-        self.ready = np.zeros(F, dtype=bool)
-        self.detectors: list[MeanShiftDetector | None] = [None] * F
-        # blocks since each detector last fired, and the last block statistics: alert
-        # statistics, and what a restart re-warms a fresh detector with
-        self.since = np.zeros(F)
-        self.recent = np.zeros((_RECENT_BLOCKS, F))
-        self._ri = 0
-        self._inv_sqrt = 1 / np.sqrt(np.maximum(np.arange(config.block_size + 1), 1))
-        self._q_missing = np.zeros(F)
-        self._q_blocks: list[np.ndarray] = []
-        self._q_n = 0
-        self.lo = np.full(F, -np.inf)
-        self.hi = np.full(F, np.inf)
-        # one rule over 2F subjects: missing rate per column, then out-of-range rate per column
-        self.rules = RateRule(np.zeros(2 * F), 1, [config.missing_margin] * F + [config.out_of_range_rate] * F,
-                              config.quality_window, z=[5.0] * F + [0.0] * F)
-        self._warming = np.arange(F)
-        self._warm: list[np.ndarray] = []
-        self._warm_n = 0
-
-    def reset_columns(self, columns: Sequence[int]) -> None:
-        """Forget these columns' reference; they warm up again from the next block."""
-        columns = list(columns)
-        self.ready[columns] = False
-        for j in columns:
-            self.detectors[j] = None
-        self.since[columns] = 0
-        self.recent[:, columns] = 0.0
-        self._warming = np.union1d(self._warming, columns).astype(int)
-        self._warm, self._warm_n = [], 0
-
-    def update(self, X: np.ndarray) -> list[_Signal]:
-        live = self.ready & self.scores.usable if self.scores.fitted else self.ready.copy()
-        if len(self._warming):
-            self._warm.append(X[:, self._warming])
-            self._warm_n += len(X)
-            if self._warm_n >= self.config.warmup:
-                self._fit(np.vstack(self._warm), self._warming)
-                self._warming, self._warm, self._warm_n = np.arange(0), [], 0
-        if not live.any():
-            return []
-        return self._observe(X, live, quiet=False)
-
-    def _fit(self, R: np.ndarray, columns: np.ndarray) -> None:
-        cfg = self.config
-        F = len(self.names)
-        cols = columns.tolist()
-        self.scores.fit(R, columns=cols, width=F)
-        finite = np.isfinite(R)
-        with np.errstate(invalid="ignore"):
-            lo = np.where(finite, R, np.inf).min(0)
-            hi = np.where(finite, R, -np.inf).max(0)
-        span = np.where(np.isfinite(hi - lo), hi - lo, 0.0)
-        self.lo[cols] = np.where(np.isfinite(lo), lo - cfg.out_of_range_margin * span, -np.inf)
-        self.hi[cols] = np.where(np.isfinite(hi), hi + cfg.out_of_range_margin * span, np.inf)
-        n = len(R)
-        # the reference has nothing out of its own (widened) bounds by construction
-        self.rules.reference[cols] = 1 - finite.mean(0)
-        self.rules.reference[[F + j for j in cols]] = 0.0
-        self.rules.reference_size = max(self.rules.reference_size, n)
-        for j in cols:
-            self.detectors[j] = MeanShiftDetector(self.detector_names[j], self.delta, seed=self.seed + j)
-        self.ready[cols] = True
-        # the reference itself fills the new detectors' windows, quietly
-        only = np.zeros(F, dtype=bool)
-        only[cols] = True
-        only &= self.scores.usable
-        full = np.full((n, F), np.nan)
-        full[:, cols] = R
-        self._observe(full, only, quiet=True)
-
-    def _observe(self, X: np.ndarray, live: np.ndarray, quiet: bool) -> list[_Signal]:
-        """Judge X, any number of rows: one detector update per column per block of rows."""
-        n = len(X)
-        b = self.config.block_size
-        miss = np.isnan(X)
-        Z = self.scores.transform_unmasked(X)
-        Z[miss] = 0.0
-        if n % b == 0:
-            sums = Z.reshape(n // b, b, -1).sum(1)
-            counts = b - miss.reshape(n // b, b, -1).sum(1)
-        else:
-            starts = np.arange(0, n, b)
-            sums = np.add.reduceat(Z, starts, axis=0)
-            counts = np.add.reduceat(~miss, starts, axis=0, dtype=np.intp)
-        has = counts > 0
-        has &= live
-        # the block statistic: sum / sqrt(count) is N(0, 1) while nothing changes
-        y = sums * self._inv_sqrt[counts]
-        y *= has
-        k = len(y)
-        self.recent[(self._ri + np.arange(k)) % _RECENT_BLOCKS] = y
-        self._ri += k
-        self.since += has.sum(0)
-        detectors = self.detectors
-        fired = []
-        if k == 1:
-            ys = y[0].tolist()
-            fired = [(j, 0) for j in np.flatnonzero(has[0]).tolist() if detectors[j].update(ys[j])]
-        else:
-            ys, hs = y.T.tolist(), has.T.tolist()
-            for j in np.flatnonzero(has.any(0)).tolist():
-                update = detectors[j].update
-                rows = [r for r, (v, h) in enumerate(zip(ys[j], hs[j])) if h and update(v)]
-                if rows:
-                    fired.append((j, rows[-1]))
-        if quiet:
-            return []
-        signals: list[_Signal] = []
-        if fired:
-            shift = self.recent_shift()
-            for j, row in fired:
-                signals.append(_Signal(self.kinds[j], self.names[j], self.detector_names[j], _finite(shift[j]),
-                                       self.delta, int(self.since[j] * b)))
-                self.since[j] = k - 1 - row
-        # quality rules judge whole windows: keep the blocks until one is complete
-        self._q_missing += miss.sum(0)
-        self._q_blocks.append(X)
-        self._q_n += n
-        if self._q_n >= self.config.quality_window:
-            signals += self._judge_quality(live)
-        return signals
-
-    def _judge_quality(self, live: np.ndarray) -> list[_Signal]:
-        Xq = np.vstack(self._q_blocks)
-        with np.errstate(invalid="ignore"):
-            out = ((Xq < self.lo) | (Xq > self.hi)).sum(0)
-        rules = self.rules
-        broke = rules.update(np.concatenate((self._q_missing * live, out * live)), self._q_n)
-        self._q_missing = np.zeros(len(self.names))
-        self._q_blocks, self._q_n = [], 0
-        signals = []
-        F = len(self.names)
-        for k in np.flatnonzero(broke).tolist():
-            j = k % F
-            signals.append(_Signal("data_quality", self.names[j], "missing_rate" if k < F else "out_of_range",
-                                   _finite(rules.rates[k]), _finite(rules.limits[k]), rules.window))
-        return signals
-
-    def recent_shift(self) -> np.ndarray:
-        """Mean standard score per column over the last few blocks (0 without data)."""
-        k = min(self._ri, _SHIFT_BLOCKS)
-        rows = [(self._ri - 1 - i) % _RECENT_BLOCKS for i in range(k)]
-        return self.recent[rows].mean(0) / math.sqrt(self.config.block_size) if k else np.zeros(len(self.names))
-
-    def summaries(self) -> list[dict[str, float] | None]:
-        """Per column: blocks since its detector last fired, and mean and spread of the
-        recent block statistics (what a restart re-warms a fresh detector with)."""
-        k = min(self._ri, _RECENT_BLOCKS)
-        out: list[dict[str, float] | None] = []
-        for j in range(len(self.names)):
-            if not self.ready[j]:
-                out.append(None)
-                continue
-            n = int(self.since[j])
-            m = min(n, k)
-            rows = [(self._ri - 1 - i) % _RECENT_BLOCKS for i in range(m)]
-            values = self.recent[rows, j] if m else np.zeros(0)
-            mean = float(values.mean()) if m else 0.0
-            sd = float(values.std()) if m > 1 else 1.0
-            out.append({"n": n, "mean": mean, "sd": sd or 1.0})
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "names": list(self.names), "ready": self.ready.tolist(), "scores": self.scores.state_dict(),
-            "lo": [x if math.isfinite(x) else None for x in self.lo.tolist()],
-            "hi": [x if math.isfinite(x) else None for x in self.hi.tolist()],
-            "rules": self.rules.state_dict(), "detectors": self.summaries(),
-        }
-
-    def load_state(self, state: Mapping[str, Any]) -> bool:
-        """Restore; False (and a fresh warm-up) when the state is for other columns."""
-        if list(state.get("names", [])) != list(self.names) or not any(state.get("ready", [])):
-            return False
-        F = len(self.names)
-        self.scores.load_state(state["scores"])
-        self.lo = np.array([-np.inf if x is None else x for x in state["lo"]], dtype=float)
-        self.hi = np.array([np.inf if x is None else x for x in state["hi"]], dtype=float)
-        self.rules.load_state(state["rules"])
-        self.ready = np.asarray(state["ready"], dtype=bool)
-        self.since[:] = 0
-        for j, summary in enumerate(state["detectors"]):
-            if summary is None or not self.ready[j]:
-                self.ready[j] = False
-                self.detectors[j] = None
-                continue
-            detector = MeanShiftDetector(self.detector_names[j], self.delta, seed=self.seed + j)
-            rewarm(detector, summary, seed=self.seed + 7919 * (j + 1))
-            self.detectors[j] = detector
-            self.since[j] = summary["n"]
-        self._warming = np.flatnonzero(~self.ready)
-        self._warm, self._warm_n = [], 0
-        return bool(self.ready.any()) and F > 0
-
-
-class CategoricalWatch:
-    """Categorical columns: frequency shift against the reference, missing and unseen rates."""
-
-    _MISSING, _UNSEEN = -1, -2
-
-    def __init__(self, names: Sequence[str], delta: float, config: ModelConfig):
-        self.names = tuple(names)
-        self.delta = delta
-        self.config = config
-        self.ready = False
-        self._buffer: list[list] = [[] for _ in self.names]
-        self._chunk = min(config.category_window, config.quality_window)
-        self.codes: list[dict] = []
-        self.shifts: list[FrequencyShift] = []
-        self.rules: RateRule | None = None
-
-    def update(self, columns: list[list]) -> list[_Signal]:
-        """Take one block, as one list of values per categorical feature."""
-        for kept, col in zip(self._buffer, columns):
-            kept.extend(col)
-        n = len(self._buffer[0])
-        if not self.ready:
-            if n >= self.config.warmup:
-                self._fit(self._buffer)
-                self._buffer = [[] for _ in self.names]
-            return []
-        # frequencies and rates are judged per window: work on a whole chunk at once
-        if n < self._chunk:
-            return []
-        buffer, self._buffer = self._buffer, [[] for _ in self.names]
-        return self._observe(buffer)
-
-    def _fit(self, columns: list[list]) -> None:
-        cfg = self.config
-        missing_rates, unseen_rates = [], []
-        for col in columns:
-            n = len(col)
-            counts = Counter(v for v in col if _is_category(v))
-            valid = sum(counts.values())
-            top = [c for c, _ in counts.most_common(cfg.max_categories)]
-            k = len(top)
-            lookup = {c: k for c in counts}  # rarer categories: the "other" bucket
-            lookup.update({c: i for i, c in enumerate(top)})
-            self.codes.append(lookup)
-            reference = [counts[c] for c in top] + [valid - sum(counts[c] for c in top)]
-            self.shifts.append(FrequencyShift(reference, self.delta, cfg.category_window))
-            missing_rates.append(1 - valid / n)
-            # Good-Turing: the share of values seen once estimates how often new ones appear
-            singletons = sum(1 for c in counts.values() if c == 1)
-            unseen_rates.append(singletons / valid if valid else 0.0)
-        F = len(self.names)
-        self.rules = RateRule(missing_rates + unseen_rates, len(columns[0]),
-                              [cfg.missing_margin] * F + [cfg.unseen_margin] * F, cfg.quality_window)
-        self.ready = True
-
-    def _observe(self, columns: list[list]) -> list[_Signal]:
-        F = len(self.names)
-        n = len(columns[0])
-        signals: list[_Signal] = []
-        bad = np.zeros(2 * F)
-        MISSING, UNSEEN = self._MISSING, self._UNSEEN
-        for j, col in enumerate(columns):
-            get = self.codes[j].get
-            try:
-                codes = np.array([MISSING if v is None else get(v, UNSEEN) for v in col], dtype=np.intp)
-            except TypeError:  # unhashable values (lists, objects) count as missing
-                codes = np.array([get(v, UNSEEN) if _is_category(v) else MISSING for v in col], dtype=np.intp)
-            shift = self.shifts[j]
-            unseen = codes == UNSEEN
-            bad[j] = np.count_nonzero(codes == MISSING)
-            bad[F + j] = np.count_nonzero(unseen)
-            codes[unseen] = len(shift.reference) - 1
-            codes = codes[codes >= 0]
-            if len(codes) and shift.update(codes):
-                signals.append(_Signal("feature", self.names[j], "chi_square", _finite(shift.statistic),
-                                       _finite(shift.threshold), shift.window))
-        rules = self.rules
-        broke = rules.update(bad, n)
-        if broke.any():
-            for k in np.flatnonzero(broke).tolist():
-                signals.append(_Signal("data_quality", self.names[k % F], "missing_rate" if k < F else "unseen_category",
-                                       _finite(rules.rates[k]), _finite(rules.limits[k]), rules.window))
-        return signals
-
-    def state_dict(self) -> dict[str, Any]:
-        if not self.ready:
-            return {"names": list(self.names), "ready": False}
-        return {
-            "names": list(self.names), "ready": True,
-            "codes": [[[c, i] for c, i in lookup.items()] for lookup in self.codes],
-            "shifts": [s.state_dict() for s in self.shifts], "rules": self.rules.state_dict(),
-        }
-
-    def load_state(self, state: Mapping[str, Any]) -> bool:
-        if list(state.get("names", [])) != list(self.names) or not state.get("ready"):
-            return False
-        cfg = self.config
-        F = len(self.names)
-        self.codes = [{c: i for c, i in pairs} for pairs in state["codes"]]
-        self.shifts = [FrequencyShift([0], self.delta, cfg.category_window).load_state(s) for s in state["shifts"]]
-        self.rules = RateRule([0.0] * 2 * F, 1, [cfg.missing_margin] * F + [cfg.unseen_margin] * F,
-                              cfg.quality_window).load_state(state["rules"])
-        self.ready = True
-        return True
-
-
-def _is_category(v: Any) -> bool:
-    return v is not None and isinstance(v, (str, int, bool))
-
-
-class OutcomeWatch:
-    """Labelled outcomes of one model version: reference error rate and an error-rate detector."""
-
-    RECENT = 500
-
-    def __init__(self, detector: str, delta: float, warmup: int, seed: int):
-        self.detector_name = detector
-        self.delta = delta
-        self.warmup = warmup
-        self.seed = seed
-        self.reset()
-
-    def reset(self) -> None:
-        self.detector = ErrorRateDetector(self.detector_name, self.delta)
-        self.n = 0
-        self.reference_wrong = 0
-        self.recent: deque[int] = deque(maxlen=self.RECENT)
-        self.since = [0, 0]  # outcomes and errors since the detector last fired
-
-    @property
-    def reference_rate(self) -> float:
-        return self.reference_wrong / max(1, min(self.n, self.warmup))
-
-    def update(self, wrong: int) -> _Signal | None:
-        self.n += 1
-        self.recent.append(wrong)
-        self.since[0] += 1
-        self.since[1] += wrong
-        fired = self.detector.update(wrong)
-        if self.n <= self.warmup:
-            self.reference_wrong += wrong
-            return None
-        if not fired:
-            return None
-        window, self.since = self.since[0], [0, 0]
-        rate = sum(self.recent) / len(self.recent)
-        if rate <= self.reference_rate:
-            return None  # the error rate fell: a change, but not one to act on
-        return _Signal("performance", "error_rate", self.detector_name, _finite(rate),
-                       _finite(self.reference_rate), window)
-
-    def state_dict(self) -> dict[str, Any]:
-        n, wrong = self.since
-        return {"n": self.n, "reference_wrong": self.reference_wrong, "recent": list(self.recent),
-                "detector": {"n": n, "mean": wrong / n if n else 0.0, "sd": 0.0}}
-
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        self.reset()
-        self.n = int(state["n"])
-        self.reference_wrong = int(state["reference_wrong"])
-        self.recent.extend(int(x) for x in state["recent"])
-        summary = state["detector"]
-        rewarm(self.detector, summary, seed=self.seed)
-        self.since = [int(summary["n"]), int(round(summary["mean"] * summary["n"]))]
 
 
 class ModelMonitor:
@@ -641,11 +108,11 @@ class ModelMonitor:
         n = len(block)
         self.n += n
         last = block[-1]
-        self.last_ts = _finite(last.ts) if isinstance(last.ts, (int, float)) else self.last_ts
+        self.last_ts = finite_or_zero(last.ts) if isinstance(last.ts, (int, float)) else self.last_ts
         feats = [p.features for p in block]
         preds = [p.prediction for p in block]
         scores = self._scores([x.get("score") if type(x) is dict else x for x in preds])
-        signals: list[_Signal] = []
+        signals: list[CandidateAlert] = []
         if self.numeric is not None:
             F = len(self.config.numeric_features)
             if self.score_column is None:
@@ -665,8 +132,8 @@ class ModelMonitor:
             if self._pending_n >= self.config.estimate_window:
                 e = self.estimate
                 if e.update(np.concatenate(self._pending_scores)):
-                    signals.append(_Signal("performance", "estimated_error_rate", "cbpe", _finite(e.estimate),
-                                           _finite(e.limit), e.window))
+                    signals.append(CandidateAlert("performance", "estimated_error_rate", "cbpe",
+                                                  finite_or_zero(e.estimate), finite_or_zero(e.limit), e.window))
                 self._pending_scores, self._pending_n = [], 0
         if join is not None and self.config.join_labels:
             threshold = self.config.decision_threshold
@@ -757,10 +224,11 @@ class ModelMonitor:
     def deadletter(self, rate: float, ts: float | None, window: int, out: list[DriftAlert]) -> None:
         limit = self.config.deadletter_rate
         if rate > limit:
-            self._emit([_Signal("data_quality", "deadletter", "deadletter_rate", _finite(rate), limit, window)],
-                       self.n, out, ts=ts)
+            alert = CandidateAlert("data_quality", "deadletter", "deadletter_rate", finite_or_zero(rate), limit, window)
+            self._emit([alert], self.n, out, ts=ts)
 
-    def _emit(self, signals: list[_Signal], position: int, out: list[DriftAlert], ts: float | None = None) -> None:
+    def _emit(self, signals: list[CandidateAlert], position: int, out: list[DriftAlert],
+              ts: float | None = None) -> None:
         for s in signals:
             key = f"{s.kind}|{s.subject}|{s.detector}"
             last = self.last_alert.get(key)
@@ -1043,7 +511,7 @@ class DriftMonitor:
                 shift = watch.recent_shift()
                 for subject, ready, value in zip(watch.names, watch.ready.tolist(), shift.tolist()):
                     if ready:
-                        stats[f"shift:{subject}"] = _finite(value)
+                        stats[f"shift:{subject}"] = finite_or_zero(value)
             if m.outcomes.n:
                 stats["error_rate:reference"] = m.outcomes.reference_rate
                 stats["error_rate:recent"] = sum(m.outcomes.recent) / len(m.outcomes.recent)
