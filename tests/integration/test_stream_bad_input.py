@@ -15,7 +15,6 @@ view accepted, and every rejected event must be in the dead-letter topic with it
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import signal
@@ -29,9 +28,9 @@ import pytest
 import redis
 
 from freshet import features, kafka
-from freshet.contracts import DeadLetter
 from freshet.redis_layout import OnlineLayout
 from freshet.settings import load_settings
+from stream_checks import dead_letters, differences, expected, read_view, settled
 
 pytestmark = [pytest.mark.integration]
 
@@ -83,84 +82,6 @@ def _poison_values(uid: str, t: float) -> list[tuple[bytes, str]]:
         (dumps(event(16, padding="p" * 900_000)), "payload: the first 524288 of"),
         (dumps(event(17, event_ts=True)), "must be a timestamp, got bool"),
     ]
-
-
-def _expected(events: list[dict], view, key: str) -> dict[str, dict]:
-    """Every feature as of each entity's latest event, recomputed from the events (no freshet code)."""
-    by_entity: dict[str, list[dict]] = {}
-    for e in events:
-        by_entity.setdefault(e[key], []).append(e)
-    out = {}
-    for entity, evs in by_entity.items():
-        t = max(e["event_ts"] for e in evs)
-        values = {}
-        for a in view.aggregations:
-            start = math.floor(t / a.slide_s) * a.slide_s + a.slide_s - a.window_s
-            inside = sorted((e for e in evs if start <= e["event_ts"] <= t), key=lambda e: e["event_ts"])
-            col = [e[a.column] for e in inside]
-            values[a.name] = {
-                "count": lambda: len(col), "sum": lambda: float(sum(col)), "count_distinct": lambda: len(set(col)),
-                "mean": lambda: sum(col) / len(col) if col else None, "min": lambda: min(col, default=None),
-                "max": lambda: max(col, default=None), "last": lambda: col[-1] if col else None,
-            }[a.function]()
-        out[entity] = values
-    return out
-
-
-def _differences(got: dict, want: dict) -> list:
-    out = []
-    for entity, values in want.items():
-        for name, w in values.items():
-            g = got.get(entity, {}).get(name)
-            same = (g is None and w is None) or (g is not None and w is not None and
-                                                 math.isclose(float(g), float(w), rel_tol=1e-9, abs_tol=1e-6))
-            if not same:
-                out.append((entity, name, g, w))
-    return out
-
-
-def _read(layout, client, view: str, keys: list[str]) -> dict[str, dict]:
-    return {k: values for k, (_, values) in zip(keys, layout.read_rows(client, view, [(k,) for k in keys]))}
-
-
-def _settled(settings, group: str, topics: list[str]) -> bool:
-    """The group has committed every message of these topics (the worker flushes all it
-    sends, dead letters included, before it commits)."""
-    from confluent_kafka import TopicPartition
-
-    c = kafka.consumer(settings, group)
-    try:
-        for topic in topics:
-            parts = [TopicPartition(topic, p) for p in range(settings.kafka_partitions)]
-            committed = c.committed(parts, timeout=10)
-            for tp in committed:
-                high = c.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)[1]
-                if max(tp.offset, 0) < high:
-                    return False
-        return True
-    finally:
-        c.close()
-
-
-def _dead_letters(settings) -> list[DeadLetter]:
-    """Every record of the dead-letter topic, read to its end."""
-    from confluent_kafka import TopicPartition
-
-    c = kafka.consumer(settings, f"check-{os.urandom(3).hex()}")
-    try:
-        parts = [TopicPartition(settings.topic_deadletter, p, 0) for p in range(settings.kafka_partitions)]
-        ends = {tp.partition: c.get_watermark_offsets(tp, timeout=10)[1] for tp in parts}
-        c.assign(parts)
-        records, read = [], {p: 0 for p in ends}
-        deadline = time.monotonic() + 60
-        while any(read[p] < ends[p] for p in ends) and time.monotonic() < deadline:
-            m = c.poll(0.5)
-            if m is not None and not m.error():
-                records.append(DeadLetter.decode(m.value()))
-                read[m.partition()] = m.offset() + 1
-        return records
-    finally:
-        c.close()
 
 
 @pytest.fixture(scope="module")
@@ -221,20 +142,20 @@ def bad_input_run(services, tmp_path_factory):
                               stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
     card_events = [e for e in good if e["card_id"] != bad_card]
     merchant_events = [e for e in good if e["merchant_id"] != bad_merchant]
-    want_cards = _expected(card_events, registry.views[CARD], "card_id")
-    want_merchants = _expected(merchant_events, registry.views[MERCHANT], "merchant_id")
+    want_cards = expected(card_events, registry.views[CARD], "card_id")
+    want_merchants = expected(merchant_events, registry.views[MERCHANT], "merchant_id")
     internal = [f"{app_id}-{view}-repartition" for view in (CARD, MERCHANT)]
     try:
         deadline = time.monotonic() + 180
         while True:
             assert worker.poll() is None, log_path.read_text()[-3000:]
-            got_cards = _read(layout, client, CARD, sorted(want_cards))
-            got_merchants = _read(layout, client, MERCHANT, sorted(want_merchants))
-            if not _differences(got_cards, want_cards) and not _differences(got_merchants, want_merchants) \
-                    and _settled(settings, app_id, [topic, *internal]):
+            got_cards = read_view(layout, client, CARD, sorted(want_cards))
+            got_merchants = read_view(layout, client, MERCHANT, sorted(want_merchants))
+            if not differences(got_cards, want_cards) and not differences(got_merchants, want_merchants) \
+                    and settled(settings, app_id, [topic, *internal]):
                 break
-            assert time.monotonic() < deadline, (_differences(got_cards, want_cards)[:5],
-                                                 _differences(got_merchants, want_merchants)[:5])
+            assert time.monotonic() < deadline, (differences(got_cards, want_cards)[:5],
+                                                 differences(got_merchants, want_merchants)[:5])
             time.sleep(0.5)
         alive = worker.poll() is None
     finally:
@@ -246,7 +167,7 @@ def bad_input_run(services, tmp_path_factory):
     yield dict(settings=settings, registry=registry, layout=layout, client=client, good=good, poison=poison,
                offsets=offsets, bad_card=bad_card, bad_merchant=bad_merchant, alive=alive,
                card_events=card_events, merchant_events=merchant_events, topic=topic,
-               log=Path(log_path).read_text(), records=_dead_letters(settings))
+               log=Path(log_path).read_text(), records=dead_letters(settings))
 
 
 def test_the_worker_stays_up_through_poison_values_a_failing_stage_and_any_partitioner(bad_input_run):
@@ -257,8 +178,8 @@ def test_the_worker_stays_up_through_poison_values_a_failing_stage_and_any_parti
 def test_online_features_equal_a_recomputation_of_the_events_each_view_accepted(bad_input_run):
     r = bad_input_run
     for view, events, key in ((CARD, r["card_events"], "card_id"), (MERCHANT, r["merchant_events"], "merchant_id")):
-        want = _expected(events, r["registry"].views[view], key)
-        assert not _differences(_read(r["layout"], r["client"], view, sorted(want)), want)
+        want = expected(events, r["registry"].views[view], key)
+        assert not differences(read_view(r["layout"], r["client"], view, sorted(want)), want)
 
 
 def test_every_poison_value_is_dead_lettered_with_its_reason(bad_input_run):
