@@ -45,6 +45,7 @@ from aiokafka.partitioner import murmur2
 from freshet.contracts import DeadLetter
 from freshet.features import FeatureRegistry, ViewSpec
 from freshet.settings import Settings
+from freshet.stream import chunks
 from freshet.stream.aggregations import ViewAggregator
 from freshet.stream.events import EventDecoder, EventError
 from freshet.stream.isolation import describe, is_infrastructure, split_failures
@@ -66,6 +67,10 @@ FENCE_KEY = b"\x00freshet:recovery-fence"  # never an entity key: those are UTF-
 # dead letter carries at most this much of the original payload (base64 adds a third).
 INTERNAL_MESSAGE_BYTES = 256 * 1024
 DEADLETTER_PAYLOAD_BYTES = 512 * 1024
+# Live states kept in memory past a checkpoint; beyond this many, the ones that were not
+# changed since are dropped (their encoded form stays in the table) so memory follows the
+# entities in use, not every entity ever seen.
+LIVE_MAX = 250_000
 
 
 def _patch_fetch_wait(ms: int) -> None:
@@ -170,6 +175,7 @@ class ViewProcessor:
         self.live: dict[bytes, dict] = {}
         self.dirty: set[bytes] = set()
         self.applied: list[list[Item]] = []  # batches applied since the last checkpoint
+        self.chunked: dict[bytes, tuple[str, int]] = {}  # key -> its chunked changelog record's header
         # held while a batch is applied and written: a checkpoint never sees half a batch,
         # so a failed batch can be rebuilt from the checkpoint and `applied`
         self.lock = asyncio.Lock()
@@ -188,13 +194,17 @@ class ViewProcessor:
     def _state(self, key: bytes) -> dict:
         state = self.live.get(key)
         if state is None:
-            stored = self.table.data.get(key)
+            data = self.table.data
+            stored = data.get(key)
+            if chunks.is_header(stored):  # recovered from a chunked changelog record
+                stored, self.chunked[key] = chunks.joined(data, key, stored)
             state = self.agg.new_state() if stored is None else self.agg.decode(stored)
             self.live[key] = state
         return state
 
-    def checkpoint(self, owns: Callable[[bytes], bool]) -> list[tuple[bytes, bytes]]:
-        """Encode every entity changed since the last checkpoint: (key, changelog value).
+    def checkpoint(self, owns: Callable[[bytes], bool]) -> list[tuple[bytes, bytes, bytes | None]]:
+        """Encode every entity changed since the last checkpoint: (key, record key, value)
+        per changelog record (a large state is several: chunks.py).
 
         Synchronous, so the records hold every event applied so far and nothing half
         applied (the caller holds `lock`). Entities of partitions no longer owned
@@ -210,9 +220,18 @@ class ViewProcessor:
                 continue
             value = self.agg.encode(self.live[key])
             data[key] = value
-            records.append((key, value))
+            if len(value) <= chunks.CHUNK_BYTES and key not in self.chunked:
+                records.append((key, key, value))
+                continue
+            for record_key, record in chunks.records(key, value, self.chunked.pop(key, None)):
+                records.append((key, record_key, record))
+                if record_key == key and chunks.is_header(record):
+                    self.chunked[key] = chunks.header_of(record)
         self.dirty.clear()
         self.applied.clear()
+        if len(self.live) > LIVE_MAX:  # oldest first: dicts keep insertion order
+            for key in list(self.live)[:len(self.live) - LIVE_MAX]:
+                del self.live[key]
         return records
 
     async def apply(self, items: list[Item], counters: Counters) -> list[tuple[Item, str]]:
@@ -268,6 +287,8 @@ class ViewProcessor:
         await self._split(list(groups.items()), good, poison, counters, tried=True)
         self.applied.append(good)
         counters.unprocessable += len(poison)
+        log.warning("view %s: %d of %d events could not be applied and go to the dead-letter topic: %s",
+                    self.view.name, len(poison), len(items), "; ".join(sorted({reason for _, reason in poison}))[:500])
         return poison
 
     async def _split(self, groups: list, good: list, poison: list, counters: Counters, tried: bool = False) -> None:
@@ -557,8 +578,8 @@ class StreamEngine:
                 owned = self._owned_partitions(name)
                 owner = self._owner_partition
                 topic = processor.table.changelog_topic.get_topic_name()
-                for key, value in processor.checkpoint(lambda key: owner(key) in owned):
-                    by_partition.setdefault((topic, owner(key)), []).append((key, value))
+                for key, record_key, value in processor.checkpoint(lambda key: owner(key) in owned):
+                    by_partition.setdefault((topic, owner(key)), []).append((record_key, value))
         finally:
             for processor in self.processors.values():
                 processor.lock.release()
