@@ -70,7 +70,7 @@ DEADLETTER_PAYLOAD_BYTES = 512 * 1024
 # Live states kept in memory past a checkpoint; beyond this many, the ones that were not
 # changed since are dropped (their encoded form stays in the table) so memory follows the
 # entities in use, not every entity ever seen.
-LIVE_MAX = 250_000
+LIVE_MAX = 100_000  # ~2.7 KB each for a card of the example
 
 
 def _patch_fetch_wait(ms: int) -> None:
