@@ -57,6 +57,13 @@ class Settings:
     # longer pause per commit (freshness p99 at 5,000 events/s: 330 ms at 1 s, 610 ms at
     # 5 s; bench/stream.py) and a longer replay after a crash.
     stream_commit_interval_ms: int = 1000
+    # How far ahead of the wall clock an event's time may be. Further ahead it goes to the
+    # dead-letter topic instead of becoming its partition's watermark (which would make the
+    # partition's on-time events "late"). Producers whose simulated clock runs ahead of the
+    # wall clock (`freshet produce --time-scale` from now) need it raised, or start in the past.
+    stream_max_future_s: int = 300
+    # Larger source messages go to the dead-letter topic unparsed (the broker takes ~1 MB).
+    stream_max_event_bytes: int = 100_000
 
     # Redis. Empty means "use the embedded server".
     redis_url: str = _secret()
@@ -135,7 +142,8 @@ _CHOICES = {
     "kafka_sasl_mechanism": {"", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"},
     "log_level": {"DEBUG", "INFO", "WARNING", "ERROR"},
 }
-_POSITIVE = {"kafka_session_timeout_ms", "kafka_partitions", "max_body_bytes", "stream_commit_interval_ms"}
+_POSITIVE = {"kafka_session_timeout_ms", "kafka_partitions", "max_body_bytes", "stream_commit_interval_ms",
+             "stream_max_future_s", "stream_max_event_bytes"}
 
 
 def _env_name(name: str) -> str:
@@ -156,6 +164,12 @@ def _validate(s: Settings) -> None:
             f"{_env_name('kafka_fetch_max_wait_ms')}={s.kafka_fetch_max_wait_ms} must be 0..5000 "
             "(about 10-50 ms keeps features fresh)"
         )
+    if s.stream_max_future_s > 10 * 366 * 86400:
+        raise SettingsError(f"{_env_name('stream_max_future_s')}={s.stream_max_future_s} must be at most ten years "
+                            "in seconds (a few minutes suits live producers)")
+    if s.stream_max_event_bytes > 1_000_000:
+        raise SettingsError(f"{_env_name('stream_max_event_bytes')}={s.stream_max_event_bytes} must be at most "
+                            "1000000 (the broker refuses larger messages)")
     if not 0 <= s.redis_poll_us <= 10_000:
         raise SettingsError(f"{_env_name('redis_poll_us')}={s.redis_poll_us} must be 0..10000 microseconds "
                             "(0 never polls; ~100 suits a Redis on the same host)")

@@ -10,6 +10,14 @@ read as of time t, covers events with `start <= event_ts <= t`, where
 `start = floor(t / S) * S + S - W`. With S == W (tumbling) that is the current
 window so far; with S < W it is the last W/S slide-aligned steps, the current one
 included.
+
+count_distinct is exact while an entity holds at most DISTINCT_EXACT_MAX distinct
+values of the column within the view's horizon (longest window + lateness). Past that,
+the column switches to HyperLogLog sketches per tile (Apache DataSketches, lg_k =
+SKETCH_LG_K, 4-bit registers) and each window is the estimate of the union of its tiles'
+sketches: relative standard error 1.6%, within 3.3% for 95% of windows. The switch (and
+the way back, once a horizon passes without a value) happens inside `update`, so the
+stream and the backfill switch at the same event.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import math
 from operator import itemgetter
 from typing import Any, Iterable
 
+import datasketches
 import orjson
 
 from freshet.features import AggregationSpec, ViewSpec
@@ -29,6 +38,14 @@ from freshet.features import AggregationSpec, ViewSpec
 _TILED = ("count", "sum", "mean", "min", "max")
 _CODES = {name: i for i, name in enumerate(_TILED)}  # how `result` reads an accumulator
 STATE_FORMAT = 3  # first element of an encoded state record (2: one tile map per column)
+SKETCH_FORMAT = 4  # STATE_FORMAT + sketches: JSON, a NUL byte, then the sketches' bytes
+DISTINCT_EXACT_MAX = 10_000  # distinct values per entity and column kept exactly
+SKETCH_LG_K = 12  # 4,096 registers: relative standard error 1.04 / sqrt(4096) = 1.6%
+_SKETCH_TYPE = datasketches.tgt_hll_type.HLL_4  # 2 KiB per dense tile
+
+
+def _new_sketch() -> datasketches.hll_sketch:
+    return datasketches.hll_sketch(SKETCH_LG_K, _SKETCH_TYPE)
 
 
 def window_start(as_of: float, spec: AggregationSpec) -> float:
@@ -79,6 +96,11 @@ class ViewAggregator:
             specs = [a for a in view.aggregations if a.column == column and a.function == "count_distinct"]
             widths, shapes, index = _windows(specs)
             self._distinct_windows[column] = (widths, shapes, [(a.name, i) for a, i in zip(specs, index)])
+        # a sketched column keeps tiles of each width only as long as that width's longest window
+        self._sketch_horizons = {
+            column: {width: max(slide - offset for slide, offset, w in shapes if w == width) + view.lateness_s
+                     for width in widths}
+            for column, (widths, shapes, _) in self._distinct_windows.items()}
         self._last = [(a.column, a.slide_s, a.slide_s - a.window_s)
                       for a in view.aggregations if a.function == "last"]
         self._names = [a.name for a in view.aggregations]
@@ -107,6 +129,8 @@ class ViewAggregator:
             "distinct_tiles": {c: {self.tile_s: {}} for c in self.distinct_columns},
             "last": {c: None for c in self.last_columns},
             "offsets": {},  # "topic:partition" -> last applied offset (exactly-once effects)
+            # and, once a column has too many distinct values, "sketches": column -> [latest
+            # sighting, {tile width: {tile_start: HLL sketch}}] instead of its distinct entries
         }
 
     def update(self, state: dict, ts: float, row: dict[str, Any]) -> None:
@@ -127,6 +151,9 @@ class ViewAggregator:
                         part[2] = v
                     if v > part[3]:
                         part[3] = v
+        if "sketches" in state:
+            self._update_sketches(state, ts, row)
+        crowded = None
         for column, seen in state["distinct"].items():
             v = row.get(column)
             if v is None:
@@ -139,6 +166,8 @@ class ViewAggregator:
                     counts[tile] = counts.get(tile, 0) + 1
                     if before is not None:
                         _decrement(counts, int(before // width) * width)
+                if before is None and len(seen) > DISTINCT_EXACT_MAX:
+                    crowded = column
         for column in self.last_columns:
             v = row.get(column)
             cur = state["last"][column]
@@ -146,6 +175,56 @@ class ViewAggregator:
                 state["last"][column] = [ts, v]
         if state["max_ts"] is None or ts > state["max_ts"]:
             state["max_ts"] = ts
+        if crowded is not None:
+            for column in [c for c, seen in state["distinct"].items() if len(seen) > DISTINCT_EXACT_MAX]:
+                self._bound_distinct(state, column)
+
+    def _update_sketches(self, state: dict, ts: float, row: dict[str, Any]) -> None:
+        expired = []
+        for column, entry in state["sketches"].items():
+            v = row.get(column)
+            if v is None:
+                continue
+            if ts - entry[0] > self.horizon_s + self.tile_s:  # no window reaches a sketched value
+                expired.append(column)
+                continue
+            if ts > entry[0]:
+                entry[0] = ts
+            for width, tiles in entry[1].items():
+                tile = int(ts // width) * width
+                sketch = tiles.get(tile)
+                if sketch is None:
+                    sketch = tiles[tile] = _new_sketch()
+                sketch.update(v)
+        for column in expired:  # back to exact counting; the loop over exact columns takes v
+            del state["sketches"][column]
+            state["distinct"][column] = {}
+            state["distinct_tiles"][column] = {self.tile_s: {}}
+        if not state["sketches"]:
+            del state["sketches"]
+
+    def _bound_distinct(self, state: dict, column: str) -> None:
+        """Drop the column's values no window reaches; if more than DISTINCT_EXACT_MAX remain,
+        switch the column to sketches, each value in the tiles of its latest sighting."""
+        floor = state["max_ts"] - self.horizon_s - self.tile_s
+        seen = state["distinct"][column]
+        by_width = state["distinct_tiles"][column]
+        for v in [v for v, ts in seen.items() if ts < floor]:
+            ts = seen.pop(v)
+            for width, counts in by_width.items():
+                _decrement(counts, int(ts // width) * width)
+        if len(seen) <= DISTINCT_EXACT_MAX:
+            return
+        sketches: dict[int, dict] = {width: {} for width in self._sketch_horizons[column]}
+        for v, ts in seen.items():
+            for width, tiles in sketches.items():
+                tile = int(ts // width) * width
+                sketch = tiles.get(tile)
+                if sketch is None:
+                    sketch = tiles[tile] = _new_sketch()
+                sketch.update(v)
+        state.setdefault("sketches", {})[column] = [max(seen.values()), sketches]
+        del state["distinct"][column], state["distinct_tiles"][column]
 
     def evict(self, state: dict) -> None:
         """Drop tiles and distinct values no window can reach again."""
@@ -167,6 +246,11 @@ class ViewAggregator:
                     ts = seen.pop(v)
                     for width, c in by_width.items():
                         _decrement(c, int(ts // width) * width)
+        for column, (_, by_width) in state.get("sketches", {}).items():
+            for width, tiles in by_width.items():
+                floor = state["max_ts"] - self._sketch_horizons[column][width] - width
+                for t in [t for t in tiles if t < floor]:
+                    del tiles[t]
         self._coarsen(state)
 
     def _coarsen(self, state: dict) -> None:
@@ -198,8 +282,12 @@ class ViewAggregator:
         for column, (_, shapes, _) in self._tiled_windows.items():
             for n, total, lo, hi in _per_window(state["tiles"][column], shapes, fine, as_of, _scan_tiles, _fold):
                 slots += (n, float(total), total / n, lo, hi) if n else (0, float(total), None, None, None)
+        sketched = state.get("sketches") or {}
         for column, (_, shapes, _) in self._distinct_windows.items():
-            slots += _per_window(state["distinct_tiles"][column], shapes, fine, as_of, _scan_counts, sum)
+            if column in sketched:
+                slots += _sketch_windows(sketched[column][1], shapes, as_of)
+            else:
+                slots += _per_window(state["distinct_tiles"][column], shapes, fine, as_of, _scan_counts, sum)
         for column, slide, offset in self._last:
             start = as_of // slide * slide + offset  # window_start, inlined
             cur = state["last"][column]
@@ -211,7 +299,7 @@ class ViewAggregator:
     # values keep their type; per-tile distinct counts are derived, not stored.
     def encode(self, state: dict) -> bytes:
         """The entity's state as one compact changelog value."""
-        return orjson.dumps([
+        fields = [
             STATE_FORMAT,
             state["max_ts"],
             {c: [[w, list(tiles), list(tiles.values())] for w, tiles in by_width.items()]
@@ -219,14 +307,31 @@ class ViewAggregator:
             {c: [list(seen), list(seen.values())] for c, seen in state["distinct"].items()},
             state["last"],
             state["offsets"],
-        ])
+        ]
+        if "sketches" not in state:
+            # a copy: orjson's bytes keep a 4 KiB allocation however short the JSON, and
+            # tables hold one encoded state per entity (4.1 KB instead of ~0.2 KB each)
+            return memoryview(orjson.dumps(fields)).tobytes()
+        # sketches as bytes after the JSON (which never holds a raw NUL), indexed in it
+        fields[0] = SKETCH_FORMAT
+        blobs, index = [], {}
+        for c, (latest, by_width) in state["sketches"].items():
+            widths = []
+            for w, tiles in by_width.items():
+                parts = [sketch.serialize_compact() for sketch in tiles.values()]
+                widths.append([w, list(tiles), [len(p) for p in parts]])
+                blobs += parts
+            index[c] = [latest, widths]
+        fields.append(index)
+        return orjson.dumps(fields) + b"\x00" + b"".join(blobs)
 
     def decode(self, data: bytes | dict) -> dict:
         """Inverse of `encode`; also reads the older forms (one tile map per column)."""
         if isinstance(data, dict):
             return self.from_json(data)
-        fmt, max_ts, tiles, distinct, last, offsets = orjson.loads(data)
-        if fmt not in (2, STATE_FORMAT):
+        text, _, blob = data.partition(b"\x00")
+        fmt, max_ts, tiles, distinct, last, offsets, *sketched = orjson.loads(text)
+        if fmt not in (2, STATE_FORMAT, SKETCH_FORMAT):
             raise ValueError(f"unknown state format {fmt!r}")
         state = self.new_state()
         state["max_ts"] = max_ts
@@ -241,6 +346,19 @@ class ViewAggregator:
         for c, cur in last.items():
             state["last"][c] = cur
         state["offsets"] = offsets
+        if sketched:
+            view = memoryview(blob)
+            at = 0
+            state["sketches"] = {}
+            for c, (latest, widths) in sketched[0].items():
+                by_width = {}
+                for w, starts, lengths in widths:
+                    tiles = by_width[w] = {}
+                    for t, n in zip(starts, lengths):
+                        tiles[t] = datasketches.hll_sketch.deserialize(bytes(view[at:at + n]))
+                        at += n
+                state["sketches"][c] = [latest, by_width]
+                del state["distinct"][c], state["distinct_tiles"][c]
         self._count_distinct_tiles(state)
         return state
 
@@ -338,6 +456,19 @@ def _windows(specs: list[AggregationSpec]) -> tuple[list[int], list[tuple], list
     shapes = list(dict.fromkeys((a.window_s, a.slide_s) for a in specs))
     steps = [(slide, slide - window, math.gcd(window, slide)) for window, slide in shapes]
     return sorted({w for _, _, w in steps}), steps, [shapes.index((a.window_s, a.slide_s)) for a in specs]
+
+
+def _sketch_windows(by_width: dict, shapes: list, as_of: float) -> list[int]:
+    """Estimated distinct counts of every window [start, as_of]: the union of its tiles' sketches."""
+    out = []
+    for slide, offset, width in shapes:
+        start = as_of // slide * slide + offset  # window_start, inlined
+        union = datasketches.hll_union(SKETCH_LG_K)
+        for t, sketch in by_width[width].items():
+            if start <= t <= as_of:
+                union.update(sketch)
+        out.append(round(union.get_estimate()))
+    return out
 
 
 def _distinct_counts(seen: dict, width: int) -> dict[int, int]:

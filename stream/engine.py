@@ -12,8 +12,15 @@ repartition messages they cover are durable.
 
 Each entity has exactly one writer. A view keyed by the field producers key
 messages by (the KafkaSource tag `freshet.message_key`) is computed in the source
-partition; any other view (merchant views on a topic keyed by card) first sends its
-events through an internal repartition topic keyed by its entity.
+partition when the event is in its key's murmur2 partition, as Java's partitioner puts
+it; an event elsewhere (another partitioner, e.g. librdkafka's default CRC32) and any
+event of another view (merchant views on a topic keyed by card) first travels through
+an internal repartition topic to the partition owning its entity.
+
+Bad input never stops the stream: events are validated (events.py) before they touch
+state, and an event that makes a later stage fail is found by splitting its batch and
+dead-lettered with the exception (isolation.py); only failures of Kafka or Redis stop
+a batch.
 """
 
 from __future__ import annotations
@@ -38,8 +45,10 @@ from aiokafka.partitioner import murmur2
 from freshet.contracts import DeadLetter
 from freshet.features import FeatureRegistry, ViewSpec
 from freshet.settings import Settings
+from freshet.stream import chunks
 from freshet.stream.aggregations import ViewAggregator
 from freshet.stream.events import EventDecoder, EventError
+from freshet.stream.isolation import describe, is_infrastructure, split_failures
 from freshet.stream.offline import PartBuffer, raw_log_path
 
 log = logging.getLogger("freshet.stream")
@@ -54,6 +63,14 @@ PRODUCER_BATCH_BYTES = 512 * 1024
 STATS_INTERVAL_S = 10.0
 SOURCE_FIELDS = ("_partition", "_offset")
 FENCE_KEY = b"\x00freshet:recovery-fence"  # never an entity key: those are UTF-8 text or JSON
+# The broker refuses messages over ~1 MB: internal messages are cut well below it, and a
+# dead letter carries at most this much of the original payload (base64 adds a third).
+INTERNAL_MESSAGE_BYTES = 256 * 1024
+DEADLETTER_PAYLOAD_BYTES = 512 * 1024
+# Live states kept in memory past a checkpoint; beyond this many, the ones that were not
+# changed since are dropped (their encoded form stays in the table) so memory follows the
+# entities in use, not every entity ever seen.
+LIVE_MAX = 100_000  # ~2.7 KB each for a card of the example
 
 
 def _patch_fetch_wait(ms: int) -> None:
@@ -86,12 +103,44 @@ def _timestamps(seconds: list) -> pa.Array:
     return micros.cast(UTC_MICROS)
 
 
+def _raw_table(decoder: EventDecoder, accepted) -> pa.Table:
+    """The raw-log rows of accepted (partition, offset, event time, row) events."""
+    columns: dict[str, list] = {name: [] for name in decoder.schema}
+    parts, offsets = [], []
+    for partition, offset, ts, row in accepted:
+        for name in columns:
+            columns[name].append(row.get(name))
+        parts.append(partition)
+        offsets.append(offset)
+    arrays = {}
+    for name, values in columns.items():
+        kind = decoder.schema[name]
+        if name == decoder.timestamp_field or kind == "timestamp":
+            arrays[name] = _timestamps([v if isinstance(v, (int, float)) else None for v in values])
+        else:
+            arrays[name] = pa.array(values, {"string": pa.string(), "int": pa.int64(),
+                                             "float": pa.float64(), "bool": pa.bool_()}[kind])
+    arrays["_partition"] = pa.array(parts, pa.int32())
+    arrays["_offset"] = pa.array(offsets, pa.int64())
+    return pa.table(arrays)
+
+
+def _bounded(blob: bytes, items: list) -> list[bytes]:
+    """A JSON list over INTERNAL_MESSAGE_BYTES as several smaller ones (halving the items)."""
+    if len(blob) <= INTERNAL_MESSAGE_BYTES or len(items) == 1:
+        return [blob]
+    mid = len(items) // 2
+    return [chunk for half in (items[:mid], items[mid:]) for chunk in _bounded(orjson.dumps(half), half)]
+
+
 @dataclass
 class Counters:
     accepted: int = 0
     deadlettered: int = 0
     duplicates_skipped: int = 0
     repartitioned: int = 0
+    rerouted: int = 0  # events of a message-keyed view that arrived outside their key's partition
+    unprocessable: int = 0  # events that made a later stage fail (dead-lettered)
     rows_online: int = 0
     rows_offline: int = 0
     changelog_records: int = 0
@@ -103,12 +152,19 @@ class Counters:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
 
 
+Item = tuple  # (entity key, event time, row, source "topic:partition", source offset)
+
+
 class ViewProcessor:
     """Applies events to one view's entity states and emits the changed feature rows.
 
     Live states stay in memory; the changelog gets each changed entity once per
     offset commit (`checkpoint`), not once per micro-batch, so a busy entity costs
     one compact record per second instead of one full-state record per batch.
+
+    The batches applied since the last checkpoint are kept, so when a batch fails, the
+    states it touched can be rebuilt as they were before it (checkpointed state + those
+    batches) and the batch retried in parts to find the events that cause the failure.
     """
 
     def __init__(self, view: ViewSpec, table, sink: "FeatureSink"):
@@ -118,6 +174,11 @@ class ViewProcessor:
         self.sink = sink
         self.live: dict[bytes, dict] = {}
         self.dirty: set[bytes] = set()
+        self.applied: list[list[Item]] = []  # batches applied since the last checkpoint
+        self.chunked: dict[bytes, tuple[str, int]] = {}  # key -> its chunked changelog record's header
+        # held while a batch is applied and written: a checkpoint never sees half a batch,
+        # so a failed batch can be rebuilt from the checkpoint and `applied`
+        self.lock = asyncio.Lock()
         self.disowned = 0  # changed entities not written: their partition had moved away
 
     def forget(self) -> None:
@@ -128,21 +189,27 @@ class ViewProcessor:
         """
         self.live.clear()
         self.dirty.clear()
+        self.applied.clear()
 
     def _state(self, key: bytes) -> dict:
         state = self.live.get(key)
         if state is None:
-            stored = self.table.data.get(key)
+            data = self.table.data
+            stored = data.get(key)
+            if chunks.is_header(stored):  # recovered from a chunked changelog record
+                stored, self.chunked[key] = chunks.joined(data, key, stored)
             state = self.agg.new_state() if stored is None else self.agg.decode(stored)
             self.live[key] = state
         return state
 
-    def checkpoint(self, owns: Callable[[bytes], bool]) -> list[tuple[bytes, bytes]]:
-        """Encode every entity changed since the last checkpoint: (key, changelog value).
+    def checkpoint(self, owns: Callable[[bytes], bool]) -> list[tuple[bytes, bytes, bytes | None]]:
+        """Encode every entity changed since the last checkpoint: (key, record key, value)
+        per changelog record (a large state is several: chunks.py).
 
         Synchronous, so the records hold every event applied so far and nothing half
-        applied. Entities of partitions no longer owned (`owns(key)` false) are not
-        written: a late write would land after the new owner's recovery.
+        applied (the caller holds `lock`). Entities of partitions no longer owned
+        (`owns(key)` false) are not written: a late write would land after the new
+        owner's recovery.
         """
         records = []
         data = self.table.data
@@ -153,12 +220,37 @@ class ViewProcessor:
                 continue
             value = self.agg.encode(self.live[key])
             data[key] = value
-            records.append((key, value))
+            if len(value) <= chunks.CHUNK_BYTES and key not in self.chunked:
+                records.append((key, key, value))
+                continue
+            for record_key, record in chunks.records(key, value, self.chunked.pop(key, None)):
+                records.append((key, record_key, record))
+                if record_key == key and chunks.is_header(record):
+                    self.chunked[key] = chunks.header_of(record)
         self.dirty.clear()
+        self.applied.clear()
+        if len(self.live) > LIVE_MAX:  # oldest first: dicts keep insertion order
+            for key in list(self.live)[:len(self.live) - LIVE_MAX]:
+                del self.live[key]
         return records
 
-    async def apply(self, items: list[tuple[bytes, float, dict, str, int]], counters: Counters) -> None:
-        """Apply (key, event time, row, source "topic:partition", source offset) in order."""
+    async def apply(self, items: list[Item], counters: Counters) -> list[tuple[Item, str]]:
+        """Apply (key, event time, row, source "topic:partition", source offset) in order.
+
+        Returns the events that made the view fail, with the reason, applied to nothing."""
+        async with self.lock:
+            try:
+                await self._apply(items, counters)
+            except Exception as exc:  # noqa: BLE001 - is_infrastructure sorts it
+                if is_infrastructure(exc):
+                    raise
+                log.warning("view %s: a batch of %d events failed (%s: %s); finding the events that cause it",
+                            self.view.name, len(items), type(exc).__name__, exc)
+                return await self._isolate(items, counters)
+            self.applied.append(items)
+            return []
+
+    async def _apply(self, items: list[Item], counters: Counters) -> None:
         t0 = time.perf_counter()
         changed: dict[bytes, tuple[dict, dict]] = {}
         for key, ts, row, source, offset in items:
@@ -182,6 +274,76 @@ class ViewProcessor:
         t0 = time.perf_counter()
         await self.sink.write(self.view, rows, counters)
         counters.timed("sink", t0)
+
+    async def _isolate(self, items: list[Item], counters: Counters) -> list[tuple[Item, str]]:
+        """Retry a failed batch entity group by entity group, halving the failing groups, and
+        a failing entity's events one by one; returns the events that fail on their own."""
+        groups: dict[bytes, list[Item]] = {}
+        for item in items:
+            groups.setdefault(item[0], []).append(item)
+        self._rebuild(groups)
+        good: list[Item] = []
+        poison: list[tuple[Item, str]] = []
+        await self._split(list(groups.items()), good, poison, counters, tried=True)
+        self.applied.append(good)
+        counters.unprocessable += len(poison)
+        log.warning("view %s: %d of %d events could not be applied and go to the dead-letter topic: %s",
+                    self.view.name, len(poison), len(items), "; ".join(sorted({reason for _, reason in poison}))[:500])
+        return poison
+
+    async def _split(self, groups: list, good: list, poison: list, counters: Counters, tried: bool = False) -> None:
+        if not tried:
+            batch = [item for _, its in groups for item in its]
+            try:
+                await self._apply(batch, counters)
+                good.extend(batch)
+                return
+            except Exception as exc:  # noqa: BLE001
+                if is_infrastructure(exc):
+                    raise
+                self._rebuild(key for key, _ in groups)
+        if len(groups) > 1:
+            mid = len(groups) // 2
+            await self._split(groups[:mid], good, poison, counters)
+            await self._split(groups[mid:], good, poison, counters)
+            return
+        key, its = groups[0]
+        failed = len(poison)
+        for item in its:  # one entity: each event on the state as it was before it
+            before = self.agg.encode(self._state(key))
+            try:
+                await self._apply([item], counters)
+                good.append(item)
+            except Exception as exc:  # noqa: BLE001
+                if is_infrastructure(exc):
+                    raise
+                self.live[key] = self.agg.decode(before)
+                poison.append((item, describe(exc, f"view {self.view.name}")))
+        if len(poison) > failed and self.live[key]["max_ts"] is not None:
+            # a failed write may have reached Redis before failing: write the state without it
+            state = self.live[key]
+            row = next(item[2] for item in its)
+            try:
+                await self.sink.write(self.view, [(tuple(row[k] for k in self.view.join_keys),
+                                                   self.agg.result(state), state["max_ts"])], counters)
+            except Exception as exc:  # noqa: BLE001
+                if is_infrastructure(exc):
+                    raise
+
+    def _rebuild(self, keys) -> None:
+        """These entities' states as before the current batch: checkpoint + batches applied since."""
+        keys = set(keys)
+        for key in keys:
+            self.live.pop(key, None)
+        for batch in self.applied:
+            for key, ts, row, source, offset in batch:
+                if key in keys:
+                    state = self._state(key)
+                    if state["offsets"].get(source, -1) < offset:
+                        self.agg.update(state, ts, row)
+                        state["offsets"][source] = offset
+        for key in keys:
+            self.agg.evict(self._state(key))
 
 
 class HeldMessages:
@@ -297,7 +459,7 @@ class StreamEngine:
             self.app.agent(topic, name=f"apply-{view.name}")(self._agent(handler))
         self.watermarks: dict[tuple[str, int], float] = {}
         for topic, views in registry.views_by_topic().items():
-            decoder = EventDecoder(views)
+            decoder = EventDecoder(views, settings.stream_max_future_s, settings.stream_max_event_bytes)
             source = self.app.topic(topic, key_serializer="raw", value_serializer="raw")
             handler = self.handlers[topic] = self._source_handler(topic, views, decoder)
             self.app.agent(source, name=f"ingest-{topic}")(self._agent(handler))
@@ -409,12 +571,18 @@ class StreamEngine:
         """Send every changed entity state to its table's changelog; returns records sent."""
         t0 = time.perf_counter()
         by_partition: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}
-        for name, processor in self.processors.items():
-            owned = self._owned_partitions(name)
-            owner = self._owner_partition
-            topic = processor.table.changelog_topic.get_topic_name()
-            for key, value in processor.checkpoint(lambda key: owner(key) in owned):
-                by_partition.setdefault((topic, owner(key)), []).append((key, value))
+        for processor in self.processors.values():  # no batch half applied while encoding
+            await processor.lock.acquire()
+        try:
+            for name, processor in self.processors.items():
+                owned = self._owned_partitions(name)
+                owner = self._owner_partition
+                topic = processor.table.changelog_topic.get_topic_name()
+                for key, record_key, value in processor.checkpoint(lambda key: owner(key) in owned):
+                    by_partition.setdefault((topic, owner(key)), []).append((record_key, value))
+        finally:
+            for processor in self.processors.values():
+                processor.lock.release()
         n = 0
         for (topic, partition), records in by_partition.items():  # encoded above, before any await
             await self._send_records(topic, partition, records)
@@ -484,8 +652,9 @@ class StreamEngine:
 
     async def _log_counters(self) -> None:
         c = self.counters
-        log.info("accepted %d, dead-lettered %d, duplicates skipped %d, changelog records %d, "
-                 "disowned %s, batches %d; seconds %s", c.accepted, c.deadlettered, c.duplicates_skipped,
+        log.info("accepted %d, dead-lettered %d %s, rerouted %d (%.1f%% of accepted), duplicates skipped %d, "
+                 "changelog records %d, disowned %s, batches %d; seconds %s", c.accepted, c.deadlettered,
+                 c.reasons, c.rerouted, 100.0 * c.rerouted / max(1, c.accepted), c.duplicates_skipped,
                  c.changelog_records, {n: p.disowned for n, p in self.processors.items()}, c.batches,
                  {k: round(v, 2) for k, v in sorted(c.seconds.items())})
 
@@ -499,11 +668,34 @@ class StreamEngine:
         return p
 
     async def _dead_letter(self, message, reason: str) -> None:
+        await self._dead_letter_at(message.topic, message.partition, message.offset, message.key,
+                                   message.value, reason)
+
+    async def _dead_letter_at(self, topic: str, partition: int, offset: int, key: bytes | None,
+                              payload: bytes | None, reason: str) -> None:
         self.counters.deadlettered += 1
         kind = reason.split(":")[0][:40]
         self.counters.reasons[kind] = self.counters.reasons.get(kind, 0) + 1
-        record = DeadLetter.for_event(message.topic, message.partition, message.offset, reason, message.value)
-        await self.deadletter.send(key=message.key, value=record.encode())
+        if payload and len(payload) > DEADLETTER_PAYLOAD_BYTES:  # the record must stay under ~1 MB
+            reason += f" (payload: the first {DEADLETTER_PAYLOAD_BYTES} of {len(payload)} bytes)"
+            payload = payload[:DEADLETTER_PAYLOAD_BYTES]
+        if key and len(key) > DEADLETTER_PAYLOAD_BYTES // 4:
+            key = key[:DEADLETTER_PAYLOAD_BYTES // 4]
+        record = DeadLetter.for_event(topic, partition, offset, reason, payload)
+        await self.deadletter.send(key=key, value=record.encode())
+
+    async def _dead_letter_items(self, view: ViewSpec, poison: list[tuple[Item, str]], messages=None) -> None:
+        """Dead letters for events a view could not apply: the original message when this
+        batch holds it, else the fields the view read (the record names the source event)."""
+        for (key, ts, row, source, offset), reason in poison:
+            topic, _, partition = source.rpartition(":")
+            message = messages.get((int(partition), offset)) if messages else None
+            if message is not None:
+                await self._dead_letter(message, reason)
+            else:
+                await self._dead_letter_at(topic, int(partition), offset, key,
+                                           orjson.dumps({**row, view.timestamp_field: ts}),
+                                           reason + " (payload: the fields the view reads)")
 
     def _source_handler(self, topic: str, views: list[ViewSpec], decoder: EventDecoder):
         """The batch body of a source topic: decode, validate, log raw, apply or repartition."""
@@ -511,41 +703,51 @@ class StreamEngine:
         raw_root = raw_log_path(self.settings.data_path, topic)
         ts_field = decoder.timestamp_field
         needed = {v.name: sorted({*v.join_keys, *(a.column for a in v.aggregations)}) for v in views}
+        watermarks = self.watermarks
 
         async def ingest(messages: list) -> None:
             self.counters.batches += 1
             t0 = time.perf_counter()
-            accepted = []
+            accepted, rejected = [], []
+            decode = decoder.decode
+            # one wall-clock reading per batch: the bound on future event times, and the
+            # cap on how far a watermark counts (an on-time event is never late because
+            # another was dated ahead of the wall clock)
+            now = time.time()
             for message in messages:
                 try:
-                    ts, row = decoder.decode(message.value)
+                    ts, row = decode(message.value, now)
                 except EventError as exc:
-                    await self._dead_letter(message, str(exc))
+                    rejected.append((message, str(exc)))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a decoding bug must not stop the stream
+                    rejected.append((message, describe(exc, "decoding")))
                     continue
                 wm_key = (message.topic, message.partition)
-                high = self.watermarks.get(wm_key)
-                if high is not None and ts < high - lateness:
-                    await self._dead_letter(
-                        message, f"late: event time {ts:.3f} is more than {lateness}s behind "
-                                 f"the partition's latest event time {high:.3f}")
+                high = watermarks.get(wm_key)
+                if high is not None and ts < (high if high < now else now) - lateness:
+                    rejected.append((message, f"late: event time {ts:.3f} is more than {lateness}s behind "
+                                              f"the partition's latest event time {min(high, now):.3f}"))
                     continue
                 if high is None or ts > high:
-                    self.watermarks[wm_key] = ts
+                    watermarks[wm_key] = ts
                 row[ts_field] = ts
                 accepted.append((message.partition, message.offset, ts, row))
+            for message, reason in rejected:
+                await self._dead_letter(message, reason)
             if not accepted:
                 return
             by_offset = {(m.partition, m.offset): m for m in messages}
-            self.counters.accepted += len(accepted)
             self.counters.timed("decode", t0)
             t0 = time.perf_counter()
-            await self._append_raw(raw_root, decoder, accepted)
+            accepted = await self._append_raw(raw_root, decoder, accepted, by_offset)
+            self.counters.accepted += len(accepted)
             self.counters.timed("raw_log", t0)
             for view in views:
                 if view.keyed_by_message:
-                    await self._apply_direct(view, topic, accepted, by_offset)
+                    await self._apply_direct(view, topic, accepted, by_offset, needed[view.name])
                 else:
-                    await self._repartition(view, topic, accepted, needed[view.name])
+                    await self._repartition(view, topic, accepted, needed[view.name], by_offset)
 
         return ingest
 
@@ -559,70 +761,93 @@ class StreamEngine:
 
         return agent
 
-    async def _apply_direct(self, view: ViewSpec, topic: str, accepted, messages) -> None:
-        """A view keyed by the message key is computed in the partition the event came in.
+    async def _apply_direct(self, view: ViewSpec, topic: str, accepted, messages, columns: list[str]) -> None:
+        """A view keyed by the message key is computed in the partition the event came in
+        when that is its key's murmur2 partition (Java's and aiokafka's partitioner).
 
-        Each entity must then always arrive in the same partition, the one its key maps
-        to; an event that does not is dead-lettered rather than split across two states.
+        An event elsewhere (another partitioner: librdkafka's default is CRC32) travels
+        through the view's repartition topic to the partition owning its key, like every
+        event of a view keyed otherwise: correct under any partitioner, one hop dearer.
         """
-        items = []
-        for partition, offset, ts, row in accepted:
+        items, elsewhere = [], []
+        owner_of = self._owner_partition
+        source = f"{topic}:%d"
+        for event in accepted:
+            partition, offset, ts, row = event
             key = entity_key(view, row)
-            owner = self._owner_partition(key)
-            if owner != partition:
-                await self._dead_letter(
-                    messages[(partition, offset)],
-                    f"misrouted: {view.message_key}={key.decode(errors='replace')!r} belongs in partition "
-                    f"{owner}, arrived in {partition}; key events by {view.message_key} with the murmur2 "
-                    "partitioner (Java's default; librdkafka 'murmur2_random')")
-                continue
-            items.append((key, ts, row, f"{topic}:{partition}", offset))
+            if owner_of(key) == partition:
+                items.append((key, ts, row, source % partition, offset))
+            else:
+                elsewhere.append(event)
+        if elsewhere:
+            self._note_rerouted(view, len(elsewhere), len(accepted))
+            await self._repartition(view, topic, elsewhere, columns, messages)
         if items:
-            await self.processors[view.name].apply(items, self.counters)
+            poison = await self.processors[view.name].apply(items, self.counters)
+            await self._dead_letter_items(view, poison, messages)
 
-    async def _repartition(self, view: ViewSpec, topic: str, accepted, columns: list[str]) -> None:
-        """Every event of the view travels to the partition owning its entity, one message
-        per destination partition, so each entity has exactly one writer."""
+    def _note_rerouted(self, view: ViewSpec, n: int, of: int) -> None:
+        if not self.counters.rerouted:
+            log.warning(
+                "view %s: %d of %d events arrived outside the partition murmur2 gives their %s: they are "
+                "computed after an extra hop through the repartition topic (counted as 'rerouted'). To avoid "
+                "the hop, key events by %s with the murmur2 partitioner (Java's and aiokafka's default; "
+                "librdkafka/confluent-kafka/kcat: partitioner=murmur2_random)",
+                view.name, n, of, view.message_key, view.message_key)
+        self.counters.rerouted += n
+
+    async def _repartition(self, view: ViewSpec, topic: str, accepted, columns: list[str], messages) -> None:
+        """Every event of the view travels to the partition owning its entity, in messages
+        of at most INTERNAL_MESSAGE_BYTES per destination partition, so each entity has
+        exactly one writer."""
         outgoing: dict[int, list] = {}
+        owner_of = self._owner_partition
         for partition, offset, ts, row in accepted:
             key = entity_key(view, row)
-            outgoing.setdefault(self._owner_partition(key), []).append(
+            outgoing.setdefault(owner_of(key), []).append(
                 (key.decode("latin-1"), ts, {c: row.get(c) for c in columns}, f"{topic}:{partition}", offset))
+        send = self.repartition_topics[view.name].send
         for owner, items in outgoing.items():
-            await self.repartition_topics[view.name].send(key=b"%d" % owner, value=orjson.dumps(items),
-                                                          partition=owner)
-            self.counters.repartitioned += len(items)
+            blobs, failed = split_failures(items, lambda part: (orjson.dumps(part), part))
+            for blob, part in blobs:
+                for chunk in _bounded(blob, part):
+                    await send(key=b"%d" % owner, value=chunk, partition=owner)
+            self.counters.repartitioned += len(items) - len(failed)
+            for (_, _, _, source, offset), exc in failed:
+                partition = int(source.rpartition(":")[2])
+                await self._dead_letter(messages[(partition, offset)], describe(exc, f"repartition of {view.name}"))
 
     def _repartitioned_handler(self, view: ViewSpec):
         async def apply(messages: list) -> None:
             items = []
             for message in messages:
-                for key, ts, row, source, offset in orjson.loads(message.value):
+                try:
+                    decoded = orjson.loads(message.value)
+                except orjson.JSONDecodeError as exc:  # not written by freshet: keep it, go on
+                    await self._dead_letter(message, describe(exc, f"repartition of {view.name}"))
+                    continue
+                for key, ts, row, source, offset in decoded:
                     items.append((key.encode("latin-1"), ts, row, source, offset))
-            await self.processors[view.name].apply(items, self.counters)
+            poison = await self.processors[view.name].apply(items, self.counters)
+            await self._dead_letter_items(view, poison)
 
         return apply
 
-    async def _append_raw(self, root, decoder: EventDecoder, accepted) -> None:
-        columns: dict[str, list] = {name: [] for name in decoder.schema}
-        parts, offsets = [], []
-        for partition, offset, ts, row in accepted:
-            for name in columns:
-                columns[name].append(row.get(name))
-            parts.append(partition)
-            offsets.append(offset)
-        arrays = {}
-        for name, values in columns.items():
-            kind = decoder.schema[name]
-            if name == decoder.timestamp_field or kind == "timestamp":
-                arrays[name] = _timestamps([v if isinstance(v, (int, float)) else None for v in values])
-            else:
-                arrays[name] = pa.array(values, {"string": pa.string(), "int": pa.int64(),
-                                                 "float": pa.float64(), "bool": pa.bool_()}[kind])
-        arrays["_partition"] = pa.array(parts, pa.int32())
-        arrays["_offset"] = pa.array(offsets, pa.int64())
-        if self.sink.offline.add(root, pa.table(arrays), decoder.timestamp_field):
+    async def _append_raw(self, root, decoder: EventDecoder, accepted, messages) -> list:
+        """Queue the accepted events for the offline raw log; returns those that could be
+        written (an event the table cannot hold is dead-lettered)."""
+        tables, failed = split_failures(accepted, lambda events: _raw_table(decoder, events))
+        if failed:
+            for (partition, offset, _, _), exc in failed:
+                await self._dead_letter(messages[(partition, offset)], describe(exc, "raw log"))
+            bad = {id(event) for event, _ in failed}
+            accepted = [event for event in accepted if id(event) not in bad]
+        full = False
+        for table in tables:
+            full = self.sink.offline.add(root, table, decoder.timestamp_field) or full
+        if full:
             await self._write_offline()
+        return accepted
 
     def _write_offline(self) -> asyncio.Future:
         """Take what is queued now and write it in the writer thread; await the future.

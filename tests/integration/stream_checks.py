@@ -1,0 +1,109 @@
+"""Checks the stream specs share: an independent recomputation of features from events,
+Redis reads, and the consumer group and dead-letter topic read to their ends."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+from freshet import kafka
+from freshet.contracts import DeadLetter
+
+
+def expected(events: list[dict], view, key: str) -> dict[str, dict]:
+    """Every feature as of each entity's latest event, recomputed from the events (no freshet code)."""
+    by_entity: dict[str, list[dict]] = {}
+    for e in events:
+        by_entity.setdefault(e[key], []).append(e)
+    out = {}
+    for entity, evs in by_entity.items():
+        t = max(e["event_ts"] for e in evs)
+        values = {}
+        for a in view.aggregations:
+            start = math.floor(t / a.slide_s) * a.slide_s + a.slide_s - a.window_s
+            inside = sorted((e for e in evs if start <= e["event_ts"] <= t), key=lambda e: e["event_ts"])
+            col = [e[a.column] for e in inside]
+            values[a.name] = {
+                "count": lambda: len(col), "sum": lambda: float(sum(col)), "count_distinct": lambda: len(set(col)),
+                "mean": lambda: sum(col) / len(col) if col else None, "min": lambda: min(col, default=None),
+                "max": lambda: max(col, default=None), "last": lambda: col[-1] if col else None,
+            }[a.function]()
+        out[entity] = values
+    return out
+
+
+def differences(got: dict, want: dict) -> list:
+    out = []
+    for entity, values in want.items():
+        for name, w in values.items():
+            g = got.get(entity, {}).get(name)
+            same = (g is None and w is None) or (g is not None and w is not None and
+                                                 math.isclose(float(g), float(w), rel_tol=1e-9, abs_tol=1e-6))
+            if not same:
+                out.append((entity, name, g, w))
+    return out
+
+
+def read_view(layout, client, view: str, keys: list[str]) -> dict[str, dict]:
+    return {k: values for k, (_, values) in zip(keys, layout.read_rows(client, view, [(k,) for k in keys]))}
+
+
+def partition_ends(settings, topic: str) -> dict[int, int]:
+    """Each partition's true end offset. Tansu lists a partition's end as its last record
+    batch's base offset + 1 (docs/architecture.md), so the last batch is read from there:
+    one fetch returns it whole, and its last record is the partition's last."""
+    from confluent_kafka import TopicPartition
+
+    c = kafka.consumer(settings, f"ends-{os.urandom(3).hex()}")
+    ends = {}
+    try:
+        for p in range(settings.kafka_partitions):
+            listed = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            last = listed - 1
+            if listed > 0:
+                c.assign([TopicPartition(topic, p, listed - 1)])
+                first = c.poll(10)
+                batch = ([first] if first is not None else []) + c.consume(num_messages=100_000, timeout=0)
+                last = max([last] + [m.offset() for m in batch if not m.error()])
+            ends[p] = last + 1
+    finally:
+        c.close()
+    return ends
+
+
+def settled(settings, group: str, topics: list[str]) -> bool:
+    """The group has committed every message of these topics (the worker flushes all it
+    sends, dead letters included, before it commits)."""
+    from confluent_kafka import TopicPartition
+
+    c = kafka.consumer(settings, group)
+    try:
+        for topic in topics:
+            ends = partition_ends(settings, topic)
+            committed = c.committed([TopicPartition(topic, p) for p in ends], timeout=10)
+            if any(max(tp.offset, 0) < ends[tp.partition] for tp in committed):
+                return False
+        return True
+    finally:
+        c.close()
+
+
+def dead_letters(settings) -> list[DeadLetter]:
+    """Every record of the dead-letter topic, read to its end."""
+    from confluent_kafka import TopicPartition
+
+    ends = partition_ends(settings, settings.topic_deadletter)
+    c = kafka.consumer(settings, f"check-{os.urandom(3).hex()}")
+    try:
+        c.assign([TopicPartition(settings.topic_deadletter, p, 0) for p in ends])
+        records, read = [], {p: 0 for p in ends}
+        deadline = time.monotonic() + 60
+        while any(read[p] < ends[p] for p in ends) and time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is not None and not m.error():
+                records.append(DeadLetter.decode(m.value()))
+                read[m.partition()] = m.offset() + 1
+        return records
+    finally:
+        c.close()
