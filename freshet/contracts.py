@@ -22,6 +22,27 @@ class ContractError(ValueError):
     """A message does not follow its contract; the message names the field."""
 
 
+def json_object(raw: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
+    """A message's JSON object as a new dict; ContractError if it is not valid JSON or not an object.
+
+    >>> json_object(b'{"a": 1}'), json_object({"a": 1})
+    ({'a': 1}, {'a': 1})
+    >>> json_object(b'[1]')
+    Traceback (most recent call last):
+    ...
+    freshet.contracts.ContractError: message must be a JSON object
+    """
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ContractError(f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ContractError("message must be a JSON object")
+    return data
+
+
 def now_ts() -> float:
     return time.time()
 
@@ -52,15 +73,7 @@ class Message:
 
     @classmethod
     def decode(cls, raw: bytes | str | Mapping[str, Any]):
-        if isinstance(raw, Mapping):
-            data = dict(raw)
-        else:
-            try:
-                data = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise ContractError(f"not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ContractError("message must be a JSON object")
+        data = json_object(raw)
         schema = data.pop("schema", None)
         if schema is None:
             raise ContractError("missing field 'schema'")

@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import orjson
 import pandas as pd
 import pyarrow as pa
 
-from freshet.contracts import ContractError, Label
+from freshet.contracts import ContractError, Label, json_object
 from freshet.settings import Settings
 from freshet.times import epoch_or_none
 
@@ -50,12 +49,7 @@ def label_row(raw: bytes) -> dict[str, Any]:
     >>> r["request_id"], r["label"], r["ts"], r["event_ts"]
     ('tx1', 1.0, 20.0, 10.0)
     """
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ContractError(f"not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ContractError("message must be a JSON object")
+    data = json_object(raw)
     event_ts = data.get("event_ts")  # not in the contract: the workload and most producers add it
     label = Label.decode(data)
     value = float(label.label)
