@@ -264,10 +264,15 @@ def _kill_mid_stream(settings, topic, events, extra, log, app_id, registry, sent
     _produce(settings, topic, head, sent)
     worker = _worker(settings, extra, log, app_id)
     deadline = time.monotonic() + 120
-    # joined its group, caught up and committed the head
-    while sum(_committed(settings, app_id, topic).values()) < len(head):
-        assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
+    try:
+        # joined its group, caught up and committed the head
+        while sum(_committed(settings, app_id, topic).values()) < len(head):
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+    except BaseException:
+        worker.kill()  # a failed start must not leave the worker running past the suite
+        worker.wait()
+        raise
 
     def paced() -> None:
         p = kafka.producer(settings)
