@@ -1,7 +1,7 @@
 """River drift monitor: drift alerts on features, scores and outcomes, usable without Kafka.
 
 `DriftMonitor` is the entry point; the rest is exported for tests, benches and the service.
-Names load on first use: importing River takes seconds, and `monitor.retrain` or the CLI
+Names load on first use: importing River takes seconds, and the CLI or the alert reader
 should not pay for it unless they use the detectors.
 """
 
