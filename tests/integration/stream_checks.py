@@ -7,8 +7,32 @@ import math
 import os
 import time
 
-from freshet import kafka
+import redis
+
+from freshet import features, kafka
 from freshet.contracts import DeadLetter
+from freshet.redis_layout import OnlineLayout
+from freshet.settings import load_settings
+
+
+def isolated_stream(services, tmp, prefix: str):
+    """A transactions topic and dead-letter topic of its own, the feature repo applied to them.
+
+    Returns (uid, topic, settings, the environment a stream worker for it runs with, registry,
+    Redis layout, Redis client).
+    """
+    uid = prefix + os.urandom(4).hex()
+    topic = f"{uid}.transactions"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
+    settings = load_settings(env, kafka_bootstrap_servers=services.kafka, redis_url=services.redis_url,
+                             data_dir=str(tmp / "data"), topic_deadletter=f"{uid}.deadletter", kafka_partitions=4)
+    extra = {"FRESHET_TRANSACTIONS_TOPIC": topic}
+    features.apply(settings, extra_env=extra)
+    registry = features.load_registry(settings)
+    kafka.ensure_topics(settings, [topic, settings.topic_deadletter])
+    layout = OnlineLayout(registry.project, registry.views)
+    worker_env = {**env, **settings.to_env(), **extra}
+    return uid, topic, settings, worker_env, registry, layout, redis.Redis.from_url(services.redis_url)
 
 
 def expected(events: list[dict], view, key: str) -> dict[str, dict]:

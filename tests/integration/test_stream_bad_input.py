@@ -15,7 +15,6 @@ view accepted, and every rejected event must be in the dead-letter topic with it
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -25,12 +24,9 @@ from pathlib import Path
 
 import orjson
 import pytest
-import redis
 
-from freshet import features, kafka
-from freshet.redis_layout import OnlineLayout
-from freshet.settings import load_settings
-from stream_checks import dead_letters, differences, expected, read_view, settled
+from freshet import kafka
+from stream_checks import isolated_stream, dead_letters, differences, expected, read_view, settled
 
 pytestmark = [pytest.mark.integration]
 
@@ -87,17 +83,7 @@ def _poison_values(uid: str, t: float) -> list[tuple[bytes, str]]:
 @pytest.fixture(scope="module")
 def bad_input_run(services, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad-input")
-    uid = "b" + os.urandom(4).hex()
-    topic = f"{uid}.transactions"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
-    settings = load_settings(env, kafka_bootstrap_servers=services.kafka, redis_url=services.redis_url,
-                             data_dir=str(tmp / "data"), topic_deadletter=f"{uid}.deadletter", kafka_partitions=4)
-    extra = {"FRESHET_TRANSACTIONS_TOPIC": topic}
-    features.apply(settings, extra_env=extra)
-    registry = features.load_registry(settings)
-    kafka.ensure_topics(settings, [topic, settings.topic_deadletter])
-    layout = OnlineLayout(registry.project, registry.views)
-    client = redis.Redis.from_url(services.redis_url)
+    uid, topic, settings, worker_env, registry, layout, client = isolated_stream(services, tmp, "b")
 
     rnd = random.Random(11)
     good = _good_events(rnd, uid, 1200, time.time() - 3 * 3600)
@@ -136,7 +122,6 @@ def bad_input_run(services, tmp_path_factory):
     assert murmur2.flush(30) == 0 and crc32.flush(30) == 0
 
     app_id = f"{uid}-stream"
-    worker_env = {**{k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}, **settings.to_env(), **extra}
     log_path = tmp / "worker.log"
     worker = subprocess.Popen([sys.executable, "-m", "freshet.cli", "stream", "--app-id", app_id], env=worker_env,
                               stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)

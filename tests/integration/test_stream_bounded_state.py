@@ -20,14 +20,11 @@ import time
 
 import orjson
 import pytest
-import redis
 from confluent_kafka import TopicPartition
 
-from freshet import features, kafka
-from freshet.redis_layout import OnlineLayout
-from freshet.settings import load_settings
+from freshet import kafka
 from freshet.stream.aggregations import DISTINCT_EXACT_MAX
-from stream_checks import differences, expected, partition_ends, read_view, settled
+from stream_checks import isolated_stream, differences, expected, partition_ends, read_view, settled
 
 pytestmark = [pytest.mark.integration]
 
@@ -78,17 +75,7 @@ def _largest_records(settings, topics: list[str]) -> dict[str, tuple[int, int]]:
 @pytest.fixture(scope="module")
 def big_merchants(services, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bounded")
-    uid = "m" + os.urandom(4).hex()
-    topic = f"{uid}.transactions"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
-    settings = load_settings(env, kafka_bootstrap_servers=services.kafka, redis_url=services.redis_url,
-                             data_dir=str(tmp / "data"), topic_deadletter=f"{uid}.deadletter", kafka_partitions=4)
-    extra = {"FRESHET_TRANSACTIONS_TOPIC": topic}
-    features.apply(settings, extra_env=extra)
-    registry = features.load_registry(settings)
-    kafka.ensure_topics(settings, [topic, settings.topic_deadletter])
-    layout = OnlineLayout(registry.project, registry.views)
-    client = redis.Redis.from_url(services.redis_url)
+    uid, topic, settings, worker_env, registry, layout, client = isolated_stream(services, tmp, "m")
 
     sketched, exact = f"{uid}-m-busy", f"{uid}-m-long-ids"
     t0 = time.time() - 3600
@@ -103,7 +90,6 @@ def big_merchants(services, tmp_path_factory):
     second.sort(key=lambda e: e["event_ts"])
 
     app_id = f"{uid}-stream"
-    worker_env = {**env, **settings.to_env(), **extra}
     internal = [f"{app_id}-{view}-repartition" for view in (CARD, MERCHANT)]
     runs = []
 
