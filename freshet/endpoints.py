@@ -28,6 +28,14 @@ class Endpoints:
     kafka_pid: int
     redis_pid: int
     log_dir: str
+    # when each process started (clock ticks after boot, /proc/<pid>/stat): a pid the
+    # kernel recycled for another process is not ours to signal
+    kafka_started: int = 0
+    redis_started: int = 0
+
+    def running(self) -> bool:
+        """Both recorded processes are still the ones the stack started."""
+        return is_process(self.kafka_pid, self.kafka_started) and is_process(self.redis_pid, self.redis_started)
 
     @property
     def feast_redis(self) -> str:
@@ -72,6 +80,24 @@ def alive(pid: int) -> bool:
     return True
 
 
+def start_ticks(pid: int) -> int:
+    """When a process started, in clock ticks after boot (field 22 of /proc/<pid>/stat); OSError if gone."""
+    return int(proc_stat(pid)[19])
+
+
+def is_process(pid: int, started: int) -> bool:
+    """True while `pid` is alive and is the process that started at `started` (see start_ticks).
+
+    A record without a start time (0) cannot be checked and is never taken for a running process.
+    """
+    if not started or not alive(pid):
+        return False
+    try:
+        return start_ticks(pid) == started
+    except OSError:
+        return False
+
+
 def read_state(data_dir: str | os.PathLike) -> Endpoints | None:
     """The endpoints recorded in a data dir, alive or not; None when there are none."""
     path = Path(data_dir) / STATE_FILE
@@ -84,7 +110,7 @@ def read_state(data_dir: str | os.PathLike) -> Endpoints | None:
 def running_stack(data_dir: str | os.PathLike) -> Endpoints | None:
     """The embedded stack running for a data dir, or None when none runs."""
     endpoints = read_state(Path(data_dir).resolve())
-    if endpoints is not None and alive(endpoints.kafka_pid) and alive(endpoints.redis_pid):
+    if endpoints is not None and endpoints.running():
         return endpoints
     return None
 

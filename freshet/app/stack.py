@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from freshet.endpoints import STATE_FILE, Endpoints, proc_stat, read_state
+from freshet.endpoints import STATE_FILE, Endpoints, is_process, proc_stat, read_state, start_ticks
 from freshet.endpoints import alive as _alive
 
 log = logging.getLogger("freshet.stack")
@@ -182,7 +182,8 @@ class EmbeddedStack:
         except BaseException:
             self._kill_started()
             raise
-        endpoints = Endpoints(kafka, redis_url, broker.pid, redis_proc.pid, str(log_dir))
+        endpoints = Endpoints(kafka, redis_url, broker.pid, redis_proc.pid, str(log_dir),
+                              start_ticks(broker.pid), start_ticks(redis_proc.pid))
         self.state_path.write_text(json.dumps(asdict(endpoints), indent=2))
         log.info("embedded stack up: kafka %s, redis %s (logs in %s)", kafka, redis_url, log_dir)
         return endpoints
@@ -201,11 +202,10 @@ class EmbeddedStack:
         if endpoints is None:
             self.state_path.unlink(missing_ok=True)
             return None
-        if _alive(endpoints.kafka_pid) and _alive(endpoints.redis_pid):
+        if endpoints.running():
             return endpoints
         # one half died: stop the other so nothing is left behind
-        for pid in (endpoints.kafka_pid, endpoints.redis_pid):
-            _terminate(pid)
+        self._terminate_recorded(endpoints)
         self.state_path.unlink(missing_ok=True)
         return None
 
@@ -214,10 +214,23 @@ class EmbeddedStack:
         stopped = False
         endpoints = read_state(self.data_dir)
         if endpoints is not None:
-            for pid in (endpoints.kafka_pid, endpoints.redis_pid):
-                stopped |= _terminate(pid)
+            stopped |= self._terminate_recorded(endpoints)
         self.state_path.unlink(missing_ok=True)
         stopped |= self._kill_started()
+        return stopped
+
+    @staticmethod
+    def _terminate_recorded(endpoints: Endpoints) -> bool:
+        """Stop the recorded processes that are still the ones the stack started; a pid the
+        kernel has given to another process since is left alone (and said so)."""
+        stopped = False
+        for name, pid, started in (("kafka", endpoints.kafka_pid, endpoints.kafka_started),
+                                   ("redis", endpoints.redis_pid, endpoints.redis_started)):
+            if is_process(pid, started):
+                stopped |= _terminate(pid, started=started)
+            elif _alive(pid):
+                log.warning("not stopping pid %d: it is no longer the embedded %s this stack started "
+                            "(its start time differs from the one recorded in %s)", pid, name, STATE_FILE)
         return stopped
 
     def _kill_started(self) -> bool:
@@ -241,7 +254,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _terminate(pid: int, proc: subprocess.Popen | None = None, grace: float = 5.0) -> bool:
+def _terminate(pid: int, proc: subprocess.Popen | None = None, grace: float = 5.0, started: int = 0) -> bool:
+    """SIGTERM, then SIGKILL after `grace` seconds. Without a Popen (which keeps its pid from
+    being recycled until reaped) the process must still have started at `started`."""
     if not _alive(pid):
         if proc:
             proc.poll()
@@ -255,6 +270,8 @@ def _terminate(pid: int, proc: subprocess.Popen | None = None, grace: float = 5.
         if proc is None and not _alive(pid):
             return True
         time.sleep(0.05)
+    if proc is None and not is_process(pid, started):
+        return True  # it ended during the grace period and its pid went to another process
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     if proc is not None:
