@@ -6,11 +6,12 @@ fetch waits that suit the embedded broker (docs/architecture.md) are set in one 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Iterable
 
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from freshet.settings import Settings
@@ -101,3 +102,63 @@ def consumer(settings: Settings, group_id: str, **overrides) -> Consumer:
     }
     conf.update(overrides)
     return Consumer(conf)
+
+
+# --- broker incarnation --------------------------------------------------------
+
+# One record per broker: its first record names the broker's incarnation. The topic lives
+# and dies with the broker's data, so a broker that comes back empty (the embedded one
+# keeps nothing on disk) has no record and gets a new id.
+INCARNATION_TOPIC = "freshet.incarnation"
+
+
+def broker_incarnation(settings: Settings, timeout: float = 15.0) -> str:
+    """The id of the broker's current incarnation, written first if the broker has none.
+
+    A broker that lost its data counts every partition's offsets from 0 again, so anything
+    that remembers (partition, offset) pairs from before would take new records for old
+    ones. Comparing this id with the one such state was recorded under tells the two apart.
+    When two processes ask a fresh broker at once, both read the first record written.
+    """
+    import uuid
+
+    ensure_topics(settings, [INCARNATION_TOPIC], partitions=1, timeout=timeout)
+    found = _first_incarnation(settings, timeout)
+    if found is None:
+        p = producer(settings, **{"linger.ms": 0})
+        p.produce(INCARNATION_TOPIC, key=b"incarnation",
+                  value=json.dumps({"schema": "freshet.incarnation/1", "id": uuid.uuid4().hex,
+                                    "ts": time.time()}).encode())
+        if p.flush(timeout):
+            raise KafkaUnavailable(f"could not write the broker's incarnation record to {INCARNATION_TOPIC} "
+                                   f"at {settings.kafka_bootstrap_servers} within {timeout:.0f}s")
+        found = _first_incarnation(settings, timeout)
+    if found is None:
+        raise KafkaUnavailable(f"the incarnation record on {INCARNATION_TOPIC} at "
+                               f"{settings.kafka_bootstrap_servers} could not be read back within {timeout:.0f}s")
+    return found
+
+
+def _first_incarnation(settings: Settings, timeout: float) -> str | None:
+    """The id in the marker topic's first record, or None when the topic is empty."""
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    c = consumer(settings, "freshet-incarnation", **{"enable.partition.eof": True})
+    try:
+        c.assign([TopicPartition(INCARNATION_TOPIC, 0, OFFSET_BEGINNING)])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = c.poll(0.5)
+            if msg is None:
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    return None
+                continue
+            try:
+                return str(json.loads(msg.value())["id"])
+            except (ValueError, KeyError, TypeError):
+                return msg.value().hex()  # not ours, but it identifies this broker all the same
+        return None
+    finally:
+        c.close()

@@ -179,6 +179,7 @@ class EmbeddedStack:
                                      f"see {log_dir / (name + '.log')}")
             wait_for_kafka(kafka)
             wait_for_redis(redis_url)
+            self._reconcile(kafka)
         except BaseException:
             self._kill_started()
             raise
@@ -187,6 +188,16 @@ class EmbeddedStack:
         self.state_path.write_text(json.dumps(asdict(endpoints), indent=2))
         log.info("embedded stack up: kafka %s, redis %s (logs in %s)", kafka, redis_url, log_dir)
         return endpoints
+
+    def _reconcile(self, kafka: str) -> None:
+        """The broker just started keeps nothing from before: state of this data dir keyed by
+        an earlier broker's offsets is moved aside (freshet.app.incarnation says why)."""
+        from freshet import kafka as kafka_clients
+        from freshet.app.incarnation import reconcile
+        from freshet.settings import load_settings
+
+        incarnation = kafka_clients.broker_incarnation(load_settings({}, kafka_bootstrap_servers=kafka))
+        reconcile(self.data_dir, incarnation, kafka)
 
     def _port(self, wanted: int, name: str) -> int:
         if not wanted:
