@@ -4,31 +4,21 @@ New events and labels must arrive all the same, and nothing is silently dropped.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import orjson
 import pytest
-import redis
 
 from freshet import kafka
-from freshet.app.stack import EmbeddedStack
-from freshet.redis_layout import OnlineLayout
 from freshet.settings import load_settings
 from freshet.stream.backfill import load_events
 from freshet.training.labels import LabelLog
 
-from stream_checks import differences, expected, read_view, settled
+from own_stack import TOPIC, OwnStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CARD, MERCHANT = "card_txn_stats", "merchant_txn_stats"
-TOPIC = "transactions"
 APP_ID = "restart-stream"
 
 
@@ -45,7 +35,7 @@ def _events(tag: str, n: int, t0: float) -> list[dict]:
 
 def _publish(settings, events: list[dict]) -> None:
     """The events, then a fraud label for each (keyed and named by its transaction id)."""
-    p = kafka.producer(settings)
+    p = kafka.producer(settings, log_level=0)
     for e in events:
         p.produce(TOPIC, key=e["card_id"].encode(), value=orjson.dumps(e))
     for e in events:
@@ -55,51 +45,6 @@ def _publish(settings, events: list[dict]) -> None:
     assert p.flush(30) == 0
 
 
-class Run:
-    """One life of the embedded stack on the data dir, with a stream worker on it."""
-
-    def __init__(self, data: Path, log: Path):
-        self.stack = EmbeddedStack(data)
-        e = self.stack.start()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
-        self.settings = load_settings(env, kafka_bootstrap_servers=e.kafka, redis_url=e.redis_url,
-                                      data_dir=str(data), kafka_partitions=4)
-        kafka.ensure_topics(self.settings, [TOPIC, self.settings.topic_labels, self.settings.topic_deadletter])
-        self.redis = redis.Redis.from_url(e.redis_url)
-        self.log = log
-        self.env = {**env, **self.settings.to_env()}
-        self.worker = None
-
-    def start_worker(self) -> None:
-        self.worker = subprocess.Popen([sys.executable, "-m", "freshet.cli", "stream", "--app-id", APP_ID],
-                                       env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-
-    def wait_applied(self, registry, events: list[dict]) -> None:
-        """Until Redis holds every feature recomputed from `events` and the worker committed them."""
-        layout = OnlineLayout(registry.project, registry.views)
-        want = {CARD: expected(events, registry.views[CARD], "card_id"),
-                MERCHANT: expected(events, registry.views[MERCHANT], "merchant_id")}
-        internal = [f"{APP_ID}-{view}-repartition" for view in want]
-        deadline = time.monotonic() + 120
-        while True:
-            assert self.worker.poll() is None, self.log.read_text()[-3000:]
-            wrong = [d for view, w in want.items()
-                     for d in differences(read_view(layout, self.redis, view, sorted(w)), w)]
-            if not wrong and settled(self.settings, APP_ID, [TOPIC, *internal]):
-                return
-            assert time.monotonic() < deadline, wrong[:5]
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.worker is not None:
-            self.worker.send_signal(signal.SIGTERM)
-            try:
-                self.worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.worker.kill()
-        self.stack.stop()
-
-
 @pytest.fixture(scope="module")
 def restarted(tmp_path_factory, apply_feature_repo):
     tmp = tmp_path_factory.mktemp("broker-restart")
@@ -107,7 +52,7 @@ def restarted(tmp_path_factory, apply_feature_repo):
     t0 = time.time() - 2 * 3600
     before, after = _events("before", 240, t0), _events("after", 240, t0 + 1800)
 
-    first = Run(data, tmp / "worker-1.log")
+    first = OwnStack(data, tmp / "worker-1.log", APP_ID)
     try:
         registry = apply_feature_repo(first.settings)
         first.start_worker()
@@ -117,7 +62,7 @@ def restarted(tmp_path_factory, apply_feature_repo):
     finally:
         first.stop()
 
-    second = Run(data, tmp / "worker-2.log")  # a new broker: offsets from 0 again
+    second = OwnStack(data, tmp / "worker-2.log", APP_ID)  # a new broker: offsets from 0 again
     try:
         second.start_worker()
         _publish(second.settings, after)
