@@ -261,7 +261,7 @@ def main() -> None:
     finally:
         if producer is not None and producer.poll() is None:
             producer.terminate()
-        os.killpg(up.pid, signal.SIGINT)
+        up.terminate()  # `freshet up` stops its components and the stack on SIGTERM
         try:
             up.wait(60)
         except subprocess.TimeoutExpired:
@@ -272,7 +272,7 @@ def main() -> None:
         "broker_cores_ratio_last5_vs_2to7": ratio(curve, "broker_cores"),
         "freshness_p99_ratio_last5_vs_2to7": ratio(curve, "freshness_p99_ms"),
         "not_visible": sum(m["not_visible"] for m in curve),
-        "freshness_p99_ms_last5": max((m["freshness_p99_ms"] or 0 for m in curve[-5:]), default=None),
+        "freshness_p99_ms_last5": max((m["freshness_p99_ms"] for m in curve[-5:] if m["freshness_p99_ms"] is not None), default=None),
         "batches_at_end": batches,
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "data_dir": str(data) if args.keep else None,
