@@ -6,7 +6,7 @@ probes, and samples once a minute:
 - the CPU share of the embedded broker, of the stream worker and of the whole machine's load;
 - freshness of the probes sent in that minute: every 1/--probe-rate s a transaction of a fresh
   card, timed from produce() until the card's row is readable in Redis (p50, p99, max; probes
-  not visible within 30 s are counted, not timed).
+  not visible within 120 s are counted, not timed).
 
 The verdict compares the last 5 minutes with minutes 2-7 (the first minute is start-up): broker
 CPU and freshness p99 should stay within 20% (`flat`). Progress goes to stderr; the last stdout
@@ -38,7 +38,7 @@ from freshet.endpoints import read_state
 from freshet.redis_layout import OnlineLayout
 from freshet.settings import load_settings
 
-VISIBLE_WITHIN_S = 30.0
+VISIBLE_WITHIN_S = 120.0
 FLAT_WITHIN = 0.20
 
 
@@ -122,6 +122,21 @@ class Probes:
 
 def _r(v, digits: int = 1):
     return None if v is None else round(v, digits)
+
+
+def wait_for_worker(probes: Probes, timeout: float = 600) -> None:
+    """Until the stream worker serves a probe: the load starts on a worker that is up (on a
+    busy machine importing Feast and Faust alone can take minutes)."""
+    deadline = time.monotonic() + timeout
+    while not probes.done:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the stream worker served no probe within {timeout:.0f} s")
+        probes.send()
+        for _ in range(100):
+            probes.poll()
+            time.sleep(0.01)
+    probes.done.clear()
+    probes.pending.clear()
 
 
 def ratio(curve: list[dict], field: str) -> float | None:
@@ -214,6 +229,7 @@ def main() -> None:
         probes = Probes(settings, topic, layout, view, redis.Redis.from_url(state.redis_url))
         pids = {"broker": state.kafka_pid, "redis": state.redis_pid, **component_pids(up.pid)}
         say(f"components {pids}")
+        wait_for_worker(probes)
         producer = subprocess.Popen(
             [sys.executable, "-m", "freshet.cli", "produce", "--rate", str(args.rate - args.probe_rate),
              "--duration", str(args.minutes * 60 + 5), "--quiet"],

@@ -42,7 +42,7 @@ class OwnStack:
         self.worker = subprocess.Popen([sys.executable, "-m", "freshet.cli", "stream", "--app-id", self.app_id],
                                        env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
 
-    def wait_applied(self, registry, events: list[dict], timeout: float = 120) -> None:
+    def wait_applied(self, registry, events: list[dict], timeout: float = 300) -> None:
         """Until Redis holds every feature recomputed from `events` and the worker committed them."""
         layout = OnlineLayout(registry.project, registry.views)
         want = {CARD: expected(events, registry.views[CARD], "card_id"),

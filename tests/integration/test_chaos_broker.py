@@ -96,7 +96,7 @@ def hung_broker(tmp_path_factory, apply_feature_repo):
         stack.start_worker()
         feed = Feed(stack, layout)
         feed.send(probe=True)  # the worker is up once its first probe is visible
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # a loaded machine takes minutes to import Feast and Faust
         while not feed.seen:
             assert stack.worker.poll() is None and time.monotonic() < deadline, stack.log.read_text()[-3000:]
             feed.look()
