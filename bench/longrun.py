@@ -8,6 +8,9 @@ probes, and samples once a minute:
   card, timed from produce() until the card's row is readable in Redis (p50, p99, max; probes
   not visible within 120 s are counted, not timed).
 
+- the source events the stream worker committed, and the broker's CPU per 1,000 of them (a figure
+  that other work on the machine disturbs less than cores: a starved worker fetches less).
+
 The verdict compares the last 5 minutes with minutes 2-7 (the first minute is start-up): broker
 CPU and freshness p99 should stay within 20% (`flat`). Progress goes to stderr; the last stdout
 line is one JSON object with the per-minute curve.
@@ -124,6 +127,22 @@ def _r(v, digits: int = 1):
     return None if v is None else round(v, digits)
 
 
+class Committed:
+    """Source events the stream worker has committed so far (its group's offsets, summed)."""
+
+    def __init__(self, settings, topic: str, group: str = "freshet-stream"):
+        from confluent_kafka import TopicPartition
+
+        self.consumer = kafka.consumer(settings, group)
+        self.partitions = [TopicPartition(topic, p) for p in range(settings.kafka_partitions)]
+
+    def total(self) -> int | None:
+        try:
+            return sum(max(tp.offset, 0) for tp in self.consumer.committed(self.partitions, timeout=10))
+        except Exception:  # noqa: BLE001 - a busy broker may not answer in time: no figure this minute
+            return None
+
+
 def wait_for_worker(probes: Probes, timeout: float = 600) -> None:
     """Until the stream worker serves a probe: the load starts on a worker that is up (on a
     busy machine importing Feast and Faust alone can take minutes)."""
@@ -161,12 +180,14 @@ async def _count_batches(bootstrap: str, topics: list[str]) -> dict[str, int]:
         await client._metadata_update(client.cluster, topics)
         node = next(iter(client.cluster.brokers())).nodeId
         out = {}
+        # a long max wait: the broker stops listing a partition's batches when the wait is over,
+        # and a short one returned nothing from a partition of 30 minutes' batches
         for topic in topics:
             total = 0
             for p in sorted(client.cluster.partitions_for_topic(topic) or ()):
                 offset = 0
                 while True:
-                    resp = await client.send(node, FetchRequest(10, 1, 4 << 20, 0, [(topic, [(p, offset, 4 << 20)])]))
+                    resp = await client.send(node, FetchRequest(10_000, 1, 4 << 20, 0, [(topic, [(p, offset, 4 << 20)])]))
                     records = MemoryRecords(resp.topics[0][1][0][-1] or b"")
                     n, nxt = 0, offset
                     while (batch := records.next_batch()) is not None:
@@ -230,6 +251,8 @@ def main() -> None:
         pids = {"broker": state.kafka_pid, "redis": state.redis_pid, **component_pids(up.pid)}
         say(f"components {pids}")
         wait_for_worker(probes)
+        committed = Committed(settings, topic)
+        committed_at = committed.total()
         producer = subprocess.Popen(
             [sys.executable, "-m", "freshet.cli", "produce", "--rate", str(args.rate - args.probe_rate),
              "--duration", str(args.minutes * 60 + 5), "--quiet"],
@@ -255,13 +278,21 @@ def main() -> None:
                     except OSError:
                         cpu[n] = cpu_at[n]
                 wall = now - minute_start
+                done = committed.total()
+                events = done - committed_at if done is not None and committed_at is not None else None
                 row = {"minute": len(curve) + 1,
                        **{f"{n}_cores": round((cpu[n] - cpu_at[n]) / wall, 3) for n in pids},
+                       "events_committed": events,
+                       # the broker's CPU per event the worker got through: steadier than its cores
+                       # when other work on the machine slows the worker down
+                       "broker_ms_per_1k_events": round((cpu["broker"] - cpu_at["broker"]) * 1e6 / events, 1)
+                       if events else None,
                        **probes.minute(minute_start, now),
                        "load1": round(os.getloadavg()[0], 2)}
                 curve.append(row)
                 say(json.dumps(row))
                 cpu_at, minute_start = cpu, now
+                committed_at = done if done is not None else committed_at
                 if up.poll() is not None:
                     raise SystemExit(f"freshet up exited with {up.returncode} at minute {len(curve)}")
             time.sleep(0.005)
@@ -287,6 +318,7 @@ def main() -> None:
         "bench": "longrun", "minutes": args.minutes, "rate": args.rate, "probe_rate": args.probe_rate,
         "broker_cores_ratio_last5_vs_2to7": ratio(curve, "broker_cores"),
         "freshness_p99_ratio_last5_vs_2to7": ratio(curve, "freshness_p99_ms"),
+        "broker_ms_per_1k_events_ratio_last5_vs_2to7": ratio(curve, "broker_ms_per_1k_events"),
         "not_visible": sum(m["not_visible"] for m in curve),
         "freshness_p99_ms_last5": max((m["freshness_p99_ms"] for m in curve[-5:] if m["freshness_p99_ms"] is not None), default=None),
         "batches_at_end": batches,
