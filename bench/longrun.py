@@ -167,9 +167,10 @@ def ratio(curve: list[dict], field: str) -> float | None:
     return round((sum(late) / len(late)) / (sum(early) / len(early)), 3)
 
 
-async def _count_batches(bootstrap: str, topics: list[str]) -> dict[str, int]:
+async def _count_batches(bootstrap: str, ends: dict[str, dict[int, int]]) -> dict[str, int]:
     """Record batches the broker stores per topic, read with raw Fetch requests (a client's
-    consumer hides batch boundaries). The embedded broker's cost per fetch grows with them."""
+    consumer hides batch boundaries) up to each partition's listed end. The embedded broker's
+    cost per fetch grows with them."""
     from aiokafka import AIOKafkaClient
     from aiokafka.protocol.fetch import FetchRequest
     from aiokafka.record.memory_records import MemoryRecords
@@ -177,16 +178,15 @@ async def _count_batches(bootstrap: str, topics: list[str]) -> dict[str, int]:
     client = AIOKafkaClient(bootstrap_servers=bootstrap)
     await client.bootstrap()
     try:
-        await client._metadata_update(client.cluster, topics)
         node = next(iter(client.cluster.brokers())).nodeId
         out = {}
-        # a long max wait: the broker stops listing a partition's batches when the wait is over,
-        # and a short one returned nothing from a partition of 30 minutes' batches
-        for topic in topics:
+        for topic, partitions in ends.items():
             total = 0
-            for p in sorted(client.cluster.partitions_for_topic(topic) or ()):
+            for p, end in partitions.items():
                 offset = 0
-                while True:
+                while offset < end:  # the listed end is the last batch's base offset + 1
+                    # a long wait: the broker stops listing a partition's batches when the wait is
+                    # over, and 10 ms returned nothing from a partition of 30 minutes' batches
                     resp = await client.send(node, FetchRequest(10_000, 1, 4 << 20, 0, [(topic, [(p, offset, 4 << 20)])]))
                     records = MemoryRecords(resp.topics[0][1][0][-1] or b"")
                     n, nxt = 0, offset
@@ -206,8 +206,16 @@ async def _count_batches(bootstrap: str, topics: list[str]) -> dict[str, int]:
 def count_batches(settings) -> dict[str, int]:
     import asyncio
 
-    topics = sorted(t for t in kafka.admin(settings).list_topics(timeout=10).topics if not t.startswith("__"))
-    return asyncio.run(_count_batches(settings.kafka_bootstrap_servers, topics))
+    from confluent_kafka import TopicPartition
+
+    meta = kafka.admin(settings).list_topics(timeout=10).topics
+    c = kafka.consumer(settings, "longrun-batches")
+    try:
+        ends = {t: {p: c.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1] for p in sorted(m.partitions)}
+                for t, m in sorted(meta.items()) if not t.startswith("__")}
+    finally:
+        c.close()
+    return asyncio.run(_count_batches(settings.kafka_bootstrap_servers, ends))
 
 
 def start_up(data: Path, env: dict) -> subprocess.Popen:
