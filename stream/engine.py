@@ -434,9 +434,6 @@ class StreamEngine:
             # aiokafka's 16 KiB default made a checkpoint of 20k entity states wait for
             # hundreds of broker round trips: a full batch blocks send() until it drains
             producer_max_batch_size=PRODUCER_BATCH_BYTES,
-            # the embedded broker's cost per fetch grows with the batches a partition holds, and
-            # every micro-batch sent one repartition batch per partition: lingering merges them
-            producer_linger=0.1,
             stream_buffer_maxsize=BATCH_MAX * 2,
             web_enabled=False,
             datadir=str(settings.data_path / "faust" / app_id),
