@@ -1,6 +1,6 @@
 """A test hook: the stream worker SIGKILLs itself at a chosen point of its commit cycle.
 
-FRESHET_TEST_CRASH_AT=<point>:<n> kills the worker (a real SIGKILL, no clean-up runs) the
+FRESHET_STREAM_TEST_CRASH_AT=<point>:<n> kills the worker (a real SIGKILL, no clean-up runs) the
 n-th time it passes <point>; the chaos tests use it to prove that no point loses or
 doubles anything. Unset (the default), `reached` is a no-op. Never set it in production.
 """
@@ -33,7 +33,7 @@ class CrashPoints:
     >>> CrashPoints("nowhere:1")
     Traceback (most recent call last):
     ...
-    freshet.settings.SettingsError: FRESHET_TEST_CRASH_AT names no crash point 'nowhere'; known: changelog-flushed, changelog-partial, committed, offline-written, redis-written
+    freshet.settings.SettingsError: FRESHET_STREAM_TEST_CRASH_AT names no crash point 'nowhere'; known: changelog-flushed, changelog-partial, committed, offline-written, redis-written
     """
 
     def __init__(self, spec: str):
@@ -42,12 +42,12 @@ class CrashPoints:
             return
         point, _, n = spec.rpartition(":")
         if point not in POINTS:
-            raise SettingsError(f"FRESHET_TEST_CRASH_AT names no crash point {point or spec!r}; "
+            raise SettingsError(f"FRESHET_STREAM_TEST_CRASH_AT names no crash point {point or spec!r}; "
                                 f"known: {', '.join(sorted(POINTS))}")
         if not n.isdigit() or int(n) < 1:
-            raise SettingsError(f"FRESHET_TEST_CRASH_AT={spec!r}: the count after ':' must be a positive integer")
+            raise SettingsError(f"FRESHET_STREAM_TEST_CRASH_AT={spec!r}: the count after ':' must be a positive integer")
         self.point, self.at = point, int(n)
-        log.warning("test hook FRESHET_TEST_CRASH_AT=%s: this worker SIGKILLs itself when %s (pass %d)",
+        log.warning("test hook FRESHET_STREAM_TEST_CRASH_AT=%s: this worker SIGKILLs itself when %s (pass %d)",
                     spec, POINTS[point], self.at)
 
     def armed(self, point: str) -> bool:

@@ -600,6 +600,7 @@ class StreamEngine:
             await processor.lock.acquire()
         try:
             # Arrow encodes the parts without the GIL while the states are encoded here
+            queued = self.sink.offline.rows
             written = self._write_offline()
             for name, processor in self.processors.items():
                 owned = self._owned_partitions(name)
@@ -612,7 +613,8 @@ class StreamEngine:
             for processor in self.processors.values():
                 processor.lock.release()
         await written
-        self.crash.reached("offline-written")
+        if queued:
+            self.crash.reached("offline-written")
         n = 0
         for i, ((topic, partition), records) in enumerate(by_partition.items()):  # encoded above
             await self._send_records(topic, partition, records)

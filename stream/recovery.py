@@ -24,6 +24,7 @@ log = logging.getLogger("freshet.stream")
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 1.0  # a Redis back from an outage is written to within a second
 WAITING_LOG_S = 5.0  # how often a continuing wait is logged again
+HUNG_AFTER_S = 2.0  # a write unanswered this long is logged as waiting for a hung Redis
 RUN_ID_TIMEOUT_S = 2.0
 WRITE_BACK_ROWS = 5000  # rows per pipelined write while restoring
 
@@ -80,9 +81,10 @@ class PatientWriter:
     async def _answered(self, write, view: str, n: int) -> int:
         """The write's result; while Redis does not answer (a hung server), log that we wait."""
         task = asyncio.ensure_future(write)
-        started = time.monotonic()
+        started, wait = time.monotonic(), HUNG_AFTER_S
         while True:
-            done, _ = await asyncio.wait({task}, timeout=WAITING_LOG_S)
+            done, _ = await asyncio.wait({task}, timeout=wait)
+            wait = WAITING_LOG_S
             if done:
                 return task.result()
             log.warning("Redis at %s has not answered a write of %d rows of view %s for %.0f s (hung?); "
