@@ -37,11 +37,11 @@ from freshet.app.stack import free_port, redis_binary, wait_for_redis
 from freshet.stream.offline import raw_log_path, read_parts
 from stream_checks import dead_letters, differences, expected, isolated_stream, read_view, settled
 
-# One long scenario feeds the module (six workers one after another: 3 minutes and more), so
-# it runs on request. Its last run on a loaded machine (load average 15-30) saw all eight
-# faults handled as logged, but one phase's entities short of events and the group short of
-# its end offsets: not yet explained (see the branch's report), so not yet in `make test`.
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200),
+# One long scenario feeds the module (six workers one after another: minutes), so it runs on
+# request. Not yet seen passing: its runs here (load average 15-30, seven test suites at
+# once) saw every fault happen and be handled as logged, but the last worker had not caught
+# up with five crashes' replays when the scenario's wait ended (see the branch's report).
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3600),
               pytest.mark.skipif(os.environ.get("FRESHET_TEST_CHAOS") != "1",
                                  reason="the chaos scenario runs with FRESHET_TEST_CHAOS=1 (3+ minutes)")]
 
@@ -198,9 +198,10 @@ def chaos(services, tmp_path_factory):
             workers_seen.append(worker)
             with Feed(settings, topic, point, rnd, clock) as feed:
                 phases[point] = feed
-                try:
-                    exits[point] = worker.wait(timeout=120)
+                try:  # a worker's start alone took two minutes at load average 30
+                    exits[point] = worker.wait(timeout=600)
                 except subprocess.TimeoutExpired:
+                    worker.kill()
                     exits[point] = None
         worker = workers.start("last")
         workers_seen.append(worker)
@@ -232,7 +233,7 @@ def chaos(services, tmp_path_factory):
                 MERCHANT: expected(everything, registry.views[MERCHANT], "merchant_id")}
         done = _wait(lambda: settled(settings, workers.app_id, [topic]) and all(
             not differences(read_view(layout, client, view, sorted(w)), w) for view, w in want.items()),
-            180, worker, last_log)
+            600, worker, last_log)  # the replays of five crashes: minutes on a busy machine
         # the Parquet parts of the last rows are written at the next commit
         _wait(lambda: not _offline_problems(registry, want, None), 30, worker, last_log)
         worker.send_signal(signal.SIGTERM)
