@@ -64,6 +64,9 @@ class Settings:
     stream_max_future_s: int = 300
     # Larger source messages go to the dead-letter topic unparsed (the broker takes ~1 MB).
     stream_max_event_bytes: int = 100_000
+    # Test hook for the chaos tests, never for production: "<point>:<n>" makes a stream
+    # worker SIGKILL itself the n-th time it passes that point (freshet.stream.crashpoints).
+    stream_test_crash_at: str = ""
 
     # Redis. Empty means "use the embedded server".
     redis_url: str = _secret()

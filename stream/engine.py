@@ -47,9 +47,12 @@ from freshet.features import FeatureRegistry, ViewSpec
 from freshet.settings import Settings
 from freshet.stream import chunks
 from freshet.stream.aggregations import ViewAggregator
+from freshet.stream.crashpoints import CrashPoints
 from freshet.stream.events import EventDecoder, EventError
 from freshet.stream.isolation import describe, is_infrastructure, split_failures
 from freshet.stream.offline import PartBuffer, raw_log_path
+from freshet.stream.recovery import PatientWriter, RedisIncarnation, write_back
+from freshet.stream.watermarks import WatermarkMarks, record_key
 
 log = logging.getLogger("freshet.stream")
 
@@ -264,7 +267,6 @@ class ViewProcessor:
         counters.timed("aggregate", t0)
         if not changed:
             return
-        self.dirty.update(changed)
         t0 = time.perf_counter()
         rows = []
         for state, row in changed.values():
@@ -273,6 +275,9 @@ class ViewProcessor:
         counters.timed("result", t0)
         t0 = time.perf_counter()
         await self.sink.write(self.view, rows, counters)
+        # checkpointed only now that its rows are in Redis and queued for the offline store
+        # (the lock keeps a checkpoint out meanwhile; this order says so without it)
+        self.dirty.update(changed)
         counters.timed("sink", t0)
 
     async def _isolate(self, items: list[Item], counters: Counters) -> list[tuple[Item, str]]:
@@ -390,12 +395,15 @@ class FeatureSink:
 
         self.layout = OnlineLayout(registry.project, registry.views)
         self.redis = redis_client
+        self.online = PatientWriter(self.layout, redis_client)  # waits out Redis outages
         self.offline = PartBuffer()
+        self.crash = CrashPoints("")
 
     async def write(self, view: ViewSpec, rows: list[tuple[tuple, dict, float]], counters: Counters) -> None:
         if view.online:
-            await self.layout.write_async(self.redis, view.name, rows)
+            await self.online.write(view.name, rows)
             counters.rows_online += len(rows)
+            self.crash.reached("redis-written")
         if view.offline_path:
             # transposed in C: every row's values are ViewAggregator.result's, in one order
             keys, values = zip(*[r[0] for r in rows]), zip(*[r[1].values() for r in rows])
@@ -443,6 +451,8 @@ class StreamEngine:
         )
         self.redis = aioredis.Redis.from_url(settings.redis_url)
         self.sink = FeatureSink(settings, registry, self.redis)
+        self.crash = self.sink.crash = CrashPoints(settings.stream_test_crash_at)
+        self.incarnation = RedisIncarnation(self.redis)
         self.deadletter = self.app.topic(settings.topic_deadletter, key_serializer="raw", value_serializer="raw")
         self.processors: dict[str, ViewProcessor] = {}
         self.handlers: dict[str, Callable] = {}  # topic -> async handler of a message batch
@@ -458,6 +468,7 @@ class StreamEngine:
             handler = self.handlers[topic.get_topic_name()] = self._repartitioned_handler(view)
             self.app.agent(topic, name=f"apply-{view.name}")(self._agent(handler))
         self.watermarks: dict[tuple[str, int], float] = {}
+        self.marks = WatermarkMarks()  # the watermarks a replay resumes from
         for topic, views in registry.views_by_topic().items():
             decoder = EventDecoder(views, settings.stream_max_future_s, settings.stream_max_event_bytes)
             source = self.app.topic(topic, key_serializer="raw", value_serializer="raw")
@@ -486,20 +497,20 @@ class StreamEngine:
         has already queued its offline rows and Kafka sends, so flushing after the
         snapshot covers them, whatever batches run while the flush is awaited.
 
-        Entity states reach the changelog here, once per commit: every event the
-        snapshot covers has been applied to the live states, so their checkpoint,
-        taken synchronously right after, covers it too.
+        Entity states reach the changelog here, once per commit, after the Parquet parts
+        of every row they reflect (`checkpoint`): a kill at any point then either replays
+        an event (its Redis row rewritten alike, its offline row appended again and
+        collapsed by readers) or finds it in the checkpointed state with all its rows
+        written. A Redis found to be another, empty server is refilled first.
         """
         consumer = self.app.consumer
 
         async def force_commit(topics=None, start_new_transaction: bool = True) -> bool:
             offsets = consumer._filter_committable_offsets(
                 list(consumer._filter_tps_with_pending_acks(topics)))
-            # the parts are written in a thread while this loop goes on (Arrow encodes
-            # without the GIL): what was queued so far, taken now, covers the snapshot
-            written = self._write_offline()
+            if await self.incarnation.changed():
+                await write_back(self.processors, self._owns_entity_of, self.sink.online)
             sent = await self.checkpoint()
-            await written
             if not offsets:
                 if sent:
                     await self.app.producer.flush()
@@ -508,7 +519,13 @@ class StreamEngine:
             # sent so far (changelog records, repartition batches) is flushed
             await consumer._handle_attached(offsets)
             await self.app.producer.flush()
-            return await consumer._commit_offsets(offsets, start_new_transaction=start_new_transaction)
+            self.crash.reached("changelog-flushed")
+            committed = await consumer._commit_offsets(offsets, start_new_transaction=start_new_transaction)
+            if committed:
+                self.crash.reached("committed")
+                for tp, offset in offsets.items():
+                    self.marks.committed(tp.topic, tp.partition, offset)
+            return committed
 
         consumer.force_commit = force_commit
 
@@ -568,28 +585,62 @@ class StreamEngine:
         consumer._drain_messages = drain
 
     async def checkpoint(self) -> int:
-        """Send every changed entity state to its table's changelog; returns records sent."""
+        """Send every changed entity state to its table's changelog, after the Parquet parts
+        of the rows they reflect are on disk; returns records sent.
+
+        A batch queues its offline rows before it releases its processor's lock, so the
+        rows queued when every lock is held cover every state encoded under them: they
+        are taken there, and written (in the writer thread, while batches go on) before
+        any changelog record is sent. A kill before the records are durable replays the
+        events; after, finds them in the states with their rows on disk.
+        """
         t0 = time.perf_counter()
         by_partition: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}
         for processor in self.processors.values():  # no batch half applied while encoding
             await processor.lock.acquire()
         try:
+            # Arrow encodes the parts without the GIL while the states are encoded here
+            queued = self.sink.offline.rows
+            written = self._write_offline()
             for name, processor in self.processors.items():
                 owned = self._owned_partitions(name)
                 owner = self._owner_partition
                 topic = processor.table.changelog_topic.get_topic_name()
                 for key, record_key, value in processor.checkpoint(lambda key: owner(key) in owned):
                     by_partition.setdefault((topic, owner(key)), []).append((record_key, value))
+            self._checkpoint_marks(by_partition)
         finally:
             for processor in self.processors.values():
                 processor.lock.release()
+        await written
+        if queued:
+            self.crash.reached("offline-written")
         n = 0
-        for (topic, partition), records in by_partition.items():  # encoded above, before any await
+        for i, ((topic, partition), records) in enumerate(by_partition.items()):  # encoded above
             await self._send_records(topic, partition, records)
             n += len(records)
+            if i == 0 and len(by_partition) > 1:
+                if self.crash.armed("changelog-partial"):
+                    await self.app.producer.flush()
+                self.crash.reached("changelog-partial")
         self.counters.changelog_records += n
         self.counters.timed("checkpoint", t0)
         return n
+
+    def _checkpoint_marks(self, by_partition: dict) -> None:
+        """Each owned source partition's watermark marks join the checkpoint, in partition p
+        of the changelog of the first view reading it (its owner recovers that partition)."""
+        for topic, partition in sorted(self.marks.changed):
+            if (topic, partition) not in self.owned:
+                continue
+            table = self.processors[self.registry.views_by_topic()[topic][0].name].table
+            key, value = record_key(topic, partition), self.marks.record(topic, partition)
+            table.data[key] = value
+            by_partition.setdefault((table.changelog_topic.get_topic_name(), partition), []).append((key, value))
+
+    def _owns_entity_of(self, view_name: str) -> Callable[[bytes], bool]:
+        owned, owner = self._owned_partitions(view_name), self._owner_partition
+        return lambda key: owner(key) in owned
 
     async def _send_records(self, topic: str, partition: int, records: list[tuple[bytes, bytes]]) -> None:
         """Records for one partition as a few full record batches: per-record sends cost
@@ -646,6 +697,8 @@ class StreamEngine:
 
     async def _on_revoked(self, app, revoked, **kwargs) -> None:
         self.owned -= {(tp.topic, tp.partition) for tp in revoked}
+        for tp in revoked:  # whoever reads them next resumes from the checkpointed marks
+            self.marks.forget(tp.topic, tp.partition)
         log.info("partitions revoked: %s", sorted((tp.topic, tp.partition) for tp in revoked))
         for processor in self.processors.values():
             processor.forget()
@@ -704,6 +757,7 @@ class StreamEngine:
         ts_field = decoder.timestamp_field
         needed = {v.name: sorted({*v.join_keys, *(a.column for a in v.aggregations)}) for v in views}
         watermarks = self.watermarks
+        marks, marks_data = self.marks, self.processors[views[0].name].table.data
 
         async def ingest(messages: list) -> None:
             self.counters.batches += 1
@@ -714,6 +768,16 @@ class StreamEngine:
             # cap on how far a watermark counts (an on-time event is never late because
             # another was dated ahead of the wall clock)
             now = time.time()
+            # a batch that does not follow the last one (a replay after a crash, a seek, a new
+            # owner) is judged by the watermark as it was at its first offset, not a later one
+            firsts, lasts = {}, {}
+            for message in messages:
+                if message.partition not in firsts:
+                    firsts[message.partition] = message.offset
+                lasts[message.partition] = message.offset
+            for partition, offset in firsts.items():
+                watermarks[(topic, partition)] = marks.resume(topic, partition, offset, watermarks.get((topic, partition)),
+                                                              marks_data.get(record_key(topic, partition)))
             for message in messages:
                 try:
                     ts, row = decode(message.value, now)
@@ -733,6 +797,8 @@ class StreamEngine:
                     watermarks[wm_key] = ts
                 row[ts_field] = ts
                 accepted.append((message.partition, message.offset, ts, row))
+            for partition, offset in lasts.items():
+                marks.after(topic, partition, offset + 1, watermarks.get((topic, partition)))
             for message, reason in rejected:
                 await self._dead_letter(message, reason)
             if not accepted:
@@ -853,11 +919,12 @@ class StreamEngine:
         """Take what is queued now and write it in the writer thread; await the future.
 
         The writer is one thread, so writes finish in the order they were taken: a commit
-        that awaits its own write has every earlier one on disk too.
+        that awaits its own write has every earlier one on disk too. A disk that refuses
+        (full) is retried there until it takes the parts: the commit waits for them.
         """
         t0 = time.perf_counter()
         future = asyncio.get_running_loop().run_in_executor(
-            self._offline_writer, self.sink.offline.write, self.sink.offline.take())
+            self._offline_writer, self.sink.offline.write_patiently, self.sink.offline.take())
         future.add_done_callback(lambda _: self.counters.timed("offline_flush", t0))
         return future
 

@@ -7,7 +7,9 @@ directories that Feast's FileSource and pyarrow datasets read as one table.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -17,6 +19,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 PARTITION = "date"
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 1.0
+WAITING_LOG_S = 5.0
+
+log = logging.getLogger("freshet.stream")
 
 
 def raw_log_path(data_dir: Path, topic: str) -> Path:
@@ -41,8 +48,12 @@ def append_parts(root: Path, table: pa.Table, ts_column: str, prefix: str = "par
         directory.mkdir(parents=True, exist_ok=True)
         name = f"{prefix}-{uuid.uuid4().hex}.parquet"
         tmp = directory / f".{name}.tmp"
-        pq.write_table(part, tmp, compression="zstd")
-        os.replace(tmp, directory / name)
+        try:
+            pq.write_table(part, tmp, compression="zstd")
+            os.replace(tmp, directory / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not keep half a part
+            raise
         written.append(directory / name)
     return written
 
@@ -89,4 +100,30 @@ class PartBuffer:
         written = []
         for (root, ts_column), tables in pending.items():
             written += append_parts(Path(root), pa.concat_tables(tables, promote_options="permissive"), ts_column)
+        return written
+
+    @staticmethod
+    def write_patiently(pending: dict) -> list[Path]:
+        """`write`, each dataset retried with capped backoff while the disk refuses it (full,
+        read-only for a while): the caller, and the offset commit after it, wait, logging why."""
+        written, delay, since, logged = [], RETRY_FIRST_S, None, 0.0
+        pending = dict(pending)
+        while pending:
+            (root, ts_column), tables = next(iter(pending.items()))
+            try:
+                written += append_parts(Path(root), pa.concat_tables(tables, promote_options="permissive"),
+                                        ts_column)
+            except OSError as exc:
+                now = time.monotonic()
+                if since is None or now - logged >= WAITING_LOG_S:
+                    log.warning("offline store: cannot write parts under %s (%s); the offset commit waits, "
+                                "retrying%s", root, exc, "" if since is None else f" ({now - since:.0f} s so far)")
+                    since = since or now
+                    logged = now
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            del pending[(root, ts_column)]
+        if since is not None:
+            log.warning("offline store: parts written again after %.1f s", time.monotonic() - since)
         return written

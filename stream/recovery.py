@@ -1,0 +1,185 @@
+"""Redis outages: writes that wait for Redis to answer, and rows written back when it returns empty.
+
+A write that fails because Redis is down, restarting or not answering (SIGSTOP, a long
+fork) is retried with capped backoff while the micro-batch, and with it the stream and
+its commits, waits; the log says what is waited for and for how long. A Redis that
+comes back without its data (restarted without persistence, failed over to an empty
+replica) has a new run id: every live entity's current row is written again from state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable, Iterator
+
+import orjson
+
+from freshet.stream import chunks
+from freshet.stream.isolation import is_infrastructure
+
+log = logging.getLogger("freshet.stream")
+
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 1.0  # a Redis back from an outage is written to within a second
+WAITING_LOG_S = 5.0  # how often a continuing wait is logged again
+HUNG_AFTER_S = 2.0  # a write unanswered this long is logged as waiting for a hung Redis
+RUN_ID_TIMEOUT_S = 2.0
+WRITE_BACK_ROWS = 5000  # rows per pipelined write while restoring
+
+
+def where(client: Any) -> str:
+    """host:port of a redis.asyncio client, for log lines (never its password)."""
+    kwargs = client.connection_pool.connection_kwargs
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}" if "host" in kwargs else \
+        str(kwargs.get("path", "redis"))
+
+
+class PatientWriter:
+    """Writes rows with `layout.write_async`, waiting out Redis outages instead of failing.
+
+    Rows are whole Feast rows (HSET of every field), so a write retried after a failure
+    that may have half-applied it leaves the same row. Failures an event's data causes
+    (isolation.is_infrastructure false) are raised at once, for the engine to isolate.
+    """
+
+    def __init__(self, layout, client):
+        self.layout = layout
+        self.client = client
+        self.outages = 0
+        self.waited_s = 0.0
+
+    async def write(self, view: str, rows: list) -> int:
+        delay, since, logged = BACKOFF_FIRST_S, None, 0.0
+        while True:
+            try:
+                written = await self._answered(self.layout.write_async(self.client, view, rows), view, len(rows))
+            except Exception as exc:  # noqa: BLE001 - sorted by is_infrastructure
+                if not is_infrastructure(exc):
+                    raise
+                now = time.monotonic()
+                if since is None:
+                    since = logged = now
+                    self.outages += 1
+                    log.warning("Redis at %s unavailable (%s: %s): holding %d rows of view %s, and the stream, "
+                                "until it answers; retrying every %.2g-%.2g s", where(self.client),
+                                type(exc).__name__, str(exc)[:200], len(rows), view, BACKOFF_FIRST_S, BACKOFF_MAX_S)
+                elif now - logged >= WAITING_LOG_S:
+                    logged = now
+                    log.warning("still waiting for Redis at %s after %.0f s (%s: %s)", where(self.client),
+                                now - since, type(exc).__name__, str(exc)[:200])
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                continue
+            if since is not None:
+                waited = time.monotonic() - since
+                self.waited_s += waited
+                log.warning("Redis at %s answers again after %.1f s; the stream goes on", where(self.client), waited)
+            return written
+
+    async def _answered(self, write, view: str, n: int) -> int:
+        """The write's result; while Redis does not answer (a hung server), log that we wait."""
+        task = asyncio.ensure_future(write)
+        started, wait = time.monotonic(), HUNG_AFTER_S
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=wait)
+            wait = WAITING_LOG_S
+            if done:
+                return task.result()
+            log.warning("Redis at %s has not answered a write of %d rows of view %s for %.0f s (hung?); "
+                        "waiting for its reply", where(self.client), n, view, time.monotonic() - started)
+
+
+class RedisIncarnation:
+    """Notices a Redis that is not the one written to before, by its run id (INFO server)."""
+
+    def __init__(self, client):
+        self.client = client
+        self.run_id: str | None = None
+
+    async def changed(self) -> bool:
+        """True once per change of run id; False while Redis does not answer (the writer waits)."""
+        try:
+            info = await asyncio.wait_for(self.client.info("server"), RUN_ID_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - an outage: nothing to compare
+            if not is_infrastructure(exc):
+                raise
+            return False
+        run_id = info.get("run_id")
+        if run_id is None:  # not told (a proxy, a managed service): nothing to compare
+            return False
+        before, self.run_id = self.run_id, run_id
+        if before is not None and before != run_id:
+            log.warning("Redis at %s is another server now (run id %s, was %s): it may have lost every row; "
+                        "writing every live entity's current row back from state", where(self.client),
+                        run_id[:12], before[:12])
+            return True
+        return False
+
+
+def is_entity_key(key: bytes) -> bool:
+    """Table keys that hold an entity's state (not fences, marks or chunks).
+
+    >>> is_entity_key(b"card1"), is_entity_key(b"\\x00freshet:recovery-fence"), is_entity_key(b"c\\x00chunk\\x00g\\x000")
+    (True, False, False)
+    """
+    return not key.startswith(b"\x00") and b"\x00chunk\x00" not in key
+
+
+def join_values(join_key_types: tuple[str, ...], key: bytes) -> tuple:
+    """The join key values an entity key was made from (engine.entity_key), typed as the view's.
+
+    >>> join_values(("STRING",), b"card1"), join_values(("INT64",), b"42"), join_values(("STRING", "INT64"), b'["a",1]')
+    (('card1',), (42,), ('a', 1))
+    """
+    if len(join_key_types) == 1:
+        text = key.decode()
+        return (int(text),) if join_key_types[0] in ("INT64", "INT32") else (text,)
+    return tuple(orjson.loads(key))
+
+
+def current_rows(processor, owns: Callable[[bytes], bool]) -> Iterator[tuple[tuple, dict, float]]:
+    """Every entity's current row of one view (ViewProcessor), for the entities `owns` accepts:
+    the live states, and the checkpointed ones no longer kept in memory."""
+    agg, data, live, view = processor.agg, processor.table.data, processor.live, processor.view
+    keys = set(live)
+    keys.update(k for k in list(data.keys()) if is_entity_key(k))
+    for key in keys:
+        if not owns(key):
+            continue
+        state = live.get(key)
+        if state is None:
+            stored = data.get(key)
+            if stored is None:
+                continue
+            if chunks.is_header(stored):
+                stored, _ = chunks.joined(data, key, stored)
+            state = agg.decode(stored)
+        if state["max_ts"] is None:
+            continue
+        agg.evict(state)
+        yield join_values(view.join_key_types, key), agg.result(state), state["max_ts"]
+
+
+async def write_back(processors: dict, owns_of: Callable[[str], Callable[[bytes], bool]],
+                     writer: PatientWriter) -> int:
+    """Write every owned live entity's current row of every online view; returns the rows.
+
+    The processors' locks are held throughout, so no batch changes a state meanwhile."""
+    started = time.monotonic()
+    for processor in processors.values():
+        await processor.lock.acquire()
+    n = 0
+    try:
+        for name, processor in processors.items():
+            if not processor.view.online:
+                continue
+            rows = list(current_rows(processor, owns_of(name)))
+            for start in range(0, len(rows), WRITE_BACK_ROWS):
+                n += await writer.write(name, rows[start:start + WRITE_BACK_ROWS])
+    finally:
+        for processor in processors.values():
+            processor.lock.release()
+    log.warning("wrote %d live entities' rows back to Redis in %.2f s", n, time.monotonic() - started)
+    return n
