@@ -37,6 +37,7 @@ stream and the backfill switch at the same event.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from operator import itemgetter
 from typing import Any, Iterable
 
@@ -534,11 +535,15 @@ def _sketch_windows(by_width: dict, shapes: list, as_of: float) -> list[int]:
 def _earliest_leave(items, shapes, as_of: float, due: float | None) -> float | None:
     """min(`due`, the earliest time an item (tile start or event time) inside a shape's
     window as of `as_of` leaves it); shapes are (slide, slide - window, tile width)."""
+    if not items:
+        return due
+    ordered = sorted(items)  # a few tiles for most entities: cheaper than a scan per shape
+    last = len(ordered)
     for slide, offset, _ in shapes:
         start = as_of // slide * slide + offset  # window_start, inlined
-        oldest = min((t for t in items if start <= t <= as_of), default=None)
-        if oldest is not None:
-            leave = (oldest - offset) // slide * slide + slide  # leaves_at, inlined
+        i = bisect_left(ordered, start)
+        if i < last:  # items are never past as_of: state holds nothing later than its latest event
+            leave = (ordered[i] - offset) // slide * slide + slide  # leaves_at, inlined
             if due is None or leave < due:
                 due = leave
     return due
