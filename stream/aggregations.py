@@ -351,8 +351,10 @@ class ViewAggregator:
                 due = _earliest_leave(state["distinct_tiles"][column][fine], shapes, as_of, due)
         for column, slide, offset in self._last:
             cur = state["last"][column]
-            if cur is not None:
-                due = _earliest_leave((cur[0],), ((slide, offset, 0),), as_of, due)
+            if cur is not None and cur[0] >= as_of // slide * slide + offset:  # in its window
+                leave = (cur[0] - offset) // slide * slide + slide  # leaves_at, inlined
+                if due is None or leave < due:
+                    due = leave
         return due
 
     # The changelog record of one entity. Tiles and distinct values are pairs of lists
