@@ -460,7 +460,8 @@ class StreamEngine:
         self.sink = FeatureSink(settings, registry, self.redis)
         self.deadletter = self.app.topic(settings.topic_deadletter, key_serializer="raw", value_serializer="raw")
         self.processors: dict[str, ViewProcessor] = {}
-        self.clock = StreamClock()  # one "now" for every view of this worker (stream/expiry.py)
+        # one "now" for every view of this worker (stream/expiry.py)
+        self.clock = StreamClock(ahead_s=settings.stream_clock_ahead_s)
         self.handlers: dict[str, Callable] = {}  # topic -> async handler of a message batch
         self.repartition_topics = {}
         for view in registry.views.values():
