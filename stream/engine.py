@@ -491,6 +491,7 @@ class StreamEngine:
         self.app.timer(STATS_INTERVAL_S)(self._log_counters)
         self.app.timer(TICK_S)(self._refresh_idle)
         self._recovered_pending = False
+        self._refresh_failing = False
         self._flush_before_commit()
         self._fence_recovery()
         if bulk_delivery:
@@ -678,9 +679,14 @@ class StreamEngine:
             try:
                 n = await processor.refresh.run(lambda key: owner(key) in owned, self.counters)
             except Exception as exc:  # noqa: BLE001 - the due entities are kept and retried next tick
-                log.warning("view %s: re-evaluating idle entities failed (%s: %s); retrying", name,
-                            type(exc).__name__, exc)
+                if not self._refresh_failing:  # once per outage, not ten times a second
+                    log.warning("view %s: re-evaluating idle entities failed (%s: %s); retrying every %gs",
+                                name, type(exc).__name__, exc, TICK_S)
+                self._refresh_failing = True
                 return
+            if self._refresh_failing:
+                log.info("re-evaluating idle entities works again")
+                self._refresh_failing = False
             self.counters.rows_expired += n
         self._recovered_pending = False
         if self.counters.rows_expired:
