@@ -163,12 +163,23 @@ class IdleRefresh:
         latest = state["max_ts"]
         return latest if now is None or (latest is not None and latest > now) else now
 
-    def written(self, keys: Iterable[bytes], states: Iterable[dict], as_of: float) -> None:
+    def written(self, keys: Iterable[bytes], states: Iterable[dict], now: float) -> None:
         """Rows of these entities (keys, and their states in the same order) were just written
-        as of `as_of`."""
-        for state in states:
-            state[self.AS_OF] = as_of
-        self.schedule.written(keys, as_of)
+        as of the clock's `now` (each as of `as_of(state, now)`)."""
+        ahead = []
+        for key, state in zip(keys, states):
+            latest = state["max_ts"]
+            if latest is not None and latest > now:  # dated ahead of the clock: as of its own event
+                state[self.AS_OF] = latest
+                ahead.append(key)
+            else:
+                state[self.AS_OF] = now
+        if ahead:
+            for key in ahead:
+                self.schedule.written((key,), self.processor._state(key)[self.AS_OF])
+            ahead = set(ahead)
+            keys = [key for key in keys if key not in ahead]
+        self.schedule.written(keys, now)
 
     async def run(self, owns: Callable[[bytes], bool], counters: Any, limit: int = REFRESH_MAX) -> int:
         """Write every due entity's row again as of the clock; returns the rows written."""

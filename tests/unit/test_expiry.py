@@ -156,3 +156,25 @@ def test_many_idle_entities_are_each_rewritten_exactly_at_their_own_change_point
     assert refresh.rows_written == expected > len(processor.live)
     # looked at: once each at the first boundary, then once per write (or per exact due time)
     assert refresh.looked_at <= 2 * len(processor.live) + refresh.rows_written
+
+
+def test_an_event_dated_ahead_of_the_wall_clock_does_not_age_other_entities():
+    wall = Wall(T0)
+    clock = StreamClock(wall)
+    processor = Processor(_view())
+    refresh = IdleRefresh(processor, clock)
+    _apply(processor, refresh, clock, [(b"c1", T0 - 10, 1.0)])
+    _apply(processor, refresh, clock, [(b"skewed", T0 + 299, 1.0)])  # accepted (FRESHET_STREAM_MAX_FUTURE_S)
+    assert clock.now() == T0
+    _tick_until(refresh, wall, T0 + 100, step=1.0)
+    assert processor.sink.rows == []  # c1's tile leaves the 5-minute window at T0 + 280 of the wall clock
+    _tick_until(refresh, wall, T0 + 281, step=1.0)
+    assert [(values["count_x_300s"], round(as_of)) for _, values, as_of in processor.sink.rows
+            if values["count_x_300s"] == 0] == [(0, T0 + 280)]
+
+
+def test_a_clock_allowed_ahead_follows_simulated_time_past_the_wall_clock():
+    wall = Wall(T0)
+    clock = StreamClock(wall, ahead_s=86400)
+    clock.observe(T0 + 3600)
+    assert clock.now() == T0 + 3600
