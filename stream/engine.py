@@ -668,12 +668,19 @@ class StreamEngine:
     async def _refresh_forever(self) -> None:
         """`_refresh_idle` every TICK_S after the previous one ends (a Faust timer would warn
         each time one runs longer than the interval)."""
+        next_log = time.monotonic() + STATS_INTERVAL_S
         while True:
             await asyncio.sleep(TICK_S)
             try:
                 await self._refresh_idle()
             except Exception:  # noqa: BLE001 - a bug here must not stop re-evaluation for good
                 log.exception("re-evaluating idle entities failed")
+            if time.monotonic() >= next_log:
+                next_log += STATS_INTERVAL_S
+                log.info("rows online %d, of them %d re-evaluations (a tile left a window); %s",
+                         self.counters.rows_online, self.counters.rows_expired,
+                         {n: f"{p.refresh.looked_at} looked at, {len(p.refresh.schedule)} scheduled"
+                          for n, p in self.processors.items()})
 
     async def _refresh_idle(self) -> None:
         """Rewrite the rows whose windows lost a tile since they were written (stream/expiry.py)."""
@@ -711,11 +718,9 @@ class StreamEngine:
     async def _log_counters(self) -> None:
         c = self.counters
         log.info("accepted %d, dead-lettered %d %s, rerouted %d (%.1f%% of accepted), duplicates skipped %d, "
-                 "changelog records %d, disowned %s, batches %d, rows online %d (%d of them re-evaluations: "
-                 "a tile left a window; idle entities looked at %d); seconds %s", c.accepted, c.deadlettered,
+                 "changelog records %d, disowned %s, batches %d; seconds %s", c.accepted, c.deadlettered,
                  c.reasons, c.rerouted, 100.0 * c.rerouted / max(1, c.accepted), c.duplicates_skipped,
                  c.changelog_records, {n: p.disowned for n, p in self.processors.items()}, c.batches,
-                 c.rows_online, c.rows_expired, sum(p.refresh.looked_at for p in self.processors.values()),
                  {k: round(v, 2) for k, v in sorted(c.seconds.items())})
 
     def _owner_partition(self, key: bytes) -> int:
