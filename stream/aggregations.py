@@ -129,6 +129,8 @@ class ViewAggregator:
         self._last = [(a.column, a.slide_s, a.slide_s - a.window_s)
                       for a in view.aggregations if a.function == "last"]
         self._names = [a.name for a in view.aggregations]
+        # every (slide, slide - window) of the view: `change_bound` tries each
+        self._all_shapes = sorted({(a.slide_s, a.slide_s - a.window_s) for a in view.aggregations})
         # `result` fills a flat list of slots, shape by shape: five per tiled shape (count,
         # sum, mean, min, max), one per distinct shape, one per last; each name reads one
         slot: dict[str, int] = {}
@@ -318,6 +320,48 @@ class ViewAggregator:
             cur = state["last"][column]
             slots.append(cur[1] if cur is not None and start <= cur[0] <= as_of else None)
         return dict(zip(self._names, self._gather(slots)))
+
+    def change_bound(self, state: dict, as_of: float) -> float | None:
+        """A time no later than `next_change(state, as_of)`, from the entity's oldest tile alone:
+        a few min() calls, cheap enough for every write. None when the entity holds nothing.
+
+        >>> from freshet.features import AggregationSpec, ViewSpec
+        >>> view = ViewSpec("v", ("k",), ("STRING",), 0, "t", "ts", {}, 0, (
+        ...     AggregationSpec("count_x_300s", "x", "count", 300, 60, "INT64"),), "")
+        >>> agg = ViewAggregator(view); state = agg.new_state()
+        >>> agg.update(state, 130.0, {"x": 1.0}); agg.update(state, 250.0, {"x": 1.0})
+        >>> agg.change_bound(state, 250.0), agg.next_change(state, 250.0)  # a young entity: exact
+        (420, 420)
+        """
+        fine = self.tile_s
+        oldest = None
+        for by_width in state["tiles"].values():
+            tiles = by_width[fine]
+            if tiles:
+                t = min(tiles)
+                if oldest is None or t < oldest:
+                    oldest = t
+        for column, counts in state["distinct_tiles"].items():
+            tiles = counts[fine]
+            if tiles:
+                t = min(tiles)
+                if oldest is None or t < oldest:
+                    oldest = t
+        for cur in state["last"].values():
+            if cur is not None and (oldest is None or cur[0] < oldest):
+                oldest = cur[0]
+        if oldest is None:
+            return None if not state.get("sketches") else as_of // fine * fine + fine
+        if state.get("sketches"):
+            oldest = min(oldest, as_of - self.horizon_s)  # not worth a scan: as early as possible
+        due = None
+        for slide, offset in self._all_shapes:
+            start = as_of // slide * slide + offset  # window_start, inlined
+            x = oldest if oldest > start else start
+            leave = (x - offset) // slide * slide + slide  # leaves_at, inlined
+            if due is None or leave < due:
+                due = leave
+        return due
 
     def next_change(self, state: dict, as_of: float) -> float | None:
         """The first time after `as_of` at which `result` changes with no new event: the

@@ -9,7 +9,7 @@ leaves a window (`ViewAggregator.next_change`), whichever comes first. Events re
 row anyway; for the second case the engine asks this module, on a short wall-clock tick,
 which entities are due and writes them again as of the clock. The extra writes are one per
 tile expiry of an entity that has no newer event, however often the tick runs: an entity is
-looked at once at the first slide boundary after a write, then only at its exact next change.
+looked at when its oldest tile could first leave a window, then only at its exact next change.
 """
 
 from __future__ import annotations
@@ -107,12 +107,12 @@ class ExpirySchedule:
         return min((t // s + 1) * s for s in self.slides)
 
     def written(self, keys: Iterable[bytes], as_of: float) -> None:
-        self._add(self.boundary_after(as_of), keys)
+        self.add(self.boundary_after(as_of), keys)
 
     def at(self, key: bytes, due: float) -> None:
-        self._add(due, (key,))
+        self.add(due, (key,))
 
-    def _add(self, due: float, keys: Iterable[bytes]) -> None:
+    def add(self, due: float, keys: Iterable[bytes]) -> None:
         bucket = self._keys.get(due)
         if bucket is None:
             bucket = self._keys[due] = set()
@@ -165,21 +165,19 @@ class IdleRefresh:
 
     def written(self, keys: Iterable[bytes], states: Iterable[dict], now: float) -> None:
         """Rows of these entities (keys, and their states in the same order) were just written
-        as of the clock's `now` (each as of `as_of(state, now)`)."""
-        ahead = []
+        as of the clock's `now` (each as of `as_of(state, now)`): each is looked at when its
+        oldest tile could first leave a window (`ViewAggregator.change_bound`)."""
+        bound = self.processor.agg.change_bound
+        looks: dict[float, list[bytes]] = {}
         for key, state in zip(keys, states):
             latest = state["max_ts"]
-            if latest is not None and latest > now:  # dated ahead of the clock: as of its own event
-                state[self.AS_OF] = latest
-                ahead.append(key)
-            else:
-                state[self.AS_OF] = now
-        if ahead:
-            for key in ahead:
-                self.schedule.written((key,), self.processor._state(key)[self.AS_OF])
-            ahead = set(ahead)
-            keys = [key for key in keys if key not in ahead]
-        self.schedule.written(keys, now)
+            as_of = latest if latest is not None and latest > now else now  # dated ahead: its own time
+            state[self.AS_OF] = as_of
+            due = bound(state, as_of)
+            if due is not None:
+                looks.setdefault(due, []).append(key)
+        for due, batch in looks.items():
+            self.schedule.add(due, batch)
 
     async def run(self, owns: Callable[[bytes], bool], counters: Any, limit: int = REFRESH_MAX) -> int:
         """Write every due entity's row again as of the clock; returns the rows written."""
@@ -237,7 +235,7 @@ class IdleRefresh:
     def recovered(self, keys: Iterable[bytes]) -> None:
         """Entities read back from the changelog: look at each at once."""
         now = self.clock.now()
-        self.schedule._add(now if now is not None else float("-inf"), keys)
+        self.schedule.add(now if now is not None else float("-inf"), keys)
 
 
 def _join_values(key: bytes, view: Any) -> tuple:
