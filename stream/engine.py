@@ -49,6 +49,7 @@ from freshet.stream import chunks
 from freshet.stream.aggregations import ViewAggregator
 from freshet.stream.crashpoints import CrashPoints
 from freshet.stream.events import EventDecoder, EventError
+from freshet.stream.expiry import TICK_S, IdleRefresh, StreamClock
 from freshet.stream.isolation import describe, is_infrastructure, split_failures
 from freshet.stream.offline import PartBuffer, raw_log_path
 from freshet.stream.recovery import PatientWriter, RedisIncarnation, write_back
@@ -88,6 +89,11 @@ def _patch_fetch_wait(ms: int) -> None:
     shim = types.SimpleNamespace(**{k: getattr(aiokafka, k) for k in dir(aiokafka) if not k.startswith("__")})
     shim.AIOKafkaConsumer = FastFetchConsumer
     faust_aiokafka.aiokafka = shim
+
+
+def _is_entity(table_key: bytes) -> bool:
+    """A table key naming an entity, not the recovery fence or a chunk of a large state."""
+    return table_key != FENCE_KEY and b"\x00chunk\x00" not in table_key
 
 
 def entity_key(view: ViewSpec, row: dict[str, Any]) -> bytes:
@@ -146,6 +152,7 @@ class Counters:
     unprocessable: int = 0  # events that made a later stage fail (dead-lettered)
     rows_online: int = 0
     rows_offline: int = 0
+    rows_expired: int = 0  # online rows written again because a tile left a window
     changelog_records: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     batches: int = 0
@@ -170,11 +177,14 @@ class ViewProcessor:
     batches) and the batch retried in parts to find the events that cause the failure.
     """
 
-    def __init__(self, view: ViewSpec, table, sink: "FeatureSink"):
+    def __init__(self, view: ViewSpec, table, sink: "FeatureSink", clock: StreamClock | None = None):
         self.view = view
         self.agg = ViewAggregator(view)
         self.table = table
         self.sink = sink
+        # rows are evaluated as of the stream's clock and written again when a tile leaves a window
+        self.clock = clock or StreamClock()
+        self.refresh = IdleRefresh(self, self.clock)
         self.live: dict[bytes, dict] = {}
         self.dirty: set[bytes] = set()
         self.applied: list[list[Item]] = []  # batches applied since the last checkpoint
@@ -268,16 +278,20 @@ class ViewProcessor:
         if not changed:
             return
         t0 = time.perf_counter()
+        self.clock.observe(max(state["max_ts"] for state, _ in changed.values()))
+        now = self.clock.now()
         rows = []
         for state, row in changed.values():
             self.agg.evict(state)
-            rows.append((tuple(row[k] for k in self.view.join_keys), self.agg.result(state), state["max_ts"]))
+            as_of = self.refresh.as_of(state, now)
+            rows.append((tuple(row[k] for k in self.view.join_keys), self.agg.result(state, as_of), as_of))
         counters.timed("result", t0)
         t0 = time.perf_counter()
         await self.sink.write(self.view, rows, counters)
         # checkpointed only now that its rows are in Redis and queued for the offline store
         # (the lock keeps a checkpoint out meanwhile; this order says so without it)
         self.dirty.update(changed)
+        self.refresh.written(changed, (state for state, _ in changed.values()), now)
         counters.timed("sink", t0)
 
     async def _isolate(self, items: list[Item], counters: Counters) -> list[tuple[Item, str]]:
@@ -328,9 +342,10 @@ class ViewProcessor:
             # a failed write may have reached Redis before failing: write the state without it
             state = self.live[key]
             row = next(item[2] for item in its)
+            as_of = self.refresh.as_of(state, self.clock.now())
             try:
                 await self.sink.write(self.view, [(tuple(row[k] for k in self.view.join_keys),
-                                                   self.agg.result(state), state["max_ts"])], counters)
+                                                   self.agg.result(state, as_of), as_of)], counters)
             except Exception as exc:  # noqa: BLE001
                 if is_infrastructure(exc):
                     raise
@@ -455,13 +470,15 @@ class StreamEngine:
         self.incarnation = RedisIncarnation(self.redis)
         self.deadletter = self.app.topic(settings.topic_deadletter, key_serializer="raw", value_serializer="raw")
         self.processors: dict[str, ViewProcessor] = {}
+        # one "now" for every view of this worker (stream/expiry.py)
+        self.clock = StreamClock(ahead_s=settings.stream_clock_ahead_s)
         self.handlers: dict[str, Callable] = {}  # topic -> async handler of a message batch
         self.repartition_topics = {}
         for view in registry.views.values():
             # bytes values: ViewAggregator.encode records, (de)serialised by the processor
             table = self.app.Table(f"state-{view.name}", default=None, partitions=self.partitions,
                                    key_type=bytes, value_type=bytes)
-            self.processors[view.name] = ViewProcessor(view, table, self.sink)
+            self.processors[view.name] = ViewProcessor(view, table, self.sink, self.clock)
             topic = self.app.topic(f"{app_id}-{view.name}-repartition", partitions=self.partitions,
                                    key_serializer="raw", value_serializer="raw", internal=True)
             self.repartition_topics[view.name] = topic
@@ -483,6 +500,9 @@ class StreamEngine:
         self.app.on_partitions_assigned.connect(self._on_assigned)
         self.app.on_partitions_revoked.connect(self._on_revoked)
         self.app.timer(STATS_INTERVAL_S)(self._log_counters)
+        self.app.task(self._refresh_forever)
+        self._recovered_pending = False
+        self._refresh_failing = False
         self._flush_before_commit()
         self._fence_recovery()
         if bulk_delivery:
@@ -694,6 +714,51 @@ class StreamEngine:
     async def _on_assigned(self, app, assigned, **kwargs) -> None:
         self.owned = {(tp.topic, tp.partition) for tp in assigned}
         log.info("partitions assigned: %s", sorted(self.owned))
+        self._recovered_pending = True  # their entities are looked at once their tables are recovered
+
+    async def _refresh_forever(self) -> None:
+        """`_refresh_idle` every TICK_S after the previous one ends (a Faust timer would warn
+        each time one runs longer than the interval)."""
+        next_log = time.monotonic() + STATS_INTERVAL_S
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                await self._refresh_idle()
+            except Exception:  # noqa: BLE001 - a bug here must not stop re-evaluation for good
+                log.exception("re-evaluating idle entities failed")
+            if time.monotonic() >= next_log:
+                next_log += STATS_INTERVAL_S
+                log.info("rows online %d, of them %d re-evaluations (a tile left a window); %s",
+                         self.counters.rows_online, self.counters.rows_expired,
+                         {n: f"{p.refresh.looked_at} looked at, {len(p.refresh.schedule)} scheduled"
+                          for n, p in self.processors.items()})
+
+    async def _refresh_idle(self) -> None:
+        """Rewrite the rows whose windows lost a tile since they were written (stream/expiry.py)."""
+        if not self.app.consumer.flow_active:  # recovering or rebalancing: tables not settled
+            return
+        t0 = time.perf_counter()
+        for name, processor in self.processors.items():
+            owned = self._owned_partitions(name)
+            owner = self._owner_partition
+            if self._recovered_pending:
+                processor.refresh.recovered(key for key in list(processor.table.data)
+                                            if _is_entity(key) and owner(key) in owned and key not in processor.live)
+            try:
+                n = await processor.refresh.run(lambda key: owner(key) in owned, self.counters)
+            except Exception as exc:  # noqa: BLE001 - the due entities are kept and retried next tick
+                if not self._refresh_failing:  # once per outage, not ten times a second
+                    log.warning("view %s: re-evaluating idle entities failed (%s: %s); retrying every %gs",
+                                name, type(exc).__name__, exc, TICK_S)
+                self._refresh_failing = True
+                return
+            if self._refresh_failing:
+                log.info("re-evaluating idle entities works again")
+                self._refresh_failing = False
+            self.counters.rows_expired += n
+        self._recovered_pending = False
+        if self.counters.rows_expired:
+            self.counters.timed("refresh", t0)
 
     async def _on_revoked(self, app, revoked, **kwargs) -> None:
         self.owned -= {(tp.topic, tp.partition) for tp in revoked}
