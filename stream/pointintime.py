@@ -1,16 +1,21 @@
 """Features as serving answered them at a request's time, recomputed from the offline raw log.
 
-Owns the one definition training sets and the consistency check share: `request_as_of`
-(the time a request reads windows at), `features_at_requests` (many requests in one sweep,
+Owns the one definition training sets and the consistency check share: `StreamTime` (the
+stream's clock at a wall-clock instant), `features_at_requests` (many requests in one sweep,
 for training sets) and `ServedFeatures` (one entity at a time, for sampled predictions).
 
 A request answered at wall-clock time R read every feature over the events the stream had
-accepted by R (the raw log's `_ingested_at`), each window as of `request_as_of(R)`, with the
-stream's own `ViewAggregator`. Events the stream accepted just before R may not have reached
-Redis yet (the freshness bound): `ServedFeatures.candidates` also gives the values without
-those, so a check can tell "not yet visible" from "different". Raw logs written before
-`_ingested_at` existed, and labels without a served request, fall back to event time: the
-events up to the label's event time, as of that time.
+accepted by R (the raw log's `_ingested_at`), each window as of the stream's clock at R, never
+before the entity's latest event (the time the engine evaluates rows as of), with the stream's
+own `ViewAggregator`. The stream's clock is the newest event time applied plus the wall time
+since (freshet.stream.expiry.StreamClock), so its value at R is R plus the largest
+(event time - acceptance time) of the events accepted by R: `StreamTime` keeps that running
+maximum. Events the stream accepted just before R may not have reached Redis yet, and a slide
+boundary just passed may not be re-evaluated yet (the freshness bound):
+`ServedFeatures.candidates` also gives the values without those, so a check can tell "not
+yet visible" from "different". Raw logs written before `_ingested_at` existed, and labels
+without a served request, fall back to event time: the events up to the label's event time,
+as of that time.
 """
 
 from __future__ import annotations
@@ -26,18 +31,45 @@ from freshet.times import epoch_seconds
 from freshet.stream.aggregations import ViewAggregator
 
 INGESTED_AT = "_ingested_at"  # raw-log column: wall clock of the batch the stream accepted the event in
+BEFORE_BOUNDARY_S = 1e-4  # "just before a slide boundary" (event times are kept to the microsecond)
 
 
-def request_as_of(request_ts: float) -> float:
-    """The time a request answered at wall-clock `request_ts` reads its windows at.
+class StreamTime:
+    """The stream's clock as a function of the wall clock, from events and when they were accepted.
 
-    Serving evaluates windows at the wall clock of the request, so this is the identity;
-    it is one function so serving's rule and every recomputation cannot part.
-
-    >>> request_as_of(1_700_000_000.5)
-    1700000000.5
+    >>> clock = StreamTime()
+    >>> clock.add([100.0, 90.0], [100.2, 100.3])    # live: accepted 0.2 s after their time
+    >>> clock.at(105.0), clock.at(50.0)             # before any event: the wall clock
+    (104.8, 50.0)
+    >>> clock.add([5000.0], [106.0])                # replayed or simulated time runs ahead
+    >>> clock.at(105.0), clock.at(107.0)
+    (104.8, 5001.0)
     """
-    return float(request_ts)
+
+    def __init__(self):
+        self._seen = np.zeros(0)  # acceptance times, sorted
+        self._gap = np.zeros(0)  # event time - acceptance time, in the same order
+        self._lead = np.zeros(0)  # running maximum of `_gap`
+
+    def add(self, event_ts, seen) -> None:
+        """Events (their times and when the stream accepted them), in any order."""
+        seen = np.asarray(seen, dtype=float)
+        gap = np.asarray(event_ts, dtype=float) - seen
+        all_seen, all_gap = np.concatenate([self._seen, seen]), np.concatenate([self._gap, gap])
+        order = np.argsort(all_seen, kind="stable")
+        self._seen, self._gap = all_seen[order], all_gap[order]
+        self._lead = np.maximum.accumulate(self._gap) if len(self._gap) else self._gap
+
+    def at(self, wall_ts: float) -> float:
+        """The stream's "now" at wall-clock `wall_ts` (the wall clock itself before any event)."""
+        i = int(np.searchsorted(self._seen, wall_ts, side="right"))
+        return float(wall_ts) + (float(self._lead[i - 1]) if i else 0.0)
+
+
+def evaluated_at(clock: float, state: dict) -> float:
+    """The time the engine evaluates an entity's row as of: the clock, never before its latest event."""
+    latest = state["max_ts"]
+    return latest if latest is not None and latest > clock else clock
 
 
 def applied_order(df: pd.DataFrame, view: ViewSpec) -> pd.DataFrame:
@@ -70,8 +102,8 @@ def features_at_requests(events: pd.DataFrame, view: ViewSpec, keys: Sequence[tu
     """Every feature of `view` for each request (entity key, time), in one sweep over the events.
 
     Where `served[i]` is true, request i was answered by serving at wall-clock time
-    `request_ts[i]`: it gets the features over the events accepted by then, as of
-    `request_as_of`. Elsewhere `request_ts[i]` is an event time (a label without a served
+    `request_ts[i]`: it gets the features over the events accepted by then, as of the
+    stream's clock then (`StreamTime`, `evaluated_at`). Elsewhere `request_ts[i]` is an event time (a label without a served
     request): the features over the events up to it, as of it. No request is dropped: an
     entity without events gets every window's empty value.
     """
@@ -90,12 +122,16 @@ def features_at_requests(events: pd.DataFrame, view: ViewSpec, keys: Sequence[tu
             by = ordered if mode else ordered.sort_values(["_ts"], kind="stable")
             ev, cut = list(zip(by["_ts"].to_numpy(), _rows(by, view_columns(view)))), by[
                 "_seen" if mode else "_ts"].to_numpy()
-        _sweep(view, ev, cut, [keys[i] for i in wanted], request_ts[wanted], mode, out, wanted)
+        clock = None
+        if mode and ordered is not None:
+            clock = StreamTime()
+            clock.add(ordered["_ts"].to_numpy(), ordered["_seen"].to_numpy())
+        _sweep(view, ev, cut, [keys[i] for i in wanted], request_ts[wanted], clock, out, wanted)
     return out  # type: ignore[return-value]
 
 
-def _sweep(view: ViewSpec, events: list, cut: np.ndarray, keys: list[tuple], times: np.ndarray, served: bool,
-           out: list, index: np.ndarray) -> None:
+def _sweep(view: ViewSpec, events: list, cut: np.ndarray, keys: list[tuple], times: np.ndarray,
+           clock: StreamTime | None, out: list, index: np.ndarray) -> None:
     agg = ViewAggregator(view)
     states: dict[tuple, dict] = {}
     i = 0
@@ -110,7 +146,7 @@ def _sweep(view: ViewSpec, events: list, cut: np.ndarray, keys: list[tuple], tim
             agg.update(state, float(ts), row)
             i += 1
         state = states.get(tuple(keys[j])) or agg.new_state()
-        out[index[j]] = agg.result(state, as_of=request_as_of(t) if served else t)
+        out[index[j]] = agg.result(state, as_of=evaluated_at(clock.at(t), state) if clock is not None else t)
 
 
 class ServedFeatures:
@@ -131,6 +167,8 @@ class ServedFeatures:
     [{'count_amount_300s': 2}, {'count_amount_300s': 1}]
     >>> served.candidates(("a",), 105.0, grace_s=1.0)
     [{'count_amount_300s': 1}]
+    >>> served.candidates(("a",), 360.6, grace_s=1.0)   # clock 360.1: their tile left at 360, maybe not re-read
+    [{'count_amount_300s': 0}, {'count_amount_300s': 2}]
     """
 
     def __init__(self, view: ViewSpec):
@@ -141,6 +179,8 @@ class ServedFeatures:
         self.events: dict[tuple, list[tuple]] = {}
         self._seen: set[tuple[int, int]] = set()
         self.reach_s = view.max_window_s + view.lateness_s + view.tile_s
+        self.clock = StreamTime()
+        self.slides = sorted({a.slide_s for a in view.aggregations})
 
     def add(self, df: pd.DataFrame) -> int:
         """Take raw-log rows; returns how many were new (a duplicate (partition, offset) is skipped)."""
@@ -164,20 +204,26 @@ class ServedFeatures:
             n += 1
         for key in touched:
             self.events[key].sort(key=lambda e: e[:3])
+        self.clock.add(df["_ts"].to_numpy(), df["_seen"].to_numpy())
         return n
 
     def candidates(self, key: tuple, request_ts: float, grace_s: float = 0.0) -> list[dict[str, Any]]:
-        """Features over the events accepted by `request_ts`, then without the newest of those
-        accepted within `grace_s` before it, one more at a time."""
+        """Features over the events accepted by `request_ts`, as of the stream's clock then; then
+        the same without the newest events accepted within `grace_s` before it (one more at a
+        time), and as of just before each slide boundary the clock passed within `grace_s`."""
         events = [e for e in self.events.get(tuple(key), ()) if e[0] <= request_ts]
         in_flight = sum(1 for e in events if e[0] > request_ts - grace_s)
-        as_of = request_as_of(request_ts)
+        clock = self.clock.at(request_ts)
         out = []
         for drop in range(in_flight + 1):
             state = self.agg.new_state()
             for _, _, _, ts, row in events[:len(events) - drop]:
                 self.agg.update(state, ts, row)
+            as_of = evaluated_at(clock, state)
             out.append(self.agg.result(state, as_of=as_of))
+            for boundary in sorted({as_of // s * s for s in self.slides}, reverse=True):
+                if as_of - grace_s < boundary and (state["max_ts"] is None or boundary > state["max_ts"]):
+                    out.append(self.agg.result(state, as_of=boundary - BEFORE_BOUNDARY_S))
         return out
 
     def forget(self, before_ts: float) -> None:
