@@ -12,7 +12,15 @@ Starts the embedded stack and one `freshet stream` worker, then
    `events_per_s` is delivered events over that time;
 2. freshness: publishes at a fixed offered rate; every 50th event is a probe with a fresh
    card and a fresh merchant, timed per view from produce() to its row being readable in
-   Redis (the merchant row goes through the repartition topic first).
+   Redis (the merchant row goes through the repartition topic first);
+3. expiry: moves the stream's clock through the day after the events with one clock event
+   per slide boundary at which some tile leaves a window (ahead of the wall clock: the
+   worker runs with FRESHET_STREAM_MAX_FUTURE_S of two days), so every entity's rows are
+   re-evaluated as live time would re-evaluate them, none coalesced by a jump.
+
+Write amplification is Redis rows written per event, per view and phase: rows are counted
+in each view's offline feature log (every online row is written there too) and the total
+is checked against Redis' own count of HSET calls.
 
 Every send's delivery is checked: failed sends are reported (`delivery`) and not counted,
 and a run with any is marked `"ok": false`.
@@ -45,8 +53,9 @@ from aiokafka.partitioner import murmur2
 
 from freshet import features, kafka
 from freshet.app.stack import EmbeddedStack, cpu_seconds
-from freshet.redis_layout import OnlineLayout
+from freshet.redis_layout import OnlineLayout, decode_timestamp
 from freshet.settings import load_settings
+from freshet.stream.aggregations import leaves_at
 from freshet.stream.offline import raw_log_path
 
 PROBE_EVERY = 50
@@ -183,6 +192,37 @@ class ViewClock:
         return {"online_s": _r(self.online_s), "offline_s": _r(self.offline_s), "done_s": _r(done),
                 "online_events_per_s": _r(events / self.online_s if self.online_s else None, 1),
                 "events_per_s": _r(events / done if done else None, 1)}
+
+
+class RowCount:
+    """Rows each view has written so far (its offline feature log), and Redis' HSET calls."""
+
+    def __init__(self, bench: "Bench"):
+        self.bench = bench
+
+    def rows(self) -> dict[str, int]:
+        out = {}
+        for view in self.bench.views:
+            root = Path(view.offline_path)
+            out[view.name] = sum(pq.ParquetFile(p).metadata.num_rows for p in root.rglob("*.parquet")
+                                 if not p.name.startswith(".")) if root.exists() else 0
+        return out
+
+    def hset_calls(self) -> int:
+        return int(self.bench.client.info("commandstats").get("cmdstat_hset", {}).get("calls", 0))
+
+    def settled(self, quiet_s: float = 1.5, timeout: float = 60) -> dict[str, int]:
+        """Row counts once they have not moved for `quiet_s` (parts are flushed at each commit)."""
+        deadline = time.monotonic() + timeout
+        last, since = self.rows(), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            now = self.rows()
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                break
+        return last
 
 
 def _r(v: float | None, digits: int = 2) -> float | None:
@@ -427,6 +467,69 @@ def freshness_phase(bench: Bench, args, cards: list[str], t2: float, rnd: random
             "achieved_offered_rate": round(achieved, 1), "freshness_seconds": args.seconds}
 
 
+def expiry_boundaries(views, first_ts: float, last_ts: float) -> list[int]:
+    """Every slide boundary at which a tile holding an event in [first_ts, last_ts] leaves a window."""
+    out = set()
+    for view in views:
+        tile = view.tile_s
+        for a in view.aggregations:
+            for t in range(int(first_ts // tile * tile), int(last_ts) + 1, tile):
+                out.add(int(leaves_at(t, a.window_s, a.slide_s)))
+    return sorted(out)
+
+
+def expiry_phase(bench: Bench, first_ts: float, last_ts: float, rnd: random.Random, counts: RowCount) -> dict:
+    """Move the stream's clock through every boundary where a tile leaves a window, one clock
+    event (one card, one merchant, both fresh) per boundary, each once the previous one's
+    re-evaluations have settled in Redis."""
+    boundaries = expiry_boundaries(bench.views, first_ts, last_ts)
+    card, merchant = "clock-card", "clock-merchant"
+    watch = {v.name: bench.layout.entity_key(v.name, ({"card_id": card, "merchant_id": merchant}[bench.key_of(v)],))
+             for v in bench.views}
+    settle = []
+    for i, b in enumerate(boundaries):
+        started = time.monotonic()
+        bench.produce(card, event(f"clock{i}", card, merchant, float(b), rnd))
+        bench.flush(10)
+        deadline = started + 120
+        while True:  # the clock event applied in every view: the clock is at b
+            stamps = [bench.client.hget(key, bench.layout.ts_field(view)) for view, key in watch.items()]
+            if all(s is not None and decode_timestamp(s) >= b - 1e-6 for s in stamps):
+                break
+            if time.monotonic() > deadline or bench.worker.poll() is not None:
+                raise RuntimeError(f"clock event at {b} not applied; see {bench.tmp / 'worker.log'}")
+            time.sleep(0.01)
+        calls, quiet = counts.hset_calls(), time.monotonic()
+        while time.monotonic() - quiet < 1.5:  # the re-evaluations it made due, written (ticks of 0.1 s)
+            time.sleep(0.05)
+            now = counts.hset_calls()
+            if now != calls:
+                calls, quiet = now, time.monotonic()
+        settle.append(quiet - started)  # clock event produced -> the last re-evaluation it caused
+    return {"expiry_boundaries": len(boundaries), "expiry_clock_events": len(boundaries),
+            "expiry_settle_s_max": _r(max(settle) if settle else None),
+            "expiry_settle_s_median": _r(percentile(settle, 50))}
+
+
+def write_amplification(phases: dict[str, tuple[int, dict[str, int]]], clock_events: int) -> dict:
+    """Rows per event, per view: each phase's rows over its events; the expiry phase's rows
+    (minus the clock events' own) over every event before it."""
+    out: dict[str, dict] = {}
+    events = sum(n for phase, (n, _) in phases.items() if phase != "expiry")
+    for view in next(iter(phases.values()))[1]:
+        figures = {}
+        for phase, (n, rows) in phases.items():
+            if phase == "expiry":
+                figures["expiry_rows"] = rows[view] - clock_events
+                figures["expiry_rows_per_event"] = round((rows[view] - clock_events) / events, 3)
+            else:
+                figures[f"{phase}_rows_per_event"] = round(rows[view] / n, 3) if n else None
+        total = sum(rows[view] for _, rows in phases.values()) - clock_events
+        figures.update(events=events, rows=total, rows_per_event=round(total / events, 3))
+        out[view] = figures
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small run, under a minute")
@@ -437,6 +540,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--commit-interval-ms", type=int, help="the worker's FRESHET_STREAM_COMMIT_INTERVAL_MS "
                                                            "(default: the setting's default)")
+    ap.add_argument("--no-expiry", action="store_true", help="skip the expiry phase")
     args = ap.parse_args()
     if args.quick:
         args.rate, args.seconds, args.backlog = min(args.rate, 1000.0), 8.0, 8000
@@ -448,8 +552,10 @@ def main() -> int:
     try:
         ep = stack.start()
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
+        # the expiry phase's clock events run up to a day ahead of the wall clock
         settings = load_settings(env, kafka_bootstrap_servers=ep.kafka, redis_url=ep.redis_url,
-                                 data_dir=str(tmp / "data"), stream_commit_interval_ms=args.commit_interval_ms)
+                                 data_dir=str(tmp / "data"), stream_commit_interval_ms=args.commit_interval_ms,
+                                 stream_max_future_s=2 * 86400)
         result["commit_interval_ms"] = settings.stream_commit_interval_ms
         say("applying the feature repo ...")
         features.apply(settings)
@@ -462,8 +568,11 @@ def main() -> int:
         meter = CpuMeter({"worker": bench.worker.pid, "broker": ep.kafka_pid, "redis": ep.redis_pid,
                           "bench": os.getpid()})
         cards = [f"card{i}" for i in range(args.cards)]
+        counts = RowCount(bench)
+        rows_before, hset_before = counts.settled(), counts.hset_calls()
 
         backlog = backlog_phase(bench, args, cards, t, rnd, meter)
+        rows_backlog = counts.rows()
         t_end = backlog.pop("t_end")
         result.update(backlog)
         cpu = backlog["backlog_cpu"]
@@ -476,6 +585,25 @@ def main() -> int:
 
         fresh = freshness_phase(bench, args, cards, t_end + 10, rnd, meter)
         result.update(fresh)
+        rows_fresh = counts.settled()
+        phases = {"backlog": (backlog["backlog_events"],
+                              {v: rows_backlog[v] - rows_before[v] for v in rows_before}),
+                  "freshness": (fresh["freshness_delivery"]["delivered"],
+                                {v: rows_fresh[v] - rows_backlog[v] for v in rows_before})}
+        clock_events = 0
+        if not args.no_expiry:
+            expiry = expiry_phase(bench, t, t_end + 10 + args.seconds, rnd, counts)
+            result.update(expiry)
+            clock_events = expiry["expiry_clock_events"]
+            rows_expiry = counts.settled()
+            phases["expiry"] = (clock_events, {v: rows_expiry[v] - rows_fresh[v] for v in rows_before})
+        result["write_amplification"] = write_amplification(phases, clock_events)
+        rows_all = sum(sum(rows.values()) for _, rows in phases.values())
+        result["redis_hset_calls"] = counts.hset_calls() - hset_before
+        result["offline_rows"] = rows_all
+        say("write amplification (Redis rows per event): " + "; ".join(
+            f"{n} {w['rows_per_event']} ({', '.join(f'{k} {v}' for k, v in w.items() if k.endswith('per_event'))})"
+            for n, w in result["write_amplification"].items()))
         say(f"freshness at {fresh['achieved_offered_rate']:.0f} events/s offered: "
             + "; ".join(f"{n} p50 {v['freshness_p50_ms']} ms p99 {v['freshness_p99_ms']} ms "
                         f"({v['probes']} probes, {v['probes_never_seen']} never seen)"

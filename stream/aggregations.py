@@ -5,11 +5,25 @@ an entity's state (tiles of partial aggregates, never raw events) and `result`
 answers every aggregation as of a time. The stream engine and the backfill both
 call it, so the two cannot drift apart.
 
-Window semantics, shared by every path: an aggregation with window W and slide S,
-read as of time t, covers events with `start <= event_ts <= t`, where
-`start = floor(t / S) * S + S - W`. With S == W (tumbling) that is the current
-window so far; with S < W it is the last W/S slide-aligned steps, the current one
-included.
+The window rule, shared by every path and every reader (stream, backfill, training sets,
+Redis rows read through Feast or freshet): an aggregation with window W and slide S, read
+as of time t, covers the events with
+
+    start(t) <= event_ts <= t,    start(t) = floor(t / S) * S + S - W
+
+both ends inclusive. With S == W (tumbling) that is the current window so far; with S < W
+it is the last W/S slide-aligned steps, the current one included. So an event at x counts
+for reads from x on and leaves the window at the slide boundary `leaves_at(x)` =
+floor((x + W - S) / S) * S + S: an event exactly on a boundary (x a multiple of S) stays
+exactly W seconds, any other between W - S and W. An entity with no event left in a window
+reads count 0, count_distinct 0, sum 0.0 and null (None) for mean, min, max and last.
+
+A stored row is this rule evaluated as of one instant, the row's timestamp (Feast's
+`_ts:<view>`, returned as its event_timestamp): the stream engine writes a row when one of
+the entity's events is applied and again when `next_change` says a tile leaves a window,
+so a read at t returns the value as of t up to the freshness bound (events not applied
+yet) and the re-evaluation delay after a slide boundary. Which instant is "now" for the
+stream is freshet.stream.expiry's StreamClock.
 
 count_distinct is exact while an entity holds at most DISTINCT_EXACT_MAX distinct
 values of the column within the view's horizon (longest window + lateness). Past that,
@@ -23,6 +37,7 @@ stream and the backfill switch at the same event.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from operator import itemgetter
 from typing import Any, Iterable
 
@@ -51,6 +66,16 @@ def _new_sketch() -> datasketches.hll_sketch:
 def window_start(as_of: float, spec: AggregationSpec) -> float:
     # floor division, not floor(as_of / slide): the quotient can round up to a whole number
     return as_of // spec.slide_s * spec.slide_s + spec.slide_s - spec.window_s
+
+
+def leaves_at(x: float, window_s: int, slide_s: int) -> float:
+    """The first read time at which an event (or tile) at `x` is out of the window: the slide
+    boundary after which the window starts past `x`.
+
+    >>> leaves_at(300, 300, 60), leaves_at(330, 300, 60), leaves_at(599.5, 600, 600)
+    (600, 600, 600.0)
+    """
+    return (x + window_s - slide_s) // slide_s * slide_s + slide_s
 
 
 class ViewAggregator:
@@ -294,6 +319,44 @@ class ViewAggregator:
             slots.append(cur[1] if cur is not None and start <= cur[0] <= as_of else None)
         return dict(zip(self._names, self._gather(slots)))
 
+    def next_change(self, state: dict, as_of: float) -> float | None:
+        """The first time after `as_of` at which `result` changes with no new event: the
+        earliest `leaves_at` of a tile (or a last value) inside some window as of `as_of`.
+        None when no window holds anything (the entity reads 0 / null until its next event).
+
+        >>> from freshet.features import AggregationSpec, ViewSpec
+        >>> view = ViewSpec("v", ("k",), ("STRING",), 0, "t", "ts", {}, 0, (
+        ...     AggregationSpec("count_x_300s", "x", "count", 300, 60, "INT64"),
+        ...     AggregationSpec("last_x_3600s", "x", "last", 3600, 60, "DOUBLE")), "")
+        >>> agg = ViewAggregator(view); state = agg.new_state()
+        >>> agg.update(state, 130.0, {"x": 1.0})
+        >>> agg.next_change(state, 130.0)   # the tile [120, 180) leaves the 5-minute window at 420
+        420
+        >>> agg.result(state, as_of=419.9), agg.result(state, as_of=420)
+        ({'count_x_300s': 1, 'last_x_3600s': 1.0}, {'count_x_300s': 0, 'last_x_3600s': 1.0})
+        >>> agg.next_change(state, 420), agg.next_change(state, 3720)   # the last value at 130 leaves the hour
+        (3720.0, None)
+        """
+        fine = self.tile_s
+        due = None
+        for column, (_, shapes, _) in self._tiled_windows.items():
+            due = _earliest_leave(state["tiles"][column][fine], shapes, as_of, due)
+        sketched = state.get("sketches") or {}
+        for column, (_, shapes, _) in self._distinct_windows.items():
+            if column in sketched:
+                by_width = sketched[column][1]
+                for shape in shapes:
+                    due = _earliest_leave(by_width.get(shape[2], ()), (shape,), as_of, due)
+            else:
+                due = _earliest_leave(state["distinct_tiles"][column][fine], shapes, as_of, due)
+        for column, slide, offset in self._last:
+            cur = state["last"][column]
+            if cur is not None and cur[0] >= as_of // slide * slide + offset:  # in its window
+                leave = (cur[0] - offset) // slide * slide + slide  # leaves_at, inlined
+                if due is None or leave < due:
+                    due = leave
+        return due
+
     # The changelog record of one entity. Tiles and distinct values are pairs of lists
     # (keys, values), not JSON objects, so integer tile starts and non-string distinct
     # values keep their type; per-tile distinct counts are derived, not stored.
@@ -469,6 +532,23 @@ def _sketch_windows(by_width: dict, shapes: list, as_of: float) -> list[int]:
                 union.update(sketch)
         out.append(round(union.get_estimate()))
     return out
+
+
+def _earliest_leave(items, shapes, as_of: float, due: float | None) -> float | None:
+    """min(`due`, the earliest time an item (tile start or event time) inside a shape's
+    window as of `as_of` leaves it); shapes are (slide, slide - window, tile width)."""
+    if not items:
+        return due
+    ordered = sorted(items)  # a few tiles for most entities: cheaper than a scan per shape
+    last = len(ordered)
+    for slide, offset, _ in shapes:
+        start = as_of // slide * slide + offset  # window_start, inlined
+        i = bisect_left(ordered, start)
+        if i < last:  # items are never past as_of: state holds nothing later than its latest event
+            leave = (ordered[i] - offset) // slide * slide + slide  # leaves_at, inlined
+            if due is None or leave < due:
+                due = leave
+    return due
 
 
 def _distinct_counts(seen: dict, width: int) -> dict[int, int]:

@@ -178,7 +178,9 @@ def main(args, settings: Settings) -> int:
 
             layout = OnlineLayout(registry.project, registry.views)
             client = redis.Redis.from_url(settings.redis_url)
-            batch = [(key, agg.result(state), state["max_ts"]) for key, state in states.items()]
+            # as of the replay's newest event, as the stream evaluates rows as of its clock (stream/expiry.py)
+            as_of = max((state["max_ts"] for state in states.values()), default=0.0)
+            batch = [(key, agg.result(state, as_of), as_of) for key, state in states.items()]
             for start in range(0, len(batch), 5000):
                 layout.write(client, view.name, batch[start:start + 5000], only_newer=True)
             print(f"wrote {len(batch)} entities of {view.name} to Redis")

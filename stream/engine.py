@@ -48,6 +48,7 @@ from freshet.settings import Settings
 from freshet.stream import chunks
 from freshet.stream.aggregations import ViewAggregator
 from freshet.stream.events import EventDecoder, EventError
+from freshet.stream.expiry import TICK_S, IdleRefresh, StreamClock
 from freshet.stream.isolation import describe, is_infrastructure, split_failures
 from freshet.stream.offline import PartBuffer, raw_log_path
 
@@ -85,6 +86,11 @@ def _patch_fetch_wait(ms: int) -> None:
     shim = types.SimpleNamespace(**{k: getattr(aiokafka, k) for k in dir(aiokafka) if not k.startswith("__")})
     shim.AIOKafkaConsumer = FastFetchConsumer
     faust_aiokafka.aiokafka = shim
+
+
+def _is_entity(table_key: bytes) -> bool:
+    """A table key naming an entity, not the recovery fence or a chunk of a large state."""
+    return table_key != FENCE_KEY and b"\x00chunk\x00" not in table_key
 
 
 def entity_key(view: ViewSpec, row: dict[str, Any]) -> bytes:
@@ -148,6 +154,7 @@ class Counters:
     unprocessable: int = 0  # events that made a later stage fail (dead-lettered)
     rows_online: int = 0
     rows_offline: int = 0
+    rows_expired: int = 0  # online rows written again because a tile left a window
     changelog_records: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     batches: int = 0
@@ -172,11 +179,14 @@ class ViewProcessor:
     batches) and the batch retried in parts to find the events that cause the failure.
     """
 
-    def __init__(self, view: ViewSpec, table, sink: "FeatureSink"):
+    def __init__(self, view: ViewSpec, table, sink: "FeatureSink", clock: StreamClock | None = None):
         self.view = view
         self.agg = ViewAggregator(view)
         self.table = table
         self.sink = sink
+        # rows are evaluated as of the stream's clock and written again when a tile leaves a window
+        self.clock = clock or StreamClock()
+        self.refresh = IdleRefresh(self, self.clock)
         self.live: dict[bytes, dict] = {}
         self.dirty: set[bytes] = set()
         self.applied: list[list[Item]] = []  # batches applied since the last checkpoint
@@ -271,13 +281,17 @@ class ViewProcessor:
             return
         self.dirty.update(changed)
         t0 = time.perf_counter()
+        self.clock.observe(max(state["max_ts"] for state, _ in changed.values()))
+        now = self.clock.now()
         rows = []
         for state, row in changed.values():
             self.agg.evict(state)
-            rows.append((tuple(row[k] for k in self.view.join_keys), self.agg.result(state), state["max_ts"]))
+            as_of = self.refresh.as_of(state, now)
+            rows.append((tuple(row[k] for k in self.view.join_keys), self.agg.result(state, as_of), as_of))
         counters.timed("result", t0)
         t0 = time.perf_counter()
         await self.sink.write(self.view, rows, counters)
+        self.refresh.written(changed, (state for state, _ in changed.values()), now)
         counters.timed("sink", t0)
 
     async def _isolate(self, items: list[Item], counters: Counters) -> list[tuple[Item, str]]:
@@ -328,9 +342,10 @@ class ViewProcessor:
             # a failed write may have reached Redis before failing: write the state without it
             state = self.live[key]
             row = next(item[2] for item in its)
+            as_of = self.refresh.as_of(state, self.clock.now())
             try:
                 await self.sink.write(self.view, [(tuple(row[k] for k in self.view.join_keys),
-                                                   self.agg.result(state), state["max_ts"])], counters)
+                                                   self.agg.result(state, as_of), as_of)], counters)
             except Exception as exc:  # noqa: BLE001
                 if is_infrastructure(exc):
                     raise
@@ -450,13 +465,14 @@ class StreamEngine:
         self.sink = FeatureSink(settings, registry, self.redis)
         self.deadletter = self.app.topic(settings.topic_deadletter, key_serializer="raw", value_serializer="raw")
         self.processors: dict[str, ViewProcessor] = {}
+        self.clock = StreamClock()  # one "now" for every view of this worker (stream/expiry.py)
         self.handlers: dict[str, Callable] = {}  # topic -> async handler of a message batch
         self.repartition_topics = {}
         for view in registry.views.values():
             # bytes values: ViewAggregator.encode records, (de)serialised by the processor
             table = self.app.Table(f"state-{view.name}", default=None, partitions=self.partitions,
                                    key_type=bytes, value_type=bytes)
-            self.processors[view.name] = ViewProcessor(view, table, self.sink)
+            self.processors[view.name] = ViewProcessor(view, table, self.sink, self.clock)
             topic = self.app.topic(f"{app_id}-{view.name}-repartition", partitions=self.partitions,
                                    key_serializer="raw", value_serializer="raw", internal=True)
             self.repartition_topics[view.name] = topic
@@ -477,6 +493,8 @@ class StreamEngine:
         self.app.on_partitions_assigned.connect(self._on_assigned)
         self.app.on_partitions_revoked.connect(self._on_revoked)
         self.app.timer(STATS_INTERVAL_S)(self._log_counters)
+        self.app.timer(TICK_S)(self._refresh_idle)
+        self._recovered_pending = False
         self._flush_before_commit()
         self._fence_recovery()
         if bulk_delivery:
@@ -648,6 +666,29 @@ class StreamEngine:
     async def _on_assigned(self, app, assigned, **kwargs) -> None:
         self.owned = {(tp.topic, tp.partition) for tp in assigned}
         log.info("partitions assigned: %s", sorted(self.owned))
+        self._recovered_pending = True  # their entities are looked at once their tables are recovered
+
+    async def _refresh_idle(self) -> None:
+        """Rewrite the rows whose windows lost a tile since they were written (stream/expiry.py)."""
+        if not self.app.consumer.flow_active:  # recovering or rebalancing: tables not settled
+            return
+        t0 = time.perf_counter()
+        for name, processor in self.processors.items():
+            owned = self._owned_partitions(name)
+            owner = self._owner_partition
+            if self._recovered_pending:
+                processor.refresh.recovered(key for key in list(processor.table.data)
+                                            if _is_entity(key) and owner(key) in owned and key not in processor.live)
+            try:
+                n = await processor.refresh.run(lambda key: owner(key) in owned, self.counters)
+            except Exception as exc:  # noqa: BLE001 - the due entities are kept and retried next tick
+                log.warning("view %s: re-evaluating idle entities failed (%s: %s); retrying", name,
+                            type(exc).__name__, exc)
+                return
+            self.counters.rows_expired += n
+        self._recovered_pending = False
+        if self.counters.rows_expired:
+            self.counters.timed("refresh", t0)
 
     async def _on_revoked(self, app, revoked, **kwargs) -> None:
         self.owned -= {(tp.topic, tp.partition) for tp in revoked}
@@ -658,10 +699,11 @@ class StreamEngine:
     async def _log_counters(self) -> None:
         c = self.counters
         log.info("accepted %d, dead-lettered %d %s, rerouted %d (%.1f%% of accepted), duplicates skipped %d, "
-                 "changelog records %d, disowned %s, batches %d; seconds %s", c.accepted, c.deadlettered,
+                 "changelog records %d, disowned %s, batches %d, rows online %d (%d of them re-evaluations: "
+                 "a tile left a window); seconds %s", c.accepted, c.deadlettered,
                  c.reasons, c.rerouted, 100.0 * c.rerouted / max(1, c.accepted), c.duplicates_skipped,
                  c.changelog_records, {n: p.disowned for n, p in self.processors.items()}, c.batches,
-                 {k: round(v, 2) for k, v in sorted(c.seconds.items())})
+                 c.rows_online, c.rows_expired, {k: round(v, 2) for k, v in sorted(c.seconds.items())})
 
     def _owner_partition(self, key: bytes) -> int:
         p = self._partition_cache.get(key)

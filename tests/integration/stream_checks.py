@@ -35,14 +35,15 @@ def isolated_stream(services, tmp, prefix: str):
     return uid, topic, settings, worker_env, registry, layout, redis.Redis.from_url(services.redis_url)
 
 
-def expected(events: list[dict], view, key: str) -> dict[str, dict]:
-    """Every feature as of each entity's latest event, recomputed from the events (no freshet code)."""
+def expected(events: list[dict], view, key: str, as_of: dict[str, float] | None = None) -> dict[str, dict]:
+    """Every feature as of each entity's latest event, or as of `as_of[entity]`, recomputed
+    from the events by the README's window rule (no freshet code)."""
     by_entity: dict[str, list[dict]] = {}
     for e in events:
         by_entity.setdefault(e[key], []).append(e)
     out = {}
     for entity, evs in by_entity.items():
-        t = max(e["event_ts"] for e in evs)
+        t = as_of[entity] if as_of is not None else max(e["event_ts"] for e in evs)
         values = {}
         for a in view.aggregations:
             start = math.floor(t / a.slide_s) * a.slide_s + a.slide_s - a.window_s
@@ -71,6 +72,28 @@ def differences(got: dict, want: dict) -> list:
 
 def read_view(layout, client, view: str, keys: list[str]) -> dict[str, dict]:
     return {k: values for k, (_, values) in zip(keys, layout.read_rows(client, view, [(k,) for k in keys]))}
+
+
+def rows_as_of(layout, client, view: str, keys: list[str]) -> dict[str, tuple[float | None, dict]]:
+    """Each entity's row in Redis: (the time it is as of, its `_ts`; its values)."""
+    return dict(zip(keys, layout.read_rows(client, view, [(k,) for k in keys])))
+
+
+def online_differences(layout, client, view, events: list[dict], key: str) -> list:
+    """Where Redis differs from the window rule over `events` as of each row's own timestamp:
+    (entity, feature, got, want). A row missing, or as of a time before its entity's latest
+    event (that event not applied yet), is a difference too (feature "_ts")."""
+    latest: dict[str, float] = {}
+    for e in events:
+        latest[e[key]] = max(latest.get(e[key], e["event_ts"]), e["event_ts"])
+    out, got, as_of = [], {}, {}
+    for entity, (ts, values) in rows_as_of(layout, client, view.name, sorted(latest)).items():
+        if ts is None or ts < latest[entity] - 2e-6:  # _ts has microseconds
+            out.append((entity, "_ts", ts, latest[entity]))
+            continue
+        got[entity], as_of[entity] = values, max(ts, latest[entity])
+    want = expected([e for e in events if e[key] in as_of], view, key, as_of)
+    return out + differences(got, want)
 
 
 def partition_ends(settings, topic: str) -> dict[int, int]:

@@ -96,12 +96,14 @@ def _worker(settings, env_extra: dict, log: Path, app_id: str) -> subprocess.Pop
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
 
-def _expected(events: list[dict], view, key_col: str) -> dict[str, dict]:
-    """Independent recomputation with pandas, as of each entity's latest event."""
+def _expected(events: list[dict], view, key_col: str, as_of: dict[str, float] | None = None) -> dict[str, dict]:
+    """Independent recomputation with pandas, as of each entity's latest event or `as_of[entity]`."""
     df = pd.DataFrame(events)
     out = {}
     for key, g in df.groupby(key_col):
-        t = g["event_ts"].max()
+        if as_of is not None and key not in as_of:
+            continue
+        t = as_of[key] if as_of is not None else g["event_ts"].max()
         values = {}
         for a in view.aggregations:
             start = math.floor(t / a.slide_s) * a.slide_s + a.slide_s - a.window_s
@@ -159,16 +161,14 @@ def scenario(services, tmp_path_factory):
     layout = OnlineLayout(registry.project, registry.views)
     client = redis.Redis.from_url(services.redis_url)
     views = (("card_txn_stats", "card_id"), ("merchant_txn_stats", "merchant_id"))
-    expected = {name: _expected(valid, registry.views[name], key) for name, key in views}
-    expected_first = {name: _expected(first, registry.views[name], key) for name, key in views}
     ownership = {}
     try:
         # the rest of the events once the group has settled with every worker in it and the
         # first part is applied (tables recovered, the killed worker's tail replayed), so that
         # each worker applies some of them: they land in every partition, each with one owner
         _wait_until(lambda: _settled(logs, topic, settings.kafka_partitions), 60, workers, logs)
-        _wait_until(lambda: all(_online_equals(layout, client, registry, name, want)
-                                for name, want in expected_first.items()), 150, workers, logs)
+        _wait_until(lambda: all(_online_equals(layout, client, registry, name, first, key)
+                                for name, key in views), 150, workers, logs)
         ownership["before"] = [_owned(log, topic) for log in logs]
         _produce(settings, topic, second, sent)
         _produce(settings, topic, late, sent)
@@ -177,8 +177,8 @@ def scenario(services, tmp_path_factory):
         # the merchant rows, which take a hop through the repartition topic, in Redis
         _wait_until(lambda: all(at >= sent.ends.get(p, 0) for p, at in _committed(settings, app_id, topic).items()),
                     150, workers, logs)
-        _wait_until(lambda: all(_online_equals(layout, client, registry, name, want)
-                                for name, want in expected.items()), 150, workers, logs)
+        _wait_until(lambda: all(_online_equals(layout, client, registry, name, valid, key)
+                                for name, key in views), 150, workers, logs)
         ownership["after"] = [_owned(log, topic) for log in logs]
     finally:
         for w in workers:
@@ -225,9 +225,20 @@ def _settled(logs: list[Path], topic: str, partitions: int) -> list[set[int]] | 
     return None
 
 
-def _online_equals(layout, client, registry, view: str, want: dict) -> bool:
-    got = _read(layout, client, view, sorted(want), registry)
-    return not _mismatches(got, want)
+def _online_equals(layout, client, registry, view: str, events: list[dict], key_col: str) -> bool:
+    got, want = _online_and_expected(layout, client, registry, view, events, key_col)
+    return want is not None and not _mismatches(got, want)
+
+
+def _online_and_expected(layout, client, registry, view: str, events: list[dict], key_col: str):
+    """(Redis rows, the recomputation as of each row's own timestamp); want is None while some
+    entity's row is missing or older than its latest event."""
+    latest = pd.DataFrame(events).groupby(key_col)["event_ts"].max().to_dict()
+    rows = _read_as_of(layout, client, view, sorted(latest), registry)
+    if any(ts is None or ts < latest[k] - 2e-6 for k, (ts, _) in rows.items()):  # _ts has microseconds
+        return {}, None
+    as_of = {k: max(ts, latest[k]) for k, (ts, _) in rows.items()}
+    return {k: values for k, (_, values) in rows.items()}, _expected(events, registry.views[view], key_col, as_of)
 
 
 def _applied_card_events(settings, registry, cards) -> int:
@@ -301,13 +312,18 @@ def _kill_mid_stream(settings, topic, events, extra, log, app_id, registry, sent
 
 
 def _read(layout, client, view, keys, registry) -> dict[str, dict]:
+    return {k: values for k, (_, values) in _read_as_of(layout, client, view, keys, registry).items()}
+
+
+def _read_as_of(layout, client, view, keys, registry) -> dict[str, tuple[float | None, dict]]:
+    """Each entity's row: (the time its values are as of, `_ts:<view>`; the values)."""
     names = registry.views[view].feature_names
     out = {}
     for k in keys:
         key = layout.entity_key(view, (k,))
         raw = client.hmget(key, [layout.field(view, n) for n in names] + [layout.ts_field(view)])
-        _, values = layout.decode_row(view, names, raw)
-        out[k] = dict(zip(names, values))
+        ts, values = layout.decode_row(view, names, raw)
+        out[k] = (ts, dict(zip(names, values)))
     return out
 
 
@@ -357,29 +373,33 @@ def test_online_card_features_equal_pandas_recomputation_for_every_function_and_
     reg = scenario["registry"]
     view = reg.views["card_txn_stats"]
     assert {a.function for a in view.aggregations} == {"count", "sum", "mean", "min", "max", "last", "count_distinct"}
-    want = _expected(scenario["valid"], view, "card_id")
-    got = _read(scenario["layout"], scenario["client"], view.name, sorted(want), reg)
+    got, want = _online_and_expected(scenario["layout"], scenario["client"], reg, view.name, scenario["valid"],
+                                     "card_id")
+    assert want is not None, "a card's row is missing or predates its latest event"
     assert not _mismatches(got, want)
 
 
 def test_merchant_features_computed_through_repartition_equal_recomputation(scenario):
     reg = scenario["registry"]
     view = reg.views["merchant_txn_stats"]
-    want = _expected(scenario["valid"], view, "merchant_id")
-    got = _read(scenario["layout"], scenario["client"], view.name, sorted(want), reg)
+    got, want = _online_and_expected(scenario["layout"], scenario["client"], reg, view.name, scenario["valid"],
+                                     "merchant_id")
+    assert want is not None, "a merchant's row is missing or predates its latest event"
     assert not _mismatches(got, want)
 
 
 def test_online_features_equal_the_backfill_recomputation_from_the_raw_log(scenario):
-    from freshet.stream.backfill import latest_features, load_events
+    from freshet.stream.backfill import load_events, replay_view
 
     settings, reg = scenario["settings"], scenario["registry"]
     events = load_events(settings, scenario["topic"])
     assert sorted(events["transaction_id"]) == sorted(e["transaction_id"] for e in scenario["valid"])
     view = reg.views["card_txn_stats"]
-    recomputed = latest_features(events, view)
-    got = _read(scenario["layout"], scenario["client"], view.name, [k[0] for k in recomputed], reg)
-    assert not _mismatches(got, {k[0]: v for k, (_, v) in recomputed.items()})
+    agg, states, _ = replay_view(events, view)
+    rows = _read_as_of(scenario["layout"], scenario["client"], view.name, [k[0] for k in states], reg)
+    # the backfill's state of each card, answered as of the time the stream's row is as of
+    recomputed = {k[0]: agg.result(state, max(rows[k[0]][0], state["max_ts"])) for k, state in states.items()}
+    assert not _mismatches({k: values for k, (_, values) in rows.items()}, recomputed)
 
 
 def test_the_raw_log_holds_each_event_once_but_what_a_replay_after_the_kill_appended_again(scenario):
@@ -406,7 +426,8 @@ def test_the_raw_log_holds_each_event_once_but_what_a_replay_after_the_kill_appe
 def test_feast_get_online_features_returns_every_stream_feature_of_both_views(scenario):
     reg = scenario["registry"]
     store = features.feature_store(scenario["settings"])
-    want = {name: _expected(scenario["valid"], reg.views[name], key)
+    # the workers have stopped: each row stays as of its timestamp, which Feast reads too
+    want = {name: _online_and_expected(scenario["layout"], scenario["client"], reg, name, scenario["valid"], key)[1]
             for name, key in (("card_txn_stats", "card_id"), ("merchant_txn_stats", "merchant_id"))}
     cards, merchants = sorted(want["card_txn_stats"]), sorted(want["merchant_txn_stats"])
     rows = [{"card_id": c, "merchant_id": merchants[i % len(merchants)]}

@@ -209,3 +209,43 @@ def test_a_state_in_the_older_one_map_format_reads_back_with_the_same_results():
     assert got.keys() == want.keys()
     for name, value in want.items():
         assert got[name] == value or math.isclose(got[name], value, rel_tol=1e-12), name
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_result_holds_until_next_change_and_moves_there(seed):
+    """The expiry schedule's contract: between as_of and next_change nothing moves without
+    an event; at next_change some window has lost a tile; None means it never moves again."""
+    rnd = random.Random(seed)
+    view = _view()
+    agg = ViewAggregator(view)
+    state = agg.new_state()
+    t = 1_700_000_000.0
+    for _ in range(rnd.randrange(1, 60)):
+        t += rnd.expovariate(1 / 200)
+        agg.update(state, t, {"x": rnd.uniform(-5, 5), "m": f"m{rnd.randrange(8)}"})
+    as_of, changes = t, 0
+    while True:
+        due = agg.next_change(state, as_of)
+        if due is None:
+            assert agg.result(state, as_of + 3 * 86400) == agg.result(state, as_of)
+            break
+        assert due > as_of
+        before = agg.result(state, as_of)
+        for probe in (as_of + (due - as_of) * f for f in (0.25, 0.5, 0.999)):
+            assert agg.result(state, probe) == before
+        assert agg.result(state, due) != before
+        as_of, changes = due, changes + 1
+    assert changes > 0
+    assert all(v in (0, 0.0, None) for v in agg.result(state, as_of).values())
+
+
+def test_an_event_exactly_on_a_slide_boundary_counts_for_exactly_one_window_length():
+    view = _view()
+    agg = ViewAggregator(view)
+    state = agg.new_state()
+    agg.update(state, 1_700_000_100.0, {"x": 2.0, "m": "a"})  # a multiple of 60 and of 300
+    name = "count_x_300s_60"
+    assert agg.result(state, 1_700_000_100.0)[name] == 1
+    assert agg.result(state, 1_700_000_399.999)[name] == 1
+    assert agg.result(state, 1_700_000_400.0)[name] == 0
+    assert agg.next_change(state, 1_700_000_100.0) == 1_700_000_400.0
