@@ -204,6 +204,7 @@ class LiveConsistencyRun:
         self.sent = Sent()
         self.request_ids: list[str] = []
         self.skipped = 0  # predictions not made: too near a slide boundary of the stream's clock
+        self.last_produced_at = 0.0
         self.rows_seen: dict = {}
         self._worker: subprocess.Popen | None = None
         self._stack = contextlib.ExitStack()
@@ -274,7 +275,7 @@ class LiveConsistencyRun:
         labels = []
         for r in range(rounds.rounds):
             events, late, probes = rounds.round(r)
-            produced_at = time.time()
+            produced_at = self.last_produced_at = time.time()
             self.produce(events + late)
             applied_s.append(self.wait_applied())
             instances = [{"request_id": e["transaction_id"], "entities": {"card_id": e["card_id"],
