@@ -112,7 +112,7 @@ class ServedConsistency:
             due.append(self.pending.popleft())
         if not due:
             return 0
-        self._read_raw_log()
+        self.read_raw_log()
         for prediction in due:
             self.judge(prediction)
         oldest = float(self.pending[0].ts) if self.pending else now
@@ -120,7 +120,8 @@ class ServedConsistency:
             served.forget(min(oldest, now) - self.grace_s - self.settle_s)
         return len(due)
 
-    def _read_raw_log(self) -> None:
+    def read_raw_log(self) -> None:
+        """Take the raw log's part files written since the last look."""
         for topic, follower in self.followers.items():
             rows = follower.new_rows()
             if rows is not None and len(rows):
