@@ -224,6 +224,8 @@ class ServedFeatures:
             for boundary in sorted({as_of // s * s for s in self.slides}, reverse=True):
                 if as_of - grace_s < boundary and (state["max_ts"] is None or boundary > state["max_ts"]):
                     out.append(self.agg.result(state, as_of=boundary - BEFORE_BOUNDARY_S))
+            if drop == len(events):  # no row in Redis yet: serving reads null (NOT_FOUND) for every feature
+                out.append(dict.fromkeys(self.view.feature_names))
         return out
 
     def forget(self, before_ts: float) -> None:
