@@ -229,7 +229,8 @@ class ServedFeatures:
         return out
 
     def forget(self, before_ts: float) -> None:
-        """Drop events no window of a request at or after `before_ts` can reach."""
+        """Drop events no window of a request whose stream clock is at or after `before_ts` (event
+        time) can reach, and the duplicate check's memory of them."""
         floor = before_ts - self.reach_s
         for key in list(self.events):
             kept = [e for e in self.events[key] if e[3] >= floor]
@@ -237,6 +238,7 @@ class ServedFeatures:
                 self.events[key] = kept
             else:
                 del self.events[key]
+        self._seen = {(e[1], e[2]) for events in self.events.values() for e in events}
 
 
 def same_value(served: Any, recomputed: Any, rel_tol: float = 1e-9, abs_tol: float = 1e-9) -> bool:

@@ -35,6 +35,7 @@ from freshet.stream.pointintime import ServedFeatures, judge
 log = logging.getLogger("freshet.consistency")
 
 MAX_MISMATCHES = 1000  # kept for reports (the counts cover every one)
+FORGET_EVERY_S = 10.0  # how often events no pending request can reach are dropped
 
 
 def sampled(request_id: str, share: float) -> bool:
@@ -96,6 +97,7 @@ class ServedConsistency:
         self.judged = 0
         self.skipped = 0  # sampled predictions naming no feature of the registry
         self.latest: dict[str, str] = {}  # model -> newest version judged
+        self._forgot_at = time.monotonic()
 
     def offer(self, prediction: Prediction) -> bool:
         """Queue a served prediction if it is in the sample; True if it was."""
@@ -115,9 +117,11 @@ class ServedConsistency:
         self.read_raw_log()
         for prediction in due:
             self.judge(prediction)
-        oldest = float(self.pending[0].ts) if self.pending else now
-        for served in self.views.values():
-            served.forget(min(oldest, now) - self.grace_s - self.settle_s)
+        if time.monotonic() - self._forgot_at >= FORGET_EVERY_S:
+            self._forgot_at = time.monotonic()
+            oldest = float(self.pending[0].ts) if self.pending else now
+            for served in self.views.values():  # the stream's clock then: event time, maybe simulated
+                served.forget(served.clock.at(min(oldest, now) - self.grace_s - self.settle_s))
         return len(due)
 
     def read_raw_log(self) -> None:
