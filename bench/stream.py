@@ -15,7 +15,8 @@ Starts the embedded stack and one `freshet stream` worker, then
    Redis (the merchant row goes through the repartition topic first);
 3. expiry: moves the stream's clock through the day after the events with one clock event
    per slide boundary at which some tile leaves a window (ahead of the wall clock: the
-   worker runs with FRESHET_STREAM_MAX_FUTURE_S of two days), so every entity's rows are
+   worker runs with FRESHET_STREAM_MAX_FUTURE_S and FRESHET_STREAM_CLOCK_AHEAD_S of two
+   days), so every entity's rows are
    re-evaluated as live time would re-evaluate them, none coalesced by a jump.
 
 Write amplification is Redis rows written per event, per view and phase: rows are counted
@@ -555,7 +556,7 @@ def main() -> int:
         # the expiry phase's clock events run up to a day ahead of the wall clock
         settings = load_settings(env, kafka_bootstrap_servers=ep.kafka, redis_url=ep.redis_url,
                                  data_dir=str(tmp / "data"), stream_commit_interval_ms=args.commit_interval_ms,
-                                 stream_max_future_s=2 * 86400)
+                                 stream_max_future_s=2 * 86400, stream_clock_ahead_s=2 * 86400)
         result["commit_interval_ms"] = settings.stream_commit_interval_ms
         say("applying the feature repo ...")
         features.apply(settings)

@@ -64,6 +64,11 @@ class Settings:
     stream_max_future_s: int = 300
     # Larger source messages go to the dead-letter topic unparsed (the broker takes ~1 MB).
     stream_max_event_bytes: int = 100_000
+    # How far the stream's clock (the "now" rows are evaluated as of: the newest event time,
+    # kept going by the wall clock while idle) may run ahead of the wall clock. 0: never, so
+    # one event dated minutes ahead cannot age every other entity's windows early. A
+    # simulated clock running ahead of the wall clock (with FRESHET_STREAM_MAX_FUTURE_S) raises it.
+    stream_clock_ahead_s: int = 0
 
     # Redis. Empty means "use the embedded server".
     redis_url: str = _secret()
@@ -178,6 +183,9 @@ def _validate(s: Settings) -> None:
     if s.stream_max_future_s > 10 * 366 * 86400:
         raise SettingsError(f"{_env_name('stream_max_future_s')}={s.stream_max_future_s} must be at most ten years "
                             "in seconds (a few minutes suits live producers)")
+    if not 0 <= s.stream_clock_ahead_s <= 10 * 366 * 86400:
+        raise SettingsError(f"{_env_name('stream_clock_ahead_s')}={s.stream_clock_ahead_s} must be 0..ten years "
+                            "in seconds (0: the stream's clock never runs ahead of the wall clock)")
     if s.stream_max_event_bytes > 1_000_000:
         raise SettingsError(f"{_env_name('stream_max_event_bytes')}={s.stream_max_event_bytes} must be at most "
                             "1000000 (the broker refuses larger messages)")

@@ -465,7 +465,8 @@ class StreamEngine:
         self.sink = FeatureSink(settings, registry, self.redis)
         self.deadletter = self.app.topic(settings.topic_deadletter, key_serializer="raw", value_serializer="raw")
         self.processors: dict[str, ViewProcessor] = {}
-        self.clock = StreamClock()  # one "now" for every view of this worker (stream/expiry.py)
+        # one "now" for every view of this worker (stream/expiry.py)
+        self.clock = StreamClock(ahead_s=settings.stream_clock_ahead_s)
         self.handlers: dict[str, Callable] = {}  # topic -> async handler of a message batch
         self.repartition_topics = {}
         for view in registry.views.values():
@@ -495,6 +496,7 @@ class StreamEngine:
         self.app.timer(STATS_INTERVAL_S)(self._log_counters)
         self.app.timer(TICK_S)(self._refresh_idle)
         self._recovered_pending = False
+        self._refresh_failing = False
         self._flush_before_commit()
         self._fence_recovery()
         if bulk_delivery:
@@ -682,9 +684,14 @@ class StreamEngine:
             try:
                 n = await processor.refresh.run(lambda key: owner(key) in owned, self.counters)
             except Exception as exc:  # noqa: BLE001 - the due entities are kept and retried next tick
-                log.warning("view %s: re-evaluating idle entities failed (%s: %s); retrying", name,
-                            type(exc).__name__, exc)
+                if not self._refresh_failing:  # once per outage, not ten times a second
+                    log.warning("view %s: re-evaluating idle entities failed (%s: %s); retrying every %gs",
+                                name, type(exc).__name__, exc, TICK_S)
+                self._refresh_failing = True
                 return
+            if self._refresh_failing:
+                log.info("re-evaluating idle entities works again")
+                self._refresh_failing = False
             self.counters.rows_expired += n
         self._recovered_pending = False
         if self.counters.rows_expired:

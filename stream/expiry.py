@@ -29,13 +29,16 @@ REFRESH_MAX = 1000  # entities looked at per view and tick (~10-30 ms): the even
 
 class StreamClock:
     """The stream's "now": the newest event time seen, advanced at the wall clock's rate
-    since it was seen; it never goes back.
+    since it was seen, and at most `ahead_s` past the wall clock; it never goes back.
 
     Live, events come within the freshness bound of their own time, so this is the wall
-    clock minus the freshness. Replayed history and simulated time (the demo's
-    --time-scale) move it at the speed of their events; once no newer event comes (an
-    idle partition, the end of a replay) it keeps time with the wall clock from the last
-    one. Event times older than the clock do not move it (late and out-of-order events).
+    clock minus the freshness. Replayed history moves it at the speed of its events; once
+    no newer event comes (an idle partition, the end of a replay) it keeps time with the
+    wall clock from the last one. Event times older than the clock do not move it (late
+    and out-of-order events), and neither do event times past the wall clock + `ahead_s`
+    (FRESHET_STREAM_CLOCK_AHEAD_S, 0 by default): one event dated ahead must not age every
+    other entity's windows early. A simulated clock running ahead of the wall clock (the
+    demo's --time-scale) needs `ahead_s` raised, or its simulated time started in the past.
 
     >>> wall = [1000.0]
     >>> clock = StreamClock(lambda: wall[0])
@@ -49,10 +52,13 @@ class StreamClock:
     560.0
     >>> clock.observe(900.0); clock.now()   # a newer one does
     900.0
+    >>> clock.observe(1500.0); clock.now()  # but not past the wall clock
+    1060.0
     """
 
-    def __init__(self, wall: Callable[[], float] = time.time):
+    def __init__(self, wall: Callable[[], float] = time.time, ahead_s: float = 0.0):
         self._wall = wall
+        self.ahead_s = ahead_s
         self._high: float | None = None  # newest event time that moved the clock
         self._at = 0.0  # wall clock when it did
 
@@ -66,7 +72,8 @@ class StreamClock:
         """The current stream time; None before any event."""
         if self._high is None:
             return None
-        return self._high + max(0.0, self._wall() - self._at)
+        wall = self._wall()
+        return min(self._high + max(0.0, wall - self._at), wall + self.ahead_s)
 
 
 class ExpirySchedule:
