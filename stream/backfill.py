@@ -131,7 +131,7 @@ def training_set(settings: Settings, registry: FeatureRegistry, labels: pd.DataF
         keys = list(zip(*(out[k].tolist() for k in view.join_keys)))
         if progress:
             print(f"training set {view_name}: {len(out)} rows ({int(served.sum())} as served)", file=sys.stderr)
-        results = features_at_requests(df, view, keys, label_ts, served)
+        results = features_at_requests(df, view, keys, label_ts, served, settings.stream_clock_ahead_s)
         for f in features:
             out[f"{view_name}__{f}"] = [r[f] for r in results]
     return out

@@ -37,16 +37,20 @@ BEFORE_BOUNDARY_S = 1e-4  # "just before a slide boundary" (event times are kept
 class StreamTime:
     """The stream's clock as a function of the wall clock, from events and when they were accepted.
 
-    >>> clock = StreamTime()
+    Like the engine's clock it never runs more than `ahead_s` (FRESHET_STREAM_CLOCK_AHEAD_S)
+    past the wall clock.
+
+    >>> clock = StreamTime(ahead_s=3600)
     >>> clock.add([100.0, 90.0], [100.2, 100.3])    # live: accepted 0.2 s after their time
     >>> clock.at(105.0), clock.at(50.0)             # before any event: the wall clock
     (104.8, 50.0)
-    >>> clock.add([5000.0], [106.0])                # replayed or simulated time runs ahead
+    >>> clock.add([5000.0], [106.0])                # simulated time running ahead
     >>> clock.at(105.0), clock.at(107.0)
-    (104.8, 5001.0)
+    (104.8, 3707.0)
     """
 
-    def __init__(self):
+    def __init__(self, ahead_s: float = 0.0):
+        self.ahead_s = ahead_s
         self._seen = np.zeros(0)  # acceptance times, sorted
         self._gap = np.zeros(0)  # event time - acceptance time, in the same order
         self._lead = np.zeros(0)  # running maximum of `_gap`
@@ -63,7 +67,7 @@ class StreamTime:
     def at(self, wall_ts: float) -> float:
         """The stream's "now" at wall-clock `wall_ts` (the wall clock itself before any event)."""
         i = int(np.searchsorted(self._seen, wall_ts, side="right"))
-        return float(wall_ts) + (float(self._lead[i - 1]) if i else 0.0)
+        return float(wall_ts) + (min(float(self._lead[i - 1]), self.ahead_s) if i else 0.0)
 
 
 def evaluated_at(clock: float, state: dict) -> float:
@@ -98,7 +102,8 @@ def view_columns(view: ViewSpec) -> list[str]:
 
 
 def features_at_requests(events: pd.DataFrame, view: ViewSpec, keys: Sequence[tuple],
-                         request_ts: np.ndarray, served: np.ndarray | None = None) -> list[dict[str, Any]]:
+                         request_ts: np.ndarray, served: np.ndarray | None = None,
+                         clock_ahead_s: float = 0.0) -> list[dict[str, Any]]:
     """Every feature of `view` for each request (entity key, time), in one sweep over the events.
 
     Where `served[i]` is true, request i was answered by serving at wall-clock time
@@ -124,7 +129,7 @@ def features_at_requests(events: pd.DataFrame, view: ViewSpec, keys: Sequence[tu
                 "_seen" if mode else "_ts"].to_numpy()
         clock = None
         if mode and ordered is not None:
-            clock = StreamTime()
+            clock = StreamTime(clock_ahead_s)
             clock.add(ordered["_ts"].to_numpy(), ordered["_seen"].to_numpy())
         _sweep(view, ev, cut, [keys[i] for i in wanted], request_ts[wanted], clock, out, wanted)
     return out  # type: ignore[return-value]
@@ -171,7 +176,7 @@ class ServedFeatures:
     [{'count_amount_300s': 0}, {'count_amount_300s': 2}]
     """
 
-    def __init__(self, view: ViewSpec):
+    def __init__(self, view: ViewSpec, clock_ahead_s: float = 0.0):
         self.view = view
         self.agg = ViewAggregator(view)
         self.columns = view_columns(view)
@@ -179,7 +184,7 @@ class ServedFeatures:
         self.events: dict[tuple, list[tuple]] = {}
         self._seen: set[tuple[int, int]] = set()
         self.reach_s = view.max_window_s + view.lateness_s + view.tile_s
-        self.clock = StreamTime()
+        self.clock = StreamTime(clock_ahead_s)
         self.slides = sorted({a.slide_s for a in view.aggregations})
 
     def add(self, df: pd.DataFrame) -> int:

@@ -89,7 +89,7 @@ class ServedConsistency:
         self.settle_s = (settings.stream_commit_interval_ms / 1000.0 + self.grace_s + 1.0
                          if settle_s is None else settle_s)
         self.on_verdict = on_verdict
-        self.views = {name: ServedFeatures(view) for name, view in registry.views.items()}
+        self.views = {name: ServedFeatures(view, settings.stream_clock_ahead_s) for name, view in registry.views.items()}
         self.followers = {topic: RawLogFollower(raw_log_path(settings.data_path, topic))
                           for topic in registry.views_by_topic()}
         self.pending: deque[Prediction] = deque()

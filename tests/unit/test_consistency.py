@@ -40,10 +40,11 @@ def test_an_idle_entity_reads_empty_windows_at_the_stream_clock_of_the_request()
 
 
 def test_the_stream_clock_follows_simulated_event_time_not_the_wall_clock():
-    clock = StreamTime()
+    clock = StreamTime(ahead_s=86400)
     clock.add([5000.0, 5100.0], [10.0, 20.0])  # events 83 minutes ahead of the wall clock
     assert clock.at(25.0) == pytest.approx(5105.0)
     assert clock.at(15.0) == pytest.approx(5005.0)
+    assert StreamTime(ahead_s=0).at(25.0) == 25.0
 
 
 def test_an_event_still_on_its_way_to_redis_is_allowed_for_within_the_grace_only():
