@@ -108,8 +108,8 @@ def features_at_requests(events: pd.DataFrame, view: ViewSpec, keys: Sequence[tu
 
     Where `served[i]` is true, request i was answered by serving at wall-clock time
     `request_ts[i]`: it gets the features over the events accepted by then, as of the
-    stream's clock then (`StreamTime`, `evaluated_at`). Elsewhere `request_ts[i]` is an event time (a label without a served
-    request): the features over the events up to it, as of it. No request is dropped: an
+    stream's clock then (`StreamTime`, `evaluated_at`). Elsewhere `request_ts[i]` is an event
+    time (a label without a served request): the features over the events up to it, as of it. No request is dropped: an
     entity without events gets every window's empty value.
     """
     n = len(keys)
@@ -121,16 +121,15 @@ def features_at_requests(events: pd.DataFrame, view: ViewSpec, keys: Sequence[tu
         wanted = np.flatnonzero(served == mode)
         if not len(wanted):
             continue
-        if ordered is None:
-            ev, cut = [], np.zeros(0)
-        else:
+        ev, cut, clock = [], np.zeros(0), None
+        if ordered is not None:
+            # served: in the order the stream accepted them, up to the request's time; else by event time
             by = ordered if mode else ordered.sort_values(["_ts"], kind="stable")
-            ev, cut = list(zip(by["_ts"].to_numpy(), _rows(by, view_columns(view)))), by[
-                "_seen" if mode else "_ts"].to_numpy()
-        clock = None
-        if mode and ordered is not None:
-            clock = StreamTime(clock_ahead_s)
-            clock.add(ordered["_ts"].to_numpy(), ordered["_seen"].to_numpy())
+            ev = list(zip(by["_ts"].to_numpy(), _rows(by, view_columns(view))))
+            cut = by["_seen" if mode else "_ts"].to_numpy()
+            if mode:
+                clock = StreamTime(clock_ahead_s)
+                clock.add(ordered["_ts"].to_numpy(), ordered["_seen"].to_numpy())
         _sweep(view, ev, cut, [keys[i] for i in wanted], request_ts[wanted], clock, out, wanted)
     return out  # type: ignore[return-value]
 
