@@ -100,6 +100,16 @@ class Settings:
 
     log_level: str = "INFO"
 
+    # Training sets: features recomputed as serving answered each request ("recomputed": every
+    # label, reproducible from the raw log) or the values logged with it ("served").
+    training_features: str = "recomputed"
+    # Consistency check (`freshet consistency`): the share of served predictions it recomputes,
+    # the rate per feature below which it raises a data_quality alert, and how long an event
+    # may take from acceptance to Redis (the freshness bound it allows for).
+    consistency_sample: float = 0.1
+    consistency_min_rate: float = 0.99
+    consistency_grace_ms: int = 2000
+
     def __post_init__(self) -> None:
         _validate(self)
 
@@ -149,6 +159,7 @@ _CHOICES = {
     "kafka_security_protocol": {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"},
     "kafka_sasl_mechanism": {"", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"},
     "log_level": {"DEBUG", "INFO", "WARNING", "ERROR"},
+    "training_features": {"recomputed", "served"},
 }
 _POSITIVE = {"kafka_session_timeout_ms", "kafka_partitions", "max_body_bytes", "stream_commit_interval_ms",
              "stream_max_future_s", "stream_max_event_bytes"}
@@ -197,6 +208,11 @@ def _validate(s: Settings) -> None:
             f"{_env_name('kafka_sasl_mechanism')} is set but {_env_name('kafka_security_protocol')}="
             f"{s.kafka_security_protocol}; use SASL_PLAINTEXT or SASL_SSL"
         )
+    for name in ("consistency_sample", "consistency_min_rate"):
+        if not 0 <= getattr(s, name) <= 1:
+            raise SettingsError(f"{_env_name(name)}={getattr(s, name)} must be a fraction 0..1")
+    if s.consistency_grace_ms < 0:
+        raise SettingsError(f"{_env_name('consistency_grace_ms')} must be >= 0, got {s.consistency_grace_ms}")
     if not s.model_name:
         raise SettingsError(f"{_env_name('model_name')} must not be empty")
     for topic in ("deadletter", "predictions", "labels", "drift", "retrain", "models"):
@@ -211,6 +227,11 @@ def _coerce(name: str, raw: Any, source: str) -> Any:
             return int(raw)
         except (TypeError, ValueError):
             raise SettingsError(f"{source} must be an integer, got {raw!r}") from None
+    if kind == "float" or kind is float:
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{source} must be a number, got {raw!r}") from None
     return str(raw)
 
 

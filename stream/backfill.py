@@ -92,13 +92,18 @@ def latest_features(df: pd.DataFrame, view: ViewSpec) -> dict[tuple, tuple[float
 
 def training_set(settings: Settings, registry: FeatureRegistry, labels: pd.DataFrame,
                  feature_refs: list[str], timestamp_field: str = "event_ts",
-                 events: dict[str, pd.DataFrame] | None = None, progress: bool = True) -> pd.DataFrame:
-    """For every label row, each requested feature as of the label's time.
+                 events: dict[str, pd.DataFrame] | None = None, progress: bool = True,
+                 request_ts_field: str = "request_ts") -> pd.DataFrame:
+    """For every label row, each requested feature as serving answered (or would have) its request.
 
-    `feature_refs` are "view:feature". A label whose entity had no events in a window
-    gets that window's empty value (count 0, mean None): no row is dropped.
+    `feature_refs` are "view:feature". A label whose row has a `request_ts_field` (the
+    wall-clock time serving answered its request, epoch s) gets the features as served then:
+    the events the stream had accepted by that time, windows as of it
+    (`freshet.stream.pointintime`). Other labels get them as of their own `timestamp_field`
+    over the events up to it. An entity without events in a window gets that window's empty
+    value (count 0, mean None): no row is dropped.
     """
-    from tqdm import tqdm
+    from freshet.stream.pointintime import features_at_requests
 
     wanted: dict[str, list[str]] = {}
     for ref in feature_refs:
@@ -109,6 +114,11 @@ def training_set(settings: Settings, registry: FeatureRegistry, labels: pd.DataF
             raise KeyError(f"unknown feature {feature!r} in view {view_name!r}")
         wanted.setdefault(view_name, []).append(feature)
     label_ts = epoch_seconds(labels[timestamp_field])
+    served = np.zeros(len(labels), bool)
+    if request_ts_field in labels.columns:
+        request_ts = pd.to_numeric(labels[request_ts_field], errors="coerce").to_numpy(dtype=float)
+        served = np.isfinite(request_ts)
+        label_ts = np.where(served, request_ts, label_ts)
     out = labels.reset_index(drop=True).copy()
     for view_name, features in wanted.items():
         view = registry.views[view_name]
@@ -118,35 +128,12 @@ def training_set(settings: Settings, registry: FeatureRegistry, labels: pd.DataF
         df = (events or {}).get(view.topic)
         if df is None:
             df = load_events(settings, view.topic)
-        agg = ViewAggregator(view)
-        values: dict[str, list] = {f: [None] * len(out) for f in features}
-        ev_ts, ev = (_ordered(df, view) if not df.empty else (np.array([]), df))
-        columns = sorted({*view.join_keys, *(a.column for a in view.aggregations)})
-        ev_rows = list(_records(ev, columns)) if len(ev) else []
-        label_order = np.argsort(label_ts, kind="stable")
-        states: dict[tuple, dict] = {}
-        i = 0
-        bar = tqdm(total=len(out), desc=f"training set {view_name}", disable=not progress, file=sys.stderr)
-        for li in label_order:
-            t = label_ts[li]
-            # apply every event up to and including the label's time
-            while i < len(ev_rows) and ev_ts[i] <= t:
-                row = ev_rows[i]
-                key = tuple(row[k] for k in view.join_keys)
-                state = states.get(key)
-                if state is None:
-                    state = states[key] = agg.new_state()
-                agg.update(state, float(ev_ts[i]), row)
-                i += 1
-            key = tuple(out.at[li, k] for k in view.join_keys)
-            state = states.get(key) or agg.new_state()
-            result = agg.result(state, as_of=float(t))
-            for f in features:
-                values[f][li] = result[f]
-            bar.update(1)
-        bar.close()
+        keys = list(zip(*(out[k].tolist() for k in view.join_keys)))
+        if progress:
+            print(f"training set {view_name}: {len(out)} rows ({int(served.sum())} as served)", file=sys.stderr)
+        results = features_at_requests(df, view, keys, label_ts, served, settings.stream_clock_ahead_s)
         for f in features:
-            out[f"{view_name}__{f}"] = values[f]
+            out[f"{view_name}__{f}"] = [r[f] for r in results]
     return out
 
 

@@ -112,8 +112,11 @@ def _timestamps(seconds: list) -> pa.Array:
     return micros.cast(UTC_MICROS)
 
 
-def _raw_table(decoder: EventDecoder, accepted) -> pa.Table:
-    """The raw-log rows of accepted (partition, offset, event time, row) events."""
+def _raw_table(decoder: EventDecoder, accepted, ingested_at: float | None = None) -> pa.Table:
+    """The raw-log rows of accepted (partition, offset, event time, row) events.
+
+    `_ingested_at` (epoch s, the batch's wall clock) says when the stream accepted each event,
+    so an offline recomputation can take only what the stream had seen by a request's time."""
     columns: dict[str, list] = {name: [] for name in decoder.schema}
     parts, offsets = [], []
     for partition, offset, ts, row in accepted:
@@ -131,6 +134,8 @@ def _raw_table(decoder: EventDecoder, accepted) -> pa.Table:
                                              "float": pa.float64(), "bool": pa.bool_()}[kind])
     arrays["_partition"] = pa.array(parts, pa.int32())
     arrays["_offset"] = pa.array(offsets, pa.int64())
+    if ingested_at is not None:
+        arrays["_ingested_at"] = pa.array([ingested_at] * len(offsets), pa.float64())
     return pa.table(arrays)
 
 
@@ -871,7 +876,7 @@ class StreamEngine:
             by_offset = {(m.partition, m.offset): m for m in messages}
             self.counters.timed("decode", t0)
             t0 = time.perf_counter()
-            accepted = await self._append_raw(raw_root, decoder, accepted, by_offset)
+            accepted = await self._append_raw(raw_root, decoder, accepted, by_offset, now)
             self.counters.accepted += len(accepted)
             self.counters.timed("raw_log", t0)
             for view in views:
@@ -964,10 +969,10 @@ class StreamEngine:
 
         return apply
 
-    async def _append_raw(self, root, decoder: EventDecoder, accepted, messages) -> list:
+    async def _append_raw(self, root, decoder: EventDecoder, accepted, messages, now: float | None = None) -> list:
         """Queue the accepted events for the offline raw log; returns those that could be
         written (an event the table cannot hold is dead-lettered)."""
-        tables, failed = split_failures(accepted, lambda events: _raw_table(decoder, events))
+        tables, failed = split_failures(accepted, lambda events: _raw_table(decoder, events, now))
         if failed:
             for (partition, offset, _, _), exc in failed:
                 await self._dead_letter(messages[(partition, offset)], describe(exc, "raw log"))

@@ -144,6 +144,60 @@ def _add_retrain(sub) -> None:
                           "be above zero (default: %(default)s)")
 
 
+# --- consistency ---------------------------------------------------------------------
+
+def cmd_consistency(args, settings) -> int:
+    from freshet import features, kafka
+    from freshet.monitor.consistency import ConsistencyMetrics, ConsistencyRate
+    from freshet.training.consistency import ConsistencyService, ServedConsistency
+
+    settings = resolve_endpoints(settings, need_redis=False)
+    kafka.check_reachable(settings)
+    registry = features.load_registry(settings)
+    rate = ConsistencyRate(min_rate=settings.consistency_min_rate, window=args.window)
+    metrics = None
+    if args.metrics_port:
+        metrics = ConsistencyMetrics()
+        metrics.serve(args.metrics_port, settings.http_host)
+        log.info("consistency metrics on http://%s:%d/metrics", settings.http_host, args.metrics_port)
+    checker = ServedConsistency(settings, registry, rate, on_verdict=metrics.observe if metrics else None)
+    svc = ConsistencyService(settings, checker, metrics, start=args.start,
+                             summary_file=args.summary or settings.data_path / "consistency" / "summary.json")
+    signal.signal(signal.SIGTERM, lambda *_: svc.stop())
+    try:
+        svc.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if metrics:
+            metrics.close()
+    return 0
+
+
+def _add_consistency(sub) -> None:
+    from pathlib import Path
+
+    p = sub.add_parser(
+        "consistency", help="online/offline consistency: served features vs their recomputation from the raw log",
+        description="Samples served predictions from FRESHET_TOPIC_PREDICTIONS (FRESHET_CONSISTENCY_SAMPLE), "
+                    "recomputes their features from the offline raw log as serving answered them at their "
+                    "time (the training sets' definition), and publishes the share of equal values per "
+                    "feature: Prometheus gauge freshet_consistency_rate, and a data_quality alert on "
+                    "FRESHET_TOPIC_DRIFT when a feature's rate drops below FRESHET_CONSISTENCY_MIN_RATE. "
+                    "Events accepted within FRESHET_CONSISTENCY_GRACE_MS before a request may not have "
+                    "reached Redis yet and are allowed for.")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve Prometheus metrics on this port at FRESHET_HTTP_HOST (default: off)")
+    p.add_argument("--start", choices=["earliest", "latest"], default="latest",
+                   help="where to start reading predictions (default: %(default)s)")
+    p.add_argument("--window", type=int, default=1000,
+                   help="comparisons per feature the alerting rate covers (default: %(default)s)")
+    p.add_argument("--summary", type=Path,
+                   help="JSON summary written every 10 s (default: <data dir>/consistency/summary.json)")
+
+
 def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
     _add_retrain(sub)
     handlers["retrain"] = cmd_retrain
+    _add_consistency(sub)
+    handlers["consistency"] = cmd_consistency

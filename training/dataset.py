@@ -260,17 +260,37 @@ def _fill_keys_from_labels(entities: np.ndarray, keys: dict[str, np.ndarray]) ->
 
 
 def point_in_time_features(settings: Settings, plan: FeaturePlan, examples: pd.DataFrame, events: pd.DataFrame,
-                           refs: Sequence[str], progress: bool = False) -> pd.DataFrame:
-    """The examples with each feature of `refs` as of their event time, oldest first (`_t`: that time, epoch s)."""
-    from freshet.stream.backfill import training_set
+                           refs: Sequence[str], progress: bool = False, source: str = "recomputed") -> pd.DataFrame:
+    """The examples with each feature of `refs`, oldest first (`_t`: the event time, epoch s).
 
-    if len(events):
+    An example with a `request_ts` (serving answered its request then; see
+    `freshet.training.served.attach_requests`) gets its features as served at that time,
+    recomputed from the raw log with the stream's code (`freshet.stream.pointintime`); one
+    without gets them as of its event time. With `source` "served", only examples with a
+    logged request are kept and each feature is the value logged with it (recomputed where
+    the served model did not read that feature).
+    """
+    from freshet.stream.backfill import training_set
+    from freshet.training.served import SERVED, use_served
+
+    requested = examples["request_ts"].to_numpy(dtype=float) if "request_ts" in examples.columns else np.zeros(0)
+    if source == SERVED:
+        examples = examples[np.isfinite(requested)].reset_index(drop=True) if len(requested) else examples.iloc[:0]
+        requested = examples["request_ts"].to_numpy(dtype=float) if len(examples) else np.zeros(0)
+    asked = requested[np.isfinite(requested)] if len(requested) else requested
+    if len(events) and len(examples):
         # events outside every example's windows change no feature; skipping them saves the replay
         ev_ts = epoch_seconds(events[plan.timestamp_field])
-        events = events[(ev_ts >= examples["event_ts"].min() - plan.horizon_s) & (ev_ts <= examples["event_ts"].max())]
+        first = min(examples["event_ts"].min(), asked.min() if len(asked) else math.inf)
+        keep = ev_ts >= first - plan.horizon_s - max(v.lateness_s for v in plan.views)
+        if not len(asked):  # by event time only: nothing after the newest example counts
+            keep &= ev_ts <= examples["event_ts"].max()
+        events = events[keep]
     frame = examples.assign(event_ts=pd.to_datetime(examples["event_ts"], unit="s", utc=True))
     data = training_set(settings, plan.registry, frame, list(refs), timestamp_field="event_ts",
                         events={plan.topic: events}, progress=progress)
+    if source == SERVED:
+        use_served(data, refs)
     data["_t"] = examples["event_ts"].to_numpy()
     return data.sort_values(["_t", "request_id"], kind="stable").reset_index(drop=True)
 

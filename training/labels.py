@@ -79,6 +79,8 @@ class LabelLog:
     """The labels topic as Parquet part files: `sync` appends what is new, `read` gives each label once."""
 
     CHECKPOINT = "_offsets.json"
+    PREFIX = "labels"  # part file names
+    GROUP = "freshet-label-log"
 
     def __init__(self, settings: Settings, topic: str | None = None):
         self.settings = settings
@@ -105,13 +107,13 @@ class LabelLog:
         from freshet.stream.offline import append_parts
 
         kafka.ensure_topics(self.settings, [self.topic])
-        consumer = kafka.consumer(self.settings, "freshet-label-log", **{"enable.partition.eof": True})
+        consumer = kafka.consumer(self.settings, self.GROUP, **{"enable.partition.eof": True})
         try:
             offsets = self.offsets()
             pending = self._assign(consumer, offsets)
             rows = self._copy(consumer, offsets, pending, timeout)
             if rows:
-                append_parts(self.root, _table(rows), "ts", prefix="labels")
+                append_parts(self.root, self._table(rows), "ts", prefix=self.PREFIX)
             self._save_offsets(offsets)  # after the parts: a crash in between only duplicates
             return len(rows)
         finally:
@@ -173,7 +175,7 @@ class LabelLog:
         p, off = msg.partition(), msg.offset()
         offsets[p] = off + 1
         try:
-            row = label_row(msg.value())
+            row = self._decode(msg.value())
         except (ContractError, TypeError, ValueError) as exc:
             self.rejected += 1
             if self.rejected <= 10 or self.rejected % 1000 == 0:
@@ -182,6 +184,10 @@ class LabelLog:
             return None
         row["_partition"], row["_offset"] = p, off
         return row
+
+    # what a subclass copying another topic changes: the row of a message, the table of rows
+    _decode = staticmethod(label_row)
+    _table = staticmethod(_table)
 
     def read(self) -> pd.DataFrame:
         """Every label once (a later label for the same request id replaces an earlier one)."""

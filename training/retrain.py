@@ -33,6 +33,7 @@ from freshet.training.labels import LabelLog
 from freshet.training.ledger import TrainingLedger, unhandled
 from freshet.training.outcomes import OutcomeLog
 from freshet.training.pipeline import fit_pipeline
+from freshet.training.served import attach_served_requests
 
 log = logging.getLogger("freshet.retrain")
 
@@ -275,7 +276,7 @@ class Retrainer:
         examples, joined = join_labels_to_events(labels, events, plan.join_keys, cfg.request_fields,
                                                  cfg.request_id_field, plan.timestamp_field)
         in_window, w_start, w_end = cfg.window.select(examples["event_ts"].to_numpy())
-        examples = examples[in_window].reset_index(drop=True)
+        examples = attach_served_requests(self.settings, examples[in_window].reset_index(drop=True), job.outcome)
         job.outcome["window"] = {"spec": cfg.window.describe(), "start": iso_or_blank(w_start),
                                  "end": iso_or_blank(w_end)}
         job.outcome["examples"] = {"labels": len(labels), **joined, "in_window": len(examples)}
@@ -295,7 +296,8 @@ class Retrainer:
         """2. Point-in-time features of every example, split in event time."""
         cfg = self.config
         refs = plan.refs + champion.extra_inputs(plan)
-        data = point_in_time_features(self.settings, plan, examples, events, refs, self.progress)
+        data = point_in_time_features(self.settings, plan, examples, events, refs, self.progress,
+                                      self.settings.training_features)
         job.lap("training_set")
         self._step(2, "training set: %d examples x %d features (%s; %d labels without their event), "
                       "events from %s", len(data), len(plan.refs) + len(cfg.request_fields), cfg.window.describe(),

@@ -74,6 +74,8 @@ UP_COMPONENTS = {
     "monitor": ["monitor"],
     # a fresh system has no model: train one as soon as labelled data exists
     "retrain": ["retrain", "--bootstrap-every", "30"],
+    # served features vs their recomputation from the raw log (FRESHET_CONSISTENCY_*)
+    "consistency": ["consistency"],
 }
 
 

@@ -387,6 +387,29 @@ def plot_timeline(data: dict):
     return fig, n + len(data["alerts"])
 
 
+def plot_consistency(data: dict):
+    """Online/offline consistency per 10 s of traffic: the share of sampled served values equal to
+    their recomputation from the raw log, and how many were compared."""
+    import matplotlib.pyplot as plt
+
+    c = data["meta"].get("consistency") or {}
+    tl = c.get("timeline") or {"t": [], "rate": [], "compared": []}
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 4.6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    if not tl["t"]:
+        _empty(a1, "no consistency measurement in this run")
+        return fig, 0
+    a1.plot(tl["t"], tl["rate"], marker=".", color="tab:green")
+    a1.set_ylim(min(0.9, min(r for r in tl["rate"] if r is not None) - 0.01), 1.005)
+    a1.set_ylabel("consistent share")
+    a1.set_title(f"served = recomputed: {c['rate']:.4f} over {c['compared']:,} values")
+    a2.bar(tl["t"], tl["compared"], width=8, color="tab:gray")
+    a2.set_ylabel("values compared")
+    a2.set_xlabel("seconds of traffic")
+    _events_lines(a1, data, label=False)
+    fig.tight_layout()
+    return fig, len(tl["t"])
+
+
 PLOTS = (
     ("throughput_freshness", plot_throughput,
      "Events produced vs processed, and freshness per event. Freshness is measured from the moment the "
@@ -405,4 +428,8 @@ PLOTS = (
      "retrained version is promoted."),
     ("promotions", plot_timeline,
      "Which version served when, drift alerts and retraining requests."),
+    ("consistency", plot_consistency,
+     "Online/offline consistency: for a sample of the predictions served, each feature value compared with "
+     "the value recomputed from the offline raw log as serving answered it at the request's time (the "
+     "training sets' definition); per 10 s of traffic."),
 )

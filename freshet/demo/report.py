@@ -75,6 +75,7 @@ def _html(s: dict, figures: list[tuple[str, str, bytes]]) -> str:
         ("promotions", ", ".join(f"v{p['version']} at {p['t']:.0f} s" for p in s["promotions"]) or "none"),
         ("error rate", f"before drift {pct('before_drift')} · after drift {pct('after_drift')} · "
                        f"after promotion {pct('after_promotion')}"),
+        ("online/offline consistency", _consistency(s.get("consistency"))),
     ]
     comps = "".join(f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in s["components"].items())
     problems = "".join(f"<li><pre>{e(p)}</pre></li>" for p in s["problems"])
@@ -103,6 +104,13 @@ events/s, simulated time ×{plan.get('time_scale', '?')}, seed {plan.get('seed',
 {figs}
 </body></html>
 """
+
+
+def _consistency(c: dict | None) -> str:
+    if not c or c.get("rate") is None:
+        return "not measured"
+    return (f"{c['rate']:.4f} of {c['compared']:,} served feature values equal their recomputation from the raw "
+            f"log <small>({c['judged']:,} predictions, a {c['sample']:.0%} sample)</small>")
 
 
 def main(argv: list[str] | None = None) -> int:

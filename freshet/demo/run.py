@@ -73,6 +73,7 @@ class Demo:
                     self._setup()
                     self._traffic()
                     self._drain()
+                    self._judge_consistency()
                 except KeyboardInterrupt:
                     self.interrupted = True
                     self.say(f"\n[{self.record.clock()}] interrupted: stopping the components and writing "
@@ -267,6 +268,21 @@ class Demo:
             self.progress.tick()
         time.sleep(2.0)  # last labels, alerts and model events
         self._sample()
+
+    def _judge_consistency(self) -> None:
+        """Served features vs their recomputation from the raw log, for a sample of the run's predictions."""
+        from freshet import features
+        from freshet.demo.consistency import judge_run
+
+        try:
+            result = judge_run(self.settings, features.load_registry(self.settings), self.record.t0 or time.time())
+        except Exception as exc:  # noqa: BLE001 - the rest of the report stands without it
+            self.record.problem(f"consistency check failed: {exc!r}")
+            return
+        self.record.meta["consistency"] = result
+        rate = "-" if result["rate"] is None else f"{result['rate']:.4f}"
+        self.say(f"[{self.record.clock()}] consistency {rate} over {result['compared']:,} feature values of "
+                 f"{result['judged']:,} sampled predictions ({result['seconds']:.0f} s)")
 
     def _shutdown(self) -> None:
         """Stop what the set-up started: the producer first (it publishes its last labels), then

@@ -142,6 +142,7 @@ def summarize(data: dict) -> dict[str, Any]:
                     "cpu_other_cores": round(float(np.mean(cpu_other)), 2) if cpu_other else None,
                     "cpu_cores_by_process": _cpu_by(samples)},
         "problems": data.get("problems", []),
+        "consistency": meta.get("consistency"),
     }
     summary["warnings"] = _warnings(summary, data)
     return summary
@@ -211,6 +212,10 @@ def headline(s: dict) -> str:
         f"error rate   before drift {rate('before_drift')}  after drift {rate('after_drift')}  "
         f"after promotion {rate('after_promotion')}",
     ]
+    c = s.get("consistency")
+    if c and c.get("rate") is not None:
+        lines.append(f"consistency  {c['rate']:.4f} of {c['compared']:,} served feature values equal their "
+                     f"recomputation from the raw log ({c['judged']:,} predictions, a {c['sample']:.0%} sample)")
     m = s.get("machine") or {}
     if m.get("cpu_demo_cores") is not None:
         lines.append(f"machine      {m['cpus']} CPUs: the demo's processes used {m['cpu_demo_cores']:.2f} cores on "

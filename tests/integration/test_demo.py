@@ -97,11 +97,19 @@ def test_demo_processes_the_workload_and_prints_the_headline(short_demo):
 def test_report_has_every_plot_with_data(short_demo):
     s, run_dir = short_demo["summary"], short_demo["run_dir"]
     page = (run_dir / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 6
-    for name in ("throughput_freshness", "latency", "feature_drift", "detector", "error_rate", "promotions"):
+    assert page.count("data:image/png;base64,") == 7
+    for name in ("throughput_freshness", "latency", "feature_drift", "detector", "error_rate", "promotions",
+                 "consistency"):
         plot = s["plots"][name]
         assert plot["points"] > 0, (name, plot)
         assert (run_dir / plot["file"]).stat().st_size > 10_000, name
+
+
+def test_the_report_says_how_many_served_features_equal_their_recomputation_from_the_raw_log(short_demo):
+    c = short_demo["summary"]["consistency"]
+    # a difference past the freshness grace counts: on a machine this loaded a few may lag that long
+    assert c["compared"] > 5_000 and c["rate"] >= 0.99, {k: c[k] for k in ("rate", "compared", "worst", "mismatches")}
+    assert "consistency  " in short_demo["proc"].stdout
 
 
 def test_every_event_is_measured_for_freshness_or_counted_as_not_visible(short_demo):
