@@ -135,7 +135,8 @@ class ModelMonitor:
                 q = max(len(r.quantiles) for _, r in use)
                 sample = np.column_stack([_resampled(r.sample(), q) for _, r in use])
                 watch.use_reference([j for j, _ in use], sample, [r.low for _, r in use], [r.high for _, r in use],
-                                    [r.missing_rate for _, r in use], min(r.n for _, r in use))
+                                    [r.missing_rate for _, r in use], min(r.n for _, r in use),
+                                    tolerance=self.config.reference_tolerance)
             behind = (ref.examples_end - ref.history_start
                       if ref.examples_end is not None and ref.history_start is not None else 0.0)
             for j, r in hold:
@@ -591,6 +592,7 @@ class DriftMonitor:
                 "warming_up": m.warming_up(), "warming_until": m.warming_until(),
                 "reference": m.reference_source,
                 "invalid_values": dict(m.invalid), **dict(m.counts),
+                "within_tolerance": m.numeric.tolerated if m.numeric is not None else 0,
             }
         return {"rejected": dict(self.rejected), "unmonitored": dict(self.unmonitored),
                 "labels": self.join.counters(), "models": models}

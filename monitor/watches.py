@@ -76,12 +76,20 @@ class NumericWatch:
         # windowed columns whose window is not full yet: neither judged nor sampled until then
         # (prediction time, epoch seconds; -inf = not held)
         self.held_until = np.full(F, -np.inf)
+        # smallest level (reference sd) an alert needs: > 0 for columns judged against a training reference
+        self.tolerance = np.zeros(F)
+        self.tolerated = 0   # detections whose level stayed within the tolerance
+        # detections within the tolerance so far: they alert once the level (the detector's window
+        # after the change, purged of what came before it) confirms them
+        self.pending = np.zeros(F, dtype=bool)
 
     def reset_columns(self, columns: Sequence[int]) -> None:
         """Forget these columns' reference; they warm up again from the next block."""
         columns = list(columns)
         self._forget(columns)
         self.held_until[columns] = -np.inf
+        self.tolerance[columns] = 0.0
+        self.pending[columns] = False
         self._warming = np.union1d(self._warming, columns).astype(int)
         self._warm, self._warm_n = [], 0
 
@@ -104,7 +112,7 @@ class NumericWatch:
         self._warm, self._warm_n = [], 0
 
     def use_reference(self, columns: Sequence[int], sample: np.ndarray, low: Sequence[float | None],
-                      high: Sequence[float | None], missing: Sequence[float], n: int) -> None:
+                      high: Sequence[float | None], missing: Sequence[float], n: int, tolerance: float = 0.0) -> None:
         """Judge these columns against a training reference from now on: `sample` holds its
         quantiles (one column each, an equally weighted sample), `low`/`high` its bounds and
         `missing` its missing rates over `n` rows. The detectors start as if they had seen
@@ -115,6 +123,8 @@ class NumericWatch:
         if not cols:
             return
         self.held_until[cols] = -np.inf
+        self.tolerance[cols] = tolerance
+        self.pending[cols] = False
         self._warming = np.setdiff1d(self._warming, cols).astype(int)
         self._warm, self._warm_n = [], 0
         self.scores.fit(sample, columns=cols, width=F)
@@ -222,12 +232,25 @@ class NumericWatch:
         if quiet:
             return []
         signals: list[CandidateAlert] = []
-        if fired:
+        fired_now = {j for j, _ in fired}
+        confirmed = [(j, k - 1) for j in np.flatnonzero(self.pending & has.any(0)).tolist()
+                     if j not in fired_now and self._beyond_tolerance(j) is not None]
+        if fired or confirmed:
             shift = self.recent_shift()
-            for j, row in fired:
-                signals.append(CandidateAlert(self.kinds[j], self.names[j], self.detector_names[j],
-                                              finite_or_zero(shift[j]), self.delta, int(self.since[j] * b)))
+            for j, row in fired + confirmed:
+                window = int(self.since[j] * b)
                 self.since[j] = k - 1 - row
+                statistic = shift[j]
+                if self.tolerance[j] > 0:
+                    level = self._beyond_tolerance(j)
+                    if level is None:
+                        self.tolerated += not self.pending[j]
+                        self.pending[j] = True
+                        continue
+                    statistic = level
+                    self.pending[j] = False
+                signals.append(CandidateAlert(self.kinds[j], self.names[j], self.detector_names[j],
+                                              finite_or_zero(statistic), self.delta, window))
         # quality rules judge whole windows: keep the blocks until one is complete
         self._q_missing += miss.sum(0)
         self._q_blocks.append(X)
@@ -235,6 +258,14 @@ class NumericWatch:
         if self._q_n >= self.config.quality_window:
             signals += self._judge_quality(live)
         return signals
+
+    def _beyond_tolerance(self, j: int) -> float | None:
+        """Column j's level (per prediction, reference sd) when it is beyond its tolerance, else None."""
+        level = self.detectors[j].level() if self.detectors[j] is not None else None
+        if level is None:
+            return 0.0 if self.tolerance[j] <= 0 else None
+        level /= math.sqrt(self.config.block_size)
+        return level if abs(level) >= self.tolerance[j] else None
 
     def _judge_quality(self, live: np.ndarray) -> list[CandidateAlert]:
         Xq = np.vstack(self._q_blocks)
@@ -284,12 +315,15 @@ class NumericWatch:
             "hi": [x if math.isfinite(x) else None for x in self.hi.tolist()],
             "rules": self.rules.state_dict(), "detectors": self.summaries(),
             "held_until": [x if math.isfinite(x) else None for x in self.held_until.tolist()],
+            "tolerance": self.tolerance.tolist(), "pending": self.pending.tolist(),
         }
 
     def load_state(self, state: Mapping[str, Any]) -> bool:
         """Restore; False (and a fresh warm-up) when the state is for other columns."""
         if list(state.get("names", [])) != list(self.names):
             return False
+        self.tolerance = np.asarray(state.get("tolerance") or [0.0] * len(self.names), dtype=float)
+        self.pending = np.asarray(state.get("pending") or [False] * len(self.names), dtype=bool)
         held = state.get("held_until") or [None] * len(self.names)
         self.held_until = np.array([-np.inf if x is None else x for x in held], dtype=float)
         if not any(state.get("ready", [])):
