@@ -39,7 +39,9 @@ class NumericReference:
     full: bool = True               # whether every training row had a full window behind it
 
     @classmethod
-    def of(cls, values: np.ndarray, window_s: float | None = None, full: bool = True) -> "NumericReference":
+    def of(cls, values: np.ndarray, window_s: float | None = None, full: bool = True,
+           bounds_from: np.ndarray | None = None) -> "NumericReference":
+        """From a column of values; `bounds_from` (a larger sample, say) widens the bounds."""
         v = np.asarray(values, dtype=float)
         ok = v[np.isfinite(v)]
         n = len(v)
@@ -47,8 +49,13 @@ class NumericReference:
             return cls([], None, None, 1.0 if n else 0.0, n, window_s, full)
         levels = (np.arange(LEVELS) + 0.5) / LEVELS
         q = np.quantile(ok, levels, method="inverted_cdf")
-        return cls([_round(x) for x in q], _round(ok.min()), _round(ok.max()), round(1 - len(ok) / n, 6), n,
-                   window_s, full)
+        lo, hi = ok.min(), ok.max()
+        if bounds_from is not None:
+            more = np.asarray(bounds_from, dtype=float)
+            more = more[np.isfinite(more)]
+            if len(more):
+                lo, hi = min(lo, more.min()), max(hi, more.max())
+        return cls([_round(x) for x in q], _round(lo), _round(hi), round(1 - len(ok) / n, 6), n, window_s, full)
 
     def sample(self) -> np.ndarray:
         """The quantiles as an equally weighted sample of the distribution (NaN when none)."""
@@ -128,9 +135,10 @@ class TrainingReference:
     @classmethod
     def build(cls, X: np.ndarray, names: Sequence[str], scores: np.ndarray | None = None, *,
               windows: Mapping[str, float] | None = None, history_start: float | None = None,
-              row_times: np.ndarray | None = None,
+              row_times: np.ndarray | None = None, bounds_from: np.ndarray | None = None,
               categorical: Mapping[str, Sequence[Any]] | None = None) -> "TrainingReference":
-        """The reference of rows X (columns = `names`) and their scores."""
+        """The reference of rows X (columns = `names`) and their scores; the bounds cover
+        `bounds_from` too (every training row, when X is only the newest of them)."""
         X = np.asarray(X, dtype=float)
         windows = dict(windows or {})
         start = end = None
@@ -141,7 +149,8 @@ class TrainingReference:
         for j, name in enumerate(names):
             w = windows.get(name)
             full = w is None or (behind is not None and behind >= w)
-            numeric[name] = NumericReference.of(X[:, j], float(w) if w is not None else None, full)
+            numeric[name] = NumericReference.of(X[:, j], float(w) if w is not None else None, full,
+                                                None if bounds_from is None else np.asarray(bounds_from)[:, j])
         score = NumericReference.of(np.asarray(scores, dtype=float)) if scores is not None else None
         cats = {k: CategoricalReference.of(list(v)) for k, v in (categorical or {}).items()}
         return cls(numeric, score, cats, len(X), history_start, start, end)

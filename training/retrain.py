@@ -379,7 +379,8 @@ class Retrainer:
         windows = {f"{v.name}:{a.name}": a.window_s for v in plan.views for a in v.aggregations}
         reference = TrainingReference.build(X, training.inputs, scores, windows=windows,
                                             history_start=job.outcome.get("history_start"),
-                                            row_times=training.data["_t"].to_numpy(dtype=float)[rows])
+                                            row_times=training.data["_t"].to_numpy(dtype=float)[rows],
+                                            bounds_from=training.X)
         job.outcome["reference"] = {"rows": reference.rows, "warming": sorted(reference.warming())}
         return reference.to_dict()
 

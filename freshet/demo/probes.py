@@ -150,17 +150,17 @@ class KafkaTap(threading.Thread):
         rec, now = self.record, time.time()
         if topic == self.settings.topic_drift:
             a = DriftAlert.decode(raw)
-            rec.alerts.append({"t": rec.rel(now), "t_alert": rec.rel(float(a.ts)), "alert_id": a.alert_id,
+            rec.alerts.append({"t": rec.rel(now), "at": now, "t_alert": rec.rel(float(a.ts)), "alert_id": a.alert_id,
                                "model": a.model, "model_version": str(a.model_version), "kind": a.kind,
                                "subject": a.subject, "detector": a.detector, "statistic": a.statistic,
                                "threshold": a.threshold})
         elif topic == self.settings.topic_retrain:
             r = RetrainRequest.decode(raw)
-            rec.retrains.append({"t": rec.rel(now), "request_id": r.request_id, "model": r.model,
+            rec.retrains.append({"t": rec.rel(now), "at": now, "request_id": r.request_id, "model": r.model,
                                  "reason": list(r.reason)})
         elif topic == self.settings.topic_models:
             e = ModelEvent.decode(raw)
-            rec.model_events.append({"t": rec.rel(now), "model": e.model, "version": str(e.version),
+            rec.model_events.append({"t": rec.rel(now), "at": now, "model": e.model, "version": str(e.version),
                                      "stage": e.stage, "metrics": e.metrics})
 
 

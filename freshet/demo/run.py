@@ -192,8 +192,10 @@ class Demo:
         # RETRAIN_WINDOW_S of them, so that the new regime is a good share of what it learns from
         # and all of what it is judged on (the newest fifth is the holdout).
         labels_per_s = self.plan.rate
+        # Promotion compares log loss: a covariate drift that doubles amounts leaves the ranking of
+        # transactions (AUC, near 1 here) alone while the served labels go wrong; log loss sees it.
         self.supervisor.start(["retrain", "--wait-labels", str(max(200, int(labels_per_s * RETRAIN_WAIT_S))),
-                               "--wait-max", f"{RETRAIN_WAIT_S + 10:g}",
+                               "--wait-max", f"{RETRAIN_WAIT_S + 10:g}", "--metric", "log_loss",
                                "--window-labels", str(max(2000, int(labels_per_s * RETRAIN_WINDOW_S)))], "retrain")
 
     def _start_monitor(self, registry: FeatureRegistry) -> str:
@@ -250,9 +252,10 @@ class Demo:
         finally:
             offsets.close()
         wall = time.monotonic() - started
-        self.say(f"[setup] history of {n:,} events published and processed in {wall:.1f}s")
+        dead = OffsetReader(self.settings, topic).read()[2]
+        self.say(f"[setup] history of {n:,} events published and processed in {wall:.1f}s ({dead:,} dead-lettered)")
         rec.meta["history"] = {"sim_s": history_s, "events": n, "wall_s": round(wall, 1), "start_ts": self.start_ts,
-                               "longest_window_s": longest}
+                               "longest_window_s": longest, "deadlettered": dead}
         return n
 
     def _train_first_model(self) -> None:
@@ -292,8 +295,9 @@ class Demo:
         path.write_bytes(orjson.dumps(config, option=orjson.OPT_INDENT_2))
         self.record.meta["monitor_config"] = config
         watched = len(config["models"][0]["numeric_features"])
-        self.say(f"[setup] monitor watches {watched} inputs, each version against its training reference; "
-                 "see monitor.json")
+        self.say(f"[setup] monitor watches {watched} inputs (the card view's features and the amount; the "
+                 f"{skipped} repartitioned merchant features are left out, see monitor.json), each model version "
+                 "against the training reference logged with it")
         return path
 
     def _start_traffic(self, registry: FeatureRegistry, topic: str, metrics_url: str, skip: int) -> None:
@@ -425,7 +429,7 @@ class Demo:
 
 
 RETRAIN_WAIT_S = 30.0     # seconds of post-alert labels a retraining waits for (at the demo's rate)
-RETRAIN_WINDOW_S = 40.0   # seconds of the newest labels a retraining learns from
+RETRAIN_WINDOW_S = 40.0   # seconds of the newest labels a retraining learns from (the newest fifth: its holdout)
 HISTORY_TIMEOUT_S = 600.0
 
 
