@@ -76,7 +76,7 @@ def short_demo(tmp_path_factory):
     stale = _stale_run(data)
     started = time.monotonic()
     proc = subprocess.run([*CLI, "demo", *SHORT, "--data-dir", str(data)], env=_env(), capture_output=True,
-                          text=True, timeout=420)
+                          text=True, timeout=900)
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     run_dir = _run_dir(proc.stdout)
