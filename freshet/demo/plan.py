@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 # Defaults a bare `freshet demo` runs with: 3.5 minutes of traffic after about a minute of
 # set-up and history, so the whole run (report included) stays within about 6 minutes on 2 cores.
-DEFAULT_MINUTES = 4.5
+DEFAULT_MINUTES = 5.0
 DEFAULT_RATE = 50.0           # events per wall second, all of them scored over the API
 DEFAULT_TIME_SCALE = 50.0     # simulated seconds per wall second: a 30 s label delay is 0.6 s, and the
                               # 4 minutes of traffic are 3.3 simulated hours. Serving reads an entity's
@@ -24,7 +24,7 @@ DEFAULT_TIME_SCALE = 50.0     # simulated seconds per wall second: a 30 s label 
                               # transaction waits to be scored (a second, say) is in its features and
                               # not in the training set's: the faster simulated time runs, the more
 DEFAULT_CARDS = 500           # simulated rate / cards = 0.002/s keeps velocity a fraud signal
-DEFAULT_DRIFT = ("covariate@1", "concept@2.5")
+DEFAULT_DRIFT = ("covariate@1", "concept@2.75")
 HISTORY_BEYOND_WINDOW_S = 2 * 3600  # history beyond the longest window: the first model's training rows
 BOOTSTRAP_HOURS = 2.0         # the first model trains on the newest this many hours of the history
 HISTORY_SPEEDUP = 100         # history is published this many times faster than live traffic

@@ -428,8 +428,12 @@ class Demo:
         return True
 
 
-RETRAIN_WAIT_S = 30.0     # seconds of post-alert labels a retraining waits for (at the demo's rate)
-RETRAIN_WINDOW_S = 40.0   # seconds of the newest labels a retraining learns from (the newest fifth: its holdout)
+# A retraining after an alert learns from the labels that arrived after it only: RETRAIN_WAIT_S of
+# them (at the demo's rate), the newest fifth its holdout. Measured: with 40 s of labels of which
+# 30 s after the alert, the concept drift's candidate learnt card testing too little (AUC 0.60) and
+# served more errors than the champion it replaced.
+RETRAIN_WAIT_S = 40.0
+RETRAIN_WINDOW_S = RETRAIN_WAIT_S
 HISTORY_TIMEOUT_S = 600.0
 
 

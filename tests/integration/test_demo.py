@@ -1,8 +1,8 @@
 """`freshet demo` end to end: a shortened run on its own embedded stack, judged by its summary.
 
 One short run feeds most tests: four simulated hours of history (the first model trains on
-it; the day windows are not full, so the monitor holds them), then 2.5 minutes of traffic at
-50 events/s with concept drift after one minute. It starts from a data dir holding a stale
+it; the day windows are not full, so the monitor holds them), then 3 minutes of traffic at
+50 events/s with concept drift after 45 s. It starts from a data dir holding a stale
 run (a stack.json of dead processes and a corrupt Feast registry). A second run is
 interrupted with SIGINT once traffic flows.
 """
@@ -26,8 +26,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # what a user runs: the installed console script
 _SCRIPT = Path(sys.executable).with_name("freshet")
 CLI = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "freshet.cli"]
-SHORT = ["--minutes", "2.5", "--history-hours", "4", "--drift", "concept@1"]
-DRIFT_T = 60.0  # concept@1: one minute of traffic
+SHORT = ["--minutes", "3", "--history-hours", "4", "--drift", "concept@0.75"]
+DRIFT_T = 45.0  # concept@0.75: 45 s of traffic
 
 
 def _env() -> dict[str, str]:
