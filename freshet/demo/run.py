@@ -217,7 +217,7 @@ class Demo:
     def _publish_history(self, registry: FeatureRegistry, topic: str) -> int:
         """Past traffic covering the longest window (and the first model's training rows), published
         fast and processed by the stream before live traffic starts; returns how many events."""
-        from freshet.demo.plan import HISTORY_SPEEDUP
+        from freshet.demo.plan import BOOTSTRAP_HOURS, HISTORY_SPEEDUP
         from freshet.demo.probes import OffsetReader
 
         plan, rec = self.plan, self.record
@@ -227,9 +227,12 @@ class Demo:
         # the live traffic continues the history's clock and ends in the past: no event is ahead of the wall clock
         self.start_ts = time.time() - history_s - plan.traffic_s * plan.time_scale
         started = time.monotonic()
+        full = history_s - BOOTSTRAP_HOURS * 3600 >= longest
         self.say(f"[setup] history: {history_s / 3600:g} simulated hours before live traffic ({n:,} events, "
-                 f"x{plan.time_scale * HISTORY_SPEEDUP:g}): the longest window ({longest / 3600:g} h) is full "
-                 f"behind every row the first model trains on")
+                 f"x{plan.time_scale * HISTORY_SPEEDUP:g}): " +
+                 (f"the longest window ({longest / 3600:g} h) is full behind every row the first model trains on"
+                  if full else f"shorter than the longest window ({longest / 3600:g} h): the monitor holds the "
+                               "features whose window is not full"))
         producer = self.supervisor.run_history(plan.history_args(topic, self.start_ts, n))
         offsets = OffsetReader(self.settings, topic)
         try:
