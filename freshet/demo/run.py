@@ -235,6 +235,7 @@ class Demo:
                                "features whose window is not full"))
         producer = self.supervisor.run_history(plan.history_args(topic, self.start_ts, n))
         offsets = OffsetReader(self.settings, topic)
+        dead = 0
         try:
             next_say = time.monotonic() + 5.0
             while True:
@@ -244,6 +245,7 @@ class Demo:
                     raise DemoError(f"publishing the history failed (exit {producer.proc.returncode}); last lines of "
                                     f"{producer.log_path}:\n{producer.tail()}")
                 if not producer.running and processed >= n:
+                    dead = offsets.read()[2]
                     break
                 if time.monotonic() - started > HISTORY_TIMEOUT_S:
                     raise DemoError(f"the stream processed {processed:,} of {n:,} history events in "
@@ -255,7 +257,6 @@ class Demo:
         finally:
             offsets.close()
         wall = time.monotonic() - started
-        dead = OffsetReader(self.settings, topic).read()[2]
         self.say(f"[setup] history of {n:,} events published and processed in {wall:.1f}s ({dead:,} dead-lettered)")
         rec.meta["history"] = {"sim_s": history_s, "events": n, "wall_s": round(wall, 1), "start_ts": self.start_ts,
                                "longest_window_s": longest, "deadlettered": dead}
