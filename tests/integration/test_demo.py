@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# a demo with history and a first model trained on it takes 4-6 minutes on 2 cores, longer when the
+# machine is shared: more than the suite's 300 s per test
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 # what a user runs: the installed console script
 _SCRIPT = Path(sys.executable).with_name("freshet")
@@ -208,7 +210,7 @@ def test_ctrl_c_stops_every_process_and_still_writes_the_report(tmp_path):
     proc = subprocess.Popen([*CLI, "demo", "--minutes", "3", "--history-hours", "0.5", "--data-dir", str(tmp_path)],
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     try:
         for line in proc.stdout:  # wait until traffic has flowed for a few seconds
             lines.append(line)
