@@ -206,11 +206,11 @@ class Demo:
         port = free_port()
         monitor = self.supervisor.start(["monitor", "--config", str(self._write_monitor_config(registry)),
                                          "--metrics-port", str(port), "--start", "latest"], "monitor")
-        deadline = time.monotonic() + 90.0
+        deadline = time.monotonic() + 300.0  # it imports MLflow and River: 90 s were too few at load 30
         while "monitor reads" not in _read(monitor.log_path):
             self.supervisor.check()
             if time.monotonic() > deadline:
-                raise DemoError(f"freshet monitor did not start reading within 90 s; see {monitor.log_path}")
+                raise DemoError(f"freshet monitor did not start reading within 300 s; see {monitor.log_path}")
             time.sleep(0.2)
         return f"http://127.0.0.1:{port}/metrics"
 
