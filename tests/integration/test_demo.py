@@ -92,7 +92,7 @@ def test_demo_processes_the_workload_and_prints_the_headline(short_demo):
     ev = s["events"]
     assert ev["produced"] >= 50 * 120, ev  # at least two minutes' worth of the offered 50/s
     assert ev["processed"] >= 0.99 * ev["produced"], ev
-    assert s["events_per_s"] > 100
+    assert s["events_per_s"] > 25  # of the offered 50/s
     for words in ("events ", "freshness ", "API /predict", "alerts ", "promotions ", "error rate ", "report "):
         assert words in out, out[-2000:]
 
