@@ -30,6 +30,7 @@ log = logging.getLogger("freshet.serving.models")
 CHAMPION = "champion"
 FORMAT = "freshet.linear-classifier/1"
 MODEL_FILE = "model.json"
+REFERENCE_FILE = "reference.json"  # freshet.reference.TrainingReference of the version
 EXPERIMENT = "freshet"
 HISTORY_TAG = "freshet.champion_history"  # promoted versions, oldest first: what rollback walks back
 
@@ -262,8 +263,12 @@ class ModelRegistry:
 
     def register_sklearn(self, name: str, pipeline: Any, feature_names: Sequence[str],
                          lineage: Mapping[str, Any] | None = None,
-                         metrics: Mapping[str, float] | None = None) -> str:
-        """Export, log and register one version; returns its version number (not promoted)."""
+                         metrics: Mapping[str, float] | None = None,
+                         reference: Mapping[str, Any] | None = None) -> str:
+        """Export, log and register one version; returns its version number (not promoted).
+
+        `reference` (a `freshet.reference.TrainingReference` as a dict) is logged next to the
+        model: the distributions the monitor judges this version's traffic against."""
         from mlflow.entities import Metric, Param
 
         lineage = dict(lineage or {})
@@ -304,6 +309,8 @@ class ModelRegistry:
         with tempfile.TemporaryDirectory() as tmp:
             Path(tmp, MODEL_FILE).write_text(json.dumps(doc))
             Path(tmp, "lineage.json").write_text(json.dumps(lineage, default=str, indent=2))
+            if reference is not None:
+                Path(tmp, REFERENCE_FILE).write_text(json.dumps(reference))
             self.client.log_artifacts(run_id, tmp, artifact_path="model")
         self.client.set_terminated(run_id)
         from mlflow.exceptions import MlflowException
@@ -383,6 +390,16 @@ class ModelRegistry:
         model.info = {"run_id": mv.run_id, "source": mv.source}
         self._cache[key] = model
         return model
+
+    def load_reference(self, name: str, ref: str | int) -> dict[str, Any] | None:
+        """The training reference logged with a version (a dict), or None for a version without one."""
+        mv = self._version(name, ref)
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = self.client.download_artifacts(mv.run_id, f"model/{REFERENCE_FILE}", tmp)
+            except Exception:  # noqa: BLE001 - registered before references existed, or by another tool
+                return None
+            return json.loads(Path(path).read_text())  # JSON only
 
     def versions(self, name: str) -> list[dict[str, Any]]:
         """Every version, newest first, with aliases, metrics, parameters and lineage."""

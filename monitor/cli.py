@@ -42,7 +42,13 @@ def cmd_monitor(args, settings) -> int:
                      if v is not None}
         if overrides:
             config["policy"] = {**(config.get("policy") or {}), **overrides}
-        monitor, policy = service.build(config, service.known_inputs(registry))
+        references = None
+        if not args.no_training_reference:
+            from freshet.monitor.references import RegistryReferences
+
+            references = RegistryReferences(settings)
+            references.registry  # noqa: B018 - import MLflow and open the registry now, not on the first prediction
+        monitor, policy = service.build(config, service.known_inputs(registry), references)
         metrics = None
         if args.metrics_port:
             metrics = service.MonitorMetrics()
@@ -110,6 +116,9 @@ def _add_monitor(sub) -> None:
     p.add_argument("--state", type=Path,
                    help="state file (default: <data dir>/monitor/state.json)")
     p.add_argument("--fresh", action="store_true", help="ignore the saved state: warm up again")
+    p.add_argument("--no-training-reference", action="store_true",
+                   help="judge every version against a warm-up reference (its first predictions) instead of "
+                        "the training reference logged with it in the model registry")
     p.add_argument("--snapshot-every", type=float, default=30.0, help="seconds between state saves (default: %(default)s)")
     p.add_argument("--start", choices=["earliest", "latest"], default="earliest",
                    help="where to start reading without saved state (default: %(default)s)")

@@ -56,10 +56,23 @@ class ModelConfig:
     estimate_min_increase: float = 0.02
     calibration_labels: int = 2000
     rewarm_on_new_version: bool = True
+    # windowed features: name -> window seconds. Without a training reference that says its
+    # window was full, such a feature is not judged (nor sampled for a reference) until its
+    # window has had `window` seconds of history: from `history_start` (epoch seconds, when
+    # the stream's history begins) or else from the model's first prediction
+    windows: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    history_start: float | None = None
+    use_training_reference: bool = True   # judge a version against the reference logged with it
+    # against a training reference, a numeric stream alerts only when its level after the change is
+    # at least this many reference standard deviations away: serving never sees exactly the training
+    # distribution (features read a little later than the event they score, rounding), and an
+    # offset that small from the first prediction on is skew to know about, not drift to act on
+    reference_tolerance: float = 0.3
 
     def __post_init__(self) -> None:
         self.numeric_features = tuple(self.numeric_features)
         self.categorical_features = tuple(self.categorical_features)
+        self.windows = {str(k): float(v) for k, v in dict(self.windows or {}).items()}
         self.validate()
 
     @classmethod
@@ -99,6 +112,11 @@ class ModelConfig:
         if not 0 < self.decision_threshold < 1:
             raise ConfigError(f"{where}: decision_threshold must be in (0, 1), got {self.decision_threshold}")
         StandardScores(self.standardise)  # raises naming an unknown standardisation
+        if not self.reference_tolerance >= 0:
+            raise ConfigError(f"{where}: reference_tolerance must be >= 0, got {self.reference_tolerance}")
+        for name, w in self.windows.items():
+            if not w > 0:
+                raise ConfigError(f"{where}: windows[{name!r}] must be > 0 seconds, got {w}")
 
     @property
     def drift_streams(self) -> int:

@@ -102,6 +102,13 @@ class MeanShiftDetector:
         river.update(y * self._gain)
         return river.drift_detected
 
+    def level(self) -> float | None:
+        """Mean block statistic of the detector's current window (ADWIN: after a change, the part
+        after it); None for detectors that keep no such window."""
+        if self.detector != "adwin" or not self._river.width:
+            return None
+        return float(self._river.estimation) / self._gain
+
 
 class ErrorRateDetector:
     """A River detector on labelled outcomes: 1 = the prediction was wrong, 0 = right.

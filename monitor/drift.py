@@ -11,7 +11,7 @@ import math
 from collections import Counter
 from itertools import chain
 from operator import itemgetter
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -25,14 +25,20 @@ from .watches import CandidateAlert, CategoricalWatch, NumericWatch, OutcomeWatc
 
 STATE_FORMAT = "freshet.monitor.state/1"
 _TS_TYPES = (float, int)
+WARMING_UP = "warming_up"  # the detector of a notice that a windowed feature is not judged yet
+
+# (model, version) -> the training reference logged with that version (a dict), or None
+ReferenceSource = Callable[[str, str], "Mapping[str, Any] | None"]
 
 
 class ModelMonitor:
     """Everything watched for one model; `DriftMonitor` routes records to it."""
 
-    def __init__(self, config: ModelConfig, seed: int):
+    def __init__(self, config: ModelConfig, seed: int, references: ReferenceSource | None = None):
         self.config = cfg = config
         self.seed = seed
+        self.references = references if cfg.use_training_reference else None
+        self.reference_source = "warm-up"   # or "training v<version>": what the features are judged against
         streams = max(1, cfg.drift_streams)
         delta = cfg.alpha / streams
         names = list(cfg.numeric_features)
@@ -74,22 +80,102 @@ class ModelMonitor:
 
     def observe(self, p: Prediction, join: LabelJoin | None, out: list[DriftAlert]) -> None:
         if p.model_version != self._raw_version:
-            self._switch_version(p.model_version, join, out)
+            self._switch_version(p.model_version, join, out, float(p.ts))
         block = self.block
         block.append(p)
         if len(block) >= self._block_size:
             self.flush(join, out)
 
-    def _switch_version(self, raw: Any, join: LabelJoin | None, out: list[DriftAlert]) -> None:
+    def _switch_version(self, raw: Any, join: LabelJoin | None, out: list[DriftAlert], ts: float) -> None:
         version = str(raw)
         self._raw_version = raw
         if version == self.version:
             return
-        if self.version is not None:
+        first = self.version is None
+        if not first:
             self.flush(join, out)
-            if self.config.rewarm_on_new_version:
-                self._new_version()
+        reference = self._training_reference(version)
+        if not first and (self.config.rewarm_on_new_version or reference is not None):
+            self._new_version()
         self.version = version
+        if reference is not None:
+            self._use_reference(reference, ts, out)
+        elif first:
+            self._hold_unfilled_windows(ts, out)
+
+    def _training_reference(self, version: str) -> Any:
+        """The version's training reference, or None (none logged, none readable, or not asked for)."""
+        if self.references is None:
+            return None
+        from freshet.reference import TrainingReference
+
+        try:
+            raw = self.references(self.config.model, version)
+            return TrainingReference.from_dict(raw) if raw is not None else None
+        except Exception:  # noqa: BLE001 - a registry hiccup or a bad document: fall back to warming up
+            self.counts["reference_errors"] += 1
+            return None
+
+    def _use_reference(self, ref: Any, ts: float, out: list[DriftAlert]) -> None:
+        """Judge this version's traffic against what it was trained on, from this prediction on.
+
+        Inputs the monitor watches but the reference lacks keep what they had; a windowed input
+        whose window was not full in the training data waits until it would be."""
+        self.counts["training_references"] += 1
+        self.reference_source = f"training v{self.version}"
+        watch = self.numeric
+        if watch is not None:
+            use, hold = [], []
+            for j, name in enumerate(watch.names):
+                r = ref.score if j == self.score_column else ref.numeric.get(name)
+                if r is None or not r.quantiles:
+                    continue
+                (use if r.full or not r.window_s else hold).append((j, r))
+            if use:
+                q = max(len(r.quantiles) for _, r in use)
+                sample = np.column_stack([_resampled(r.sample(), q) for _, r in use])
+                watch.use_reference([j for j, _ in use], sample, [r.low for _, r in use], [r.high for _, r in use],
+                                    [r.missing_rate for _, r in use], min(r.n for _, r in use),
+                                    tolerance=self.config.reference_tolerance)
+            behind = (ref.examples_end - ref.history_start
+                      if ref.examples_end is not None and ref.history_start is not None else 0.0)
+            for j, r in hold:
+                self._hold(j, float(r.window_s), behind, ts, ts + max(0.0, float(r.window_s) - behind), out)
+        cats = self.categories
+        if cats is not None and all(n in ref.categorical for n in cats.names):
+            cats.use_reference([ref.categorical[n].to_dict() for n in cats.names])
+
+    def _hold_unfilled_windows(self, ts: float, out: list[DriftAlert]) -> None:
+        """Without a training reference: windowed features wait until their window has had its
+        length of history (from `history_start`, or else from this first prediction)."""
+        cfg, watch = self.config, self.numeric
+        if watch is None or not cfg.windows:
+            return
+        start = cfg.history_start if cfg.history_start is not None else ts
+        for j, name in enumerate(watch.names):
+            w = cfg.windows.get(name)
+            if w and ts - start < w:
+                self._hold(j, w, ts - start, ts, start + w, out)
+
+    def _hold(self, column: int, window_s: float, behind_s: float, ts: float, until: float,
+              out: list[DriftAlert]) -> None:
+        """Hold one numeric column until `until`, and say so on the alert feed (a data-quality notice)."""
+        name = self.numeric.names[column]
+        self.numeric.hold_columns([column], until)
+        self.counts["warming_notices"] += 1
+        digest = hashlib.blake2b(f"{self.seed}|{self.config.model}|{WARMING_UP}|{name}|{self.version}|{until}".encode(),
+                                 digest_size=16).hexdigest()
+        out.append(DriftAlert(
+            alert_id=digest, model=self.config.model, model_version=self.version or "", kind="data_quality",
+            subject=name, detector=WARMING_UP, statistic=finite_or_zero(max(0.0, behind_s)), threshold=window_s,
+            window={"start": ts, "end": until}, ts=ts))
+
+    def warming_until(self) -> dict[str, float]:
+        """Windowed features held until their window is full: name -> prediction time they are judged from."""
+        watch = self.numeric
+        if watch is None:
+            return {}
+        return {n: float(u) for n, u in zip(watch.names, watch.held_until.tolist()) if math.isfinite(u)}
 
     def _new_version(self) -> None:
         """A new model version scores differently: its score and performance references start over."""
@@ -122,7 +208,7 @@ class ModelMonitor:
                 if F:
                     X[:, :F] = self._numeric(feats)
                 X[:, F] = scores
-            signals += self.numeric.update(X)
+            signals += self.numeric.update(X, now=self.last_ts)
         if self.categories is not None:
             signals += self.categories.update([[f.get(k) for f in feats] for k in self.config.categorical_features])
         if self.estimate is not None:
@@ -249,7 +335,7 @@ class ModelMonitor:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": self.version, "n": self.n, "n_outcomes": self.n_outcomes, "last_ts": self.last_ts,
+            "version": self.version, "reference_source": self.reference_source, "n": self.n, "n_outcomes": self.n_outcomes, "last_ts": self.last_ts,
             "last_alert": dict(self.last_alert), "counts": dict(self.counts), "invalid": dict(self.invalid),
             "block": [_json_safe(p.to_dict()) for p in self.block],
             "numeric": self.numeric.state_dict() if self.numeric else None,
@@ -263,6 +349,7 @@ class ModelMonitor:
         fresh = []
         self.version = state.get("version")
         self._raw_version = self.version
+        self.reference_source = str(state.get("reference_source", "warm-up"))
         self.n = int(state.get("n", 0))
         self.n_outcomes = int(state.get("n_outcomes", 0))
         self.last_ts = float(state.get("last_ts", 0.0))
@@ -287,6 +374,13 @@ class ModelMonitor:
             except (KeyError, TypeError, ValueError):
                 fresh.append("estimate")
         return fresh
+
+
+def _resampled(values: np.ndarray, n: int) -> np.ndarray:
+    """Quantiles at n evenly spaced levels from quantiles at len(values) levels."""
+    if len(values) == n:
+        return values
+    return np.interp((np.arange(n) + 0.5) / n, (np.arange(len(values)) + 0.5) / len(values), values)
 
 
 def _getter(names: Sequence[str]):
@@ -365,13 +459,14 @@ class DriftMonitor:
     """
 
     def __init__(self, config: MonitorConfig | Mapping[str, Any] | Sequence[ModelConfig], *,
-                 known_features: Iterable[str] | None = None):
+                 known_features: Iterable[str] | None = None, references: ReferenceSource | None = None):
         if isinstance(config, Mapping):
             config = MonitorConfig.from_dict(config)
         elif not isinstance(config, MonitorConfig):
             config = MonitorConfig(models=tuple(config))
         self.config = config
-        self.models = {m.model: ModelMonitor(m, config.seed + 1000003 * i) for i, m in enumerate(config.models)}
+        self.models = {m.model: ModelMonitor(m, config.seed + 1000003 * i, references)
+                       for i, m in enumerate(config.models)}
         self.join = LabelJoin(config.label_wait_s, config.max_pending_labels, config.label_entity_keys)
         self.rejected: Counter[str] = Counter()
         self.unmonitored: Counter[str] = Counter()
@@ -494,8 +589,10 @@ class DriftMonitor:
         for name, m in self.models.items():
             models[name] = {
                 "version": m.version, "predictions": m.n + len(m.block), "outcomes": m.n_outcomes,
-                "warming_up": m.warming_up(),
+                "warming_up": m.warming_up(), "warming_until": m.warming_until(),
+                "reference": m.reference_source,
                 "invalid_values": dict(m.invalid), **dict(m.counts),
+                "within_tolerance": m.numeric.tolerated if m.numeric is not None else 0,
             }
         return {"rejected": dict(self.rejected), "unmonitored": dict(self.unmonitored),
                 "labels": self.join.counters(), "models": models}

@@ -193,7 +193,9 @@ def default_config(registry: FeatureRegistry, model: str = DEFAULT_MODEL_NAME, s
     windows = {f"{v.name}:{a.name}": a.window_s for v in registry.views.values() for a in v.aggregations}
     refs = [r for r in registry.feature_services[service]
             if max_window_s is None or windows.get(r, 0) <= max_window_s]
-    return {"models": [{"model": model, "numeric_features": [*refs, *request_fields]}]}
+    # windows: a feature is not judged until its window is full (unless a training reference says it was)
+    return {"models": [{"model": model, "numeric_features": [*refs, *request_fields],
+                        "windows": {r: windows[r] for r in refs if r in windows}}]}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -209,14 +211,17 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
                                 f"{exc}") from None
 
 
-def build(config: Mapping[str, Any], known_features: Iterable[str] | None):
-    """(DriftMonitor, RetrainPolicy) from a config dict; unknown features, detectors or settings fail here."""
+def build(config: Mapping[str, Any], known_features: Iterable[str] | None,
+          references: Callable[[str, str], Mapping[str, Any] | None] | None = None):
+    """(DriftMonitor, RetrainPolicy) from a config dict; unknown features, detectors or settings fail here.
+
+    `references` gives each version's training reference (`monitor.references.RegistryReferences`)."""
     from freshet.monitor import ConfigError, DriftMonitor
 
     config = dict(config)
     policy = RetrainPolicy.from_dict(config.pop("policy", {}) or {})
     try:
-        monitor = DriftMonitor(config, known_features=known_features)
+        monitor = DriftMonitor(config, known_features=known_features, references=references)
     except (ConfigError, TypeError) as exc:
         raise MonitorSetupError(str(exc)) from None
     if not monitor.models:
@@ -254,6 +259,10 @@ class MonitorMetrics:
                                 "last interval", registry=r)
         self.lag = Gauge("freshet_monitor_snapshot_age_seconds", "Seconds since the state was last saved",
                          registry=r)
+        self.warming_until = Gauge("freshet_monitor_warming_until_seconds",
+                                   "Windowed features not judged until their window is full: until when "
+                                   "(epoch seconds, prediction time)", ["model", "feature"], registry=r)
+        self._warming_shown: set[tuple[str, str]] = set()
         self._server = None
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
@@ -267,6 +276,14 @@ class MonitorMetrics:
             self._server.server_close()
             self._server = None
 
+    def _show_warming(self, model: str, until: Mapping[str, float]) -> None:
+        for feature, ts in until.items():
+            self.warming_until.labels(model, feature).set(ts)
+            self._warming_shown.add((model, feature))
+        for key in [k for k in self._warming_shown if k[0] == model and k[1] not in until]:
+            self.warming_until.remove(*key)
+            self._warming_shown.discard(key)
+
     def update(self, monitor: Any) -> None:
         for model, stats in monitor.statistics().items():
             for name, value in stats.items():
@@ -277,6 +294,7 @@ class MonitorMetrics:
             self.warming.labels(model).set(len(c.get("warming_up", [])))
             self.observed.labels(model, "predictions").set(c.get("predictions", 0))
             self.observed.labels(model, "outcomes").set(c.get("outcomes", 0))
+            self._show_warming(model, c.get("warming_until", {}))
         for name, value in counters.get("labels", {}).items():
             if isinstance(value, (int, float)):
                 self.labels.labels(name).set(value)

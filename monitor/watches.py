@@ -73,19 +73,88 @@ class NumericWatch:
         self._warming = np.arange(F)
         self._warm: list[np.ndarray] = []
         self._warm_n = 0
+        # windowed columns whose window is not full yet: neither judged nor sampled until then
+        # (prediction time, epoch seconds; -inf = not held)
+        self.held_until = np.full(F, -np.inf)
+        # smallest level (reference sd) an alert needs: > 0 for columns judged against a training reference
+        self.tolerance = np.zeros(F)
+        self.tolerated = 0   # detections whose level stayed within the tolerance
+        # detections within the tolerance so far: they alert once the level (the detector's window
+        # after the change, purged of what came before it) confirms them
+        self.pending = np.zeros(F, dtype=bool)
 
     def reset_columns(self, columns: Sequence[int]) -> None:
         """Forget these columns' reference; they warm up again from the next block."""
         columns = list(columns)
+        self._forget(columns)
+        self.held_until[columns] = -np.inf
+        self.tolerance[columns] = 0.0
+        self.pending[columns] = False
+        self._warming = np.union1d(self._warming, columns).astype(int)
+        self._warm, self._warm_n = [], 0
+
+    def _forget(self, columns: list[int]) -> None:
         self.ready[columns] = False
         for j in columns:
             self.detectors[j] = None
         self.since[columns] = 0
         self.recent[:, columns] = 0.0
-        self._warming = np.union1d(self._warming, columns).astype(int)
+
+    def hold_columns(self, columns: Sequence[int], until: float) -> None:
+        """These columns' windows are still filling: judge nothing and sample no reference until
+        `until` (prediction time), then warm up from the traffic."""
+        columns = list(columns)
+        if not columns:
+            return
+        self._forget(columns)
+        self.held_until[columns] = until
+        self._warming = np.setdiff1d(self._warming, columns).astype(int)
         self._warm, self._warm_n = [], 0
 
-    def update(self, X: np.ndarray) -> list[CandidateAlert]:
+    def use_reference(self, columns: Sequence[int], sample: np.ndarray, low: Sequence[float | None],
+                      high: Sequence[float | None], missing: Sequence[float], n: int, tolerance: float = 0.0) -> None:
+        """Judge these columns against a training reference from now on: `sample` holds its
+        quantiles (one column each, an equally weighted sample), `low`/`high` its bounds and
+        `missing` its missing rates over `n` rows. The detectors start as if they had seen
+        the reference (unit-normal block statistics), so the first blocks are judged at once."""
+        cfg = self.config
+        F = len(self.names)
+        cols = list(columns)
+        if not cols:
+            return
+        self.held_until[cols] = -np.inf
+        self.tolerance[cols] = tolerance
+        self.pending[cols] = False
+        self._warming = np.setdiff1d(self._warming, cols).astype(int)
+        self._warm, self._warm_n = [], 0
+        self.scores.fit(sample, columns=cols, width=F)
+        lo = np.array([np.nan if x is None else x for x in low], dtype=float)
+        hi = np.array([np.nan if x is None else x for x in high], dtype=float)
+        span = np.where(np.isfinite(hi - lo), hi - lo, 0.0)
+        self.lo[cols] = np.where(np.isfinite(lo), lo - cfg.out_of_range_margin * span, -np.inf)
+        self.hi[cols] = np.where(np.isfinite(hi), hi + cfg.out_of_range_margin * span, np.inf)
+        self.rules.reference[cols] = np.asarray(missing, dtype=float)
+        self.rules.reference[[F + j for j in cols]] = 0.0
+        self.rules.reference_size = max(self.rules.reference_size, int(n))
+        self.since[cols] = 0
+        self.recent[:, cols] = 0.0
+        blocks = max(1, cfg.warmup // cfg.block_size)
+        for j in cols:
+            detector = MeanShiftDetector(self.detector_names[j], self.delta, seed=self.seed + j)
+            rewarm(detector, {"n": blocks, "mean": 0.0, "sd": 1.0}, seed=self.seed + 7919 * (j + 1))
+            self.detectors[j] = detector
+        self.ready[cols] = True
+
+    def release_held(self, now: float) -> list[int]:
+        """Columns whose hold ended by `now` start warming up from the traffic; returns them."""
+        due = np.flatnonzero(np.isfinite(self.held_until) & (self.held_until <= now)).tolist()
+        if due:
+            self.reset_columns(due)
+        return due
+
+    def update(self, X: np.ndarray, now: float | None = None) -> list[CandidateAlert]:
+        if now is not None and np.isfinite(self.held_until).any():
+            self.release_held(now)
         live = self.ready & self.scores.usable if self.scores.fitted else self.ready.copy()
         if len(self._warming):
             self._warm.append(X[:, self._warming])
@@ -163,12 +232,25 @@ class NumericWatch:
         if quiet:
             return []
         signals: list[CandidateAlert] = []
-        if fired:
+        fired_now = {j for j, _ in fired}
+        confirmed = [(j, k - 1) for j in np.flatnonzero(self.pending & has.any(0)).tolist()
+                     if j not in fired_now and self._beyond_tolerance(j) is not None]
+        if fired or confirmed:
             shift = self.recent_shift()
-            for j, row in fired:
-                signals.append(CandidateAlert(self.kinds[j], self.names[j], self.detector_names[j],
-                                              finite_or_zero(shift[j]), self.delta, int(self.since[j] * b)))
+            for j, row in fired + confirmed:
+                window = int(self.since[j] * b)
                 self.since[j] = k - 1 - row
+                statistic = shift[j]
+                if self.tolerance[j] > 0:
+                    level = self._beyond_tolerance(j)
+                    if level is None:
+                        self.tolerated += not self.pending[j]
+                        self.pending[j] = True
+                        continue
+                    statistic = level
+                    self.pending[j] = False
+                signals.append(CandidateAlert(self.kinds[j], self.names[j], self.detector_names[j],
+                                              finite_or_zero(statistic), self.delta, window))
         # quality rules judge whole windows: keep the blocks until one is complete
         self._q_missing += miss.sum(0)
         self._q_blocks.append(X)
@@ -176,6 +258,14 @@ class NumericWatch:
         if self._q_n >= self.config.quality_window:
             signals += self._judge_quality(live)
         return signals
+
+    def _beyond_tolerance(self, j: int) -> float | None:
+        """Column j's level (per prediction, reference sd) when it is beyond its tolerance, else None."""
+        level = self.detectors[j].level() if self.detectors[j] is not None else None
+        if level is None:
+            return 0.0 if self.tolerance[j] <= 0 else None
+        level /= math.sqrt(self.config.block_size)
+        return level if abs(level) >= self.tolerance[j] else None
 
     def _judge_quality(self, live: np.ndarray) -> list[CandidateAlert]:
         Xq = np.vstack(self._q_blocks)
@@ -224,11 +314,20 @@ class NumericWatch:
             "lo": [x if math.isfinite(x) else None for x in self.lo.tolist()],
             "hi": [x if math.isfinite(x) else None for x in self.hi.tolist()],
             "rules": self.rules.state_dict(), "detectors": self.summaries(),
+            "held_until": [x if math.isfinite(x) else None for x in self.held_until.tolist()],
+            "tolerance": self.tolerance.tolist(), "pending": self.pending.tolist(),
         }
 
     def load_state(self, state: Mapping[str, Any]) -> bool:
         """Restore; False (and a fresh warm-up) when the state is for other columns."""
-        if list(state.get("names", [])) != list(self.names) or not any(state.get("ready", [])):
+        if list(state.get("names", [])) != list(self.names):
+            return False
+        self.tolerance = np.asarray(state.get("tolerance") or [0.0] * len(self.names), dtype=float)
+        self.pending = np.asarray(state.get("pending") or [False] * len(self.names), dtype=bool)
+        held = state.get("held_until") or [None] * len(self.names)
+        self.held_until = np.array([-np.inf if x is None else x for x in held], dtype=float)
+        if not any(state.get("ready", [])):
+            self._warming = np.flatnonzero(~np.isfinite(self.held_until))
             return False
         F = len(self.names)
         self.scores.load_state(state["scores"])
@@ -246,7 +345,7 @@ class NumericWatch:
             rewarm(detector, summary, seed=self.seed + 7919 * (j + 1))
             self.detectors[j] = detector
             self.since[j] = summary["n"]
-        self._warming = np.flatnonzero(~self.ready)
+        self._warming = np.flatnonzero(~self.ready & ~np.isfinite(self.held_until))
         self._warm, self._warm_n = [], 0
         return bool(self.ready.any()) and F > 0
 
@@ -304,6 +403,30 @@ class CategoricalWatch:
         F = len(self.names)
         self.rules = RateRule(missing_rates + unseen_rates, len(columns[0]),
                               [cfg.missing_margin] * F + [cfg.unseen_margin] * F, cfg.quality_window)
+        self.ready = True
+
+    def use_reference(self, references: Sequence[Mapping[str, Any]]) -> None:
+        """Judge against a training reference per column: {"shares": {value: share}, "other": share,
+        "missing_rate": rate, "n": rows} (what `freshet.reference.CategoricalReference` holds)."""
+        cfg = self.config
+        self.codes, self.shifts = [], []
+        missing_rates, unseen_rates, n = [], [], 1
+        for ref in references:
+            n = max(n, int(ref.get("n", 0)))
+            valid = n * (1 - float(ref.get("missing_rate", 0.0)))
+            shares = dict(ref.get("shares", {}))
+            top = list(shares)[: cfg.max_categories]
+            lookup = {c: i for i, c in enumerate(top)}
+            self.codes.append(lookup)
+            counts = [shares[c] * valid for c in top] + [max(0.0, 1 - sum(shares[c] for c in top)) * valid]
+            self.shifts.append(FrequencyShift(counts, self.delta, cfg.category_window))
+            missing_rates.append(float(ref.get("missing_rate", 0.0)))
+            # values outside the reference's list count in its "other" bucket: no unseen-rate rule
+            unseen_rates.append(0.0)
+        F = len(self.names)
+        self.rules = RateRule(missing_rates + unseen_rates, n,
+                              [cfg.missing_margin] * F + [1.0] * F, cfg.quality_window)
+        self._buffer = [[] for _ in self.names]
         self.ready = True
 
     def _observe(self, columns: list[list]) -> list[CandidateAlert]:

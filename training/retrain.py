@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 
 from freshet.contracts import new_id
@@ -275,6 +276,7 @@ class Retrainer:
         events = load_events(self.settings, plan.topic)
         examples, joined = join_labels_to_events(labels, events, plan.join_keys, cfg.request_fields,
                                                  cfg.request_id_field, plan.timestamp_field)
+        job.outcome["history_start"] = _first_event_time(events, plan.timestamp_field)
         in_window, w_start, w_end = cfg.window.select(examples["event_ts"].to_numpy())
         examples = attach_served_requests(self.settings, examples[in_window].reset_index(drop=True), job.outcome)
         job.outcome["window"] = {"spec": cfg.window.describe(), "start": iso_or_blank(w_start),
@@ -360,11 +362,29 @@ class Retrainer:
         metrics = {k: v for k, v in scores.candidate.items() if math.isfinite(v)}
         metrics.update({f"champion_{k}": v for k, v in (scores.champion or {}).items() if math.isfinite(v)})
         version = self.models.register_sklearn(cfg.model, pipeline, training.inputs,
-                                               self._lineage(job, plan, fingerprint), metrics)
+                                               self._lineage(job, plan, fingerprint), metrics,
+                                               reference=self._reference(job, training, pipeline, plan))
         job.outcome["version"] = version
         job.lap("register")
         self._step(5, "registered %s version %s (dataset %s)", cfg.model, version, fingerprint[:19])
         return version
+
+    def _reference(self, job: Retraining, training: TrainingSet, pipeline: Any, plan: FeaturePlan) -> dict[str, Any]:
+        """The inputs and scores of the newest examples (the holdout: the traffic the version will
+        meet first), with each windowed input's window and whether the history behind it filled it."""
+        from freshet.models import LinearModel, export_sklearn
+        from freshet.reference import TrainingReference
+
+        rows = training.holdout if training.holdout.sum() >= 1000 else np.ones(len(training.y), dtype=bool)
+        X = training.X[rows]
+        scores = LinearModel.from_dict(export_sklearn(pipeline, training.inputs)).predict_proba(X.tolist())
+        windows = {f"{v.name}:{a.name}": a.window_s for v in plan.views for a in v.aggregations}
+        reference = TrainingReference.build(X, training.inputs, scores, windows=windows,
+                                            history_start=job.outcome.get("history_start"),
+                                            row_times=training.data["_t"].to_numpy(dtype=float)[rows],
+                                            bounds_from=training.X)
+        job.outcome["reference"] = {"rows": reference.rows, "warming": sorted(reference.warming())}
+        return reference.to_dict()
 
     def _lineage(self, job: Retraining, plan: FeaturePlan, fingerprint: str) -> dict[str, Any]:
         cfg, window = self.config, job.outcome["window"]
@@ -399,3 +419,14 @@ class Retrainer:
         self._step(6, "%s version %s: %s", "promoted" if promoted else "did not promote", version, decision.reason)
         job.total()
         return promoted
+
+
+def _first_event_time(events: pd.DataFrame, timestamp_field: str) -> float | None:
+    """When the stream's history begins (event time of the oldest event in the raw log)."""
+    if events.empty or timestamp_field not in events.columns:
+        return None
+    from freshet.times import epoch_seconds
+
+    ts = epoch_seconds(events[timestamp_field])
+    ts = ts[np.isfinite(ts)]
+    return float(ts.min()) if len(ts) else None

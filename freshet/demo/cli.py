@@ -98,9 +98,12 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"number of cards (default {DEFAULT_CARDS}; keep rate / time-scale / cards <= 0.002)")
     p.add_argument("--predict-share", type=_arg(float, lambda v: 0 <= v <= 1, "a share between 0 and 1"),
                    default=1.0, help="share of transactions scored over the HTTP API (default 1)")
+    p.add_argument("--history-hours", type=_arg(float, lambda v: v >= 0 and math.isfinite(v), "a number of hours >= 0"),
+                   help="simulated hours of history published (fast) before live traffic; the first model is "
+                        "trained on it (default: the longest feature window plus 3 hours; 0: a cold start, the "
+                        "first model trained on the first --bootstrap-labels labels of live traffic)")
     p.add_argument("--bootstrap-labels", type=_whole_above_zero, default=1000,
-                   help="labelled transactions before the first model is asked for (default 1000; "
-                        "'freshet retrain --bootstrap' trains on all labels there are once it has started)")
+                   help="cold start only: labelled transactions before the first model is asked for (default 1000)")
     p.add_argument("--http-port", type=_port, default=0, help="HTTP API port (default: a free one)")
     p.add_argument("--kafka-port", type=_port, default=0, help="broker port (default: a free one)")
     p.add_argument("--redis-port", type=_port, default=0, help="Redis port (default: a free one)")
@@ -114,7 +117,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         drift = ()
     plan = DemoPlan(minutes=args.minutes, rate=args.rate, seed=args.seed, drift=drift,
                     time_scale=args.time_scale, cards=args.cards, predict_share=args.predict_share,
-                    bootstrap_labels=args.bootstrap_labels, http_port=args.http_port,
+                    bootstrap_labels=args.bootstrap_labels, history_hours=args.history_hours,
+                    http_port=args.http_port,
                     kafka_port=args.kafka_port, redis_port=args.redis_port)
     try:
         plan.check()
@@ -165,6 +169,9 @@ def add_produce_arguments(parser: argparse.ArgumentParser) -> None:
                              "feature_repo allows)")
     parser.add_argument("--malformed-fraction", type=_fraction, default=0.0,
                         help="share of events sent broken: bad JSON, a missing field or a wrong type (default 0)")
+    parser.add_argument("--skip", type=_count, default=0,
+                        help="generate and drop this many events first: continue a run with the same seed, rate, "
+                             "time scale and --start-ts that published them (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
@@ -181,7 +188,7 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
         time_scale=args.time_scale, start_ts=args.start_ts, cards=args.cards, merchants=args.merchants,
         fraud_rate=args.fraud_rate, covariate_factor=args.covariate_factor, label_delay_s=args.label_delay,
         jitter_s=args.jitter, late_fraction=args.late_fraction, late_by_s=args.late_by,
-        malformed_fraction=args.malformed_fraction,
+        malformed_fraction=args.malformed_fraction, skip=args.skip,
     )
     if not args.quiet:
         print(f"produce: {summary['sent']:,} events ({summary['malformed']:,} malformed, {summary['late']:,} late) "

@@ -410,6 +410,61 @@ def plot_consistency(data: dict):
     return fig, len(tl["t"])
 
 
+def plot_judgement(data: dict):
+    """Left: every alert by kind against the injections (before the first one, none should come);
+    right: per drift, the error rate of the versions it caught serving vs the version retrained for it."""
+    import matplotlib.pyplot as plt
+
+    from freshet.demo.summary import judge_alerts
+
+    end = max([x["t"] for x in data["samples"]] + [1.0])
+    j = judge_alerts(data, end)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [1.5, 1]})
+    kinds = ["feature", "prediction", "performance", "data_quality"]
+    colors = {"feature": "#1f77b4", "prediction": "#9467bd", "performance": "#d62728", "data_quality": "#7f7f7f"}
+    alerts = [a for a in data["alerts"] if a.get("detector") != "warming_up"]
+    for i, kind in enumerate(kinds):
+        ts = [a["t"] for a in alerts if a["kind"] == kind]
+        a1.scatter(ts, [i] * len(ts), marker="v", s=36, color=colors[kind], label=f"{kind} ({len(ts)})")
+    _events_lines(a1, data, label=False)
+    b = j["before_first_injection"]
+    for x in j["injections"]:
+        if x["first_alert_s"] is not None:
+            a1.annotate(f"+{x['first_alert_s']:.1f} s", (x["t"], len(kinds) - 0.4), fontsize=8, color=DRIFT_COLOR,
+                        xytext=(3, 0), textcoords="offset points")
+    a1.set_yticks(range(len(kinds)))
+    a1.set_yticklabels(kinds)
+    a1.set_ylim(-0.6, len(kinds) - 0.1)
+    a1.set_xlim(0, end)
+    a1.set_xlabel("seconds since the first event")
+    a1.set_title(f"Alerts: {b['alerts']} before the first injection, "
+                 f"{sum(x['alerts'] for x in j['injections'])} after (+ time to the first)", fontsize=10)
+    a1.grid(alpha=0.3, axis="x")
+    n = len(alerts)
+    bars = [("before drift", j["error_rate_before_drift"], "#777")]
+    for x in j["injections"]:
+        bars.append((f"{x['kind']}:\nuntil promotion", x["error_rate_before_promotion"], DRIFT_COLOR))
+        bars.append((f"{x['kind']}:\nafter promotion", x["error_rate_after_promotion"], PROMOTION_COLOR))
+    shown = [(name, r, c) for name, r, c in bars if r["error_rate"] is not None]
+    if shown:
+        ys = [r["error_rate"] for _, r, _ in shown]
+        err = [[y - r["ci95"][0] for (_, r, _), y in zip(shown, ys)], [r["ci95"][1] - y for (_, r, _), y in zip(shown, ys)]]
+        a2.bar(range(len(shown)), ys, yerr=err, capsize=3, color=[c for _, _, c in shown], alpha=0.8)
+        for i, (_, r, _) in enumerate(shown):
+            a2.annotate(f"n={r['labelled_predictions']:,}", (i, 0), xytext=(0, 2), textcoords="offset points",
+                        ha="center", fontsize=7, color="white")
+        a2.set_xticks(range(len(shown)))
+        a2.set_xticklabels([name for name, _, _ in shown], fontsize=7)
+        n += len(shown)
+    else:
+        _empty(a2, "no labelled predictions")
+    a2.set_ylabel("error rate (95% CI)")
+    a2.set_title("Error rate after each drift: until vs after its promotion", fontsize=10)
+    a2.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig, n
+
+
 PLOTS = (
     ("throughput_freshness", plot_throughput,
      "Events produced vs processed, and freshness per event. Freshness is measured from the moment the "
@@ -432,4 +487,8 @@ PLOTS = (
      "Online/offline consistency: for a sample of the predictions served, each feature value compared with "
      "the value recomputed from the offline raw log as serving answered it at the request's time (the "
      "training sets' definition); per 10 s of traffic."),
+    ("alert_judgement", plot_judgement,
+     "The alerts judged: none should come before the first injection; each injection should be alerted on soon "
+     "(time to the first alert); and the error rate after each drift should fall once the version retrained for "
+     "it is promoted (95% intervals)."),
 )

@@ -41,9 +41,9 @@ class KafkaTap(threading.Thread):
     drift alerts, retraining requests and model events (assigned partitions, no group join)."""
 
     def __init__(self, settings: Settings, topic: str, record: DemoRecord, client: ClientProbe,
-                 start_ts: float):
+                 start_ts: float, from_end: bool = False):
         super().__init__(name="freshet-demo-tap", daemon=True)
-        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
 
         from freshet import kafka
 
@@ -52,6 +52,9 @@ class KafkaTap(threading.Thread):
         self.record = record
         self.client = client  # gets every transaction read
         self.start_ts = start_ts
+        # the embedded broker lists a partition's end inside its last batch, so a tap started at the
+        # end of the history still reads that batch's tail: events and labels before start_ts are not live
+        self.live_from = start_ts - 1e-3 if from_end else -math.inf
         self.stop_event = threading.Event()
         group = f"freshet-demo-{uuid.uuid4().hex[:8]}"
         # Tansu answers an empty fetch only after the full fetch wait, and every waiting fetch
@@ -61,8 +64,11 @@ class KafkaTap(threading.Thread):
         self.control = kafka.consumer(settings, group, **{"fetch.wait.max.ms": 250})
         control = [settings.topic_labels, settings.topic_drift, settings.topic_retrain, settings.topic_models]
         meta = self.events.list_topics(timeout=10).topics
-        self.events.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta[topic].partitions])
-        self.control.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in control for p in meta[t].partitions])
+        # from_end: transactions and labels after the history (control topics are read whole)
+        start = OFFSET_END if from_end else OFFSET_BEGINNING
+        self.events.assign([TopicPartition(topic, p, start) for p in meta[topic].partitions])
+        self.control.assign([TopicPartition(t, p, start if t == settings.topic_labels else OFFSET_BEGINNING)
+                             for t in control for p in meta[t].partitions])
         self.last_control = time.monotonic()  # when a label, alert or model event was last read
 
     def finish(self, quiet_s: float = 2.0, limit_s: float = 15.0) -> None:
@@ -113,8 +119,6 @@ class KafkaTap(threading.Thread):
     def _transaction(self, m) -> tuple | None:
         rec = self.record
         created = m.timestamp()[1] / 1000.0
-        if rec.t0 is None:
-            rec.t0 = created
         try:
             e = orjson.loads(m.value())
             tx, card, merchant = e["transaction_id"], e["card_id"], e["merchant_id"]
@@ -122,6 +126,10 @@ class KafkaTap(threading.Thread):
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             rec.bad_messages["malformed transactions"] += 1  # the stream dead-letters these
             return None
+        if event_ts < self.live_from:
+            return None
+        if rec.t0 is None:
+            rec.t0 = created
         rec.transactions_read += 1
         rec.events["sim_s"].append(round(event_ts - self.start_ts, 3))
         rec.events["amount"].append(amount)
@@ -132,6 +140,8 @@ class KafkaTap(threading.Thread):
         tx, label = d.get("request_id"), d.get("label")
         if tx is None or label is None:
             raise ValueError("label without request_id or label")
+        if isinstance(d.get("event_ts"), (int, float)) and d["event_ts"] < self.live_from:
+            return
         self.record.labels[tx] = int(label)
 
     def _control(self, topic: str, raw: bytes) -> None:
@@ -140,17 +150,17 @@ class KafkaTap(threading.Thread):
         rec, now = self.record, time.time()
         if topic == self.settings.topic_drift:
             a = DriftAlert.decode(raw)
-            rec.alerts.append({"t": rec.rel(now), "t_alert": rec.rel(float(a.ts)), "alert_id": a.alert_id,
+            rec.alerts.append({"t": rec.rel(now), "at": now, "t_alert": rec.rel(float(a.ts)), "alert_id": a.alert_id,
                                "model": a.model, "model_version": str(a.model_version), "kind": a.kind,
                                "subject": a.subject, "detector": a.detector, "statistic": a.statistic,
                                "threshold": a.threshold})
         elif topic == self.settings.topic_retrain:
             r = RetrainRequest.decode(raw)
-            rec.retrains.append({"t": rec.rel(now), "request_id": r.request_id, "model": r.model,
+            rec.retrains.append({"t": rec.rel(now), "at": now, "request_id": r.request_id, "model": r.model,
                                  "reason": list(r.reason)})
         elif topic == self.settings.topic_models:
             e = ModelEvent.decode(raw)
-            rec.model_events.append({"t": rec.rel(now), "model": e.model, "version": str(e.version),
+            rec.model_events.append({"t": rec.rel(now), "at": now, "model": e.model, "version": str(e.version),
                                      "stage": e.stage, "metrics": e.metrics})
 
 
@@ -467,11 +477,16 @@ class Sampler:
         self.metrics_url = metrics_url
         self.pids = pids          # the processes whose CPU is the demo's
         self.backlog = backlog    # events the client still waits for
+        self.base = (0, 0, 0)     # offsets before live traffic (the history's), subtracted
+
+    def rebase(self) -> None:
+        """Count from here: what is on the topics now (the history) is not live traffic."""
+        self.base = self.offsets.read()
 
     def sample(self) -> dict[str, Any]:
         rec = self.record
         now = time.time()
-        produced, processed, deadletter = self.offsets.read()
+        produced, processed, deadletter = (x - b for x, b in zip(self.offsets.read(), self.base))
         cpu_demo, cpu_other, cpu_by = self.cpu.sample(self.pids())
         sample = {"at": now, "produced": produced, "cpu_demo": cpu_demo, "cpu_other": cpu_other,
                   "cpu_by": cpu_by, "processed": processed, "deadletter": deadletter,

@@ -158,6 +158,7 @@ class Supervisor:
         self.components: list[Component] = []
         self.producer: Component | None = None
         self.bootstrap: Component | None = None
+        self.history: Component | None = None
 
     # -- starting ------------------------------------------------------------------
 
@@ -173,9 +174,14 @@ class Supervisor:
         self.components.append(self.producer)
         return self.producer
 
-    def start_bootstrap(self) -> Component:
+    def run_history(self, argv: list[str]) -> Component:
+        """`freshet produce <argv>` publishing the history; expected to exit (0) once it is sent."""
+        self.history = self._spawn(["produce", *argv], "history", stdout_name="history.json")
+        return self.history
+
+    def start_bootstrap(self, extra: list[str] | None = None) -> Component:
         """`freshet retrain --bootstrap`: trains the first model and exits."""
-        self.bootstrap = self._spawn(["retrain", "--bootstrap"], "bootstrap")
+        self.bootstrap = self._spawn(["retrain", "--bootstrap", *(extra or [])], "bootstrap")
         return self.bootstrap
 
     def _spawn(self, argv: list[str], name: str, stdout_name: str | None = None) -> Component:
@@ -261,7 +267,7 @@ class Supervisor:
                 status[c.name] = "ran"
 
     def _children(self) -> list[Component]:
-        return [c for c in [self.bootstrap, *self.components] if c is not None]
+        return [c for c in [self.history, self.bootstrap, *self.components] if c is not None]
 
 
 def _child_setup() -> None:

@@ -55,6 +55,9 @@ class DemoRecord:
     def problem(self, text: str) -> None:
         self.problems.append(text)
 
+    def _timed(self, x: dict[str, Any]) -> dict[str, Any]:
+        return {**x, "t": self.rel(x["at"])} if "at" in x else x
+
     def to_dict(self) -> dict[str, Any]:
         preds = self.predictions
         truth = [self.labels.get(tx) for tx in preds["tx"]]
@@ -73,9 +76,10 @@ class DemoRecord:
             "labels_seen": len(self.labels),
             "fraud_labels": sum(self.labels.values()),
             "detector": self.detector,
-            "alerts": self.alerts,
-            "retrains": self.retrains,
-            "model_events": self.model_events,
+            # read before the first live event (the first model's promotion, say): timed now that t0 is known
+            "alerts": [self._timed(x) for x in self.alerts],
+            "retrains": [self._timed(x) for x in self.retrains],
+            "model_events": [self._timed(x) for x in self.model_events],
             "model_versions": self.model_versions,
             "bad_messages": dict(self.bad_messages),
         }

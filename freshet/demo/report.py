@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 
 from freshet.demo.figures import PLOTS, png
-from freshet.demo.summary import headline, summarize
+from freshet.demo.summary import headline, judgement_lines, summarize
 
 
 def write_report(data: dict, run_dir: Path) -> tuple[Path, dict]:
@@ -76,6 +76,7 @@ def _html(s: dict, figures: list[tuple[str, str, bytes]]) -> str:
         ("error rate", f"before drift {pct('before_drift')} · after drift {pct('after_drift')} · "
                        f"after promotion {pct('after_promotion')}"),
         ("online/offline consistency", _consistency(s.get("consistency"))),
+        ("alerts judged", "<br>".join(e(line.strip()) for line in judgement_lines(s.get("judgement")))),
     ]
     comps = "".join(f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in s["components"].items())
     problems = "".join(f"<li><pre>{e(p)}</pre></li>" for p in s["problems"])

@@ -75,6 +75,129 @@ def error_buckets(data: dict) -> dict[str, dict[str, Any]]:
             for k, w in buckets.items()}
 
 
+# --- judging the alerts -------------------------------------------------------------------
+
+WARMING_UP = "warming_up"   # the monitor's notice that a windowed feature is not judged yet: not an alert
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
+    """95% Wilson score interval of a proportion k/n.
+
+    >>> wilson(0, 100), wilson(5, 100)
+    ([0.0, 0.037], [0.0215, 0.1118])
+    """
+    if n <= 0:
+        return None
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [round(max(0.0, c - h), 4), round(min(1.0, c + h), 4)]
+
+
+def poisson_interval(k: int) -> list[float]:
+    """Exact (Garwood) 95% interval of a Poisson count k.
+
+    >>> poisson_interval(0), poisson_interval(3)
+    ([0.0, 3.689], [0.619, 8.767])
+    """
+    from scipy import stats
+
+    lo = 0.0 if k == 0 else float(stats.chi2.ppf(0.025, 2 * k) / 2)
+    return [round(lo, 3), round(float(stats.chi2.ppf(0.975, 2 * k + 2) / 2), 3)]
+
+
+def _rate(wrong: list[int]) -> dict[str, Any]:
+    n, k = len(wrong), int(sum(wrong))
+    return {"labelled_predictions": n, "errors": k, "error_rate": round(k / n, 4) if n else None,
+            "ci95": wilson(k, n)}
+
+
+def _difference(a: dict, b: dict) -> dict[str, Any] | None:
+    """b's error rate minus a's, with a 95% normal-approximation interval."""
+    if not a["labelled_predictions"] or not b["labelled_predictions"]:
+        return None
+    pa, pb = a["errors"] / a["labelled_predictions"], b["errors"] / b["labelled_predictions"]
+    se = math.sqrt(pa * (1 - pa) / a["labelled_predictions"] + pb * (1 - pb) / b["labelled_predictions"])
+    return {"difference": round(pb - pa, 4), "ci95": [round(pb - pa - 1.96 * se, 4), round(pb - pa + 1.96 * se, 4)]}
+
+
+def judge_alerts(data: dict, traffic_s: float) -> dict[str, Any]:
+    """How good the alerts were: how many came before the first injection (none should), how soon
+    each injection was alerted on, what share of each kind came after an injection; and whether each
+    drift's retrained version served fewer errors than the versions before it, after the drift.
+
+    Times are seconds of traffic, counts come with 95% intervals (Poisson for the alert count,
+    Wilson for shares and error rates, normal approximation for differences of error rates).
+    """
+    drifts = sorted(data["meta"].get("drift", []), key=lambda d: d["t"])
+    alerts = sorted((a for a in data["alerts"] if a.get("detector") != WARMING_UP), key=lambda a: a["t"])
+    first = drifts[0]["t"] if drifts else None
+    quiet_s = max(0.0, first if first is not None else traffic_s)
+    before = [a for a in alerts if first is None or a["t"] < first]
+    k = len(before)
+    ci = poisson_interval(k)
+    out: dict[str, Any] = {
+        "before_first_injection": {
+            "alerts": k, "seconds": round(quiet_s, 1),
+            "per_minute": round(k / quiet_s * 60, 3) if quiet_s else None,
+            "per_minute_ci95": [round(x / quiet_s * 60, 3) for x in ci] if quiet_s else None,
+            "examples": [f"{a['t']:.1f}s {a['kind']} {a['subject']} ({a['detector']})" for a in before[:5]]},
+        "warming_notices": sum(1 for a in data["alerts"] if a.get("detector") == WARMING_UP),
+    }
+    promotions = sorted((e for e in data["model_events"] if e["stage"] == "champion"), key=lambda e: e["t"])
+    injections = []
+    for i, d in enumerate(drifts):
+        end = drifts[i + 1]["t"] if i + 1 < len(drifts) else math.inf
+        mine = [a for a in alerts if d["t"] <= a["t"] < end]
+        first_by_kind = {}
+        for a in mine:
+            first_by_kind.setdefault(a["kind"], round(a["t"] - d["t"], 1))
+        promoted = next((e for e in promotions if d["t"] <= e["t"] < end), None)
+        injections.append({
+            "kind": d["kind"], "t": d["t"], "alerts": len(mine),
+            "first_alert_s": round(mine[0]["t"] - d["t"], 1) if mine else None,
+            "first_alert": f"{mine[0]['kind']} {mine[0]['subject']} ({mine[0]['detector']})" if mine else None,
+            "first_alert_s_by_kind": first_by_kind,
+            "promotion_s": round(promoted["t"] - d["t"], 1) if promoted else None,
+            "promoted_version": promoted["version"] if promoted else None,
+            **_error_rates_around(data, d["t"], end),
+        })
+    out["injections"] = injections
+    out["detected"] = sum(1 for x in injections if x["first_alert_s"] is not None)
+    shares = {}
+    for kind in sorted({a["kind"] for a in alerts}):
+        of_kind = [a for a in alerts if a["kind"] == kind]
+        after = sum(1 for a in of_kind if first is not None and a["t"] >= first)
+        shares[kind] = {"alerts": len(of_kind), "after_injection": after,
+                        "share": round(after / len(of_kind), 4), "ci95": wilson(after, len(of_kind))}
+    out["share_after_injection"] = shares
+    baseline = [w for t, w in _outcomes(data) if first is None or t < first]
+    out["error_rate_before_drift"] = _rate(baseline)
+    return out
+
+
+def _outcomes(data: dict, versions: set[str] | None = None) -> list[tuple[float, int]]:
+    p = data["predictions"]
+    return [(t, int(pred != truth)) for t, v, pred, truth in zip(p["t"], p["version"], p["label"], p["truth"])
+            if truth is not None and pred is not None and (versions is None or v in versions)]
+
+
+def _error_rates_around(data: dict, start: float, end: float) -> dict[str, Any]:
+    """Error rate after a drift at `start` (until `end`): served by versions promoted before it
+    ("between the drift and the promotion") and by versions promoted after it."""
+    promoted = promotion_times(data)
+    old = {v for v, t in promoted.items() if t < start}
+    p = data["predictions"]
+    between, after = [], []
+    for t, v, pred, truth in zip(p["t"], p["version"], p["label"], p["truth"]):
+        if truth is None or pred is None or not start <= t < end:
+            continue
+        (between if v in old else after).append(int(pred != truth))
+    b, a = _rate(between), _rate(after)
+    return {"error_rate_before_promotion": b, "error_rate_after_promotion": a, "change": _difference(b, a)}
+
+
 def summarize(data: dict) -> dict[str, Any]:
     meta = data["meta"]
     samples = data["samples"]
@@ -88,7 +211,8 @@ def summarize(data: dict) -> dict[str, Any]:
     p = data["predictions"]
     drifts = sorted(meta.get("drift", []), key=lambda d: d["t"])
     first_drift = drifts[0]["t"] if drifts else None
-    alerts = [{**a, "after_injection": first_drift is not None and a["t"] >= first_drift} for a in data["alerts"]]
+    alerts = [{**a, "after_injection": first_drift is not None and a["t"] >= first_drift} for a in data["alerts"]
+              if a.get("detector") != WARMING_UP]
     promotions = [e for e in data["model_events"] if e["stage"] == "champion"]
     for e in promotions:
         e["after_drift"] = first_drift is not None and e["t"] >= first_drift
@@ -135,6 +259,8 @@ def summarize(data: dict) -> dict[str, Any]:
         "promotions_after_drift": sum(e["after_drift"] for e in promotions),
         "error_rate": error_buckets(data),
         "error_rate_by_version": by_version,
+        "judgement": judge_alerts(data, float(traffic_s)),
+        "history": meta.get("history"),
         "machine": {"cpus": meta.get("cpus"),
                     "load_1m_mean": round(float(np.mean(loads)), 2) if loads else None,
                     "load_1m_max": round(float(np.max(loads)), 2) if loads else None,
@@ -211,6 +337,7 @@ def headline(s: dict) -> str:
         + "".join(f"\n               {e['t']:6.1f}s  version {e['version']}" for e in s["promotions"][:8]),
         f"error rate   before drift {rate('before_drift')}  after drift {rate('after_drift')}  "
         f"after promotion {rate('after_promotion')}",
+        *judgement_lines(s.get("judgement")),
     ]
     c = s.get("consistency")
     if c and c.get("rate") is not None:
@@ -228,3 +355,29 @@ def headline(s: dict) -> str:
     if s["problems"]:
         lines.append(f"problems     {len(s['problems'])} (see summary.json)")
     return "\n".join(lines)
+
+
+def judgement_lines(j: dict | None) -> list[str]:
+    """The alert judgement, for the console: quiet before the injections, detection, error rates."""
+    if not j:
+        return []
+    b = j["before_first_injection"]
+    lines = [f"judged       {b['alerts']} alerts before the first injection in {b['seconds']:.0f} s "
+             f"(95% CI {b['per_minute_ci95'][0]:.2f}-{b['per_minute_ci95'][1]:.2f} per minute)"
+             if b["per_minute_ci95"] else f"judged       {b['alerts']} alerts before the first injection"]
+
+    def pct(r):
+        if r["error_rate"] is None:
+            return "-"
+        return f"{r['error_rate']:.2%} [{r['ci95'][0]:.2%}, {r['ci95'][1]:.2%}] (n={r['labelled_predictions']:,})"
+
+    for x in j["injections"]:
+        first = "not detected" if x["first_alert_s"] is None else f"first alert after {x['first_alert_s']:.1f} s ({x['first_alert']})"
+        promo = "no promotion" if x["promotion_s"] is None else f"v{x['promoted_version']} promoted after {x['promotion_s']:.0f} s"
+        lines.append(f"             {x['kind']} at {x['t']:.0f} s: {first}, {x['alerts']} alerts; {promo}")
+        lines.append(f"               error rate until then {pct(x['error_rate_before_promotion'])}, "
+                     f"after {pct(x['error_rate_after_promotion'])}")
+    shares = ", ".join(f"{k} {v['after_injection']}/{v['alerts']}" for k, v in j["share_after_injection"].items())
+    if shares:
+        lines.append(f"             alerts after an injection, per kind: {shares}")
+    return lines

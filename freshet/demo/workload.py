@@ -643,6 +643,7 @@ def publish(
     time_scale: float = 1.0,
     start_ts: float | None = None,
     should_stop: Callable[[], bool] | None = None,
+    skip: int = 0,
     **workload: Any,
 ) -> dict[str, Any]:
     """Publish the workload to `topic` (key card_id) and its labels to settings.topic_labels.
@@ -654,7 +655,8 @@ def publish(
     `time_scale` simulated seconds per wall second. `progress` is called about once a
     second with {sent, labels, rate, elapsed_s, sim_ts}. Other keyword arguments go to
     `TransactionWorkload`. Returns the run's summary; `failed` counts messages the broker
-    did not acknowledge.
+    did not acknowledge. `skip` events are generated and dropped first: a run with the same
+    seed, rate and `start_ts` that published them (history, say) is continued where it stopped.
     """
     from freshet import kafka
 
@@ -667,6 +669,9 @@ def publish(
     w = TransactionWorkload(seed, rate=rate / time_scale, drift=drift,
                             start_ts=time.time() if start_ts is None else start_ts, **workload)
     kafka.ensure_topics(settings, [topic, *([settings.topic_labels] if labels else [])])
+    if skip:
+        for _ in range(0, int(skip), 50_000):  # the world and its episodes move on as they did
+            w.batch(min(50_000, int(skip) - _))
 
     failed, first_error = 0, ""
 
@@ -689,7 +694,7 @@ def publish(
     bucket = TokenBucket(rate, burst=max(chunk, rate * 0.1), now=t0)
     pending: deque[TransactionBatch] = deque()  # events whose labels are not due yet
     sent = n_labels = fraud = malformed = late = 0
-    sim_now = w.start_ts
+    sim_now = w.start_ts + int(skip) / w.rate
     interrupted = False
     last_report, last_sent = t0, 0
 
@@ -743,7 +748,7 @@ def publish(
     events_elapsed = clock() - t0
     if labels:
         release(math.inf)  # the run ends: every remaining label is known now
-    unsent = producer.flush(30.0)
+    unsent = producer.flush(120.0)  # a busy broker acknowledges the last batches late
     elapsed = clock() - t0
     return {
         "sent": sent,

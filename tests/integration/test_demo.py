@@ -1,8 +1,10 @@
 """`freshet demo` end to end: a shortened run on its own embedded stack, judged by its summary.
 
-One short run (about 1.75 minutes of traffic at 200 events/s, simulated time x30) feeds
-most tests; it starts from a data dir holding a stale run (a stack.json of dead processes
-and a corrupt Feast registry). A second run is interrupted with SIGINT once traffic flows.
+One short run feeds most tests: four simulated hours of history (the first model trains on
+it; the day windows are not full, so the monitor holds them), then 3 minutes of traffic at
+50 events/s with concept drift after 45 s. It starts from a data dir holding a stale
+run (a stack.json of dead processes and a corrupt Feast registry). A second run is
+interrupted with SIGINT once traffic flows.
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+from freshet.demo.figures import PLOTS
+
+# a demo with history and a first model trained on it takes 4-6 minutes on 2 cores, longer when the
+# machine is shared: more than the suite's 300 s per test
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 # what a user runs: the installed console script
 _SCRIPT = Path(sys.executable).with_name("freshet")
 CLI = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "freshet.cli"]
-SHORT = ["--minutes", "1.75", "--rate", "200", "--time-scale", "30", "--cards", "5000",
-         "--bootstrap-labels", "1500", "--drift", "covariate@1"]
-DRIFT_T = 60.0  # covariate@1: one minute of traffic
+SHORT = ["--minutes", "3", "--history-hours", "4", "--drift", "concept@0.75"]
+DRIFT_T = 45.0  # concept@0.75: 45 s of traffic
 
 
 def _env() -> dict[str, str]:
@@ -75,7 +80,7 @@ def short_demo(tmp_path_factory):
     stale = _stale_run(data)
     started = time.monotonic()
     proc = subprocess.run([*CLI, "demo", *SHORT, "--data-dir", str(data)], env=_env(), capture_output=True,
-                          text=True, timeout=420)
+                          text=True, timeout=900)
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     run_dir = _run_dir(proc.stdout)
@@ -87,9 +92,9 @@ def short_demo(tmp_path_factory):
 def test_demo_processes_the_workload_and_prints_the_headline(short_demo):
     s, out = short_demo["summary"], short_demo["proc"].stdout
     ev = s["events"]
-    assert ev["produced"] >= 200 * 60, ev  # at least a minute's worth of the offered 200/s
+    assert ev["produced"] >= 50 * 120, ev  # at least two minutes' worth of the offered 50/s
     assert ev["processed"] >= 0.99 * ev["produced"], ev
-    assert s["events_per_s"] > 100
+    assert s["events_per_s"] > 25  # of the offered 50/s
     for words in ("events ", "freshness ", "API /predict", "alerts ", "promotions ", "error rate ", "report "):
         assert words in out, out[-2000:]
 
@@ -97,9 +102,9 @@ def test_demo_processes_the_workload_and_prints_the_headline(short_demo):
 def test_report_has_every_plot_with_data(short_demo):
     s, run_dir = short_demo["summary"], short_demo["run_dir"]
     page = (run_dir / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 7
+    assert page.count("data:image/png;base64,") == len(PLOTS)
     for name in ("throughput_freshness", "latency", "feature_drift", "detector", "error_rate", "promotions",
-                 "consistency"):
+                 "consistency", "alert_judgement"):
         plot = s["plots"][name]
         assert plot["points"] > 0, (name, plot)
         assert (run_dir / plot["file"]).stat().st_size > 10_000, name
@@ -128,13 +133,25 @@ def test_predictions_are_timed_and_almost_none_fail(short_demo):
     assert api["requests_failed"] <= 0.01 * api["requests_ok"], api
 
 
+def test_the_demo_starts_warm_and_raises_no_alert_before_the_injection(short_demo):
+    s = short_demo["summary"]
+    assert s["history"]["sim_s"] == 4 * 3600 and s["history"]["events"] > 0, s["history"]
+    assert s["components"]["bootstrap"] == "freshet retrain --bootstrap: ok", s["components"]
+    first = min(json.loads((short_demo["run_dir"] / "data.json").read_text())["predictions"]["t"])
+    assert first < 5.0, first  # a model serves from the first live event on
+    quiet = s["judgement"]["before_first_injection"]
+    assert quiet["alerts"] == 0 and quiet["seconds"] >= DRIFT_T - 1, quiet
+    # four hours of history cannot fill the day windows: the monitor says it holds them
+    assert s["judgement"]["warming_notices"] > 0, s["judgement"]
+
+
 def test_drift_alerts_after_the_injection_lead_to_a_retraining(short_demo):
     s = short_demo["summary"]
     assert s["components"]["monitor"] == "ran" and s["components"]["retrain"] == "ran", s["components"]
-    # covariate drift doubles amounts: the amount features (or the score they feed) must alert
-    # after the injection (alerts before it, while the windows fill up, are not judged here)
-    drifted = [a for a in s["alerts"] if a["t"] >= DRIFT_T and ("amount" in a["subject"] or a["subject"] == "score")]
+    # card testing: the served model misses the new fraud, so its error rate (or the score) alerts
+    drifted = [a for a in s["alerts"] if a["t"] >= DRIFT_T]
     assert drifted, [(a["t"], a["subject"]) for a in s["alerts"]]
+    assert s["judgement"]["injections"][0]["first_alert_s"] is not None
     requested = [r for r in s["retrainings"] if r["t"] >= drifted[0]["t"]]
     assert requested, (drifted[0]["t"], s["retrainings"])
     cited = {a for r in requested for a in r["reason"]}
@@ -154,6 +171,20 @@ def test_every_retrained_version_is_promoted_or_the_retrainer_says_why_not(short
         # a promotion in the last moments may be in the log but not yet seen on the topic
         if v["version"] not in promoted:
             assert re.search(rf"(did not promote|promoted) version {v['version']}: ", log), (v, log[-2000:])
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "not met yet: a retraining after the alert learns from 40 s of post-drift labels (1,600 rows, ~50 card-"
+    "testing frauds) and the logistic model on raw features learns card testing too little to serve visibly "
+    "fewer errors; measured on a loaded machine (load 31): 2.24% [1.76%, 2.83%] until the promotion, 2.54% "
+    "[2.08%, 3.10%] after"))
+def test_the_version_retrained_for_the_concept_drift_serves_fewer_errors(short_demo):
+    x = short_demo["summary"]["judgement"]["injections"][0]
+    before, after, change = x["error_rate_before_promotion"], x["error_rate_after_promotion"], x["change"]
+    assert x["promotion_s"] is not None, x
+    assert before["labelled_predictions"] > 200 and after["labelled_predictions"] > 500, x
+    # the drop, with its 95% interval entirely below zero
+    assert change["difference"] < 0 and change["ci95"][1] < 0, x
 
 
 def test_a_version_promoted_after_the_drift_serves_and_is_judged_on_its_labels(short_demo):
@@ -185,10 +216,10 @@ def test_no_process_outlives_the_demo(short_demo):
 
 
 def test_ctrl_c_stops_every_process_and_still_writes_the_report(tmp_path):
-    proc = subprocess.Popen([*CLI, "demo", "--minutes", "3", "--rate", "200", "--data-dir", str(tmp_path)],
+    proc = subprocess.Popen([*CLI, "demo", "--minutes", "3", "--history-hours", "0.5", "--data-dir", str(tmp_path)],
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     try:
         for line in proc.stdout:  # wait until traffic has flowed for a few seconds
             lines.append(line)
