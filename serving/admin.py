@@ -11,6 +11,7 @@ from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from freshet.gates import GateFailed
 from freshet.models import ModelNotFound, ModelRegistry
 from freshet.serving.errors import ANSWERED, HTTPError, as_http_error
 from freshet.serving.validation import MAX_REQUEST_ID
@@ -127,9 +128,21 @@ def _add_model_routes(api: FastAPI, app: Any) -> None:
         return {"name": name, "champion": reg.current_version(name),
                 "serving": model.version if model and model.name == name else None, "versions": reg.versions(name)}
 
-    @api.post("/models/{name}/promote", tags=["models"], summary="Serve this version (admin)")
+    @api.post("/models/{name}/promote", tags=["models"],
+              summary="Serve this version (admin); 422 naming the reason when it fails the model gate")
     def promote(name: str, req: PromoteRequest):
-        event = registry().promote(name, req.version)
+        reg = registry()
+        try:
+            model = reg.load(name, req.version)
+        except ModelNotFound:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:  # a malformed artifact
+            raise HTTPError(422, f"not promoted: version {req.version} does not load: {exc}", "version") from None
+        try:
+            app.gate(model)
+        except GateFailed as exc:
+            raise HTTPError(422, f"not promoted: {exc}", "version") from None
+        event = reg.promote(name, req.version)
         if app.follower is not None and name == app.follower.name:
             app.follower.check()  # this server switches now; others follow the event
         return event.to_dict()
