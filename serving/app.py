@@ -197,7 +197,8 @@ class ServingApp:
 
     async def get_online_features(self, body: bytes) -> tuple[int, bytes, bytes]:
         """Feast's /get-online-features: the same request and response JSON."""
-        features, service, full, entities = features_request(body)
+        features, service, full, entities = features_request(body, self.settings.max_rows_per_request,
+                                                             self.settings.max_features_per_request)
         try:
             plan = self.reader.plan(features, service, full)
             result = await self.reader.read_async(plan, entities)

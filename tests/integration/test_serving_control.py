@@ -39,7 +39,7 @@ def uid():
 @pytest.fixture(scope="module")
 def settings(applied_settings, uid):  # noqa: F811
     s = with_topics(applied_settings, uid, api_token=TOKENS["admin"], api_token_predict=TOKENS["predict"],
-                    api_token_features=TOKENS["features"])
+                    api_token_features=TOKENS["features"], max_rows_per_request=50, max_features_per_request=5)
     kafka.ensure_topics(s, [s.topic_predictions, s.topic_models])
     return s
 
@@ -232,3 +232,45 @@ def test_a_passing_version_is_promoted_and_its_verdict_recorded(server, models):
         assert registry.client.get_model_version(name, "2").tags[VERDICT_TAG] == "passed"
     finally:
         httpx.post(f"{url}/models/{name}/promote", headers=bearer("admin"), json={"version": "1"})
+
+
+# -- bounds ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path,body,field,setting", [
+    ("/get-online-features", {"features": ["card_txn_stats:sum_amount_300s"],
+                              "entities": {"card_id": [f"c{i}" for i in range(51)]}},
+     "entities", "FRESHET_MAX_ROWS_PER_REQUEST"),
+    ("/get-online-features", {"features": [f"card_txn_stats:f{i}" for i in range(6)], "entities": {"card_id": ["c"]}},
+     "features", "FRESHET_MAX_FEATURES_PER_REQUEST"),
+    ("/predict", {"instances": [{"entities": {"card_id": f"c{i}", "merchant_id": "m"}} for i in range(51)]},
+     "instances", "FRESHET_MAX_ROWS_PER_REQUEST"),
+])
+def test_a_request_over_a_limit_is_413_naming_the_limit_and_its_setting(server, path, body, field, setting):
+    resp = httpx.post(server[0] + path, headers=bearer("admin"), json=body, timeout=10)
+    assert resp.status_code == 413, resp.text
+    assert resp.json()["field"] == field
+    assert setting in resp.json()["detail"] and ("limit of 50" in resp.json()["detail"] or "limit of 5" in resp.json()["detail"])
+
+
+def test_one_clients_huge_batches_cannot_push_other_clients_predictions_out_of_the_log(settings, feast_store, models):  # noqa: F811
+    """Kafka is unreachable, so the prediction log only fills: batches are refused before the last tenth."""
+    from freshet.serving.predictions import PredictionLog
+
+    offline = dataclasses.replace(settings, kafka_bootstrap_servers="127.0.0.1:1")
+    app = create_app(offline, model_name=models[1], reader=OnlineFeatureReader(settings, store=feast_store),
+                     registry=ModelRegistry(settings), model_poll_s=3600, tokens=TOKENS)
+    app.predictor.prediction_log.close()
+    app.predictor.prediction_log = log = PredictionLog(offline, max_pending=100, delivery_timeout_s=30)
+    batch = {"instances": [{"entities": {"card_id": f"c{i}", "merchant_id": "m"}} for i in range(40)]}
+    with serve(app) as url:
+        statuses = [httpx.post(url + "/predict", headers=bearer("predict"), json=batch, timeout=10)
+                    for _ in range(4)]
+        assert [r.status_code for r in statuses] == [200, 200, 503, 503]
+        assert "prediction log is backed up" in statuses[2].json()["detail"]
+        assert statuses[2].headers["retry-after"] == "1"
+        for i in range(20):  # another client's single predictions still find room and are logged
+            resp = httpx.post(url + "/predict", headers=bearer("predict"),
+                              json={"entities": {"card_id": f"other{i}", "merchant_id": "m"}}, timeout=10)
+            assert resp.status_code == 200
+        log.hand_over()
+    assert log.dropped["buffer_full"] == 0 and log.published == 100
