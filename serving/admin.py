@@ -18,7 +18,9 @@ from freshet.serving.validation import MAX_REQUEST_ID
 
 DESCRIPTION = ("Feature vectors (Feast's feature-server shapes), predictions from the model version the registry "
                "serves, model admin, health and metrics. Every endpoint but /health, /ready and /metrics needs "
-               "'Authorization: Bearer <token>'.")
+               "'Authorization: Bearer <token>' holding its scope: 'features' for /get-online-features, 'predict' for "
+               "/predict, 'admin' (every scope) for /models; 401 without a valid token, 403 naming the scope. "
+               "/ready says only whether the server is ready, unless asked with the admin token.")
 
 
 # Request bodies as the OpenAPI docs show them (the hot paths validate by hand, naming the field).
