@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -69,6 +70,7 @@ async def _loadgen(spec: dict) -> dict:
     start = time.perf_counter() + 0.5
     stop_at = start + duration
     results: list[tuple[float, float | None, str]] = []
+    in_flight = [0]
 
     async def exchange(reader, writer, req: bytes) -> int:
         writer.write(req)
@@ -89,6 +91,7 @@ async def _loadgen(spec: dict) -> dict:
                 await asyncio.sleep(wait)
             req = requests[k % len(requests)]
             k += 1
+            in_flight[0] += 1
             try:
                 if writer is None:
                     reader, writer = await asyncio.open_connection(spec["host"], spec["port"])
@@ -98,6 +101,7 @@ async def _loadgen(spec: dict) -> dict:
                 if writer is not None:
                     writer.close()
                 reader = writer = None
+            in_flight[0] -= 1
             latency = time.perf_counter() - t0
             results.append((round(t0 - start, 4), latency if status.startswith("2") else None, status))
         if writer is not None:
@@ -106,7 +110,7 @@ async def _loadgen(spec: dict) -> dict:
     try:
         await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(conc))), timeout=duration + 30)
     except asyncio.TimeoutError:
-        results.append((duration, None, "unanswered_at_end"))
+        results += [(duration, None, "unanswered_at_end")] * in_flight[0]
     return {"started_at": time.time() - (time.perf_counter() - start), "results": results}
 
 
@@ -212,7 +216,8 @@ class Soak:
         rng = random.Random(2)
         predict = [{"entities": {"card_id": rng.choice(self.cards), "merchant_id": rng.choice(self.merchants)},
                     "fields": {"amount": round(rng.uniform(1, 500), 2)}} for _ in range(2000)]
-        features = [{"feature_service": "fraud_model_v1",
+        # the service's two views share feature names: full names keep them apart
+        features = [{"feature_service": "fraud_model_v1", "full_feature_names": True,
                      "entities": {"card_id": [rng.choice(self.cards)], "merchant_id": [rng.choice(self.merchants)]}}
                     for _ in range(2000)]
         return predict, features
@@ -257,7 +262,8 @@ class Soak:
                           headers={"Authorization": f"Bearer {TOKENS['admin']}"}, json={"version": str(version)},
                           timeout=60)
         self.promotions.append({"n": n, "how": how, "version": str(version), "status": resp.status_code,
-                                "at_s": round(t + (swap_at - started), 1),
+                                "at_s": round(t + (swap_at - started), 1), "in_run": t + (swap_at - started) <
+                                self.args.duration,
                                 "swap_s": round(time.monotonic() - swap_at, 3),
                                 "train_s": round(swap_at - started, 1)})
         log(f"promotion {n}: version {version} ({how}) -> {resp.status_code}")
@@ -270,20 +276,27 @@ class Soak:
                 "features": self.loadgen("features", "/get-online-features", features, TOKENS["features"],
                                          args.features_rate, 32)}
         next_promote, n = t0 + args.promote_every, 1
+        promoting: threading.Thread | None = None  # a training takes minutes: sampling goes on meanwhile
         while time.monotonic() - t0 < args.duration:
             t = time.monotonic() - t0
             self.sample_rss(t)
-            if time.monotonic() >= next_promote and time.monotonic() - t0 < args.duration - 20:
-                self.promote(n, t)
+            busy = promoting is not None and promoting.is_alive()
+            if not busy and time.monotonic() >= next_promote and t < args.duration - 20:
+                promoting = threading.Thread(target=self.promote, args=(n, t), daemon=True)
+                promoting.start()
                 n += 1
                 next_promote += args.promote_every
             time.sleep(5)
         self.sample_rss(time.monotonic() - t0)
+        if promoting is not None:
+            promoting.join(600)
         for g in gens.values():
             g.wait(timeout=120)
         return self.report({k: json.loads((self.tmp / f"{k}.out.json").read_text()) for k in gens})
 
     def report(self, loads: dict) -> dict:
+        import psutil
+
         args = self.args
         minutes = max(1, int(round(args.duration / 60)))
         base_min = 1 if args.duration <= 150 else 2
@@ -309,7 +322,8 @@ class Soak:
             rss_mb[name] = [round(max((v for t, v in samples if m * 60 <= t < (m + 1) * 60), default=0), 1)
                             for m in range(minutes)]
             base = [v for t, v in samples if t <= base_min * 60]
-            if base and samples:
+            alive = self.pids.get(name) is not None and psutil.pid_exists(self.pids[name])
+            if base and samples and alive:
                 growth[name] = round(samples[-1][1] / base[-1] - 1, 4)
         worst = {k: (round(max(v for v in ps if v) / ps[0], 2) if ps and ps[0] else None) for k, ps in p99.items()}
         return {"bench": "soak", "duration_s": args.duration, "offered": {"stream_eps": args.stream_rate,
