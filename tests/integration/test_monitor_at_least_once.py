@@ -51,6 +51,7 @@ def _saved_offset(state_file: Path, topic: str) -> int:
         return -1
 
 
+@pytest.mark.timeout(1200)  # three monitors (two processes) on a machine that may be busy
 def test_a_monitor_killed_between_publishing_and_saving_loses_no_alert(services, tmp_path, apply_feature_repo):
     uid = "alo" + os.urandom(4).hex()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
@@ -74,7 +75,7 @@ def test_a_monitor_killed_between_publishing_and_saving_loses_no_alert(services,
     monitor, policy = service.build(json.loads(json.dumps(CONFIG)), service.known_inputs(registry))
     ref = service.MonitorService(reference, monitor, policy, snapshot_every_s=3600, idle_flush_s=0.3,
                                  on_alert=alerts.append, on_request=requests.append)
-    run_until(ref, lambda: ref.counts[settings.topic_predictions] >= total, timeout=120)
+    run_until(ref, lambda: ref.counts[settings.topic_predictions] >= total, timeout=400)
     assert len(alerts) >= 2, "the scenario needs alerts on both sides of the kill"
 
     config = tmp_path / "monitor.json"
@@ -82,7 +83,7 @@ def test_a_monitor_killed_between_publishing_and_saving_loses_no_alert(services,
     state_file = service.state_path(settings)
     first = _monitor(settings, config, f"{uid}-monitor")
     try:
-        _wait(lambda: read_topic(settings, settings.topic_drift, timeout=1), 180, "the first alert", first)
+        _wait(lambda: read_topic(settings, settings.topic_drift, timeout=1), 400, "the first alert", first)
     finally:
         first.send_signal(signal.SIGKILL)  # published, the state that covers it maybe not yet saved
         first.wait(10)
@@ -90,7 +91,7 @@ def test_a_monitor_killed_between_publishing_and_saving_loses_no_alert(services,
 
     second = _monitor(settings, config, f"{uid}-monitor")
     try:
-        _wait(lambda: _saved_offset(state_file, settings.topic_predictions) >= total, 180,
+        _wait(lambda: _saved_offset(state_file, settings.topic_predictions) >= total, 400,
               "the restarted monitor saving a state at the end of the stream", second)
     finally:
         second.send_signal(signal.SIGTERM)

@@ -45,6 +45,7 @@ def scenario(services, tmp_path_factory, apply_feature_repo):
     return {"settings": settings, "registry": registry, "uid": uid}
 
 
+@pytest.mark.timeout(900)  # the module's bootstrap training runs in the first test's set-up
 def test_a_champion_that_does_not_load_is_not_replaced_without_a_comparison(scenario):
     settings = scenario["settings"]
     models = ModelRegistry(settings, publish_events=False)
@@ -79,6 +80,7 @@ def _wait(cond, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.timeout(900)
 def test_a_failed_training_is_retried_with_back_off_and_its_request_stays_uncommitted(scenario):
     settings, uid = scenario["settings"], scenario["uid"]
     group = f"{uid}-worker"
@@ -92,7 +94,7 @@ def test_a_failed_training_is_retried_with_back_off_and_its_request_stays_uncomm
     thread.start()
     try:
         request_retrain(settings, MODEL, ["alert-retry"])
-        _wait(lambda: len(outcomes) >= 3, 120, "three failed attempts")
+        _wait(lambda: len(outcomes) >= 3, 300, "three failed attempts")
         failed = outcomes[:3]
         assert [o["status"] for o in failed] == ["failed"] * 3
         assert [o["attempt"] for o in failed] == [1, 2, 3]
@@ -101,7 +103,7 @@ def test_a_failed_training_is_retried_with_back_off_and_its_request_stays_uncomm
         assert _committed(settings, group) < 0  # not dropped: a crash now replays the request
 
         corrupt.unlink()  # the fault goes away: the next retry trains
-        _wait(lambda: any(o["status"] in ("promoted", "not_promoted") for o in outcomes), 120, "a training")
+        _wait(lambda: any(o["status"] in ("promoted", "not_promoted") for o in outcomes), 300, "a training")
         done = next(o for o in outcomes if o["status"] in ("promoted", "not_promoted"))
         assert done["reason"] == ["alert-retry"] and done["version"] is not None
         _wait(lambda: _committed(settings, group) == 1, 30, "the request committed after it trained")
