@@ -352,9 +352,9 @@ def _http(url: str, body: dict | None = None, token: str = "") -> dict:
         return json.loads(exc.read() or b"{}")
 
 
-def _served_version(base: str) -> str | None:
-    try:
-        model = _http(f"{base}/ready").get("model")
+def _served_version(base: str, token: str) -> str | None:
+    try:  # /ready names the version to the admin credential only
+        model = _http(f"{base}/ready", token=token).get("model")
     except OSError:
         return None
     return model["version"] if model else None
@@ -516,7 +516,7 @@ def closed_loop(seed: int, timeout_s: float = 240.0) -> dict:
         base = f"http://{settings.http_host}:{settings.http_port}"
         log(f"  loop: stack, feature repo and workload ready in {time.perf_counter() - t_setup:.1f}s; "
             "waiting for the bootstrapped version 1 to be served")
-        _wait_for("version 1 bootstrapped and served", lambda: _served_version(base) == "1", timeout_s, alive)
+        _wait_for("version 1 bootstrapped and served", lambda: _served_version(base, uid) == "1", timeout_s, alive)
         phases["version_1_served"] = round(time.perf_counter() - t_setup, 1)
         # the worker answers a request for a model it has no recipe for: then it is in its group
         _produce(settings, settings.topic_retrain, [(b"bench-probe", json.dumps(
@@ -533,7 +533,7 @@ def closed_loop(seed: int, timeout_s: float = 240.0) -> dict:
         _wait_for("new version promoted", lambda: timeline.promoted("1"), timeout_s, alive)
         t_promoted, event = timeline.promoted("1")
         version = event["version"]
-        _wait_for(f"serving version {version}", lambda: _served_version(base) == version, timeout_s,
+        _wait_for(f"serving version {version}", lambda: _served_version(base, uid) == version, timeout_s,
                   lambda: (alive(), time.sleep(0.05)))
         t_serving = time.time()
         answer = _http(f"{base}/predict", {"entities": {"card_id": str(batch.card_id[-1]),

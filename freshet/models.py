@@ -387,7 +387,8 @@ class ModelRegistry:
             path = self.client.download_artifacts(mv.run_id, f"model/{MODEL_FILE}", tmp)
             doc = json.loads(Path(path).read_text())  # JSON only: nothing is unpickled
         model = LinearModel.from_dict(doc, name, str(mv.version))
-        model.info = {"run_id": mv.run_id, "source": mv.source}
+        model.info = {"run_id": mv.run_id, "source": mv.source,
+                      "feature_service": mv.tags.get("feast.feature_service", "")}
         self._cache[key] = model
         return model
 
@@ -471,8 +472,10 @@ class ModelFollower:
 
     def __init__(self, settings: Settings, name: str = DEFAULT_MODEL_NAME, registry: ModelRegistry | None = None,
                  alias: str = CHAMPION, poll_s: float = 30.0,
-                 on_change: Callable[[LinearModel | None, LinearModel], None] | None = None):
+                 on_change: Callable[[LinearModel | None, LinearModel], None] | None = None,
+                 gate: Callable[[LinearModel], None] | None = None):
         self.settings = settings
+        self.gate = gate  # raises for a version that must not be served: the current one stays
         self.name = name
         self.alias = alias
         self.poll_s = poll_s
@@ -495,6 +498,8 @@ class ModelFollower:
                 if self.model is not None and self.model.version == version:
                     return False
                 new = self.registry.load(self.name, version)
+                if self.gate is not None:
+                    self.gate(new)
             except Exception as exc:  # noqa: BLE001 - keep serving the current version
                 self.last_error = f"could not load model {self.name!r}: {exc}"
                 log.warning("%s", self.last_error)

@@ -95,8 +95,17 @@ class Settings:
 
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    # bearer tokens by scope: api_token is the admin's (every scope); empty -> generated into the data dir
     api_token: str = _secret()
+    api_token_predict: str = _secret()
+    api_token_features: str = _secret()
     max_body_bytes: int = 1_000_000
+    # rows (entity rows, /predict instances) and features one request may ask for: 413 above
+    max_rows_per_request: int = 1000
+    max_features_per_request: int = 500
+    # HTTPS for the HTTP API: both set, or neither (plain HTTP)
+    http_tls_certfile: str = ""
+    http_tls_keyfile: str = ""
 
     log_level: str = "INFO"
 
@@ -162,7 +171,7 @@ _CHOICES = {
     "training_features": {"recomputed", "served"},
 }
 _POSITIVE = {"kafka_session_timeout_ms", "kafka_partitions", "max_body_bytes", "stream_commit_interval_ms",
-             "stream_max_future_s", "stream_max_event_bytes"}
+             "stream_max_future_s", "stream_max_event_bytes", "max_rows_per_request", "max_features_per_request"}
 
 
 def _env_name(name: str) -> str:
@@ -213,11 +222,25 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"{_env_name(name)}={getattr(s, name)} must be a fraction 0..1")
     if s.consistency_grace_ms < 0:
         raise SettingsError(f"{_env_name('consistency_grace_ms')} must be >= 0, got {s.consistency_grace_ms}")
+    _validate_http_security(s)
     if not s.model_name:
         raise SettingsError(f"{_env_name('model_name')} must not be empty")
     for topic in ("deadletter", "predictions", "labels", "drift", "retrain", "models"):
         if not getattr(s, f"topic_{topic}"):
             raise SettingsError(f"{_env_name('topic_' + topic)} must not be empty")
+
+
+def _validate_http_security(s: Settings) -> None:
+    tokens = {n: getattr(s, n) for n in ("api_token", "api_token_predict", "api_token_features") if getattr(s, n)}
+    if len(set(tokens.values())) != len(tokens):
+        raise SettingsError(f"{', '.join(_env_name(n) for n in tokens)} must differ from each other: "
+                            "each token grants its own scope")
+    if bool(s.http_tls_certfile) != bool(s.http_tls_keyfile):
+        raise SettingsError(f"{_env_name('http_tls_certfile')} and {_env_name('http_tls_keyfile')} go together: "
+                            "set both for HTTPS, or neither")
+    for name in ("http_tls_certfile", "http_tls_keyfile"):
+        if getattr(s, name) and not Path(getattr(s, name)).expanduser().is_file():
+            raise SettingsError(f"{_env_name(name)}={getattr(s, name)} is not a readable file")
 
 
 def _coerce(name: str, raw: Any, source: str) -> Any:

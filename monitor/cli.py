@@ -19,6 +19,8 @@ log = logging.getLogger("freshet.monitor")
 
 def _stop_on_sigterm(stop) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop())
+    # Ctrl-C too: a KeyboardInterrupt mid-batch would stop the loop without saving its state
+    signal.signal(signal.SIGINT, lambda *_: stop())
 
 
 # --- monitor ------------------------------------------------------------------------

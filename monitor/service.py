@@ -13,7 +13,9 @@ offset of a topic as its last batch's base offset + 1, not its last record's.
 
 Restart. The state file (`<data_dir>/monitor/state.json`, plain JSON) holds the library's
 `state_dict()`, the policy's clocks and the next offset of every partition, written
-together after the alerts before them were delivered: a restart resumes exactly there,
+together after the alerts before them were delivered (acknowledged by the broker; what
+failed is sent again first), and only by a loop that was not stopped by an error in the
+middle of a batch: a kill or crash anywhere loses no alert. A restart resumes exactly there,
 with warmed-up detectors and running cooldowns, so it raises nothing the stream did not
 cause. After a crash the records since the last snapshot are read again; alert and request
 ids are deterministic, so what is published twice carries the same ids.
@@ -345,6 +347,9 @@ class MonitorService:
         self._seen_events = self._seen_dead = 0
         self._counted = set(self.event_topics) | ({settings.topic_deadletter} if self.event_topics else set())
         self._dirty = False  # observations since the last flush
+        # alerts and requests produced since the last save: sent again if any failed delivery
+        self._outbox: list[tuple[str, bytes, bytes]] = []
+        self._undelivered = 0
         self._stream_ts: float | None = None  # newest prediction time: the policy's clock for due requests
         self._last_snapshot = time.monotonic()
 
@@ -378,8 +383,8 @@ class MonitorService:
         """Flush the library, deliver what is queued, then save state and offsets together."""
         self._publish(self.monitor.flush())
         self._dirty = False
-        if self._producer is not None and self._producer.flush(15) > 0:
-            log.warning("alerts not delivered within 15 s; state not saved (a restart replays from the last save)")
+        if not self._deliver_outbox():
+            log.warning("alerts not delivered; state not saved (a restart replays from the last save)")
             return False
         state = {"format": STATE_FORMAT, "saved_at": time.time(), "monitor": self.monitor.state_dict(),
                  "policy": self.policy.state_dict(),
@@ -393,6 +398,38 @@ class MonitorService:
         if self._consumer is not None:
             self._commit()
         return True
+
+    def _deliver_outbox(self, attempts: int = 3) -> bool:
+        """Every alert and request produced since the last save acknowledged; what failed is sent again."""
+        if self._producer is None:
+            return True
+        for attempt in range(attempts):
+            if self._producer.flush(15) == 0 and self._undelivered == 0:
+                self._outbox.clear()
+                return True
+            log.warning("%d alert/request message(s) not delivered; sending the %d since the last save again "
+                        "(attempt %d; their ids make repeats harmless)", self._undelivered, len(self._outbox),
+                        attempt + 1)
+            self._undelivered = 0
+            for topic, key, value in self._outbox:
+                self._produce(topic, key, value)
+        return False
+
+    def _on_delivery(self, err, msg) -> None:
+        if err is not None:
+            self._undelivered += 1
+
+    def _send(self, topic: str, key: bytes, value: bytes) -> None:
+        self._outbox.append((topic, key, value))
+        self._produce(topic, key, value)
+
+    def _produce(self, topic: str, key: bytes, value: bytes) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, key=key, value=value)
+                return
+            except BufferError:  # the local queue is full: wait for deliveries instead of dropping an alert
+                self._producer.poll(0.5)
 
     def _commit(self) -> None:
         # informational (consumer-lag tools); the state file is what a restart reads
@@ -415,7 +452,7 @@ class MonitorService:
         s = self.settings
         kafka.ensure_topics(s, [*self.topics, s.topic_drift, s.topic_retrain, *sorted(self._counted)])
         self._consumer = kafka.consumer(s, group)
-        self._producer = kafka.producer(s, **{"linger.ms": 20})
+        self._producer = kafka.producer(s, **{"linger.ms": 20, "on_delivery": self._on_delivery})
         assignment = []
         for topic in self.topics:
             meta = self._consumer.list_topics(topic, timeout=10).topics[topic]
@@ -442,7 +479,7 @@ class MonitorService:
                         alert.model, alert.model_version, alert.kind, alert.subject, alert.detector,
                         alert.statistic, alert.threshold, alert.window)
             if self._producer is not None:
-                self._producer.produce(s.topic_drift, key=alert.key(), value=alert.encode())
+                self._send(s.topic_drift, alert.key(), alert.encode())
             if self.metrics:
                 self.metrics.alerts.labels(alert.model, alert.kind, alert.subject).inc()
             if self.on_alert:
@@ -459,7 +496,7 @@ class MonitorService:
         log.warning("retrain request %s for model %s: %d alert(s) %s", request.request_id, request.model,
                     len(request.reason), ", ".join(request.reason[:5]))
         if self._producer is not None:
-            self._producer.produce(self.settings.topic_retrain, key=request.key(), value=request.encode())
+            self._send(self.settings.topic_retrain, request.key(), request.encode())
         if self.metrics:
             self.metrics.requests.labels(request.model).inc()
         if self.on_request:
@@ -480,7 +517,6 @@ class MonitorService:
                 else:
                     self._seen_events += 1
                 continue
-            self.offsets.setdefault(topic, {})[partition] = msg.offset() + 1
             try:
                 if topic == preds:
                     record = Prediction.decode(msg.value())
@@ -492,7 +528,10 @@ class MonitorService:
                     continue
             except (ContractError, TypeError, ValueError) as exc:
                 self._reject(topic, partition, msg.offset(), exc)
+                self.offsets.setdefault(topic, {})[partition] = msg.offset() + 1
                 continue
+            # advanced once observed: a state saved with this offset holds the record's effect
+            self.offsets.setdefault(topic, {})[partition] = msg.offset() + 1
             self.counts[topic] += 1
             self._dirty = True
             if self.metrics:
@@ -542,6 +581,7 @@ class MonitorService:
         next_dl = next_metrics = time.monotonic()
         idle_since = time.monotonic()
         self.ready.set()
+        clean = False
         try:
             while not self.stop_event.is_set():
                 msgs = self._consumer.consume(1000, 0.2)
@@ -563,10 +603,15 @@ class MonitorService:
                 if now - self._last_snapshot >= self.snapshot_every_s:
                     self.snapshot()
                 self._producer.poll(0)
+            clean = True
         finally:
             try:
-                self.snapshot()
-                log.info("monitor stopped; state saved to %s (%s)", self.state_file, dict(self.counts))
+                # stopped by an error mid-batch, the library may hold alerts never published: no save
+                if not clean:
+                    log.error("monitor stopped by an error; state not saved (a restart replays from %s)",
+                              self.state_file)
+                elif self.snapshot():
+                    log.info("monitor stopped; state saved to %s (%s)", self.state_file, dict(self.counts))
             finally:
                 self._consumer.close()
                 self._consumer = None

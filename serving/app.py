@@ -18,8 +18,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from freshet.settings import DEFAULT_MODEL_NAME, Settings
 from freshet.models import ModelFollower, ModelRegistry
 from freshet.serving.admin import admin_api
-from freshet.serving.auth import BearerAuth, resolve_token
+from freshet.serving.auth import ADMIN, ScopedAuth, resolve_credentials
 from freshet.serving.errors import ANSWERED, JSON, HTTPError, as_http_error
+from freshet.serving.gate import ServingGate
 from freshet.serving.metrics import ServingMetrics
 from freshet.serving.online import OnlineFeatureReader, RedisUnavailable
 from freshet.serving.predictions import PredictionLog
@@ -36,14 +37,14 @@ class ServingApp:
     """The ASGI application. Build it with `create_app`."""
 
     def __init__(self, settings: Settings, reader: OnlineFeatureReader, registry: ModelRegistry | None,
-                 follower: ModelFollower | None, prediction_log: PredictionLog | None, token: str,
+                 follower: ModelFollower | None, prediction_log: PredictionLog | None, tokens: dict[str, str],
                  model_name: str = DEFAULT_MODEL_NAME):
         self.settings = settings
         self.reader = reader
         self.registry = registry
         self.follower = follower
         self.model_name = model_name
-        self.auth = BearerAuth(token)
+        self.auth = ScopedAuth(tokens)
         self.max_body = settings.max_body_bytes
         self._tasks: list[asyncio.Task] = []
         self.metrics = ServingMetrics(reader)
@@ -56,9 +57,12 @@ class ServingApp:
             ("GET", "/ready"): self.ready,
             ("GET", "/metrics"): self.scrape,
         }
+        # every version is gated before this server serves it, and before a promotion it is asked for
+        self.gate = ServingGate(reader, registry)
         self.api = admin_api(self)
         if follower is not None:
             follower.on_change = self.metrics.model_changed
+            follower.gate = follower.gate or self.gate
 
     # -- ASGI ------------------------------------------------------------------
 
@@ -80,11 +84,13 @@ class ServingApp:
         headers = scope["headers"]
         status = 500
         try:
-            self.auth.check(path, headers)
+            scopes = self.auth.check(path, headers)
             if handler is None:
                 status = await self._delegate(scope, receive, send)
                 return
             body = await self._read_body(headers, receive) if method == "POST" else b""
+            if handler == self.ready and ADMIN in scopes:
+                handler = self.ready_in_detail
             status, payload, content_type = await handler(body)
             await _respond(send, status, payload, content_type)
         except ANSWERED as exc:
@@ -191,7 +197,8 @@ class ServingApp:
 
     async def get_online_features(self, body: bytes) -> tuple[int, bytes, bytes]:
         """Feast's /get-online-features: the same request and response JSON."""
-        features, service, full, entities = features_request(body)
+        features, service, full, entities = features_request(body, self.settings.max_rows_per_request,
+                                                             self.settings.max_features_per_request)
         try:
             plan = self.reader.plan(features, service, full)
             result = await self.reader.read_async(plan, entities)
@@ -204,6 +211,12 @@ class ServingApp:
         return 200, b'{"status":"ok"}', JSON
 
     async def ready(self, body: bytes) -> tuple[int, bytes, bytes]:
+        """Ready or not, and nothing else: hosts, errors and versions are for the admin scope."""
+        status, _, _ = await self.ready_in_detail(body)
+        return status, b'{"ready":true}' if status == 200 else b'{"ready":false}', JSON
+
+    async def ready_in_detail(self, body: bytes) -> tuple[int, bytes, bytes]:
+        """/ready with the admin credential: each check, the version served, and why the champion is not."""
         checks: dict[str, str] = {}
         try:
             await self.reader.aio.ping()
@@ -220,6 +233,8 @@ class ServingApp:
         model = self.follower.model if self.follower else None
         doc = {"ready": ok, "checks": checks,
                "model": {"name": model.name, "version": model.version} if model else None}
+        if self.follower is not None and self.follower.last_error:
+            doc["model_error"] = self.follower.last_error
         return (200 if ok else 503), orjson.dumps(doc), JSON
 
     async def scrape(self, body: bytes) -> tuple[int, bytes, bytes]:
@@ -249,17 +264,18 @@ async def _respond(send, status: int, body: bytes, content_type: bytes, headers:
 
 def create_app(settings: Settings, *, model_name: str | None = None, reader: OnlineFeatureReader | None = None,
                registry: ModelRegistry | None = None, follow_models: bool = True, log_predictions: bool = True,
-               model_poll_s: float = 30.0, token: str | None = None) -> ServingApp:
-    """Build the ASGI app: feature reader, model registry and follower, prediction log, auth token.
+               model_poll_s: float = 30.0, tokens: dict[str, str] | None = None) -> ServingApp:
+    """Build the ASGI app: feature reader, model registry and follower, prediction log, scoped credentials.
 
-    The model served is `model_name`, else settings.model_name (FRESHET_MODEL_NAME).
+    The model served is `model_name`, else settings.model_name (FRESHET_MODEL_NAME); `tokens`
+    maps each scope to its token (default: the settings, else the token files in the data dir).
     """
     model_name = model_name or settings.model_name
-    token = token or resolve_token(settings)
+    tokens = tokens or resolve_credentials(settings)
     reader = reader or OnlineFeatureReader(settings)
     follower = None
     if follow_models:
         registry = registry or ModelRegistry(settings)
         follower = ModelFollower(settings, model_name, registry=registry, poll_s=model_poll_s)
     plog = PredictionLog(settings) if log_predictions else None
-    return ServingApp(settings, reader, registry, follower, plog, token, model_name)
+    return ServingApp(settings, reader, registry, follower, plog, tokens, model_name)

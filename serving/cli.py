@@ -15,7 +15,7 @@ def cmd_serve(args, settings) -> int:
 
     from freshet.endpoints import resolve_endpoints
     from freshet.errors import CliError
-    from freshet.serving import auth, workers
+    from freshet.serving import auth, transport, workers
 
     if args.workers < 1:
         raise CliError(f"--workers must be at least 1, got {args.workers}")
@@ -23,8 +23,9 @@ def cmd_serve(args, settings) -> int:
     if args.port is not None or args.host is not None:
         settings = dataclasses.replace(settings, http_port=args.port or settings.http_port,
                                        http_host=args.host or settings.http_host)
-    log.info("serving on http://%s:%d (OpenAPI docs at /docs; token: FRESHET_API_TOKEN or %s)",
-             settings.http_host, settings.http_port, auth.token_path(settings))
+    log.info("serving on %s://%s:%d (OpenAPI docs at /docs; tokens: FRESHET_API_TOKEN (admin), "
+             "FRESHET_API_TOKEN_PREDICT, FRESHET_API_TOKEN_FEATURES, else the files %s-*)",
+             transport.scheme(settings), settings.http_host, settings.http_port, auth.token_path(settings))
     return workers.run(settings, model_name=args.model, workers=args.workers)
 
 
@@ -33,7 +34,9 @@ def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
         "serve", help="HTTP API: online features, predictions, models, health, metrics",
         description="Feast-compatible POST /get-online-features, POST /predict, model admin, /health, "
                     "/ready and /metrics. Every endpoint but health, ready and metrics needs "
-                    "'Authorization: Bearer <FRESHET_API_TOKEN>'.")
+                    "'Authorization: Bearer <token>' of its scope: features (FRESHET_API_TOKEN_FEATURES), "
+                    "predict (FRESHET_API_TOKEN_PREDICT) or admin (FRESHET_API_TOKEN, every scope). HTTPS with "
+                    "FRESHET_HTTP_TLS_CERTFILE and FRESHET_HTTP_TLS_KEYFILE.")
     p.add_argument("--host", help="overrides FRESHET_HTTP_HOST")
     p.add_argument("--port", type=int, help="overrides FRESHET_HTTP_PORT")
     p.add_argument("--model", help=f"registered model name to serve (overrides FRESHET_MODEL_NAME, default {DEFAULT_MODEL_NAME})")

@@ -43,6 +43,9 @@ class PredictionLog:
         self.settings = settings
         self.topic = settings.topic_predictions
         self.max_pending = max_pending
+        # the last tenth of the queue is for single predictions: one client's batches cannot
+        # push other clients' predictions out (see admit)
+        self.reserve = max(1, max_pending // 10)
         self.published = 0
         self.dropped = {"buffer_full": 0, "undelivered": 0, "disabled": 0}
         self.enabled = bool(settings.kafka_bootstrap_servers)
@@ -79,6 +82,19 @@ class PredictionLog:
     @property
     def pending(self) -> int:
         return len(self._producer) if self._producer is not None else 0
+
+    @property
+    def queued(self) -> int:
+        """Predictions waiting: in librdkafka's queue and in the next hand-over."""
+        return self.pending + len(self._batch)
+
+    def admit(self, n: int) -> bool:
+        """Whether a request of `n` predictions may be answered now: a batch (n > 1) only while it
+        leaves `reserve` places free, so a client's huge batches are refused (503, retry) before they
+        fill the queue, and single predictions, always answered, find room."""
+        if self._producer is None or n == 1:  # a single prediction is never refused (at worst dropped, counted)
+            return True
+        return n <= self.max_pending - self.queued - self.reserve
 
     def publish(self, request_id: str, model: str, model_version: str, entities: dict[str, Any],
                 features: dict[str, Any], prediction: dict[str, Any], ts: float | None = None) -> bool:

@@ -71,10 +71,15 @@ class Predictor:
     async def predict(self, body: bytes) -> tuple[int, bytes, bytes]:
         """Score one instance or a batch with the served model version."""
         model = self._served_model()
-        instances, batch = predict_request(body, model.name)
+        instances, batch = predict_request(body, model.name, self.reader.settings.max_rows_per_request)
         plan = self._plan(model)
         columns, fields_rows, request_ids = parse_instances(instances, batch, plan.key_types, plan.fields,
                                                             model.name)
+        if self.prediction_log is not None and not self.prediction_log.admit(len(instances)):
+            raise HTTPError(503, f"the prediction log is backed up ({self.prediction_log.queued} of "
+                                 f"{self.prediction_log.max_pending} queued): a batch may not take its last "
+                                 f"{self.prediction_log.reserve}; retry later", "instances",
+                            headers=[(b"retry-after", b"1")])
         result = await self.reader.read_async(plan.read, columns) if plan.read else None
         out = self._predictions(model, plan.rows(result, fields_rows), columns, request_ids)
         if result is not None:

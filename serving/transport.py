@@ -6,6 +6,7 @@ Owns the uvicorn configuration shared by one process and each worker, and the co
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from freshet.settings import Settings
@@ -55,7 +56,16 @@ def http_protocol():
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """How uvicorn runs the app, in one process or in each of several workers."""
-    return dict(host=settings.http_host, port=settings.http_port, loop="uvloop", http=http_protocol(), lifespan="on",
-                access_log=False, log_level=settings.log_level.lower(), server_header=False,
-                limit_concurrency=10_000, backlog=4096, timeout_keep_alive=30)
+    """How uvicorn runs the app, in one process or in each of several workers; HTTPS when a certificate is set."""
+    options = dict(host=settings.http_host, port=settings.http_port, loop="uvloop", http=http_protocol(),
+                   lifespan="on", access_log=False, log_level=settings.log_level.lower(), server_header=False,
+                   limit_concurrency=10_000, backlog=4096, timeout_keep_alive=30)
+    if settings.http_tls_certfile:
+        options.update(ssl_certfile=str(Path(settings.http_tls_certfile).expanduser()),
+                       ssl_keyfile=str(Path(settings.http_tls_keyfile).expanduser()))
+    return options
+
+
+def scheme(settings: Settings) -> str:
+    """'https' when the API serves TLS (FRESHET_HTTP_TLS_CERTFILE), else 'http'."""
+    return "https" if settings.http_tls_certfile else "http"

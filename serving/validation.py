@@ -45,21 +45,40 @@ def json_type(value: Any) -> str:
             float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def features_request(body: bytes) -> tuple[list, str | None, bool, Any]:
+def within_limit(count: int, limit: int | None, what: str, setting: str, field: str) -> None:
+    """413 naming the limit and its setting when a request asks for more than `limit` (None: no limit).
+
+    >>> within_limit(1001, 1000, "rows", "FRESHET_MAX_ROWS_PER_REQUEST", "instances")
+    Traceback (most recent call last):
+    ...
+    freshet.serving.errors.HTTPError: 1001 rows exceed the limit of 1000 per request (FRESHET_MAX_ROWS_PER_REQUEST); split the request
+    """
+    if limit is not None and count > limit:
+        raise HTTPError(413, f"{count} {what} exceed the limit of {limit} per request ({setting}); "
+                             "split the request", field)
+
+
+def features_request(body: bytes, max_rows: int | None = None,
+                     max_features: int | None = None) -> tuple[list, str | None, bool, Any]:
     """(features, feature_service, full_feature_names, entities) of a /get-online-features body."""
     req = expect(parse_json(body), dict, "body", "a JSON object")
     features = req.get("features")
     features = [] if features is None else expect(features, list, "features", "a list of 'view:feature' strings")
+    within_limit(len(features), max_features, "features", "FRESHET_MAX_FEATURES_PER_REQUEST", "features")
     service = req.get("feature_service")
     if service is not None:
         expect(service, str, "feature_service", "a string")
     full = expect(req.get("full_feature_names", False), bool, "full_feature_names", "true or false")
     if "entities" not in req:
         raise HTTPError(422, "missing; send {\"entities\": {\"<join key>\": [values...]}}", "entities")
-    return features, service, full, req["entities"]
+    entities = req["entities"]
+    if type(entities) is dict:
+        rows = max((len(v) for v in entities.values() if type(v) is list), default=0)
+        within_limit(rows, max_rows, "entity rows", "FRESHET_MAX_ROWS_PER_REQUEST", "entities")
+    return features, service, full, entities
 
 
-def predict_request(body: bytes, model_name: str) -> tuple[list, bool]:
+def predict_request(body: bytes, model_name: str, max_rows: int | None = None) -> tuple[list, bool]:
     """(instances, is it the batch form) of a /predict body for the served model `model_name`."""
     req = expect(parse_json(body), dict, "body", "a JSON object")
     wanted = req.get("model")
@@ -69,6 +88,7 @@ def predict_request(body: bytes, model_name: str) -> tuple[list, bool]:
     instances = expect(req["instances"], list, "instances", "a list of objects") if batch else [req]
     if not instances:
         raise HTTPError(422, "must hold at least one instance", "instances")
+    within_limit(len(instances), max_rows, "instances", "FRESHET_MAX_ROWS_PER_REQUEST", "instances")
     if batch and "request_id" in req:
         raise HTTPError(422, "the batch form takes a request_id per instance, not one for the batch",
                         "request_id")

@@ -58,7 +58,7 @@ def _exit_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def worker_main(settings: Settings, model_name: str, token: str, index: int, parent_pid: int) -> None:
+def worker_main(settings: Settings, model_name: str, tokens: dict[str, str], index: int, parent_pid: int) -> None:
     """One serving process: its own app and clients, its own SO_REUSEPORT socket on the shared port."""
     _exit_with_parent(parent_pid)
     # the supervisor orders the shutdown (SIGTERM); uvicorn takes SIGINT over once it serves
@@ -73,7 +73,7 @@ def worker_main(settings: Settings, model_name: str, token: str, index: int, par
     from freshet.serving.app import create_app
     from freshet.serving.transport import uvicorn_options
 
-    app = create_app(settings, model_name=model_name, token=token)
+    app = create_app(settings, model_name=model_name, tokens=tokens)
     sock = reuseport_socket(settings.http_host, settings.http_port)
     uvicorn.Server(uvicorn.Config(app, **uvicorn_options(settings))).run(sockets=[sock])
 
@@ -81,12 +81,12 @@ def worker_main(settings: Settings, model_name: str, token: str, index: int, par
 class WorkerPool:
     """Runs `workers` serving processes on settings.http_host:http_port until stopped."""
 
-    def __init__(self, settings: Settings, model_name: str, token: str, workers: int):
+    def __init__(self, settings: Settings, model_name: str, tokens: dict[str, str], workers: int):
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self.settings = settings
         self.model_name = model_name
-        self.token = token
+        self.tokens = tokens
         self.workers = workers
         self._ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads and clients
         self._procs: list = []
@@ -95,7 +95,7 @@ class WorkerPool:
 
     def _spawn(self, index: int):
         proc = self._ctx.Process(target=worker_main, name=f"freshet-serve-{index}", daemon=False,
-                                 args=(self.settings, self.model_name, self.token, index, os.getpid()))
+                                 args=(self.settings, self.model_name, self.tokens, index, os.getpid()))
         proc.start()
         log.info("worker %d started (pid %d)", index, proc.pid)
         return proc
@@ -159,14 +159,14 @@ class WorkerPool:
 def run(settings: Settings, model_name: str | None = None, workers: int = 1) -> int:
     """Serve on settings.http_host:http_port until interrupted (what `freshet serve` calls).
 
-    With workers > 1, that many processes share the port (WorkerPool); the token is
+    With workers > 1, that many processes share the port (WorkerPool); the tokens are
     resolved once here so they cannot race to generate different ones.
     """
-    from freshet.serving.auth import resolve_token
+    from freshet.serving.auth import resolve_credentials
 
     model_name = model_name or settings.model_name
     if workers > 1:
-        return WorkerPool(settings, model_name, resolve_token(settings), workers).run()
+        return WorkerPool(settings, model_name, resolve_credentials(settings), workers).run()
     import uvicorn
 
     from freshet.serving.app import create_app

@@ -41,12 +41,26 @@ MAX_DEPTH = 32  # levels of JSON nesting (orjson itself stops at 1024)
 INT64 = (-(2 ** 63), 2 ** 63 - 1)  # the raw log's int columns are int64
 
 
-def _depth(value: Any) -> int:
-    if type(value) is dict:
-        return 1 + max(map(_depth, value.values()), default=0)
-    if type(value) is list:
-        return 1 + max(map(_depth, value), default=0)
-    return 0
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON `value` nests more than `limit` levels; a loop, not recursion, which JSON
+    nested ~1000 deep (orjson decodes up to 1024) would exhaust before any limit is checked.
+
+    >>> _deeper_than({"a": [[1]]}, 3), _deeper_than({"a": [[1]]}, 2)
+    (False, True)
+    """
+    level = [value]  # the values at one nesting level; the depth is the deepest level holding a container
+    for _ in range(limit):
+        nested = []
+        for v in level:
+            t = type(v)
+            if t is dict:
+                nested.extend(v.values())
+            elif t is list:
+                nested.extend(v)
+        if not nested:
+            return False
+        level = nested
+    return any(type(v) in (dict, list) for v in level)
 
 
 # The exact types JSON decodes to that each schema kind accepts (so bool is no int here)
@@ -119,7 +133,7 @@ class EventDecoder:
             raise EventError("event must be a JSON object")
         # a flat object has one "{" and no "[" (two memchr calls): only events with nested
         # (or bracketed text) values are walked
-        if (91 in raw or raw.find(123, 1) != -1) and _depth(event) > MAX_DEPTH:
+        if (91 in raw or raw.find(123, 1) != -1) and _deeper_than(event, MAX_DEPTH):
             raise EventError(f"JSON nests deeper than {MAX_DEPTH} levels")
         long = len(raw) > MAX_STRING_CHARS  # else no string in it can be
         get = event.get

@@ -219,7 +219,7 @@ class Retrainer:
             scores = self._evaluate(job, training, pipeline, plan, champion)
             decision = self._decide(job, scores)
             version = self._register(job, training, pipeline, scores, plan)
-            promoted = self._promote(job, version, decision)
+            promoted, decision = self._promote(job, version, decision)
         except _Ended as end:
             return self.outcomes.finish(job.outcome, end.status, end.why)
         return self.outcomes.finish(job.outcome, "promoted" if promoted else "not_promoted", decision.reason)
@@ -230,8 +230,21 @@ class Retrainer:
     def _begin(self, reason: Sequence[str], request_ids: Sequence[str], bootstrap: bool) -> Retraining:
         reason = [str(r) for r in dict.fromkeys(reason)] or ([BOOTSTRAP_REASON] if bootstrap else [])
         job = Retraining.start(self.config, reason, list(request_ids) or [new_id()], bootstrap)
-        job.outcome["champion_before"] = self.models.current_version(self.config.model)
+        job.outcome["champion_before"] = self._champion()
         return job
+
+    def _champion(self) -> str | None:
+        """The champion's version; None only when the registry answers that there is none.
+
+        current_version answers None for any registry error too, and "no champion" promotes
+        without a comparison: the model list, which raises on an error, confirms it."""
+        version = self.models.current_version(self.config.model)
+        if version is not None:
+            return version
+        from freshet.models import CHAMPION
+
+        listed = next((m for m in self.models.models() if m["name"] == self.config.model), None)
+        return listed["aliases"].get(CHAMPION) if listed else None
 
     def _prepare(self, job: Retraining, force: bool) -> None:
         """Skip what was done already; wait for post-drift labels when configured."""
@@ -346,8 +359,9 @@ class Retrainer:
         if job.bootstrap or job.champion is None:
             return Decision(True, "bootstrap: the first version is promoted so there is a model to serve"
                             if job.bootstrap else "no champion to compare with")
-        if scores.champion is None:
-            return Decision(True, scores.champion_note or "the champion could not be scored")
+        if scores.champion is None:  # never replace a champion without a comparison
+            return Decision(False, f"{scores.champion_note or f'champion version {job.champion} could not be loaded'}"
+                                   "; not promoted without a comparison (promote it by hand if intended)")
         gains = None
         if cfg.bootstrap_rounds:
             gains = scores.gains([cfg.metric, FALLBACK_METRIC], cfg.bootstrap_rounds, cfg.seed)
@@ -408,8 +422,12 @@ class Retrainer:
             "champion_before": job.champion,
         }
 
-    def _promote(self, job: Retraining, version: str, decision: Decision) -> bool:
-        """6. Promote the candidate if the decision says so; record the decision either way."""
+    def _promote(self, job: Retraining, version: str, decision: Decision) -> tuple[bool, Decision]:
+        """6. Promote the candidate if the decision says so and it passes the model gate; record the decision."""
+        if decision.promote:
+            rejected = self._gate(version)
+            if rejected:
+                decision = Decision(False, f"the model gate rejected version {version}: {rejected}")
         promoted = bool(decision.promote)
         if promoted:
             self.models.promote(self.config.model, version)
@@ -418,7 +436,23 @@ class Retrainer:
         job.outcome["promoted"] = promoted
         self._step(6, "%s version %s: %s", "promoted" if promoted else "did not promote", version, decision.reason)
         job.total()
-        return promoted
+        return promoted, decision
+
+    def _gate(self, version: str) -> str:
+        """Why the model gate rejects `version` ("" when it passes); the verdict is recorded on the version."""
+        from freshet.gates import GateFailed, ModelGate, record_verdict
+
+        reg = self.registry
+        gate = ModelGate(reg.feature_services, [f"{v.name}:{f}" for v in reg.views.values() for f in v.feature_names])
+        try:
+            gate.check(self.models.load(self.config.model, version), self.config.feature_service)
+            reason = ""
+        except GateFailed as exc:
+            reason = str(exc)
+            log.error("retrain %s: version %s failed the model gate and is not promoted: %s",
+                      self.config.model, version, reason)
+        record_verdict(self.models, self.config.model, version, reason)
+        return reason
 
 
 def _first_event_time(events: pd.DataFrame, timestamp_field: str) -> float | None:

@@ -41,8 +41,13 @@ class RetrainWorker:
 
     def __init__(self, settings: Settings, retrainers: Mapping[str, Retrainer], group: str = "freshet-retrain",
                  on_outcome: Callable[[dict[str, Any]], None] | None = None, label_sync_every_s: float = 15.0,
-                 bootstrap_every_s: float = 0.0):
+                 bootstrap_every_s: float = 0.0, retry_base_s: float = 5.0, retry_max_s: float = 300.0):
         self.settings = settings
+        # a failed training is tried again after retry_base_s, doubling up to retry_max_s; until it
+        # succeeds no offset is committed, so a crash meanwhile replays its request instead of losing it
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = retry_max_s
+        self._retries: dict[str, tuple[list[str], list[str], int, float]] = {}  # model -> (reason, ids, attempt, due)
         # > 0: while a model has no champion, try a bootstrap training this often when idle
         self.bootstrap_every_s = bootstrap_every_s
         # copying labels while idle keeps the copy at training time (alert -> promotion) short
@@ -51,7 +56,7 @@ class RetrainWorker:
         self.group = group
         self.on_outcome = on_outcome
         self.counts = {"requests": 0, "rejected": 0, "unknown_model": 0, "trainings": 0, "skipped": 0,
-                       "promoted": 0, "failed": 0}
+                       "promoted": 0, "failed": 0, "retries": 0}
         self.stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -74,7 +79,10 @@ class RetrainWorker:
             while not self.stop_event.is_set():
                 msgs = consumer.consume(100, 0.5)
                 if not msgs:
-                    if self.bootstrap_every_s and time.monotonic() >= next_bootstrap:
+                    if self._retries:
+                        if self._retry_due():
+                            self._commit(consumer)
+                    elif self.bootstrap_every_s and time.monotonic() >= next_bootstrap:
                         self._bootstrap_missing()
                         next_bootstrap = time.monotonic() + self.bootstrap_every_s
                     elif self.label_sync_every_s and time.monotonic() >= next_sync:
@@ -89,12 +97,34 @@ class RetrainWorker:
                         break
                     msgs.extend(more)
                 self.handle([m for m in msgs if self._ok(m)])
-                try:
-                    consumer.commit(asynchronous=False)
-                except Exception as exc:  # noqa: BLE001 - a replay is harmless: requests are idempotent
-                    log.warning("retrain worker: offset commit failed (%s); requests may be seen again", exc)
+                self._commit(consumer)
         finally:
             consumer.close()
+
+    def _commit(self, consumer) -> None:
+        if self._retries:  # a failed training's request must survive a crash: commit once it succeeded
+            return
+        try:
+            consumer.commit(asynchronous=False)
+        except Exception as exc:  # noqa: BLE001 - a replay is harmless: requests are idempotent
+            log.warning("retrain worker: offset commit failed (%s); requests may be seen again", exc)
+
+    def _retry_due(self) -> bool:
+        """Train again for each failed request whose back-off has passed; True once none is pending."""
+        now = time.monotonic()
+        for model, (reason, ids, attempt, due) in list(self._retries.items()):
+            if now >= due:
+                del self._retries[model]
+                self.counts["retries"] += 1
+                self._train(self.retrainers[model], model, reason, ids, attempt)
+        return not self._retries
+
+    def _schedule_retry(self, model: str, reason: list[str], ids: list[str], attempt: int) -> float:
+        delay = min(self.retry_max_s, self.retry_base_s * 2 ** attempt)
+        self._retries[model] = (reason, ids, attempt + 1, time.monotonic() + delay)
+        log.warning("retrain %s: attempt %d failed; trying again in %.0fs (requests %s stay uncommitted)",
+                    model, attempt + 1, delay, ", ".join(ids[:5]))
+        return delay
 
     def _bootstrap_missing(self) -> None:
         for model, retrainer in self.retrainers.items():
@@ -137,7 +167,12 @@ class RetrainWorker:
                 log.warning("retrain worker: no training recipe for model %r (requests %s); known: %s",
                             model, ", ".join(ids), ", ".join(self.retrainers))
                 continue
-            outcomes.append(self._train(retrainer, model, reason, ids))
+            attempt = 0
+            if model in self._retries:  # a failed training waiting for its retry joins this one
+                old_reason, old_ids, attempt, _ = self._retries.pop(model)
+                reason = [*old_reason, *(r for r in reason if r not in old_reason)]
+                ids = [*old_ids, *ids]
+            outcomes.append(self._train(retrainer, model, reason, ids, attempt))
         return outcomes
 
     def _decode(self, messages: Sequence[Any]) -> list[RetrainRequest]:
@@ -151,7 +186,8 @@ class RetrainWorker:
                 log.warning("retrain worker: ignoring %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), exc)
         return requests
 
-    def _train(self, retrainer: Retrainer, model: str, reason: list[str], ids: list[str]) -> dict[str, Any]:
+    def _train(self, retrainer: Retrainer, model: str, reason: list[str], ids: list[str],
+               attempt: int = 0) -> dict[str, Any]:
         log.info("retrain %s: %d request(s) %s for %d alert(s)", model, len(ids), ", ".join(ids[:5]), len(reason))
         try:
             outcome = retrainer.run(reason, ids)
@@ -159,7 +195,9 @@ class RetrainWorker:
             self.counts["failed"] += 1
             log.exception("retrain %s failed for requests %s: %s", model, ", ".join(ids), exc)
             outcome = retrainer.outcomes.finish({"model": model, "reason": reason, "request_ids": ids,
-                                                 "promoted": False, "version": None}, "failed", str(exc))
+                                                 "promoted": False, "version": None, "attempt": attempt + 1,
+                                                 "retry_in_s": self._schedule_retry(model, reason, ids, attempt)},
+                                                "failed", str(exc))
         status = outcome["status"]
         if status in ("promoted", "not_promoted"):
             self.counts["trainings"] += 1
