@@ -19,6 +19,7 @@ from freshet.settings import DEFAULT_MODEL_NAME, Settings
 from freshet.models import ModelFollower, ModelRegistry
 from freshet.serving.admin import admin_api
 from freshet.serving.auth import BearerAuth, resolve_token
+from freshet.serving.dashboard import PREFIX as DASHBOARD, create_dashboard
 from freshet.serving.errors import ANSWERED, JSON, HTTPError, as_http_error
 from freshet.serving.metrics import ServingMetrics
 from freshet.serving.online import OnlineFeatureReader, RedisUnavailable
@@ -57,6 +58,7 @@ class ServingApp:
             ("GET", "/metrics"): self.scrape,
         }
         self.api = admin_api(self)
+        self.dashboard = create_dashboard(self, token)  # /ui: its own login, guarded by the read credential
         if follower is not None:
             follower.on_change = self.metrics.model_changed
 
@@ -64,7 +66,9 @@ class ServingApp:
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
-        if kind == "http":
+        if kind == "http" and scope["path"].startswith(DASHBOARD):
+            await self.dashboard(scope, receive, send)
+        elif kind == "http":
             await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
@@ -169,6 +173,8 @@ class ServingApp:
                  self.model_name, self.follower.model.version if self.follower and self.follower.model else "none")
 
     async def shutdown(self) -> None:
+        if self.dashboard.feed is not None:
+            await asyncio.to_thread(self.dashboard.feed.stop)
         for task in self._tasks:
             task.cancel()
         if self.follower is not None:
