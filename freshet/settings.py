@@ -92,6 +92,9 @@ class Settings:
 
     log_level: str = "INFO"
 
+    # The consumer group whose offsets and lag the dashboard (/ui) shows: `freshet stream --app-id`.
+    dashboard_stream_group: str = "freshet-stream"
+
     def __post_init__(self) -> None:
         _validate(self)
 
@@ -186,6 +189,8 @@ def _validate(s: Settings) -> None:
             f"{_env_name('kafka_sasl_mechanism')} is set but {_env_name('kafka_security_protocol')}="
             f"{s.kafka_security_protocol}; use SASL_PLAINTEXT or SASL_SSL"
         )
+    if not s.dashboard_stream_group:
+        raise SettingsError(f"{_env_name('dashboard_stream_group')} must not be empty (freshet stream's --app-id)")
     if not s.model_name:
         raise SettingsError(f"{_env_name('model_name')} must not be empty")
     for topic in ("deadletter", "predictions", "labels", "drift", "retrain", "models"):

@@ -33,7 +33,6 @@ SECURITY_HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options",
                     (b"x-frame-options", b"DENY"),
                     (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; "
                                                  b"style-src 'self'; script-src 'self'; frame-ancestors 'none'")]
-STREAM_GROUP = "freshet-stream"  # `freshet stream`'s default --app-id: the group whose lag is shown
 
 
 class ReadCredential(Protocol):
@@ -183,7 +182,7 @@ class Dashboard:
 
         reader = self.app.reader
         self.feed = LiveFeed(self.settings, layout=lambda: reader.layout, registry=self._registry,
-                             api=ApiStats(self.app.metrics, LATENCY_BUCKETS), stream_group=STREAM_GROUP,
+                             api=ApiStats(self.app.metrics, LATENCY_BUCKETS), stream_group=self.settings.dashboard_stream_group,
                              extra=self._extra)
         self.feed.start()
 

@@ -157,6 +157,9 @@ class ModelTimeline:
         self.events.append({"model": event.model, "version": version, "stage": event.stage, "kind": kind,
                             "metrics": dict(list(metrics.items())[:6]), "ts": event.ts})
 
+    def versions(self) -> list[tuple[str, str]]:
+        return list(dict.fromkeys((e["model"], e["version"]) for e in self.events))
+
     def current(self) -> dict[str, str]:
         return {model: history[-1] for model, history in self._promoted.items() if history}
 
@@ -268,9 +271,12 @@ class VersionErrors:
         counts[0] += 1
         counts[1] += int(predicted != int(bool(label.label)))
 
-    def view(self) -> list[dict[str, Any]]:
+    def view(self, known: Iterable[tuple[str, str]] = ()) -> list[dict[str, Any]]:
+        """A row per version that answered predictions or is in `known` (promoted ones)."""
         rows = []
-        for (model, version), n in self.predictions.items():
+        counts = {key: 0 for key in known}
+        counts.update(self.predictions)
+        for (model, version), n in counts.items():
             labelled, wrong = self.outcomes.get((model, version), (0, 0))
             rows.append({"model": model, "version": version, "predictions": n, "labelled": labelled,
                          "error_rate": wrong / labelled if labelled else None})
@@ -603,7 +609,7 @@ class LiveFeed(threading.Thread):
             "api": self.api.view(),
             "drift": drift,
             "alerts": self.alerts.view(),
-            "models": {**self.models.view(), "versions": self.errors.view()},
+            "models": {**self.models.view(), "versions": self.errors.view(self.models.versions())},
             "problems": dict(self.problems),
             **self.extra(),
         }
