@@ -74,7 +74,6 @@ function sparkline(container, points, marks, now, threshold) {
   const w = container.clientWidth || 200, h = container.clientHeight || 26, t0 = now - WINDOW_S;
   let max = threshold || 0.5;
   for (const [t, v] of points) if (t >= t0 && v !== null && v > max) max = v;
-  for (const [t, v] of marks) if (t >= t0 && v > max) max = v;
   max *= 1.1;
   const x = (t) => ((t - t0) / WINDOW_S) * (w - 4) + 2;
   const y = (v) => h - 2 - (Math.min(v, max) / max) * (h - 4);
@@ -83,10 +82,10 @@ function sparkline(container, points, marks, now, threshold) {
   let d = "";
   for (const [t, v] of points) if (t >= t0 && v !== null) d += (d ? " L" : "M") + x(t).toFixed(1) + "," + y(v).toFixed(1);
   root.appendChild(svg("path", { class: "s0", d: d || "M0,0" }));
+  // alerts are marked at their time along the top edge: their statistics are the detectors' own, in other units
   for (const [t, v, kind] of marks) {
-    const cx = t >= t0 ? x(t) : 2;
-    const dot = svg("circle", { class: "mark", cx, cy: y(v), r: 3.5, "data-kind": kind });
-    dot.appendChild(svg("title", {}, `${kind} alert at ${clock(t)}: ${fmt(v)}`));
+    const dot = svg("circle", { class: "mark", cx: t >= t0 ? x(t) : 3, cy: 4, r: 3.5, "data-kind": kind });
+    dot.appendChild(svg("title", {}, `${kind} alert at ${clock(t)}: statistic ${fmt(v)}`));
     root.appendChild(dot);
   }
   container.replaceChildren(root);
@@ -144,6 +143,10 @@ function renderDrift(drift, now) {
     box.replaceChildren(el("span", { class: "muted" }, "waiting for predictions: the statistic needs 500 values per input first"));
     return;
   }
+  // inputs with alerts first (newest alert first), then by how far they moved
+  const latest = (d) => Math.max(0, ...d.alerts.map((a) => a[0]));
+  const current = (d) => (d.points.length ? d.points[d.points.length - 1][1] || 0 : 0);
+  drift = drift.slice().sort((a, b) => latest(b) - latest(a) || current(b) - current(a));
   const rows = drift.map((d) => {
     const row = el("div", { class: "drift-row" + (d.alerts.length ? " alerted" : ""), "data-subject": d.subject });
     row.appendChild(el("span", { class: "name", title: d.subject }, d.subject));
