@@ -57,7 +57,7 @@ class Series:
         self._points: deque = deque(maxlen=maxlen)
 
     def add(self, t: float, value: float | None) -> None:
-        self._points.append([t, value])
+        self._points.append([round(t, 1), value])  # tenths of a second: the snapshot is sent every second
 
     def points(self) -> list[list]:
         return [list(p) for p in self._points]
