@@ -39,6 +39,7 @@ KEEP_MODEL_EVENTS = 200
 JOIN_LIMIT = 200_000      # predictions waiting for their label, oldest dropped first
 FRESHNESS_SAMPLES = 20    # events watched per second at most
 FRESHNESS_GIVE_UP_S = 30.0
+FRESHNESS_READ_WITHIN_S = 1.0  # events this dashboard reads later than this are not sampled: it would time itself
 
 
 class Series:
@@ -303,6 +304,7 @@ class StreamProgress:
         self.in_rate = Series()
         self.out_rate = Series()
         self.lag: dict[str, int | None] = {}
+        self._lock = threading.Lock()  # sampled in OffsetSampler's thread, viewed in the feed's
 
     def _discover(self) -> None:
         from confluent_kafka import TopicPartition
@@ -321,16 +323,46 @@ class StreamProgress:
         high = {(tp.topic, tp.partition): self.consumer.get_watermark_offsets(tp, timeout=2)[1]
                 for tp in self.partitions}
         # committed first, so high read after it is never below it
-        self.lag = {f"{t}[{p}]": (max(0, high[(t, p)] - c) if c >= 0 else None)
-                    for (t, p), c in committed.items()}
-        self.in_rate.add(now, _rounded(self.produced.update(now, sum(high.values()))))
-        self.out_rate.add(now, _rounded(self.processed.update(now, sum(max(c, 0) for c in committed.values()))))
+        lag = {f"{t}[{p}]": (max(0, high[(t, p)] - c) if c >= 0 else None) for (t, p), c in committed.items()}
+        with self._lock:
+            self.lag = lag
+            self.in_rate.add(now, _rounded(self.produced.update(now, sum(high.values()))))
+            self.out_rate.add(now, _rounded(self.processed.update(now, sum(max(c, 0) for c in committed.values()))))
 
     def view(self) -> dict[str, Any]:
+        with self._lock:
+            return self._view()
+
+    def _view(self) -> dict[str, Any]:
         known = [v for v in self.lag.values() if v is not None]
         return {"group": self.group, "topics": self.topics, "in": self.in_rate.points(),
                 "processed": self.out_rate.points(), "lag": self.lag,
                 "lag_total": sum(known) if known else None}
+
+
+class OffsetSampler(threading.Thread):
+    """Samples StreamProgress once a second in its own thread: offset look-ups are broker round
+    trips that can take seconds on a busy broker, and must not hold up reading the topics."""
+
+    def __init__(self, progress: StreamProgress, problems: dict, stop_event: threading.Event):
+        super().__init__(name="freshet-dashboard-offsets", daemon=True)
+        self.progress = progress
+        self.problems = problems
+        self.stop_event = stop_event
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            started = time.monotonic()
+            try:
+                self.progress.sample(time.time())
+                self.problems.pop("offsets", None)
+            except Exception as exc:  # noqa: BLE001 - shown on the page; the next second tries again
+                self.problems["offsets"] = f"{type(exc).__name__}: {exc}"[:300]
+            self.stop_event.wait(max(0.05, 1.0 - (time.monotonic() - started)))
+        try:
+            self.progress.consumer.close()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 class FreshnessProbe:
@@ -345,6 +377,7 @@ class FreshnessProbe:
         self.pending: list[tuple[float, float, list, list]] = []  # kafka ts, event ts, rows, seen
         self.done: deque = deque()  # (finished at, freshness ms)
         self._budget, self._second = 0, 0
+        self.read_behind_s: float | None = None  # how late this dashboard reads the newest event
         self.p50 = Series()
         self.p99 = Series()
 
@@ -352,7 +385,10 @@ class FreshnessProbe:
         second = int(now)
         if second != self._second:
             self._second, self._budget = second, FRESHNESS_SAMPLES
-        if self._budget <= 0 or kafka_ts_ms <= 0:
+        if kafka_ts_ms <= 0:
+            return
+        self.read_behind_s = max(0.0, now - kafka_ts_ms / 1000.0)
+        if self._budget <= 0 or self.read_behind_s > FRESHNESS_READ_WITHIN_S:
             return
         views = self.views_by_topic.get(topic)
         if not views:
@@ -399,7 +435,8 @@ class FreshnessProbe:
         self.p99.add(now, _rounded(quantile(values, 0.99)))
 
     def view(self) -> dict[str, Any]:
-        return {"p50_ms": self.p50.points(), "p99_ms": self.p99.points(), "waiting": len(self.pending)}
+        return {"p50_ms": self.p50.points(), "p99_ms": self.p99.points(), "waiting": len(self.pending),
+                "read_behind_s": _rounded(self.read_behind_s)}
 
 
 class ApiStats:
@@ -441,6 +478,14 @@ class ApiStats:
     def view(self) -> dict[str, Any]:
         return {"rate": self.rate.points(), "p50_ms": self.p50.points(), "p99_ms": self.p99.points(),
                 "errors_5xx": self.errors.points()}
+
+
+def _close(client: Any) -> None:
+    if client is not None:
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001 - closing after a failure: nothing more to do
+            pass
 
 
 def _rounded(v: float | None, digits: int = 2) -> float | None:
@@ -502,23 +547,25 @@ class LiveFeed(threading.Thread):
                        for p in meta[t].partitions]
         self._assigned = {tp.topic for tp in assignment}
         reader.assign(assignment)
-        offsets = kafka.consumer(s, self.stream_group)  # never subscribes: reads the group's offsets
-        self.progress = StreamProgress(offsets, views_by_topic, self.stream_group)
+        if self.progress is None:
+            offsets = kafka.consumer(s, self.stream_group)  # never subscribes: reads the group's offsets
+            self.progress = StreamProgress(offsets, views_by_topic, self.stream_group)
+            OffsetSampler(self.progress, self.problems, self.stop_event).start()
         import redis
 
         self.freshness = FreshnessProbe(self._layout(), views_by_topic,
                                         redis.Redis.from_url(s.redis_url, socket_timeout=2))
-        return reader, offsets
+        return reader
 
     # -- the loop ------------------------------------------------------------------------
 
     def run(self) -> None:
-        reader = offsets = None
+        reader = None
         next_sample = 0.0
         while not self.stop_event.is_set():
             try:
                 if reader is None:
-                    reader, offsets = self._open()
+                    reader = self._open()
                     self.problems.pop("kafka", None)
                 for msg in reader.consume(2000, 0.1):
                     if not msg.error():
@@ -531,21 +578,11 @@ class LiveFeed(threading.Thread):
             except Exception as exc:  # noqa: BLE001 - show it on the page and try again
                 self.problems["kafka"] = f"{type(exc).__name__}: {exc}"[:300]
                 log.warning("dashboard feed: %s", exc)
-                for client in (reader, offsets):
-                    if client is not None:
-                        try:
-                            client.close()
-                        except Exception:  # noqa: BLE001
-                            pass
-                reader = offsets = None
+                _close(reader)
+                reader = None
                 self._sample(time.time())
                 self.stop_event.wait(2.0)
-        for client in (reader, offsets):
-            if client is not None:
-                try:
-                    client.close()
-                except Exception:  # noqa: BLE001
-                    pass
+        _close(reader)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -581,8 +618,6 @@ class LiveFeed(threading.Thread):
             pass  # the monitor and the stream report such records; the page shows what it can read
 
     def _sample(self, now: float) -> None:
-        if self.progress is not None:
-            self._safely("offsets", self.progress.sample, now)
         if self.freshness is not None:
             self.freshness.sample(now)
         self._safely("api", self.api.sample, now)

@@ -119,6 +119,9 @@ function renderStream(s, now) {
 
 function renderFreshness(f, now) {
   if (!f) return;
+  const behind = f.read_behind_s !== null && f.read_behind_s > 1;
+  $("freshness-note").textContent = behind
+    ? `this dashboard reads events ${fmt(f.read_behind_s)} s late: not sampling until it catches up` : "";
   lineChart($("chart-freshness"), [{ label: "p50", points: f.p50_ms }, { label: "p99", points: f.p99_ms }],
     { now, unit: " ms" });
 }
