@@ -378,6 +378,7 @@ class FreshnessProbe:
         self.done: deque = deque()  # (finished at, freshness ms)
         self._budget, self._second = 0, 0
         self.read_behind_s: float | None = None  # how late this dashboard reads the newest event
+        self._last_read = 0.0
         self.p50 = Series()
         self.p99 = Series()
 
@@ -388,6 +389,7 @@ class FreshnessProbe:
         if kafka_ts_ms <= 0:
             return
         self.read_behind_s = max(0.0, now - kafka_ts_ms / 1000.0)
+        self._last_read = now
         if self._budget <= 0 or self.read_behind_s > FRESHNESS_READ_WITHIN_S:
             return
         views = self.views_by_topic.get(topic)
@@ -436,7 +438,8 @@ class FreshnessProbe:
 
     def view(self) -> dict[str, Any]:
         return {"p50_ms": self.p50.points(), "p99_ms": self.p99.points(), "waiting": len(self.pending),
-                "read_behind_s": _rounded(self.read_behind_s)}
+                # a reading from before the events stopped says nothing about now
+                "read_behind_s": _rounded(self.read_behind_s) if time.time() - self._last_read < 5.0 else None}
 
 
 class ApiStats:
