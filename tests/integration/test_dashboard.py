@@ -176,25 +176,22 @@ def test_dashboard_answers_a_login_form_until_the_api_token_is_given_and_a_wrong
         assert bearer.status_code == 200
 
 
-def test_page_and_assets_are_served_locally_and_paint_within_a_second(browser, stack):
+def test_page_and_every_asset_it_loads_come_from_freshet_itself(browser, stack):
+    """No CDN, no web font: the machines it runs on may have no internet. (First-paint time is
+    measured by bench/dashboard.py, not asserted here.)"""
     context = browser.new_context(viewport={"width": 1440, "height": 900})
     page = context.new_page()
     requested = []
     page.on("request", lambda req: requested.append(req.url))
-    started = time.monotonic()
     page.goto(stack["url"] + "/ui")
-    login_paint = time.monotonic() - started
     page.fill("#token", TOKEN)
-    started = time.monotonic()
     page.click("button[type=submit]")
-    page.wait_for_selector("#card-stream h2", state="visible")
-    dashboard_paint = time.monotonic() - started
     page.wait_for_selector("#status.live", timeout=30_000)
     page.screenshot(path=str(SHOTS / "first-paint.png"))
     context.close()
+    assert {url.split("?")[0] for url in requested} >= {stack["url"] + "/ui", stack["url"] + "/ui/static/dashboard.js",
+                                                         stack["url"] + "/ui/static/dashboard.css"}
     assert all(url.startswith(stack["url"]) or url.startswith("data:") for url in requested), requested
-    # generous on a loaded 2-core machine; a laptop paints in tens of milliseconds
-    assert login_paint < 1.0 and dashboard_paint < 1.0, (login_paint, dashboard_paint)
 
 
 # -- live data --------------------------------------------------------------------------------
@@ -221,17 +218,14 @@ def test_injected_drift_alert_appears_in_the_feed_and_marks_its_input_within_sec
     alert = DriftAlert(alert_id=f"{stack['uid']}-a1", model=f"{stack['uid']}-fraud", model_version="1",
                        kind="feature", subject="card_txn_stats:sum_amount_300s", detector="adwin",
                        statistic=4.2, threshold=2.0, window=500)
-    published = time.monotonic()
     stack["producer"].produce(s.topic_drift, key=alert.key(), value=alert.encode())
     stack["producer"].flush(5)
-    page.wait_for_selector(f"#alerts li[data-alert-id='{alert.alert_id}']", timeout=10_000)
-    seen_after = time.monotonic() - published
+    page.wait_for_selector(f"#alerts li[data-alert-id='{alert.alert_id}']", timeout=10_000)  # within seconds
     row = page.locator("#drift .drift-row[data-subject='card_txn_stats:sum_amount_300s']")
     assert "alerted" in row.get_attribute("class")
     assert row.locator("circle.mark").count() == 1
     assert "card_txn_stats:sum_amount_300s" in page.inner_text(f"#alerts li[data-alert-id='{alert.alert_id}']")
     page.screenshot(path=str(SHOTS / "drift-alert.png"), full_page=True)
-    assert seen_after < 10
 
 
 def test_promotion_appears_on_the_model_timeline_and_the_header_names_the_served_version(page, stack):
