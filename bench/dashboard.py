@@ -35,7 +35,7 @@ from freshet.settings import load_settings  # noqa: E402
 FCP = "performance.getEntriesByName('first-contentful-paint')[0]?.startTime ?? null"
 
 
-def _wait_ready(url: str, timeout: float = 180.0) -> None:
+def _wait_ready(url: str, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

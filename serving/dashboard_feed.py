@@ -40,7 +40,7 @@ JOIN_LIMIT = 200_000      # predictions waiting for their label, oldest dropped 
 FRESHNESS_SAMPLES = 20    # events watched per second at most
 FRESHNESS_GIVE_UP_S = 30.0
 SHIFT_SAMPLES = 50        # predictions a second fed to the drift statistic (37 inputs cost ~0.1 ms each)
-FRESHNESS_READ_WITHIN_S = 1.0  # events this dashboard reads later than this are not sampled: it would time itself
+FRESHNESS_READ_WITHIN_S = 2.0  # events this dashboard reads later than this are not sampled: it would time itself
 
 
 class Series:
