@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo up test test-unit lock clean
+.PHONY: install demo up test test-unit lock clean browser
 
 install: $(STAMP)
 
@@ -28,8 +28,13 @@ demo: $(STAMP)
 up: $(STAMP)
 	$(BIN)/freshet up
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The dashboard's browser tests drive Debian's Chromium through Playwright (Playwright's own
+# browser download is not reachable from every machine): installed here when missing and root.
+browser:
+	@sh tests/browser/ensure_chromium.sh
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"

@@ -118,6 +118,8 @@ class Settings:
     consistency_sample: float = 0.1
     consistency_min_rate: float = 0.99
     consistency_grace_ms: int = 2000
+    # The consumer group whose offsets and lag the dashboard (/ui) shows: `freshet stream --app-id`.
+    dashboard_stream_group: str = "freshet-stream"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -223,6 +225,8 @@ def _validate(s: Settings) -> None:
     if s.consistency_grace_ms < 0:
         raise SettingsError(f"{_env_name('consistency_grace_ms')} must be >= 0, got {s.consistency_grace_ms}")
     _validate_http_security(s)
+    if not s.dashboard_stream_group:
+        raise SettingsError(f"{_env_name('dashboard_stream_group')} must not be empty (freshet stream's --app-id)")
     if not s.model_name:
         raise SettingsError(f"{_env_name('model_name')} must not be empty")
     for topic in ("deadletter", "predictions", "labels", "drift", "retrain", "models"):

@@ -19,6 +19,7 @@ from freshet.settings import DEFAULT_MODEL_NAME, Settings
 from freshet.models import ModelFollower, ModelRegistry
 from freshet.serving.admin import admin_api
 from freshet.serving.auth import ADMIN, ScopedAuth, resolve_credentials
+from freshet.serving.dashboard import PREFIX as DASHBOARD, create_dashboard
 from freshet.serving.errors import ANSWERED, JSON, HTTPError, as_http_error
 from freshet.serving.gate import ServingGate
 from freshet.serving.metrics import ServingMetrics
@@ -60,6 +61,7 @@ class ServingApp:
         # every version is gated before this server serves it, and before a promotion it is asked for
         self.gate = ServingGate(reader, registry)
         self.api = admin_api(self)
+        self.dashboard = create_dashboard(self, tokens)  # /ui: its own login, guarded by the read credential
         if follower is not None:
             follower.on_change = self.metrics.model_changed
             follower.gate = follower.gate or self.gate
@@ -68,7 +70,9 @@ class ServingApp:
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
-        if kind == "http":
+        if kind == "http" and scope["path"].startswith(DASHBOARD):
+            await self.dashboard(scope, receive, send)
+        elif kind == "http":
             await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
@@ -175,6 +179,8 @@ class ServingApp:
                  self.model_name, self.follower.model.version if self.follower and self.follower.model else "none")
 
     async def shutdown(self) -> None:
+        if self.dashboard.feed is not None:
+            await asyncio.to_thread(self.dashboard.feed.stop)
         for task in self._tasks:
             task.cancel()
         if self.follower is not None:

@@ -87,6 +87,85 @@ def create_model_store(settings: Settings) -> None:
     ModelRegistry(settings, publish_events=False).models()
 
 
+class WhatNext:
+    """What `freshet up` tells a new user once everything runs: where the API, the dashboard,
+    the credentials and the logs are, how to publish events, read a feature and score; and,
+    once, when the first (bootstrap) model is served."""
+
+    def __init__(self, settings: Settings, log_dir: str, sample_feature: str, token_hint: tuple[str, str]):
+        self.settings = settings
+        self.api = f"http://{settings.http_host}:{settings.http_port}"
+        self.log_dir = log_dir
+        self.sample_feature = sample_feature
+        self.token_where, self.token_shell = token_hint  # where the token lives; a shell word that yields it
+        self.model_served = False
+
+    def text(self) -> str:
+        script = os.path.join(os.path.dirname(sys.executable), "freshet")
+        freshet = script if os.path.isfile(script) else f"{sys.executable} -m freshet.cli"
+        auth = f'-H "Authorization: Bearer {self.token_shell}"'
+        feature = ('{"features": ["%s"], "entities": {"card_id": ["card0042"]}}' % self.sample_feature)
+        predict = '{"card_id": "card0042", "merchant_id": "m042", "amount": 42.5}'
+        return "\n".join([
+            "",
+            f"  API        {self.api}   (OpenAPI docs at {self.api}/docs)",
+            f"  dashboard  {self.api}/ui   (log in with the API token)",
+            f"  API token  {self.token_where}",
+            f"  logs       {self.log_dir}",
+            "",
+            "Publish sample events (card transactions at 200/s for 5 minutes, labels 30 s later):",
+            f"  {freshet} --data-dir {self.settings.data_path} produce --rate 200 --duration 300",
+            "Read a card's features:",
+            f"  curl -s {auth} {self.api}/get-online-features -d '{feature}'",
+            "Score a transaction:",
+            f"  curl -s {auth} {self.api}/predict -d '{predict}'",
+            f"Model: none served yet. The retrain worker trains the bootstrap model of "
+            f"'{self.settings.model_name}' once labelled events exist (it looks every 30 s);",
+            f"until then /predict answers 503 (check: curl {self.api}/ready). This terminal says when one is served.",
+            "",
+        ])
+
+    def check_model(self) -> str | None:
+        """A line to print the first time /ready says a model is served, else None."""
+        if self.model_served:
+            return None
+        import json
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.api + "/ready", timeout=1) as resp:
+                doc = json.loads(resp.read())
+        except Exception:  # noqa: BLE001 - 503 until a model is served, or not listening yet
+            return None
+        model = doc.get("model") or {}
+        if not doc.get("ready") or not model:
+            return None
+        self.model_served = True
+        return (f"model {model.get('name')} version {model.get('version')} is served: /predict answers now "
+                f"(dashboard {self.api}/ui)")
+
+
+def _token_hint(settings: Settings) -> tuple[str, str]:
+    """Where the API token lives and a shell word that yields it; the token file is written now
+    (0600) when needed, before `serve` starts, so both read the same one."""
+    from freshet.serving.auth import resolve_token, token_path
+
+    if settings.api_token:
+        return "FRESHET_API_TOKEN (from your environment)", "$FRESHET_API_TOKEN"
+    resolve_token(settings)
+    path = token_path(settings)
+    return f"{path} (mode 0600; or set FRESHET_API_TOKEN)", f"$(cat {path})"
+
+
+def _what_next(settings: Settings, log_dir: str, hint: tuple[str, str]) -> WhatNext:
+    from freshet import features
+
+    registry = features.load_registry(settings)
+    card_views = [v for v in registry.views.values() if "card_id" in v.join_keys] or list(registry.views.values())
+    sample = f"{card_views[0].name}:{card_views[0].feature_names[0]}"
+    return WhatNext(settings, log_dir, sample, hint)
+
+
 def cmd_up(args, settings: Settings) -> int:
     from freshet import features
     from freshet.app.stack import EmbeddedStack
@@ -107,17 +186,26 @@ def cmd_up(args, settings: Settings) -> int:
         print(f"kafka {e.kafka}   redis {e.redis_url}   logs {e.log_dir}", flush=True)
         features.apply(settings)
         create_model_store(settings)
+        token_hint = _token_hint(settings)
         env = {**os.environ, **settings.to_env()}
         for name in components:
             out = open(os.path.join(e.log_dir, f"{name}.log"), "ab")  # noqa: SIM115
             procs.append(subprocess.Popen([sys.executable, "-m", "freshet.cli", *UP_COMPONENTS[name]], env=env,
                                           stdout=out, stderr=subprocess.STDOUT))
             print(f"started {name} (pid {procs[-1].pid}, log {out.name})", flush=True)
+        what_next = _what_next(settings, e.log_dir, token_hint)
         print("freshet is up; Ctrl-C stops everything", flush=True)
+        print(what_next.text(), flush=True)
+        next_look = 0.0
         while not stopping:
             for p, name in zip(procs, components):
                 if p.poll() is not None:
                     raise CliError(f"component {name} exited with code {p.returncode}; see {e.log_dir}/{name}.log")
+            if not what_next.model_served and time.monotonic() >= next_look:
+                next_look = time.monotonic() + 2.0
+                line = what_next.check_model()
+                if line:
+                    print(line, flush=True)
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass

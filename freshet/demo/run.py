@@ -157,6 +157,7 @@ class Demo:
             api_token=secrets.token_urlsafe(24), feature_repo=str(features.repo_path(self.base_settings)))
         self.say(f"[setup] embedded stack up in {time.monotonic() - started:.1f}s: kafka {endpoints.kafka}, "
                  f"redis {endpoints.redis_url}")
+        self.say(f"[setup] live dashboard http://127.0.0.1:{http_port}/ui (token {self.settings.api_token})")
         self.record.meta["endpoints"] = {"kafka": endpoints.kafka, "redis": endpoints.redis_url,
                                          "api": f"http://127.0.0.1:{http_port}"}
 
