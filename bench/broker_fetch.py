@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 from confluent_kafka import TopicPartition
 

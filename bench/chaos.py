@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 import orjson
-import pyarrow.compute as pc
 import redis
 
 from freshet import features, kafka

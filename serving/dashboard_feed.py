@@ -19,7 +19,6 @@ import logging
 import math
 import threading
 import time
-from bisect import bisect_left
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
 

@@ -241,9 +241,9 @@ class ViewProcessor:
             if len(value) <= chunks.CHUNK_BYTES and key not in self.chunked:
                 records.append((key, key, value))
                 continue
-            for record_key, record in chunks.records(key, value, self.chunked.pop(key, None)):
-                records.append((key, record_key, record))
-                if record_key == key and chunks.is_header(record):
+            for chunk_key, record in chunks.records(key, value, self.chunked.pop(key, None)):
+                records.append((key, chunk_key, record))
+                if chunk_key == key and chunks.is_header(record):
                     self.chunked[key] = chunks.header_of(record)
         self.dirty.clear()
         self.applied.clear()

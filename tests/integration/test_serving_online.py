@@ -142,7 +142,7 @@ def _until_a_write_gets_a_later_mtime(path) -> None:
 
 
 def test_a_new_view_is_served_after_the_registry_file_changes(applied_settings, tmp_path, unique):  # noqa: F811
-    from feast import Entity, FeatureView, Field, FileSource
+    from feast import FeatureView, Field, FileSource
     from feast.types import Float64
 
     from freshet.features import feature_store

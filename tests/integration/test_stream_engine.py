@@ -462,7 +462,7 @@ def test_malformed_and_late_events_reach_the_dead_letter_topic_with_reasons(scen
 
 
 def test_training_set_rows_are_point_in_time_correct_and_never_dropped(scenario):
-    from freshet.stream.backfill import load_events, training_set
+    from freshet.stream.backfill import training_set
 
     settings, reg = scenario["settings"], scenario["registry"]
     valid = pd.DataFrame(scenario["valid"])
