@@ -156,7 +156,8 @@ def serving(settings: Settings, model_name: str):
     from freshet.serving.app import create_app
     from freshet.serving.transport import http_protocol
 
-    app = create_app(settings, model_name=model_name, model_poll_s=1.0, token=TOKEN)
+    app = create_app(settings, model_name=model_name, model_poll_s=1.0,
+                     tokens={"admin": TOKEN, "predict": TOKEN + "-predict", "features": TOKEN + "-features"})
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning",
                                            loop="asyncio", access_log=False, http=http_protocol()))

@@ -17,7 +17,7 @@ from freshet.app.stack import EmbeddedStack
 from freshet.redis_layout import OnlineLayout
 from freshet.settings import load_settings
 
-from stream_checks import differences, expected, read_view, settled
+from stream_checks import online_differences, settled
 
 CARD, MERCHANT = "card_txn_stats", "merchant_txn_stats"
 TOPIC = "transactions"  # feature_repo's default source topic: the data dir is the spec's own
@@ -44,15 +44,15 @@ class OwnStack:
 
     def wait_applied(self, registry, events: list[dict], timeout: float = 300) -> None:
         """Until Redis holds every feature recomputed from `events` and the worker committed them."""
+        # each row against the window rule as of its own timestamp: rows move with time
         layout = OnlineLayout(registry.project, registry.views)
-        want = {CARD: expected(events, registry.views[CARD], "card_id"),
-                MERCHANT: expected(events, registry.views[MERCHANT], "merchant_id")}
-        internal = [f"{self.app_id}-{view}-repartition" for view in want]
+        keys = {CARD: "card_id", MERCHANT: "merchant_id"}
+        internal = [f"{self.app_id}-{view}-repartition" for view in keys]
         deadline = time.monotonic() + timeout
         while True:
             assert self.worker.poll() is None, self.log.read_text()[-3000:]
-            wrong = [d for view, w in want.items()
-                     for d in differences(read_view(layout, self.redis, view, sorted(w)), w)]
+            wrong = [d for view, key in keys.items()
+                     for d in online_differences(layout, self.redis, registry.views[view], events, key)]
             if not wrong and settled(self.settings, self.app_id, [TOPIC, *internal]):
                 return
             assert time.monotonic() < deadline, wrong[:5]

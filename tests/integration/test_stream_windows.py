@@ -108,7 +108,8 @@ def windows(services, tmp_path_factory):
     worker = subprocess.Popen([sys.executable, "-m", "freshet.cli", "stream", "--app-id", f"{uid}-stream"],
                               env=worker_env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     reader = OnlineFeatureReader(settings)
-    app = create_app(settings, reader=reader, follow_models=False, log_predictions=False, token=TOKEN)
+    app = create_app(settings, reader=reader, follow_models=False, log_predictions=False,
+                     tokens={"admin": TOKEN, "predict": TOKEN + "-predict", "features": TOKEN + "-features"})
     card_view = registry.views[CARD]
     cards = [f"{uid}-{c}" for c in "ADSO"]
     reads = {}
