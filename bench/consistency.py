@@ -65,38 +65,6 @@ class Sent:
         self.ends[msg.partition()] = max(self.ends.get(msg.partition(), 0), msg.offset() + 1)
 
 
-def true_ends(settings: Settings, topic: str, partitions: int) -> dict[int, int]:
-    """Each partition's end offset, its last batch read to find its last record."""
-    from confluent_kafka import TopicPartition
-
-    c = kafka.consumer(settings, f"ends-{os.urandom(3).hex()}")
-    ends = {}
-    try:
-        for p in range(partitions):
-            listed = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            last = listed - 1
-            if listed > 0:
-                c.assign([TopicPartition(topic, p, listed - 1)])
-                first = c.poll(10)
-                batch = ([first] if first is not None else []) + c.consume(num_messages=100_000, timeout=0)
-                last = max([last] + [m.offset() for m in batch if not m.error()])
-            ends[p] = last + 1
-    finally:
-        c.close()
-    return ends
-
-
-def committed(settings: Settings, group: str, topic: str, partitions: int) -> dict[int, int]:
-    from confluent_kafka import TopicPartition
-
-    c = kafka.consumer(settings, group)
-    try:
-        return {tp.partition: max(tp.offset, 0)
-                for tp in c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)}
-    finally:
-        c.close()
-
-
 class Rounds:
     """The seeded workload: per round, transactions (some out of order), late events, idle probes."""
 
@@ -246,11 +214,11 @@ class LiveConsistencyRun:
         while True:
             if self._worker.poll() is not None:
                 raise RuntimeError(f"the stream worker exited ({self._worker.returncode}); see {self.log}")
-            done = committed(self.settings, self.app_id, self.topic, self.partitions)
+            done = kafka.committed_offsets(self.settings, self.app_id, self.topic, range(self.partitions))
             if all(done.get(p, 0) >= end for p, end in self.sent.ends.items()):
-                ends = true_ends(self.settings, repartition, self.partitions)
-                if all(at >= ends[p] for p, at in committed(self.settings, self.app_id, repartition,
-                                                            self.partitions).items()):
+                ends = kafka.partition_ends(self.settings, repartition, self.partitions)
+                if all(at >= ends[p] for p, at in kafka.committed_offsets(self.settings, self.app_id, repartition,
+                                                                          ends).items()):
                     return time.monotonic() - started
             if time.monotonic() - started > timeout:
                 raise RuntimeError(f"events not applied within {timeout:.0f}s; see {self.log}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Iterable
 
@@ -102,6 +103,41 @@ def consumer(settings: Settings, group_id: str, **overrides) -> Consumer:
     }
     conf.update(overrides)
     return Consumer(conf)
+
+
+def partition_ends(settings: Settings, topic: str, partitions: int | None = None) -> dict[int, int]:
+    """Each partition's true end offset (one past its last record). Tansu lists a partition's
+    end as its last record batch's base offset + 1 (docs/architecture.md), so the last batch
+    is read from there: one fetch returns it whole, and its last record is the partition's last."""
+    from confluent_kafka import TopicPartition
+
+    c = consumer(settings, f"ends-{os.urandom(3).hex()}")
+    ends = {}
+    try:
+        for p in range(settings.kafka_partitions if partitions is None else partitions):
+            listed = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            last = listed - 1
+            if listed > 0:
+                c.assign([TopicPartition(topic, p, listed - 1)])
+                first = c.poll(10)
+                batch = ([first] if first is not None else []) + c.consume(num_messages=100_000, timeout=0)
+                last = max([last] + [m.offset() for m in batch if not m.error()])
+            ends[p] = last + 1
+    finally:
+        c.close()
+    return ends
+
+
+def committed_offsets(settings: Settings, group: str, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+    """The offsets `group` has committed on these partitions of `topic` (0 where none)."""
+    from confluent_kafka import TopicPartition
+
+    c = consumer(settings, group)
+    try:
+        return {tp.partition: max(tp.offset, 0)
+                for tp in c.committed([TopicPartition(topic, p) for p in partitions], timeout=10)}
+    finally:
+        c.close()
 
 
 # --- broker incarnation --------------------------------------------------------

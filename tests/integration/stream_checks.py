@@ -97,43 +97,19 @@ def online_differences(layout, client, view, events: list[dict], key: str) -> li
 
 
 def partition_ends(settings, topic: str) -> dict[int, int]:
-    """Each partition's true end offset. Tansu lists a partition's end as its last record
-    batch's base offset + 1 (docs/architecture.md), so the last batch is read from there:
-    one fetch returns it whole, and its last record is the partition's last."""
-    from confluent_kafka import TopicPartition
-
-    c = kafka.consumer(settings, f"ends-{os.urandom(3).hex()}")
-    ends = {}
-    try:
-        for p in range(settings.kafka_partitions):
-            listed = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            last = listed - 1
-            if listed > 0:
-                c.assign([TopicPartition(topic, p, listed - 1)])
-                first = c.poll(10)
-                batch = ([first] if first is not None else []) + c.consume(num_messages=100_000, timeout=0)
-                last = max([last] + [m.offset() for m in batch if not m.error()])
-            ends[p] = last + 1
-    finally:
-        c.close()
-    return ends
+    """Each partition's true end offset (freshet.kafka.partition_ends)."""
+    return kafka.partition_ends(settings, topic)
 
 
 def settled(settings, group: str, topics: list[str]) -> bool:
     """The group has committed every message of these topics (the worker flushes all it
     sends, dead letters included, before it commits)."""
-    from confluent_kafka import TopicPartition
-
-    c = kafka.consumer(settings, group)
-    try:
-        for topic in topics:
-            ends = partition_ends(settings, topic)
-            committed = c.committed([TopicPartition(topic, p) for p in ends], timeout=10)
-            if any(max(tp.offset, 0) < ends[tp.partition] for tp in committed):
-                return False
-        return True
-    finally:
-        c.close()
+    for topic in topics:
+        ends = kafka.partition_ends(settings, topic)
+        committed = kafka.committed_offsets(settings, group, topic, ends)
+        if any(committed[p] < end for p, end in ends.items()):
+            return False
+    return True
 
 
 def dead_letters(settings) -> list[DeadLetter]:
