@@ -44,7 +44,7 @@ import orjson
 import redis
 
 from freshet import features, kafka
-from freshet.app.stack import EmbeddedStack, free_port, redis_binary, wait_for_redis
+from freshet.app.stack import EmbeddedStack, RedisServer
 from freshet.contracts import DeadLetter
 from freshet.redis_layout import OnlineLayout
 from freshet.settings import load_settings
@@ -60,27 +60,6 @@ KINDS = ["worker-sigkill", "worker-crash-point", "redis-sigstop", "redis-restart
 
 def say(*args) -> None:
     print(time.strftime("%H:%M:%S"), *args, file=sys.stderr, flush=True)
-
-
-class OwnRedis:
-    def __init__(self, log: Path):
-        self.port, self.log = free_port(), log
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([redis_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                                      "--appendonly", "no"], stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        wait_for_redis(self.url)
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.kill()
 
 
 class Supervisor:
@@ -229,7 +208,7 @@ def fill(path: Path) -> Path:
     return filler
 
 
-def inject(kind: str, outage_s: float, worker: Supervisor, own: OwnRedis, offline: Path, rnd: random.Random) -> str:
+def inject(kind: str, outage_s: float, worker: Supervisor, own: RedisServer, offline: Path, rnd: random.Random) -> str:
     """Run one fault to its end; returns what was done."""
     if kind == "worker-sigkill":
         worker.kill()
@@ -241,9 +220,9 @@ def inject(kind: str, outage_s: float, worker: Supervisor, own: OwnRedis, offlin
         worker.kill()  # restarted by the supervisor with the hook armed
         return what
     if kind == "redis-sigstop":
-        own.proc.send_signal(signal.SIGSTOP)
+        own.signal(signal.SIGSTOP)
         time.sleep(outage_s)
-        own.proc.send_signal(signal.SIGCONT)
+        own.signal(signal.SIGCONT)
         return f"SIGSTOP {outage_s:g}s"
     if kind == "redis-restart-empty":
         own.kill()
@@ -378,7 +357,7 @@ def main() -> int:
     seconds = args.minutes * 60
     result: dict = {"bench": "chaos", "minutes": args.minutes, "rate": args.rate, "seed": args.seed,
                     "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
-    stack, own, worker, watch, offline = EmbeddedStack(tmp / "stack"), OwnRedis(tmp / "redis.log"), None, None, None
+    stack, own, worker, watch, offline = EmbeddedStack(tmp / "stack"), RedisServer(tmp / "redis.log"), None, None, None
     mounted = False
     try:
         ep = stack.start()

@@ -126,6 +126,41 @@ def wait_for_redis(url: str, timeout: float = 15.0) -> None:
     )
 
 
+def redis_command(port: int, data_dir: Path) -> list[str]:
+    """The embedded Redis-protocol server on a loopback port; it keeps nothing on disk."""
+    return [redis_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+            "--appendonly", "no", "--protected-mode", "yes", "--dir", str(data_dir)]
+
+
+class RedisServer:
+    """A Redis-protocol server of its own on a free loopback port, for the chaos specs and
+    bench that pause it, kill it and start it again (empty: it keeps nothing on disk)."""
+
+    def __init__(self, log_path: Path):
+        self.port, self.log_path = free_port(), log_path
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(redis_command(self.port, self.log_path.parent), stdout=out,
+                                         stderr=subprocess.STDOUT)
+        wait_for_redis(self.url)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        """Kill it if it runs, paused or not."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.kill()
+
+
 class EmbeddedStack:
     """Start, find and stop the embedded broker and Redis for one data dir.
 
@@ -167,10 +202,7 @@ class EmbeddedStack:
                  "--storage-engine", "memory://tansu/"],
                 log_dir / "kafka.log", self.data_dir, detach)
             self._procs.append(broker)
-            redis_proc = _spawn(
-                [redis_binary(), "--bind", "127.0.0.1", "--port", str(rport), "--save", "",
-                 "--appendonly", "no", "--protected-mode", "yes", "--dir", str(self.data_dir)],
-                log_dir / "redis.log", self.data_dir, detach)
+            redis_proc = _spawn(redis_command(rport, self.data_dir), log_dir / "redis.log", self.data_dir, detach)
             self._procs.append(redis_proc)
             for proc, name in ((broker, "kafka"), (redis_proc, "redis")):
                 time.sleep(0.05)

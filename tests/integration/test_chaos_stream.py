@@ -33,7 +33,7 @@ import orjson
 import pytest
 
 from freshet import kafka
-from freshet.app.stack import free_port, redis_binary, wait_for_redis
+from freshet.app.stack import RedisServer
 from freshet.stream.offline import raw_log_path, read_parts
 from stream_checks import dead_letters, differences, expected, isolated_stream, read_view, settled
 
@@ -55,32 +55,6 @@ if os.environ.get("FRESHET_TEST_CHAOS_POINTS"):
 OUTAGE_S = 5.0
 T0 = 1_790_000_000.0
 TMPFS_BYTES = 48 * 1024 * 1024
-
-
-class OwnRedis:
-    """A Redis-protocol server of this module's own, to pause, kill and start again empty."""
-
-    def __init__(self, log: Path):
-        self.port, self.log = free_port(), log
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([redis_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                                      "--appendonly", "no"], stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        wait_for_redis(self.url)
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.kill()
 
 
 class Feed:
@@ -182,7 +156,7 @@ def _wait(condition, timeout: float, worker: subprocess.Popen | None = None, log
 @pytest.fixture(scope="module")
 def chaos(services, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chaos")
-    own = OwnRedis(tmp / "redis.log")
+    own = RedisServer(tmp / "redis.log")
     own.start()
     tmpfs = tmp / "data" / "offline"
     unmountable = _mount_tmpfs(tmpfs)
