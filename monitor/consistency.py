@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from freshet.contracts import DriftAlert
+from freshet.monitor.exporter import MetricsEndpoint
 
 DETECTOR = "consistency"
 
@@ -97,13 +98,13 @@ class ConsistencyRate:
                              for f, c in sorted(self.features.items())}}
 
 
-class ConsistencyMetrics:
+class ConsistencyMetrics(MetricsEndpoint):
     """Prometheus metrics of the consistency check, in their own registry."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge
+        from prometheus_client import Counter, Gauge
 
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.rate = Gauge("freshet_consistency_rate", "Served feature values equal to their offline "
                           "recomputation, last comparisons per feature", ["feature"], registry=self.registry)
         self.overall = Gauge("freshet_consistency_rate_overall", "Served feature values equal to their offline "
@@ -112,7 +113,6 @@ class ConsistencyMetrics:
                               ["feature", "outcome"], registry=self.registry)
         self.pending = Gauge("freshet_consistency_pending", "Sampled predictions waiting for the raw log",
                              registry=self.registry)
-        self._server = None
 
     def observe(self, feature: str, consistent: bool) -> None:
         self.values.labels(feature, "consistent" if consistent else "different").inc()
@@ -126,14 +126,3 @@ class ConsistencyMetrics:
         if overall is not None:
             self.overall.set(overall)
         self.pending.set(pending)
-
-    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        from prometheus_client import start_http_server
-
-        self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

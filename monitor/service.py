@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from freshet.contracts import DRIFT_KINDS, ContractError, DriftAlert, Label, Prediction, RetrainRequest
 from freshet.features import FeatureRegistry
+from freshet.monitor.exporter import MetricsEndpoint
 from freshet.settings import DEFAULT_FEATURE_SERVICE, DEFAULT_MODEL_NAME, Settings
 from freshet.times import iso_utc
 
@@ -235,13 +236,13 @@ def build(config: Mapping[str, Any], known_features: Iterable[str] | None,
 # metrics
 # ---------------------------------------------------------------------------
 
-class MonitorMetrics:
+class MonitorMetrics(MetricsEndpoint):
     """Prometheus metrics of one monitor process, in their own registry."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter as PCounter, Gauge
+        from prometheus_client import Counter as PCounter, Gauge
 
-        self.registry = CollectorRegistry()
+        super().__init__()
         r = self.registry
         self.records = PCounter("freshet_monitor_records", "Records read, by topic and outcome",
                                 ["topic", "outcome"], registry=r)
@@ -265,18 +266,6 @@ class MonitorMetrics:
                                    "Windowed features not judged until their window is full: until when "
                                    "(epoch seconds, prediction time)", ["model", "feature"], registry=r)
         self._warming_shown: set[tuple[str, str]] = set()
-        self._server = None
-
-    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        from prometheus_client import start_http_server
-
-        self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
     def _show_warming(self, model: str, until: Mapping[str, float]) -> None:
         for feature, ts in until.items():
