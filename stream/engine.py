@@ -44,6 +44,7 @@ from aiokafka.partitioner import murmur2
 
 from freshet.contracts import DeadLetter
 from freshet.features import FeatureRegistry, ViewSpec
+from freshet.kafka import topic_config
 from freshet.settings import Settings
 from freshet.stream import chunks
 from freshet.stream.aggregations import ViewAggregator
@@ -77,17 +78,26 @@ DEADLETTER_PAYLOAD_BYTES = 512 * 1024
 LIVE_MAX = 100_000  # ~2.7 KB each for a card of the example
 
 
-def _patch_fetch_wait(ms: int) -> None:
+def _patch_clients(fetch_wait_ms: int, idempotent: bool) -> None:
     """Faust passes a hard-coded fetch_max_wait_ms=1500 to aiokafka; that alone costs
-    seconds of freshness (docs/architecture.md), so its consumer class gets ours."""
+    seconds of freshness (docs/architecture.md), so its consumer class gets ours. Faust asks
+    for an idempotent producer only inside transactions; `idempotent` asks for one always
+    (where the broker grants it: stream/idempotence.py)."""
 
     class FastFetchConsumer(aiokafka.AIOKafkaConsumer):
         def __init__(self, *args, **kwargs):
-            kwargs["fetch_max_wait_ms"] = ms
+            kwargs["fetch_max_wait_ms"] = fetch_wait_ms
+            super().__init__(*args, **kwargs)
+
+    class IdempotentProducer(aiokafka.AIOKafkaProducer):
+        def __init__(self, *args, **kwargs):
+            kwargs["enable_idempotence"] = True
             super().__init__(*args, **kwargs)
 
     shim = types.SimpleNamespace(**{k: getattr(aiokafka, k) for k in dir(aiokafka) if not k.startswith("__")})
     shim.AIOKafkaConsumer = FastFetchConsumer
+    if idempotent:
+        shim.AIOKafkaProducer = IdempotentProducer
     faust_aiokafka.aiokafka = shim
 
 
@@ -440,8 +450,9 @@ class StreamEngine:
     """Builds the Faust app for every stream feature view in the registry."""
 
     def __init__(self, settings: Settings, registry: FeatureRegistry, app_id: str = "freshet-stream",
-                 partitions: int | None = None, bulk_delivery: bool = True):
-        _patch_fetch_wait(settings.kafka_fetch_max_wait_ms)
+                 partitions: int | None = None, bulk_delivery: bool = True, idempotent: bool = False,
+                 metrics: Any = None):
+        _patch_clients(settings.kafka_fetch_max_wait_ms, idempotent)
         (settings.data_path / "faust").mkdir(parents=True, exist_ok=True)
         self.settings = settings
         self.registry = registry
@@ -452,7 +463,7 @@ class StreamEngine:
             broker=[f"kafka://{h}" for h in settings.kafka_bootstrap_servers.split(",")],
             store="memory://",
             topic_partitions=self.partitions,
-            topic_replication_factor=1,
+            topic_replication_factor=settings.kafka_replication_factor,
             broker_session_timeout=settings.kafka_session_timeout_ms / 1000,
             broker_heartbeat_interval=max(0.5, settings.kafka_session_timeout_ms / 4000),
             broker_request_timeout=max(30.0, settings.kafka_session_timeout_ms / 1000 + 5),
@@ -482,10 +493,11 @@ class StreamEngine:
         for view in registry.views.values():
             # bytes values: ViewAggregator.encode records, (de)serialised by the processor
             table = self.app.Table(f"state-{view.name}", default=None, partitions=self.partitions,
-                                   key_type=bytes, value_type=bytes)
+                                   key_type=bytes, value_type=bytes, extra_topic_configs=topic_config(settings))
             self.processors[view.name] = ViewProcessor(view, table, self.sink, self.clock)
             topic = self.app.topic(f"{app_id}-{view.name}-repartition", partitions=self.partitions,
-                                   key_serializer="raw", value_serializer="raw", internal=True)
+                                   key_serializer="raw", value_serializer="raw", internal=True,
+                                   config=topic_config(settings))
             self.repartition_topics[view.name] = topic
             handler = self.handlers[topic.get_topic_name()] = self._repartitioned_handler(view)
             self.app.agent(topic, name=f"apply-{view.name}")(self._agent(handler))
