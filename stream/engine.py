@@ -78,6 +78,9 @@ DEADLETTER_PAYLOAD_BYTES = 512 * 1024
 LIVE_MAX = 100_000  # ~2.7 KB each for a card of the example
 
 
+LAG_INTERVAL_S = 1.0
+
+
 def _patch_clients(fetch_wait_ms: int, idempotent: bool) -> None:
     """Faust passes a hard-coded fetch_max_wait_ms=1500 to aiokafka; that alone costs
     seconds of freshness (docs/architecture.md), so its consumer class gets ours. Faust asks
@@ -303,6 +306,8 @@ class ViewProcessor:
         counters.timed("result", t0)
         t0 = time.perf_counter()
         await self.sink.write(self.view, rows, counters)
+        if self.sink.metrics is not None and self.view.online:
+            self.sink.metrics.observe_written(self.view.name, (item[1] for item in items))
         # checkpointed only now that its rows are in Redis and queued for the offline store
         # (the lock keeps a checkpoint out meanwhile; this order says so without it)
         self.dirty.update(changed)
@@ -428,6 +433,7 @@ class FeatureSink:
         self.online = PatientWriter(self.layout, redis_client)  # waits out Redis outages
         self.offline = PartBuffer()
         self.crash = CrashPoints("")
+        self.metrics: Any = None  # a StreamMetrics when the worker exports metrics
 
     async def write(self, view: ViewSpec, rows: list[tuple[tuple, dict, float]], counters: Counters) -> None:
         if view.online:
@@ -502,6 +508,8 @@ class StreamEngine:
             handler = self.handlers[topic.get_topic_name()] = self._repartitioned_handler(view)
             self.app.agent(topic, name=f"apply-{view.name}")(self._agent(handler))
         self.watermarks: dict[tuple[str, int], float] = {}
+        # the next offset each source partition's handler has taken, for the lag it exports
+        self.processed: dict[tuple[str, int], int] = {}
         self.marks = WatermarkMarks()  # the watermarks a replay resumes from
         for topic, views in registry.views_by_topic().items():
             decoder = EventDecoder(views, settings.stream_max_future_s, settings.stream_max_event_bytes)
@@ -518,6 +526,10 @@ class StreamEngine:
         self.app.on_partitions_revoked.connect(self._on_revoked)
         self.app.timer(STATS_INTERVAL_S)(self._log_counters)
         self.app.task(self._refresh_forever)
+        self.sink.metrics = metrics
+        if metrics is not None:
+            metrics.attach(self)
+            self.app.timer(LAG_INTERVAL_S)(self._export_lag)
         self._recovered_pending = False
         self._refresh_failing = False
         self._flush_before_commit()
@@ -785,6 +797,25 @@ class StreamEngine:
         for processor in self.processors.values():
             processor.forget()
 
+    async def _export_lag(self) -> None:
+        """Records behind each owned source partition's end (the consumer's last fetched high
+        watermark, so no broker request), for the metrics endpoint."""
+        from faust.types import TP
+
+        consumer = self.app.consumer
+        sources = self.registry.views_by_topic()
+        behind = {}
+        for topic, partition in sorted(self.owned):
+            if topic not in sources:
+                continue
+            try:
+                end = consumer.highwater(TP(topic, partition))
+            except Exception:  # noqa: BLE001 - not fetched yet, or mid-rebalance: skip this round
+                end = None
+            if end is not None:
+                behind[(topic, partition)] = max(0, end - self.processed.get((topic, partition), end))
+        self.sink.metrics.update_lag(behind)
+
     async def _log_counters(self) -> None:
         c = self.counters
         log.info("accepted %d, dead-lettered %d %s, rerouted %d (%.1f%% of accepted), duplicates skipped %d, "
@@ -840,6 +871,7 @@ class StreamEngine:
         needed = {v.name: sorted({*v.join_keys, *(a.column for a in v.aggregations)}) for v in views}
         watermarks = self.watermarks
         marks, marks_data = self.marks, self.processors[views[0].name].table.data
+        processed = self.processed
 
         async def ingest(messages: list) -> None:
             self.counters.batches += 1
@@ -881,6 +913,7 @@ class StreamEngine:
                 accepted.append((message.partition, message.offset, ts, row))
             for partition, offset in lasts.items():
                 marks.after(topic, partition, offset + 1, watermarks.get((topic, partition)))
+                processed[(topic, partition)] = offset + 1
             for message, reason in rejected:
                 await self._dead_letter(message, reason)
             if not accepted:

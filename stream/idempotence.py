@@ -22,6 +22,9 @@ async def _grants_producer_id(bootstrap: str, timeout_s: float) -> tuple[bool, s
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap.split(","), enable_idempotence=True,
                                 request_timeout_ms=int(timeout_s * 1000))
+    sender_log = logging.getLogger("aiokafka.producer.sender")
+    level = sender_log.level
+    sender_log.setLevel(logging.CRITICAL)  # a refusal is an answer here, logged once below, not an error
     try:
         # an idempotent producer's start waits for InitProducerId's answer
         await asyncio.wait_for(producer.start(), timeout_s)
@@ -29,6 +32,7 @@ async def _grants_producer_id(bootstrap: str, timeout_s: float) -> tuple[bool, s
     except (KafkaError, asyncio.TimeoutError) as exc:
         return False, f"{type(exc).__name__} {exc}".strip()
     finally:
+        sender_log.setLevel(level)
         try:
             await asyncio.wait_for(producer.stop(), 5)
         except Exception:  # noqa: BLE001 - a producer that never started may not stop cleanly
