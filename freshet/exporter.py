@@ -81,6 +81,7 @@ class ProcessShare:
         self.pid = os.getpid()
         self._files: dict[str, object] = {}
         self._keys: dict[tuple, str] = {}
+        self._written: dict[str, float] = {}
 
     def _file(self, prefix: str):
         from prometheus_client.mmap_dict import MmapedDict
@@ -98,7 +99,10 @@ class ProcessShare:
 
             key = self._keys[ident] = mmap_key(family.name, name, list(labels), list(labels.values()),
                                                family.documentation)
-        self._file(prefix).write_value(key, float(value), 0.0)
+        value = float(value)
+        if self._written.get(key) != value:  # most series of a quiet process do not move between publishes
+            self._file(prefix).write_value(key, value, 0.0)
+            self._written[key] = value
 
     def publish(self) -> None:
         """Write this process's current values."""
