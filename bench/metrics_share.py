@@ -19,7 +19,7 @@ import tempfile
 import time
 from types import SimpleNamespace
 
-from freshet.exporter import LockFreeHistogram, ProcessShare
+from freshet.exporter import LockFreeHistogram
 from freshet.serving.metrics import AGE_BUCKETS, LATENCY_BUCKETS, ServingMetrics
 
 ENDPOINTS = ["/predict", "/get-online-features", "/health", "/ready", "/metrics", "/models/{name}", "other"]
