@@ -53,7 +53,8 @@ def ensure_topics(settings: Settings, names: Iterable[str], partitions: int | No
     if not wanted:
         return
     futures = client.create_topics(
-        [NewTopic(n, num_partitions=partitions or settings.kafka_partitions, replication_factor=1)
+        [NewTopic(n, num_partitions=partitions or settings.kafka_partitions,
+                  replication_factor=settings.kafka_replication_factor, config=topic_config(settings))
          for n in wanted], operation_timeout=timeout)
     for name, fut in futures.items():
         try:
@@ -63,6 +64,14 @@ def ensure_topics(settings: Settings, names: Iterable[str], partitions: int | No
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
     _wait_for_metadata(client, wanted, timeout)
+
+
+def topic_config(settings: Settings) -> dict[str, str]:
+    """Per-topic configs freshet sets when it creates a topic: min.insync.replicas above the
+    broker default of 1 (left out at 1, so brokers that refuse topic configs still work)."""
+    if settings.kafka_min_insync_replicas > 1:
+        return {"min.insync.replicas": str(settings.kafka_min_insync_replicas)}
+    return {}
 
 
 def _wait_for_metadata(client: AdminClient, names: list[str], timeout: float) -> None:
@@ -80,7 +89,9 @@ def producer(settings: Settings, **overrides) -> Producer:
         **settings.kafka_client_config(),
         "linger.ms": 5,
         "batch.num.messages": 10000,
-        "enable.idempotence": False,  # Tansu lacks InitProducerId v0 (docs/architecture.md)
+        # librdkafka's idempotent producer works against every broker freshet meets, Tansu
+        # included (only aiokafka's InitProducerId v0 goes unanswered there: stream/engine.py)
+        "enable.idempotence": settings.kafka_idempotence != "off",
         "acks": "all",
         # Java's (and aiokafka's) partitioner: a key lands where Faust's tables expect it.
         "partitioner": "murmur2_random",

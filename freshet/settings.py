@@ -51,6 +51,17 @@ class Settings:
     # Faust's hard-coded 1.5 s fetch wait would cost seconds of freshness.
     kafka_fetch_max_wait_ms: int = 20
     kafka_partitions: int = 4
+    # Copies of every topic freshet creates (its own, the stream's changelogs and repartition
+    # topics), and how many of them must acknowledge a write (acks=all). One broker: 1 and 1;
+    # three brokers: 3 and 2, so one broker may be down without refusing writes or losing any.
+    kafka_replication_factor: int = 1
+    kafka_min_insync_replicas: int = 1
+    # Idempotent producers (a retried send is written once). "auto": on for librdkafka's
+    # producers (they work against every broker, the embedded Tansu included) and for the
+    # stream's aiokafka producer where the broker grants it a producer id (Tansu does not: the
+    # stream worker probes once at start and logs it); "on" insists (a broker that refuses
+    # fails the start), "off" never asks.
+    kafka_idempotence: str = "auto"
     # How often a stream worker commits offsets, checkpointing each entity it changed to
     # its table's changelog first. Features reach Redis per micro-batch regardless; a
     # longer interval means fewer changelog records and larger Parquet parts, but a
@@ -72,6 +83,9 @@ class Settings:
     # one event dated minutes ahead cannot age every other entity's windows early. A
     # simulated clock running ahead of the wall clock (with FRESHET_STREAM_MAX_FUTURE_S) raises it.
     stream_clock_ahead_s: int = 0
+    # Port of a stream worker's Prometheus metrics (lag per partition, events, dead letters,
+    # freshness) at FRESHET_HTTP_HOST; 0: off.
+    stream_metrics_port: int = 0
 
     # Redis. Empty means "use the embedded server".
     redis_url: str = _secret()
@@ -171,9 +185,11 @@ _CHOICES = {
     "kafka_sasl_mechanism": {"", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"},
     "log_level": {"DEBUG", "INFO", "WARNING", "ERROR"},
     "training_features": {"recomputed", "served"},
+    "kafka_idempotence": {"auto", "on", "off"},
 }
 _POSITIVE = {"kafka_session_timeout_ms", "kafka_partitions", "max_body_bytes", "stream_commit_interval_ms",
-             "stream_max_future_s", "stream_max_event_bytes", "max_rows_per_request", "max_features_per_request"}
+             "stream_max_future_s", "stream_max_event_bytes", "max_rows_per_request", "max_features_per_request",
+             "kafka_replication_factor", "kafka_min_insync_replicas"}
 
 
 def _env_name(name: str) -> str:
@@ -208,6 +224,14 @@ def _validate(s: Settings) -> None:
                             "(0 never polls; ~100 suits a Redis on the same host)")
     if not 0 < s.http_port < 65536:
         raise SettingsError(f"{_env_name('http_port')}={s.http_port} must be a TCP port 1..65535")
+    if not 0 <= s.stream_metrics_port < 65536:
+        raise SettingsError(f"{_env_name('stream_metrics_port')}={s.stream_metrics_port} must be a TCP port "
+                            "1..65535, or 0 for no metrics endpoint")
+    if s.kafka_min_insync_replicas > s.kafka_replication_factor:
+        raise SettingsError(
+            f"{_env_name('kafka_min_insync_replicas')}={s.kafka_min_insync_replicas} is more than "
+            f"{_env_name('kafka_replication_factor')}={s.kafka_replication_factor}: no write could ever be "
+            "acknowledged (three brokers: 3 replicas, 2 in sync)")
     # not unix://: Feast's Redis online store (feast apply, Feast's readers) takes host:port only
     if s.redis_url and urlparse(s.redis_url).scheme not in ("redis", "rediss"):
         raise SettingsError(

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from freshet.contracts import DriftAlert
-from freshet.monitor.exporter import MetricsEndpoint
+from freshet.exporter import MetricsEndpoint
 
 DETECTOR = "consistency"
 

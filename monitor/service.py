@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from freshet.contracts import DRIFT_KINDS, ContractError, DriftAlert, Label, Prediction, RetrainRequest
 from freshet.features import FeatureRegistry
-from freshet.monitor.exporter import MetricsEndpoint
+from freshet.exporter import MetricsEndpoint
 from freshet.settings import DEFAULT_FEATURE_SERVICE, DEFAULT_MODEL_NAME, Settings
 from freshet.times import iso_utc
 

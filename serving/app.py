@@ -30,6 +30,10 @@ from freshet.serving.validation import features_request
 
 log = logging.getLogger("freshet.serving")
 
+# how often a worker of `serve --workers N` copies its counters to the shared metrics directory:
+# another worker's /metrics includes them at most this late
+METRICS_PUBLISH_S = 1.0
+
 # (status, body, content type) of a request body
 Handler = Callable[[bytes], Awaitable[tuple[int, bytes, bytes]]]
 
@@ -171,6 +175,8 @@ class ServingApp:
         if self.follower is not None:
             await asyncio.to_thread(self.follower.start)
         self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_registry()))
+        if self.metrics.share is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._publish_metrics()))
         # Feast, MLflow and their imports leave ~300k long-lived objects; a full collection
         # over them pauses the loop for hundreds of ms. Everything allocated so far stays.
         gc.collect()
@@ -188,6 +194,18 @@ class ServingApp:
         if self.predictor.prediction_log is not None:
             await asyncio.to_thread(self.predictor.prediction_log.close)
         await self.reader.aio.close()
+        if self.metrics.share is not None:
+            self.metrics.share.publish()  # this worker's final counts stay in the other workers' sums
+            self.metrics.share.close()
+
+    async def _publish_metrics(self) -> None:
+        # on the loop, like the request path that updates the counters: no lock needed
+        while True:
+            await asyncio.sleep(METRICS_PUBLISH_S)
+            try:
+                self.metrics.share.publish()
+            except OSError as exc:
+                log.warning("could not publish this worker's metrics to %s: %s", self.metrics.share.directory, exc)
 
     async def _refresh_registry(self) -> None:
         # a file registry is a stat per check; any other kind is a query, so ask less often
@@ -270,11 +288,13 @@ async def _respond(send, status: int, body: bytes, content_type: bytes, headers:
 
 def create_app(settings: Settings, *, model_name: str | None = None, reader: OnlineFeatureReader | None = None,
                registry: ModelRegistry | None = None, follow_models: bool = True, log_predictions: bool = True,
-               model_poll_s: float = 30.0, tokens: dict[str, str] | None = None) -> ServingApp:
+               model_poll_s: float = 30.0, tokens: dict[str, str] | None = None,
+               metrics_dir: str | None = None) -> ServingApp:
     """Build the ASGI app: feature reader, model registry and follower, prediction log, scoped credentials.
 
     The model served is `model_name`, else settings.model_name (FRESHET_MODEL_NAME); `tokens`
     maps each scope to its token (default: the settings, else the token files in the data dir).
+    With `metrics_dir` (serve --workers N), /metrics answers for every worker sharing it.
     """
     model_name = model_name or settings.model_name
     tokens = tokens or resolve_credentials(settings)
@@ -284,4 +304,7 @@ def create_app(settings: Settings, *, model_name: str | None = None, reader: Onl
         registry = registry or ModelRegistry(settings)
         follower = ModelFollower(settings, model_name, registry=registry, poll_s=model_poll_s)
     plog = PredictionLog(settings) if log_predictions else None
-    return ServingApp(settings, reader, registry, follower, plog, tokens, model_name)
+    app = ServingApp(settings, reader, registry, follower, plog, tokens, model_name)
+    if metrics_dir is not None:
+        app.metrics.share_with(metrics_dir)
+    return app

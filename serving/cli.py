@@ -42,5 +42,5 @@ def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
     p.add_argument("--model", help=f"registered model name to serve (overrides FRESHET_MODEL_NAME, default {DEFAULT_MODEL_NAME})")
     p.add_argument("--workers", type=int, default=1,
                    help="serving processes sharing the port (SO_REUSEPORT), each with its own Redis and Kafka "
-                        "clients; Ctrl-C stops them all (default: 1). /metrics is per worker.")
+                        "clients; Ctrl-C stops them all (default: 1). /metrics answers for all of them.")
     handlers["serve"] = cmd_serve

@@ -6,46 +6,17 @@ Owns the counters the request path updates and their exposition at /metrics.
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from freshet.exporter import LockFreeHistogram, ProcessShare
 from freshet.models import LinearModel
 from freshet.serving.online import OnlineFeatureReader
 
 LATENCY_BUCKETS = (.0001, .00025, .0005, .00075, .001, .0015, .0025, .005, .0075, .01, .025, .05, .1, .25, .5, 1, 2.5)
 AGE_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 6 * 3600, 86400, 2 * 86400, 7 * 86400)
-
-
-class LockFreeHistogram:
-    """A Prometheus histogram without locks: observed from the event loop thread only.
-
-    >>> h = LockFreeHistogram((0.001, 0.01))
-    >>> for seconds in (0.0005, 0.001, 0.5):
-    ...     h.observe(seconds)
-    >>> h.buckets()
-    [('0.001', 2), ('0.01', 2), ('+Inf', 3)]
-    """
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1  # buckets are "<= le"
-        self.sum += value
-
-    def buckets(self) -> list[tuple[str, int]]:
-        out, total = [], 0
-        for bound, n in zip((*map(str, self.bounds), "+Inf"), self.counts):
-            total += n
-            out.append((bound, total))
-        return out
 
 
 class ServingMetrics:
@@ -68,6 +39,7 @@ class ServingMetrics:
         self._model_info = Gauge("freshet_model_info", "1 for the model version in use, 0 for versions "
                                  "served before", ["model", "version"], registry=self.registry)
         self.registry.register(_RequestCollector(self))
+        self.share: ProcessShare | None = None
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         """One request answered."""
@@ -110,8 +82,21 @@ class ServingMetrics:
         """Expose a Predictor's counts and its prediction log's (read when scraped: both may be replaced)."""
         self.registry.register(_PredictionCollector(predictor))
 
+    def share_with(self, directory: str) -> ProcessShare:
+        """Answer /metrics for every serving worker that shares `directory` (serve --workers N).
+
+        The caller publishes now and then (`ProcessShare.publish`) so the other workers' answers
+        include this one's counts; a scrape publishes this worker's before it answers.
+        """
+        # one served version per model: the highest any live worker reports
+        self.share = ProcessShare(directory, self.registry,
+                                  {"freshet_model_version": "livemax", "freshet_model_info": "livemax"})
+        return self.share
+
     def exposition(self) -> bytes:
-        """The Prometheus text format of every metric."""
+        """The Prometheus text format of every metric (of every worker, when shared)."""
+        if self.share is not None:
+            return self.share.exposition()
         return generate_latest(self.registry)
 
 

@@ -67,7 +67,7 @@ class PredictionLog:
                 "queue.buffering.max.kbytes": 256 * 1024,
                 "message.timeout.ms": int(delivery_timeout_s * 1000),
                 "linger.ms": 100,  # off the request path; fewer, larger batches cost the broker less
-                "acks": 1,
+                # acks=all (kafka.producer's): idempotence needs it, so a retried send is logged once
                 # only failures come back to Python: a callback per message would cost the request path
                 "delivery.report.only.error": True,
                 "on_delivery": self._on_delivery,

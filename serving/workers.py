@@ -12,9 +12,11 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 
 from freshet.settings import Settings
@@ -58,7 +60,8 @@ def _exit_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def worker_main(settings: Settings, model_name: str, tokens: dict[str, str], index: int, parent_pid: int) -> None:
+def worker_main(settings: Settings, model_name: str, tokens: dict[str, str], index: int, parent_pid: int,
+                metrics_dir: str | None = None) -> None:
     """One serving process: its own app and clients, its own SO_REUSEPORT socket on the shared port."""
     _exit_with_parent(parent_pid)
     # the supervisor orders the shutdown (SIGTERM); uvicorn takes SIGINT over once it serves
@@ -73,7 +76,7 @@ def worker_main(settings: Settings, model_name: str, tokens: dict[str, str], ind
     from freshet.serving.app import create_app
     from freshet.serving.transport import uvicorn_options
 
-    app = create_app(settings, model_name=model_name, tokens=tokens)
+    app = create_app(settings, model_name=model_name, tokens=tokens, metrics_dir=metrics_dir)
     sock = reuseport_socket(settings.http_host, settings.http_port)
     uvicorn.Server(uvicorn.Config(app, **uvicorn_options(settings))).run(sockets=[sock])
 
@@ -92,10 +95,16 @@ class WorkerPool:
         self._procs: list = []
         self._started: list[float] = []
         self._stopping = False  # set by the signal handler: a plain flag, as a lock there could deadlock
+        # prometheus_client's multiprocess directory, created by run() and removed when it returns.
+        # Passed to the workers, not exported as PROMETHEUS_MULTIPROC_DIR: Feast sets that variable
+        # to its own directory on import, and it would switch every prometheus_client metric of the
+        # worker to mmap'd values, on the request path.
+        self.metrics_dir: str | None = None
 
     def _spawn(self, index: int):
         proc = self._ctx.Process(target=worker_main, name=f"freshet-serve-{index}", daemon=False,
-                                 args=(self.settings, self.model_name, self.tokens, index, os.getpid()))
+                                 args=(self.settings, self.model_name, self.tokens, index, os.getpid(),
+                                       self.metrics_dir))
         proc.start()
         log.info("worker %d started (pid %d)", index, proc.pid)
         return proc
@@ -105,6 +114,7 @@ class WorkerPool:
         # Holding a bound (never listening) socket reserves the port against other programs and
         # fails here, once, if it is taken
         reserved = reuseport_socket(self.settings.http_host, self.settings.http_port)
+        self.metrics_dir = tempfile.mkdtemp(prefix="freshet-serve-metrics-")
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         code = 0
         try:
@@ -121,6 +131,7 @@ class WorkerPool:
         finally:
             self._stop_all()
             reserved.close()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return code
@@ -138,6 +149,7 @@ class WorkerPool:
                           i, proc.pid, proc.exitcode, lived)
                 return False
             log.warning("worker %d (pid %d) died with code %s; starting a new one", i, proc.pid, proc.exitcode)
+            _forget_worker(self.metrics_dir, proc.pid)
             self._procs[i] = self._spawn(i)
             self._started[i] = time.monotonic()
         return True
@@ -154,6 +166,13 @@ class WorkerPool:
                 proc.kill()
                 proc.join()
         log.info("all %d workers stopped", len(self._procs))
+
+
+def _forget_worker(metrics_dir: str, pid: int) -> None:
+    """A dead worker's gauges leave /metrics; its counts stay in the sums."""
+    from prometheus_client.multiprocess import mark_process_dead
+
+    mark_process_dead(pid, metrics_dir)
 
 
 def run(settings: Settings, model_name: str | None = None, workers: int = 1) -> int:

@@ -14,13 +14,22 @@ def cmd_stream(args, settings) -> int:
     from freshet import features, kafka
     from freshet.endpoints import resolve_endpoints
     from freshet.stream.engine import StreamEngine
+    from freshet.stream.idempotence import stream_idempotence
 
     settings = resolve_endpoints(settings)
     kafka.check_reachable(settings)
     registry = features.load_registry(settings)
     topics = list(registry.views_by_topic())
     kafka.ensure_topics(settings, [*topics, settings.topic_deadletter])
-    engine = StreamEngine(settings, registry, app_id=args.app_id)
+    idempotent = stream_idempotence(settings)
+    metrics = None
+    if settings.stream_metrics_port:
+        from freshet.stream.metrics import StreamMetrics
+
+        metrics = StreamMetrics()
+        metrics.serve(settings.stream_metrics_port, settings.http_host)
+        log.info("stream metrics on http://%s:%d/metrics", settings.http_host, settings.stream_metrics_port)
+    engine = StreamEngine(settings, registry, app_id=args.app_id, idempotent=idempotent, metrics=metrics)
     log.info("stream worker %s: %d views on topics %s", args.app_id, len(registry.views), ", ".join(topics))
     # Entity states are many small long-lived dicts and lists: with the default thresholds
     # the cyclic collector walks all of them again and again (they hold no cycles freshet

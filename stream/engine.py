@@ -44,6 +44,7 @@ from aiokafka.partitioner import murmur2
 
 from freshet.contracts import DeadLetter
 from freshet.features import FeatureRegistry, ViewSpec
+from freshet.kafka import topic_config
 from freshet.settings import Settings
 from freshet.stream import chunks
 from freshet.stream.aggregations import ViewAggregator
@@ -77,17 +78,29 @@ DEADLETTER_PAYLOAD_BYTES = 512 * 1024
 LIVE_MAX = 100_000  # ~2.7 KB each for a card of the example
 
 
-def _patch_fetch_wait(ms: int) -> None:
+LAG_INTERVAL_S = 1.0
+
+
+def _patch_clients(fetch_wait_ms: int, idempotent: bool) -> None:
     """Faust passes a hard-coded fetch_max_wait_ms=1500 to aiokafka; that alone costs
-    seconds of freshness (docs/architecture.md), so its consumer class gets ours."""
+    seconds of freshness (docs/architecture.md), so its consumer class gets ours. Faust asks
+    for an idempotent producer only inside transactions; `idempotent` asks for one always
+    (where the broker grants it: stream/idempotence.py)."""
 
     class FastFetchConsumer(aiokafka.AIOKafkaConsumer):
         def __init__(self, *args, **kwargs):
-            kwargs["fetch_max_wait_ms"] = ms
+            kwargs["fetch_max_wait_ms"] = fetch_wait_ms
+            super().__init__(*args, **kwargs)
+
+    class IdempotentProducer(aiokafka.AIOKafkaProducer):
+        def __init__(self, *args, **kwargs):
+            kwargs["enable_idempotence"] = True
             super().__init__(*args, **kwargs)
 
     shim = types.SimpleNamespace(**{k: getattr(aiokafka, k) for k in dir(aiokafka) if not k.startswith("__")})
     shim.AIOKafkaConsumer = FastFetchConsumer
+    if idempotent:
+        shim.AIOKafkaProducer = IdempotentProducer
     faust_aiokafka.aiokafka = shim
 
 
@@ -293,6 +306,8 @@ class ViewProcessor:
         counters.timed("result", t0)
         t0 = time.perf_counter()
         await self.sink.write(self.view, rows, counters)
+        if self.sink.metrics is not None and self.view.online:
+            self.sink.metrics.observe_written(self.view.name, (item[1] for item in items))
         # checkpointed only now that its rows are in Redis and queued for the offline store
         # (the lock keeps a checkpoint out meanwhile; this order says so without it)
         self.dirty.update(changed)
@@ -436,6 +451,7 @@ class FeatureSink:
         self.online = PatientWriter(self.layout, redis_client)  # waits out Redis outages
         self.offline = PartBuffer()
         self.crash = CrashPoints("")
+        self.metrics: Any = None  # a StreamMetrics when the worker exports metrics
 
     async def write(self, view: ViewSpec, rows: list[tuple[tuple, dict, float]], counters: Counters) -> None:
         if view.online:
@@ -458,8 +474,9 @@ class StreamEngine:
     """Builds the Faust app for every stream feature view in the registry."""
 
     def __init__(self, settings: Settings, registry: FeatureRegistry, app_id: str = "freshet-stream",
-                 partitions: int | None = None, bulk_delivery: bool = True):
-        _patch_fetch_wait(settings.kafka_fetch_max_wait_ms)
+                 partitions: int | None = None, bulk_delivery: bool = True, idempotent: bool = False,
+                 metrics: Any = None):
+        _patch_clients(settings.kafka_fetch_max_wait_ms, idempotent)
         (settings.data_path / "faust").mkdir(parents=True, exist_ok=True)
         self.settings = settings
         self.registry = registry
@@ -470,7 +487,7 @@ class StreamEngine:
             broker=[f"kafka://{h}" for h in settings.kafka_bootstrap_servers.split(",")],
             store="memory://",
             topic_partitions=self.partitions,
-            topic_replication_factor=1,
+            topic_replication_factor=settings.kafka_replication_factor,
             broker_session_timeout=settings.kafka_session_timeout_ms / 1000,
             broker_heartbeat_interval=max(0.5, settings.kafka_session_timeout_ms / 4000),
             broker_request_timeout=max(30.0, settings.kafka_session_timeout_ms / 1000 + 5),
@@ -500,14 +517,17 @@ class StreamEngine:
         for view in registry.views.values():
             # bytes values: ViewAggregator.encode records, (de)serialised by the processor
             table = self.app.Table(f"state-{view.name}", default=None, partitions=self.partitions,
-                                   key_type=bytes, value_type=bytes)
+                                   key_type=bytes, value_type=bytes, extra_topic_configs=topic_config(settings))
             self.processors[view.name] = ViewProcessor(view, table, self.sink, self.clock)
             topic = self.app.topic(f"{app_id}-{view.name}-repartition", partitions=self.partitions,
-                                   key_serializer="raw", value_serializer="raw", internal=True)
+                                   key_serializer="raw", value_serializer="raw", internal=True,
+                                   config=topic_config(settings))
             self.repartition_topics[view.name] = topic
             handler = self.handlers[topic.get_topic_name()] = self._repartitioned_handler(view)
             self.app.agent(topic, name=f"apply-{view.name}")(self._agent(handler))
         self.watermarks: dict[tuple[str, int], float] = {}
+        # the next offset each source partition's handler has taken, for the lag it exports
+        self.processed: dict[tuple[str, int], int] = {}
         self.marks = WatermarkMarks()  # the watermarks a replay resumes from
         for topic, views in registry.views_by_topic().items():
             decoder = EventDecoder(views, settings.stream_max_future_s, settings.stream_max_event_bytes)
@@ -524,6 +544,10 @@ class StreamEngine:
         self.app.on_partitions_revoked.connect(self._on_revoked)
         self.app.timer(STATS_INTERVAL_S)(self._log_counters)
         self.app.task(self._refresh_forever)
+        self.sink.metrics = metrics
+        if metrics is not None:
+            metrics.attach(self)
+            self.app.timer(LAG_INTERVAL_S)(self._export_lag)
         self._recovered_pending = False
         self._refresh_failing = False
         self._flush_before_commit()
@@ -816,6 +840,25 @@ class StreamEngine:
         for processor in self.processors.values():
             processor.forget()
 
+    async def _export_lag(self) -> None:
+        """Records behind each owned source partition's end (the consumer's last fetched high
+        watermark, so no broker request), for the metrics endpoint."""
+        from faust.types import TP
+
+        consumer = self.app.consumer
+        sources = self.registry.views_by_topic()
+        behind = {}
+        for topic, partition in sorted(self.owned):
+            if topic not in sources:
+                continue
+            try:
+                end = consumer.highwater(TP(topic, partition))
+            except Exception:  # noqa: BLE001 - not fetched yet, or mid-rebalance: skip this round
+                end = None
+            if end is not None:
+                behind[(topic, partition)] = max(0, end - self.processed.get((topic, partition), end))
+        self.sink.metrics.update_lag(behind)
+
     async def _log_counters(self) -> None:
         c = self.counters
         log.info("accepted %d, dead-lettered %d %s, rerouted %d (%.1f%% of accepted), duplicates skipped %d, "
@@ -871,6 +914,7 @@ class StreamEngine:
         needed = {v.name: sorted({*v.join_keys, *(a.column for a in v.aggregations)}) for v in views}
         watermarks = self.watermarks
         marks, marks_data = self.marks, self.processors[views[0].name].table.data
+        processed = self.processed
 
         async def ingest(messages: list) -> None:
             self.counters.batches += 1
@@ -912,6 +956,7 @@ class StreamEngine:
                 accepted.append((message.partition, message.offset, ts, row))
             for partition, offset in lasts.items():
                 marks.after(topic, partition, offset + 1, watermarks.get((topic, partition)))
+                processed[(topic, partition)] = offset + 1
             for message, reason in rejected:
                 await self._dead_letter(message, reason)
             if not accepted:

@@ -55,6 +55,9 @@ def cmd_apply(args, settings: Settings) -> int:
     for view in registry.views.values():
         print(f"{view.name}: {len(view.aggregations)} features from topic {view.topic!r}, "
               f"keys {', '.join(view.join_keys)}, tile {view.tile_s}s, lateness {view.lateness_s}s")
+    if args.model_store:
+        create_model_store(settings)
+        print("model store ready")
     return 0
 
 
@@ -242,6 +245,9 @@ def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
     handlers["up"] = cmd_up
 
     p = sub.add_parser("apply", help="register feature_repo/ in the Feast registry (feast apply)")
+    p.add_argument("--model-store", action="store_true",
+                   help="also create the MLflow model store, as 'freshet up' does before its components start "
+                        "(components starting together on a fresh store would race to create it)")
     handlers["apply"] = cmd_apply
 
     p = sub.add_parser("config", help="print the effective settings (secrets masked)",

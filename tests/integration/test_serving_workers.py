@@ -6,8 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections import Counter
+from pathlib import Path
 
 import httpx
 import psutil
@@ -46,14 +49,15 @@ def _start(settings, workers: int) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def _process_prefixes(port: int, want: int, deadline_s: float = 240.0) -> set[str]:
-    """Generated request ids start with a per-process prefix: the set of processes that answered.
+def _process_prefixes(port: int, want: int, deadline_s: float = 240.0, at_least: int = 0) -> Counter:
+    """Generated request ids start with a per-process prefix: how many predictions each process
+    answered, until `want` processes answered (and at least `at_least` predictions in all).
 
     A new connection per request, so SO_REUSEPORT can hand each to any worker.
     """
-    prefixes: set[str] = set()
+    prefixes: Counter = Counter()
     deadline = time.monotonic() + deadline_s
-    while len(prefixes) < want and time.monotonic() < deadline:
+    while (len(prefixes) < want or prefixes.total() < at_least) and time.monotonic() < deadline:
         try:
             r = httpx.post(f"http://127.0.0.1:{port}/predict", json=PREDICT,
                            headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
@@ -61,7 +65,7 @@ def _process_prefixes(port: int, want: int, deadline_s: float = 240.0) -> set[st
             time.sleep(0.5)  # no worker listens yet
             continue
         if r.status_code == 200:
-            prefixes.add(r.json()["request_id"][:16])
+            prefixes[r.json()["request_id"][:16]] += 1
         else:
             time.sleep(0.2)  # a worker still loading its model answers 503
     return prefixes
@@ -84,16 +88,44 @@ def _kill_all(proc: subprocess.Popen, pids: list[int]) -> None:
             pass
 
 
-def test_two_workers_share_the_port_and_ctrl_c_stops_them_all(settings):
+def _metric(text: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def _scraped_predictions(port: int, want: float, deadline_s: float = 30.0) -> tuple[float, float]:
+    """(/predict 200s, predictions) that /metrics reports, scraped on new connections (any worker
+    answers) until they reach `want`: each worker publishes its counts about once a second."""
+    seen = (0.0, 0.0)
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        seen = (_metric(text, "freshet_http_requests_total", endpoint="/predict", status="200"),
+                _metric(text, "freshet_predictions_total"))
+        if min(seen) >= want:
+            break
+        time.sleep(0.3)
+    return seen
+
+
+def test_two_workers_share_the_port_and_their_metrics_and_ctrl_c_stops_them_all(settings):
+    shared_dirs = set(Path(tempfile.gettempdir()).glob("freshet-serve-metrics-*"))
     proc, port = _start(settings, workers=2)
     children: list[int] = []
     try:
-        assert len(_process_prefixes(port, want=2)) == 2, "both workers should answer on the one port"
+        answered = _process_prefixes(port, want=2, at_least=20)
+        assert len(answered) == 2, "both workers should answer on the one port"
+        # either worker's /metrics counts every worker's predictions, not its own
+        assert _scraped_predictions(port, want=answered.total()) == (answered.total(), answered.total()), answered
         children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert len(children) >= 2
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole group
         assert proc.wait(60) == 0
         assert _gone(children) == [], "no worker outlives the command"
+        assert set(Path(tempfile.gettempdir()).glob("freshet-serve-metrics-*")) <= shared_dirs, \
+            "the supervisor removes its metrics directory"
     finally:
         _kill_all(proc, children)
 

@@ -22,10 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 
 from freshet import kafka
+from freshet.app.stack import free_port
 from stream_checks import isolated_stream, dead_letters, online_differences, settled
 
 pytestmark = [pytest.mark.integration]
@@ -123,7 +125,9 @@ def bad_input_run(services, tmp_path_factory):
 
     app_id = f"{uid}-stream"
     log_path = tmp / "worker.log"
-    worker = subprocess.Popen([sys.executable, "-m", "freshet.cli", "stream", "--app-id", app_id], env=worker_env,
+    metrics_port = free_port()
+    worker = subprocess.Popen([sys.executable, "-m", "freshet.cli", "stream", "--app-id", app_id],
+                              env={**worker_env, "FRESHET_STREAM_METRICS_PORT": str(metrics_port)},
                               stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
     card_events = [e for e in good if e["card_id"] != bad_card]
     merchant_events = [e for e in good if e["merchant_id"] != bad_merchant]
@@ -139,6 +143,7 @@ def bad_input_run(services, tmp_path_factory):
                 break
             assert time.monotonic() < deadline, (wrong_cards[:5], wrong_merchants[:5])
             time.sleep(0.5)
+        scraped = _scrape_settled(metrics_port)
         alive = worker.poll() is None
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -149,7 +154,44 @@ def bad_input_run(services, tmp_path_factory):
     yield dict(settings=settings, registry=registry, layout=layout, client=client, good=good, poison=poison,
                offsets=offsets, bad_card=bad_card, bad_merchant=bad_merchant, alive=alive,
                card_events=card_events, merchant_events=merchant_events, topic=topic,
-               log=Path(log_path).read_text(), records=dead_letters(settings))
+               log=Path(log_path).read_text(), records=dead_letters(settings), metrics=scraped)
+
+
+def _samples(text: str) -> list:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [s for f in text_string_to_metric_families(text) for s in f.samples]
+
+
+def _scrape_settled(port: int, deadline_s: float = 15.0) -> list:
+    """The worker's metrics once its lag gauges (updated every second) show every partition caught up."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        samples = _samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
+        lag = [s for s in samples if s.name == "freshet_stream_lag"]
+        if (len(lag) == 4 and not any(s.value for s in lag)) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.3)
+
+
+def test_the_worker_exports_events_dead_letters_lag_and_freshness(bad_input_run):
+    r = bad_input_run
+    samples = r["metrics"]
+
+    def value(name: str, **labels) -> float:
+        return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert value("freshet_stream_events_total", outcome="accepted") == len(r["good"])
+    assert value("freshet_stream_events_total", outcome="deadlettered") == len(r["records"])
+    assert value("freshet_stream_deadletters_total") == len(r["records"])
+    assert value("freshet_stream_deadletters_total", reason="unprocessable") > 0
+    lag = {s.labels["partition"]: s.value for s in samples if s.name == "freshet_stream_lag"}
+    assert lag == {"0": 0, "1": 0, "2": 0, "3": 0}
+    assert value("freshet_stream_partitions_owned") == 4
+    # the events are dated 1-3 hours back: their features reached Redis that long after their time
+    count = value("freshet_stream_freshness_seconds_count", view=CARD)
+    assert count >= len(r["card_events"])
+    assert 3600 < value("freshet_stream_freshness_seconds_sum", view=CARD) / count < 4 * 3600
 
 
 def test_the_worker_stays_up_through_poison_values_a_failing_stage_and_any_partitioner(bad_input_run):

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 from freshet.contracts import Label, ModelEvent, Prediction
 from freshet.serving.dashboard import COOKIE, Dashboard, SessionCookies, TokenCredential, cookie_value
 from freshet.serving.dashboard_feed import ApiStats, ModelTimeline, VersionErrors
-from freshet.serving.metrics import LATENCY_BUCKETS, LockFreeHistogram
+from freshet.exporter import LockFreeHistogram
+from freshet.serving.metrics import LATENCY_BUCKETS
 from freshet.settings import load_settings
 
 

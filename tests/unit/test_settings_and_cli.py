@@ -28,6 +28,12 @@ def test_defaults_load_without_any_environment():
     ({"FRESHET_KAFKA_SASL_MECHANISM": "PLAIN"}, "use SASL_PLAINTEXT or SASL_SSL"),
     ({"FRESHET_TOPIC_DRIFT": ""}, "FRESHET_TOPIC_DRIFT must not be empty"),
     ({"FRESHET_REDIS_POLL_US": "-1"}, "FRESHET_REDIS_POLL_US=-1 must be 0..10000 microseconds"),
+    ({"FRESHET_KAFKA_REPLICATION_FACTOR": "0"}, "FRESHET_KAFKA_REPLICATION_FACTOR must be a positive integer"),
+    ({"FRESHET_KAFKA_REPLICATION_FACTOR": "3", "FRESHET_KAFKA_MIN_INSYNC_REPLICAS": "4"},
+     "FRESHET_KAFKA_MIN_INSYNC_REPLICAS=4 is more than FRESHET_KAFKA_REPLICATION_FACTOR=3"),
+    ({"FRESHET_KAFKA_MIN_INSYNC_REPLICAS": "2"}, "FRESHET_KAFKA_MIN_INSYNC_REPLICAS=2 is more than"),
+    ({"FRESHET_KAFKA_IDEMPOTENCE": "yes"}, "FRESHET_KAFKA_IDEMPOTENCE='yes' is not allowed; use one of"),
+    ({"FRESHET_STREAM_METRICS_PORT": "70000"}, "FRESHET_STREAM_METRICS_PORT=70000 must be a TCP port"),
 ])
 def test_invalid_setting_names_the_setting_and_what_is_allowed(env, fragment):
     with pytest.raises(SettingsError, match=fragment):

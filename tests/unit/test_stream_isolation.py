@@ -93,6 +93,7 @@ class _Sink:
 
     def __init__(self):
         self.rows: dict = {}
+        self.metrics = None  # FeatureSink's: no metrics exported
 
     async def write(self, view, rows, counters) -> None:
         for key, values, ts in rows:
