@@ -326,7 +326,7 @@ class Retrainer:
 
         data = self.settings.data_path
         labels = self.labels.read(files=snapshot.labels.files(data))
-        job.outcome["labels"]["total"] = len(labels)
+        job.outcome.setdefault("labels", {})["total"] = len(labels)
         events = load_events(self.settings, plan.topic, files=snapshot.events.files(data))
         predictions = self.archive.read(files=snapshot.predictions.files(data))
         examples = self._select_examples(job, labels, events, predictions, plan)
