@@ -116,34 +116,40 @@ def describe(reg, name: str, version: str) -> dict[str, Any]:
     return doc
 
 
+def _lines(pairs: list[tuple[str, Any]], indent: str = "") -> list[str]:
+    return [f"{indent}{label:<{17 - len(indent)}}{value}" for label, value in pairs]
+
+
 def _show_text(doc: dict[str, Any]) -> str:
-    lines = [f"version        {doc['version']}  ({', '.join(doc['aliases']) or 'no alias'})",
-             f"created        {_when(doc.get('created_at'))}",
-             f"format         {doc.get('format')}" + (f"  -> mlflow.pyfunc.load_model('{doc['pyfunc_uri']}')"
-                                                       if doc.get("pyfunc_uri") else
-                                                       "  (not an MLflow model: retrain to replace it)"),
-             f"run            {doc.get('run_id')}",
-             "metrics        " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(doc["metrics"].items())),
-             f"feature service {doc.get('feature_service') or '-'}; {len(doc['feature_names'])} inputs",
-             f"training window {doc['training_window']['start']} .. {doc['training_window']['end']}",
-             f"dataset        {doc.get('dataset_fingerprint') or '-'}",
-             f"gate           {doc.get('gate') or '-'}",
-             f"decision       {doc.get('promotion_decision') or '-'}"]
+    window = doc["training_window"]
+    lines = _lines([
+        ("version", f"{doc['version']}  ({', '.join(doc['aliases']) or 'no alias'})"),
+        ("created", _when(doc.get("created_at"))),
+        ("format", f"{doc.get('format')}" + (f"  -> mlflow.pyfunc.load_model('{doc['pyfunc_uri']}')"
+                                               if doc.get("pyfunc_uri") else
+                                               "  (not an MLflow model: retrain to replace it)")),
+        ("run", doc.get("run_id")),
+        ("metrics", ", ".join(f"{k}={v:.4f}" for k, v in sorted(doc["metrics"].items())) or "-"),
+        ("feature service", f"{doc.get('feature_service') or '-'} ({len(doc['feature_names'])} inputs)"),
+        ("training window", f"{window['start']} .. {window['end']}" if window["start"] or window["end"] else "-"),
+        ("dataset", doc.get("dataset_fingerprint") or "-"),
+        ("gate", doc.get("gate") or "-"),
+        ("decision", doc.get("promotion_decision") or "-")])
     snap = doc.get("snapshot")
-    if snap:
-        ev, lb = snap["events"], snap["labels"]
-        lines += [f"snapshot       {snap['digest']}",
-                  f"  events       {ev['rows']} rows in {ev['parts']} part files of {ev['topic']}",
-                  f"  labels       {lb['rows']} rows in {lb['parts']} part files of {lb['topic']}, positions "
-                  f"{lb['positions'] or '-'}",
-                  f"  served       {snap['predictions']['rows']} predictions in {snap['predictions']['parts']} part files",
-                  f"  features     {snap['feature_definitions']}",
-                  f"  code         freshet {snap.get('freshet') or '?'}, git {snap.get('git_revision') or 'unknown'}"
-                  + (" (with local changes)" if snap.get("git_dirty") else ""),
-                  f"  seed         {snap['seed']}",
-                  f"reproduce with: freshet retrain --reproduce {doc['name']}/{doc['version']}"]
-    else:
-        lines.append(f"snapshot       none: {doc.get('snapshot_note', '')}")
+    if not snap:
+        return "\n".join([*lines, *_lines([("snapshot", f"none: {doc.get('snapshot_note', '')}")])])
+    ev, lb, pr = snap["events"], snap["labels"], snap["predictions"]
+    code = f"freshet {snap.get('freshet') or '?'}, git {snap.get('git_revision') or 'unknown'}"
+    lines += _lines([("snapshot", snap["digest"])])
+    lines += _lines([
+        ("events", f"{ev['rows']} rows in {ev['parts']} part files of {ev['topic']}"),
+        ("labels", f"{lb['rows']} rows in {lb['parts']} part files of {lb['topic']}; next offsets "
+                   f"{lb['positions'] or '-'}"),
+        ("served", f"{pr['rows']} predictions in {pr['parts']} part files"),
+        ("features", snap["feature_definitions"]),
+        ("code", code + (" (with local changes)" if snap.get("git_dirty") else "")),
+        ("seed", snap["seed"])], indent="  ")
+    lines.append(f"reproduce with:  freshet retrain --reproduce {doc['name']}/{doc['version']}")
     return "\n".join(lines)
 
 
@@ -179,8 +185,9 @@ def cmd_promote(args, settings) -> int:
     if str(before) == str(args.version):
         print(f"{name} version {args.version} is the champion already")
         return 0
+    feature_registry = features.load_registry(reg.settings)  # a missing repo is its own error, not the version's
     try:
-        reason = check_version(reg, features.load_registry(reg.settings), name, args.version)
+        reason = check_version(reg, feature_registry, name, args.version)
     except (ModelNotFound, UnsupportedModel, ValueError) as exc:
         raise CliError(f"not promoted: version {args.version} does not load: {exc}") from None
     if reason and not args.force:
