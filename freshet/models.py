@@ -233,6 +233,10 @@ def save_mlflow_model(pipeline: Any, feature_names: Sequence[str], path: Path, i
     if untrusted:
         raise UnsupportedModel(f"the pipeline holds types freshet does not load: {', '.join(untrusted)}")
     names = list(feature_names)
+    fitted = getattr(pipeline, "feature_names_in_", None)
+    if fitted is not None and list(fitted) != names:
+        raise UnsupportedModel(f"the pipeline was fitted on columns {list(fitted)[:3]}..., registered as "
+                               f"{names[:3]}...: pyfunc would refuse the inputs it is given")
     if input_example is None:
         input_example = [export_sklearn(pipeline, names)["fill"]]  # the training means
     example = pd.DataFrame(np.asarray(input_example, dtype=float)[:5], columns=names)
