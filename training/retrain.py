@@ -1,7 +1,10 @@
 """One retraining, step by step: labels, training set, fit, evaluation against the champion, registration, promotion.
 
-Owns `RetrainConfig` (how a model is retrained) and `Retrainer` (`run` returns what happened as an outcome dict).
+Owns `RetrainConfig` (how a model is retrained) and `Retrainer` (`run` returns what happened as an outcome dict;
+`rebuild` refits a version from its snapshot).
 
+A training first pins the offline part files it will read (`freshet.training.snapshot`), reads
+only those, and logs the snapshot with the version, so the version can be rebuilt exactly.
 Features come from `freshet.stream.backfill.training_set` over the feature service (the same
 aggregation code as the stream, point-in-time correct). The newest `holdout_fraction` of the
 examples by event time is the holdout; the candidate and the current champion are scored on
