@@ -105,6 +105,28 @@ def smoke_score(model: Any) -> None:
         raise GateFailed(f"scoring a reference batch gave {len(bad)} score(s) outside [0, 1]: {bad[:3]}")
 
 
+def registry_gate(registry: Any) -> ModelGate:
+    """The gate for a feature registry (a `freshet.features.FeatureRegistry`): what the retrainer and
+    `freshet models promote` check a version against."""
+    known = [f"{v.name}:{f}" for v in registry.views.values() for f in v.feature_names]
+    return ModelGate(registry.feature_services, known)
+
+
+def check_version(models: Any, registry: Any, name: str, version: str, feature_service: str | None = None) -> str:
+    """Why the gate rejects `version` of `name` ("" when it passes), recorded on the version.
+
+    `models` is a `freshet.models.ModelRegistry`; `feature_service` defaults to the version's own."""
+    model = models.load(name, version)
+    service = model.info.get("feature_service", "") if feature_service is None else feature_service
+    try:
+        registry_gate(registry).check(model, service)
+        reason = ""
+    except GateFailed as exc:
+        reason = str(exc)
+    record_verdict(models, name, version, reason)
+    return reason
+
+
 def record_verdict(models: Any, name: str, version: str, reason: str = "") -> None:
     """Tag the version with the gate's verdict (`reason` empty: passed); never raises."""
     value = PASSED if not reason else f"rejected: {reason}"[:4900]

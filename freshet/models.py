@@ -1,9 +1,14 @@
-"""Models on the MLflow registry, in a format that is read, never unpickled.
+"""Models on the MLflow registry, as MLflow models that are read, never unpickled.
 
 Owns the export of a scikit-learn pipeline (imputer, scaler, logistic regression) to
-JSON parameters scored with numpy, registration with lineage (Feast's tag names where
-they exist), promotion and rollback through an MLflow alias, the `freshet.models`
-event on every change, and the follower that hot-swaps the served version.
+parameters scored with numpy, registration as an MLflow model (the sklearn flavour saved
+with skops, a signature, an input example) with lineage (Feast's tag names where they
+exist), promotion and rollback through an MLflow alias, the `freshet.models` event on
+every change, and the follower that hot-swaps the served version.
+
+Serving's fast scorer is built from the registered skops file itself, loaded with
+freshet's own list of trusted types (never the list the artifact names), so the version
+`mlflow.pyfunc.load_model("models:/<name>@champion")` loads is the one serving scores.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -28,13 +34,43 @@ from freshet.settings import DEFAULT_MODEL_NAME, Settings
 log = logging.getLogger("freshet.serving.models")
 
 CHAMPION = "champion"
-FORMAT = "freshet.linear-classifier/1"
-MODEL_FILE = "model.json"
+FORMAT = "freshet.linear-classifier/1"  # the exported parameters; also the JSON artifact of old versions
+MLFLOW_FORMAT = "mlflow.sklearn+skops/1"  # a version's `freshet.format` tag: an MLflow model, skops inside
+MODEL_FILE = "model.json"  # versions registered before MLflow models: still served, not pyfunc-loadable
+MODEL_DIR = "model"  # the MLflow model's directory in the run's artifacts
+SNAPSHOT_ARTIFACT = "training/snapshot.json"  # in the run: what rebuilds the training set
+# The only types a skops file may hold beyond those skops trusts itself (scikit-learn's
+# estimators, numpy arrays): what the supported pipeline needs. Never taken from the artifact.
+TRUSTED_TYPES = ("numpy.dtype",)
 REFERENCE_FILE = "reference.json"  # freshet.reference.TrainingReference of the version
 EXPERIMENT = "freshet"
 HISTORY_TAG = "freshet.champion_history"  # promoted versions, oldest first: what rollback walks back
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@dataclass
+class TrainingData:
+    """What a version was trained on, as MLflow keeps it: a dataset input of the run (`frame`, named
+    by `digest`, read from `source`) and the snapshot document that rebuilds it."""
+
+    frame: Any  # a pandas DataFrame: the model's inputs and the label
+    digest: str
+    snapshot: dict[str, Any]
+    source: str  # a URI: where the data was read from
+
+    def log(self, client: Any, run_id: str, name: str) -> None:
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the schema hint about integer columns: the label is one
+            dataset = mlflow.data.from_pandas(self.frame, source=self.source, name=f"{name}-training",
+                                              targets="label", digest=self.digest)._to_mlflow_entity()
+        tags = [InputTag("mlflow.data.context", "training"),
+                InputTag("freshet.snapshot", str(self.snapshot.get("digest", "")))]
+        client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+        client.log_dict(run_id, self.snapshot, SNAPSHOT_ARTIFACT)
 
 
 class ModelNotFound(LookupError):
@@ -169,6 +205,85 @@ class LinearModel:
 
 
 # ---------------------------------------------------------------------------
+# the MLflow model: the sklearn flavour, serialized with skops
+# ---------------------------------------------------------------------------
+
+def model_signature(feature_names: Sequence[str]):
+    """Inputs: one optional double column per feature (a missing one is imputed); output: P(class) per row."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    inputs = Schema([ColSpec("double", n, required=False) for n in feature_names])
+    outputs = Schema([TensorSpec(np.dtype("float64"), (-1, 2))])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def save_mlflow_model(pipeline: Any, feature_names: Sequence[str], path: Path, input_example: Any = None) -> None:
+    """Save `pipeline` at `path` as an MLflow model: sklearn flavour in skops, pyfunc = predict_proba.
+
+    Refuses (UnsupportedModel) a pipeline holding a type outside TRUSTED_TYPES: serving could not load it.
+    """
+    import mlflow.sklearn
+    import pandas as pd
+    import skops
+    import skops.io as sio
+    import sklearn
+
+    untrusted = sorted(set(sio.get_untrusted_types(data=sio.dumps(pipeline))) - set(TRUSTED_TYPES))
+    if untrusted:
+        raise UnsupportedModel(f"the pipeline holds types freshet does not load: {', '.join(untrusted)}")
+    names = list(feature_names)
+    fitted = getattr(pipeline, "feature_names_in_", None)
+    if fitted is not None and list(fitted) != names:
+        raise UnsupportedModel(f"the pipeline was fitted on columns {list(fitted)[:3]}..., registered as "
+                               f"{names[:3]}...: pyfunc would refuse the inputs it is given")
+    if input_example is None:
+        input_example = [export_sklearn(pipeline, names)["fill"]]  # the training means
+    example = pd.DataFrame(np.asarray(input_example, dtype=float)[:5], columns=names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "X has feature names": a pipeline fitted on a bare array
+        mlflow.sklearn.save_model(
+            pipeline, str(path), serialization_format="skops", skops_trusted_types=list(TRUSTED_TYPES),
+            signature=model_signature(names), input_example=example, pyfunc_predict_fn="predict_proba",
+            # pinned here: inferring them runs the model in a subprocess (seconds per version)
+            pip_requirements=[f"scikit-learn=={sklearn.__version__}", f"skops=={skops.__version__}",
+                              f"numpy=={np.__version__}", f"pandas=={pd.__version__}"],
+            metadata={"freshet_format": MLFLOW_FORMAT})
+
+
+def read_mlflow_model(path: str | Path, what: str = "the model") -> tuple[Any, list[str]]:
+    """(pipeline, input names) of an MLflow model directory saved by `save_mlflow_model`.
+
+    The MLmodel file is YAML (read safely); the estimator is loaded with skops and freshet's
+    TRUSTED_TYPES only: a pickled model is refused, never unpickled."""
+    from mlflow.models import Model
+
+    path = Path(path)
+    if not (path / "MLmodel").is_file():
+        raise UnsupportedModel(f"{what} has no MLmodel file at {path}")
+    meta = Model.load(str(path / "MLmodel"))
+    flavor = meta.flavors.get("sklearn")
+    if not flavor:
+        raise UnsupportedModel(f"{what} has no sklearn flavour (flavours: {', '.join(meta.flavors)})")
+    serialization = flavor.get("serialization_format")
+    if serialization != "skops":
+        raise UnsupportedModel(f"{what} is serialized as {serialization!r}; freshet never unpickles a model: "
+                               "save it with serialization_format='skops' (or retrain it: "
+                               "'freshet retrain --once --force')")
+    if meta.signature is None:
+        raise UnsupportedModel(f"{what} has no signature: its input names are unknown")
+    import skops.io as sio
+    from skops.io.exceptions import UntrustedTypesFoundException
+
+    file = path / Path(str(flavor.get("pickled_model", "model.skops"))).name  # never outside the directory
+    try:
+        pipeline = sio.load(file, trusted=list(TRUSTED_TYPES))
+    except UntrustedTypesFoundException as exc:
+        raise UnsupportedModel(f"{what} holds types freshet does not load: {exc}") from None
+    return pipeline, list(meta.signature.inputs.input_names())
+
+
+# ---------------------------------------------------------------------------
 # the registry: MLflow
 # ---------------------------------------------------------------------------
 
@@ -213,6 +328,7 @@ class ModelRegistry:
                     raise
                 time.sleep(0.5 * (attempt + 1))
         self.publish_events = publish_events
+        self.event_delivered = False  # whether the last promotion's or rollback's event reached Kafka
         self._cache: dict[tuple[str, str], LinearModel] = {}
         self._lock = threading.Lock()
 
@@ -264,25 +380,31 @@ class ModelRegistry:
     def register_sklearn(self, name: str, pipeline: Any, feature_names: Sequence[str],
                          lineage: Mapping[str, Any] | None = None,
                          metrics: Mapping[str, float] | None = None,
-                         reference: Mapping[str, Any] | None = None) -> str:
-        """Export, log and register one version; returns its version number (not promoted).
+                         reference: Mapping[str, Any] | None = None,
+                         input_example: Any = None,
+                         tags: Mapping[str, str] | None = None,
+                         training_data: TrainingData | None = None) -> str:
+        """Save as an MLflow model, log and register one version; returns its version number (not promoted).
 
         `reference` (a `freshet.reference.TrainingReference` as a dict) is logged next to the
-        model: the distributions the monitor judges this version's traffic against."""
+        model: the distributions the monitor judges this version's traffic against.
+        `input_example` (rows of inputs) defaults to the training means; `tags` go on the run and
+        the version both; `training_data` is logged as the run's dataset input, with its snapshot."""
         from mlflow.entities import Metric, Param
 
         lineage = dict(lineage or {})
-        doc = export_sklearn(pipeline, feature_names)
+        export_sklearn(pipeline, feature_names)  # refuse what serving could not score, before logging anything
         refs = [f for f in feature_names if ":" in f]
         service = str(lineage.get("feature_service", ""))
         start, end = _window_str(lineage.get("training_window"))
+        extra = {k: str(v)[:4900] for k, v in (tags or {}).items()}
         tags = {
             "mlflow.runName": f"{name}-train",
             "feast.project": str(lineage.get("project", "freshet")),
             "feast.feature_refs": ",".join(refs),
             "feast.feature_views": ",".join(sorted({r.split(":")[0] for r in refs})),
             "freshet.model": name,
-            "freshet.format": FORMAT,
+            "freshet.format": MLFLOW_FORMAT,
             "freshet.feature_names": json.dumps(list(feature_names)),
             "freshet.training_start": start,
             "freshet.training_end": end,
@@ -292,6 +414,7 @@ class ModelRegistry:
         }
         if service:
             tags["feast.feature_service"] = service
+        tags.update(extra)
         params = {}
         final = pipeline.steps[-1][1] if hasattr(pipeline, "steps") else pipeline
         params.update(_flat_params(final.get_params(), "model."))
@@ -307,11 +430,14 @@ class ModelRegistry:
             params=[Param(k, v) for k, v in params.items()],
         )
         with tempfile.TemporaryDirectory() as tmp:
-            Path(tmp, MODEL_FILE).write_text(json.dumps(doc))
-            Path(tmp, "lineage.json").write_text(json.dumps(lineage, default=str, indent=2))
+            model_dir = Path(tmp, MODEL_DIR)
+            save_mlflow_model(pipeline, feature_names, model_dir, input_example)
+            Path(model_dir, "lineage.json").write_text(json.dumps(lineage, default=str, indent=2))
             if reference is not None:
-                Path(tmp, REFERENCE_FILE).write_text(json.dumps(reference))
-            self.client.log_artifacts(run_id, tmp, artifact_path="model")
+                Path(model_dir, REFERENCE_FILE).write_text(json.dumps(reference))
+            self.client.log_artifacts(run_id, str(model_dir), artifact_path=MODEL_DIR)
+        if training_data is not None:
+            training_data.log(self.client, run_id, name)
         self.client.set_terminated(run_id)
         from mlflow.exceptions import MlflowException
 
@@ -319,11 +445,13 @@ class ModelRegistry:
             self.client.create_registered_model(name, description="freshet model, served from its champion alias")
         except MlflowException:
             pass  # already registered
-        version_tags = {"freshet.format": FORMAT, "freshet.dataset_fingerprint": tags["freshet.dataset_fingerprint"],
+        version_tags = {"freshet.format": MLFLOW_FORMAT,
+                        "freshet.dataset_fingerprint": tags["freshet.dataset_fingerprint"],
                         "freshet.training_window": f"{start}/{end}"}
         if service:
             version_tags["feast.feature_service"] = service
-        mv = self.client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run_id,
+        version_tags.update(extra)
+        mv = self.client.create_model_version(name, f"{run.info.artifact_uri}/{MODEL_DIR}", run_id=run_id,
                                               tags=version_tags)
         log.info("registered %s version %s (run %s)", name, mv.version, run_id)
         return str(mv.version)
@@ -359,8 +487,7 @@ class ModelRegistry:
         mv = self.client.get_model_version(name, version)
         metrics = dict(self.client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
         event = ModelEvent(model=name, version=version, stage=alias, metrics=metrics)
-        if self.publish_events:
-            publish_model_event(self.settings, event)
+        self.event_delivered = publish_model_event(self.settings, event) if self.publish_events else False
         return event
 
     # -- reading --------------------------------------------------------------
@@ -374,23 +501,41 @@ class ModelRegistry:
             return None
 
     def load(self, name: str, ref: str | int = CHAMPION) -> LinearModel:
-        """The model of a version number or alias, read from its JSON artifact (cached per version)."""
+        """The model of a version number or alias, built from its registered artifact (cached per version)."""
         mv = self._version(name, ref)
         key = (name, str(mv.version))
         model = self._cache.get(key)
         if model is not None:
             return model
-        if mv.tags.get("freshet.format", FORMAT) != FORMAT:
-            raise UnsupportedModel(f"model {name!r} version {mv.version} is in format "
-                                   f"{mv.tags.get('freshet.format')!r}; freshet serves only {FORMAT!r}")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = self.client.download_artifacts(mv.run_id, f"model/{MODEL_FILE}", tmp)
-            doc = json.loads(Path(path).read_text())  # JSON only: nothing is unpickled
+        fmt = mv.tags.get("freshet.format", FORMAT)
+        if fmt == MLFLOW_FORMAT:
+            pipeline, names = self.load_pipeline(name, mv.version)
+            doc = export_sklearn(pipeline, names)
+        elif fmt == FORMAT:  # registered before versions were MLflow models: the JSON is still safe to read
+            with tempfile.TemporaryDirectory() as tmp:
+                path = self.client.download_artifacts(mv.run_id, f"{MODEL_DIR}/{MODEL_FILE}", tmp)
+                doc = json.loads(Path(path).read_text())  # JSON only: nothing is unpickled
+        else:
+            raise UnsupportedModel(f"model {name!r} version {mv.version} is in format {fmt!r}; freshet serves "
+                                   f"{MLFLOW_FORMAT!r} (and the older {FORMAT!r}): register it again with "
+                                   "'freshet retrain --once --force'")
         model = LinearModel.from_dict(doc, name, str(mv.version))
-        model.info = {"run_id": mv.run_id, "source": mv.source,
+        model.info = {"run_id": mv.run_id, "source": mv.source, "format": fmt,
                       "feature_service": mv.tags.get("feast.feature_service", "")}
         self._cache[key] = model
         return model
+
+    def load_pipeline(self, name: str, ref: str | int = CHAMPION) -> tuple[Any, list[str]]:
+        """(the scikit-learn pipeline, its input names) of a version registered as an MLflow model."""
+        mv = self._version(name, ref)
+        fmt = mv.tags.get("freshet.format", FORMAT)
+        if fmt != MLFLOW_FORMAT:
+            raise UnsupportedModel(f"model {name!r} version {mv.version} was registered before versions were "
+                                   f"MLflow models (format {fmt!r}): it has no MLmodel; retrain to replace it "
+                                   "('freshet retrain --once --force')")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.client.download_artifacts(mv.run_id, MODEL_DIR, tmp)
+            return read_mlflow_model(path, f"model {name!r} version {mv.version}")
 
     def load_reference(self, name: str, ref: str | int) -> dict[str, Any] | None:
         """The training reference logged with a version (a dict), or None for a version without one."""
@@ -401,6 +546,29 @@ class ModelRegistry:
             except Exception:  # noqa: BLE001 - registered before references existed, or by another tool
                 return None
             return json.loads(Path(path).read_text())  # JSON only
+
+    def training_snapshot(self, name: str, ref: str | int) -> dict[str, Any]:
+        """The training snapshot logged with a version; ModelNotFound naming why for one without."""
+        mv = self._version(name, ref)
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = self.client.download_artifacts(mv.run_id, SNAPSHOT_ARTIFACT, tmp)
+            except Exception:  # noqa: BLE001 - trained before snapshots were recorded, or by another tool
+                raise ModelNotFound(f"model {name!r} version {mv.version} has no training snapshot "
+                                    f"({SNAPSHOT_ARTIFACT}): it was registered before freshet recorded them or "
+                                    "by another tool, so it cannot be reproduced; retrain to get one that can "
+                                    "('freshet retrain --once --force')") from None
+            return json.loads(Path(path).read_text())  # JSON only
+
+    def training_inputs(self, name: str, ref: str | int) -> list[dict[str, Any]]:
+        """The dataset inputs of a version's run: name, digest, source, profile, tags."""
+        mv = self._version(name, ref)
+        run = self.client.get_run(mv.run_id)
+        out = []
+        for d in (run.inputs.dataset_inputs if run.inputs else []):
+            out.append({"name": d.dataset.name, "digest": d.dataset.digest, "source": d.dataset.source,
+                        "profile": d.dataset.profile, "tags": {t.key: t.value for t in d.tags}})
+        return out
 
     def versions(self, name: str) -> list[dict[str, Any]]:
         """Every version, newest first, with aliases, metrics, parameters and lineage."""
@@ -430,6 +598,10 @@ class ModelRegistry:
                                 "end": tags.get("freshet.training_end", "")},
             "dataset_fingerprint": tags.get("freshet.dataset_fingerprint", ""),
             "seed": tags.get("freshet.seed", ""),
+            "format": mv.tags.get("freshet.format", FORMAT),
+            "snapshot_digest": mv.tags.get("freshet.snapshot_digest", ""),
+            "gate": mv.tags.get("freshet.gate", ""),
+            "promotion_decision": mv.tags.get("freshet.promotion_decision", ""),
         }
 
     def models(self) -> list[dict[str, Any]]:

@@ -25,10 +25,12 @@ from freshet.stream.offline import raw_log_path, read_parts
 log = logging.getLogger("freshet.backfill")
 
 
-def load_events(settings: Settings, topic: str, path: str | None = None) -> pd.DataFrame:
+def load_events(settings: Settings, topic: str, path: str | None = None,
+                files: list[Path] | None = None) -> pd.DataFrame:
     """Events of a topic, deduplicated by (partition, offset) and sorted by event time.
 
-    From `path` (Parquet or CSV) when given, else the offline raw log the stream wrote.
+    From `path` (Parquet or CSV) when given, else the offline raw log the stream wrote (only
+    its part `files`, when given: a training's snapshot).
     """
     if path:
         p = Path(path)
@@ -36,7 +38,7 @@ def load_events(settings: Settings, topic: str, path: str | None = None) -> pd.D
             raise FileNotFoundError(f"--input {path} does not exist")
         df = pd.read_csv(p) if p.suffix.lower() == ".csv" else pd.read_parquet(p)
     else:
-        table = read_parts(raw_log_path(settings.data_path, topic))
+        table = read_parts(raw_log_path(settings.data_path, topic), files=files)
         if table is None:
             return pd.DataFrame()
         df = table.to_pandas()

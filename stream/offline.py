@@ -58,15 +58,20 @@ def append_parts(root: Path, table: pa.Table, ts_column: str, prefix: str = "par
     return written
 
 
-def read_parts(root: Path, columns: list[str] | None = None) -> pa.Table | None:
-    """All part files under `root` as one table (hidden temp files skipped), or None if empty."""
+def part_files(root: Path) -> list[Path]:
+    """The part files under `root` in the order `read_parts` reads them (hidden temp files skipped)."""
     root = Path(root)
     if not root.exists():
+        return []
+    return sorted((p for p in root.rglob("*.parquet") if not p.name.startswith(".")), key=str)
+
+
+def read_parts(root: Path, columns: list[str] | None = None, files: list[Path] | None = None) -> pa.Table | None:
+    """All part files under `root` (or exactly `files`, in that order) as one table, or None if empty."""
+    paths = [str(p) for p in (part_files(root) if files is None else files)]
+    if not paths:
         return None
-    files = sorted(str(p) for p in root.rglob("*.parquet") if not p.name.startswith("."))
-    if not files:
-        return None
-    dataset = ds.dataset(files, format="parquet")
+    dataset = ds.dataset(paths, format="parquet")
     return dataset.to_table(columns=columns)
 
 

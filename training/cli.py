@@ -45,6 +45,31 @@ def _retrain_config(args, settings):
         raise CliError(str(exc)) from None
 
 
+def _reproduce(args, settings) -> int:
+    """--reproduce NAME/VERSION: rebuild a version's training set from its snapshot, refit, compare."""
+    import orjson
+
+    from freshet.models import ModelNotFound, UnsupportedModel
+    from freshet.training.dataset import RetrainError
+    from freshet.training.reproduce import reproduce
+    from freshet.training.snapshot import SnapshotChanged
+
+    name, sep, version = args.reproduce.rpartition("/")
+    if not sep or not name or not version.isdigit():
+        raise CliError(f"--reproduce takes NAME/VERSION, e.g. {settings.model_name}/3; got {args.reproduce!r}")
+    try:
+        report = reproduce(settings, name, version)
+    except (SnapshotChanged, ModelNotFound, UnsupportedModel, RetrainError) as exc:
+        raise CliError(f"cannot reproduce {name} version {version}: {exc}") from None
+    worst = max(report["max_difference"].values())
+    print(f"{name} version {version}: {report['status']} (dataset {'equal' if report['dataset_fingerprint']['equal'] else 'DIFFERENT'}, "
+          f"{report['rows']['train']} training rows, largest difference {worst:.3g})",
+          file=sys.stderr if args.json else sys.stdout, flush=True)
+    if args.json:
+        print(orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY).decode(), flush=True)
+    return 0 if report["status"] in ("identical", "equivalent") else 1
+
+
 def cmd_retrain(args, settings) -> int:
     import orjson
 
@@ -53,6 +78,8 @@ def cmd_retrain(args, settings) -> int:
     from freshet.training.retrain import Retrainer
     from freshet.training.worker import RetrainWorker
 
+    if args.reproduce:
+        return _reproduce(args, settings)
     if args.bootstrap and args.reason:
         raise CliError("--bootstrap trains the first version; it takes no --reason (use --once --reason)")
     manual = args.once or args.bootstrap or bool(args.reason)
@@ -91,7 +118,9 @@ def _add_retrain(sub) -> None:
                     "  freshet retrain                      worker: one training per batch of requests on\n"
                     "                                       FRESHET_TOPIC_RETRAIN (what 'freshet monitor' sends)\n"
                     "  freshet retrain --bootstrap          train and promote version 1 if there is no champion\n"
-                    "  freshet retrain --once [--reason ID] one training now, for alert id(s) ID\n\n"
+                    "  freshet retrain --once [--reason ID] one training now, for alert id(s) ID\n"
+                    "  freshet retrain --reproduce fraud/3  rebuild version 3's training set from its snapshot,\n"
+                    "                                       refit, and compare (exit 1 if it differs)\n\n"
                     "Each training copies new labels from FRESHET_TOPIC_LABELS into the label log\n"
                     "(<data dir>/offline/labels/<topic>/), joins each label to its transaction in the offline\n"
                     "raw log, builds point-in-time features for the feature service, fits\n"
@@ -100,7 +129,8 @@ def _add_retrain(sub) -> None:
                     "lineage and promotes it only if it beats the champion by --margin on --metric. Requests\n"
                     "whose alert ids were all trained for already train nothing (--force overrides).\n"
                     "Outcomes are appended to <data dir>/retrain/outcomes.jsonl.",
-        epilog="exit status: 0 trained or skipped, 1 not enough labelled data, 2 usage or setup error")
+        epilog="exit status: 0 trained, skipped or reproduced, 1 not enough labelled data or a reproduction "
+               "that differs, 2 usage or setup error (a snapshot whose part files are gone, say)")
     mode = p.add_argument_group("mode (default: the worker)")
     mode.add_argument("--bootstrap", action="store_true", help="train and promote the first version")
     mode.add_argument("--once", action="store_true", help="train once now and exit")
@@ -110,6 +140,9 @@ def _add_retrain(sub) -> None:
     mode.add_argument("--reason", action="append", metavar="ALERT_ID",
                       help="alert id this training answers (repeatable; implies --once)")
     mode.add_argument("--force", action="store_true", help="train even if the reason was handled already")
+    mode.add_argument("--reproduce", metavar="NAME/VERSION",
+                      help="rebuild that version's training set from the snapshot it logged, refit with its seed "
+                           "and compare data digest, coefficients and scores; registers nothing")
     mode.add_argument("--json", action="store_true", help="print the outcome as one JSON line (--once/--bootstrap)")
     mode.add_argument("--group", default="freshet-retrain", help="consumer group of the worker (default: %(default)s)")
     data = p.add_argument_group("data")
@@ -197,7 +230,10 @@ def _add_consistency(sub) -> None:
 
 
 def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
+    from freshet.training import admin
+
     _add_retrain(sub)
     handlers["retrain"] = cmd_retrain
     _add_consistency(sub)
     handlers["consistency"] = cmd_consistency
+    admin.register(sub, handlers)

@@ -189,11 +189,11 @@ class LabelLog:
     _decode = staticmethod(label_row)
     _table = staticmethod(_table)
 
-    def read(self) -> pd.DataFrame:
+    def read(self, files: list[Path] | None = None) -> pd.DataFrame:
         """Every label once (a later label for the same request id replaces an earlier one)."""
         from freshet.stream.offline import read_parts
 
-        table = read_parts(self.root)
+        table = read_parts(self.root, files=files)  # files: only these parts (a snapshot)
         if table is None:
             return pd.DataFrame({f.name: pd.Series(dtype=object) for f in LABEL_COLUMNS})
         df = table.to_pandas()

@@ -2,8 +2,8 @@
 
 Owns `fit_pipeline` and the input matrix, in the order of the model's input names.
 
-The pipeline is what `freshet.models.export_sklearn` stores as JSON, so serving scores a
-registered version with numpy exactly as the fitted pipeline would.
+The pipeline is registered as an MLflow model (skops) and `freshet.models.export_sklearn` turns
+it into the parameters serving scores with numpy, exactly as the fitted pipeline would.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import numpy as np
 import pandas as pd
 
 
-def fit_pipeline(X: np.ndarray, y: np.ndarray, seed: int, C: float = 1.0, max_iter: int = 1000):
-    """The fraud pipeline, fitted: what freshet.models.export_sklearn turns into JSON."""
+def fit_pipeline(X: np.ndarray, y: np.ndarray, seed: int, C: float = 1.0, max_iter: int = 1000,
+                 names: Sequence[str] | None = None):
+    """The fraud pipeline, fitted; with `names`, on a frame of those columns, so the pipeline
+    knows its inputs by name (MLflow's pyfunc hands it a DataFrame) and predicts the same."""
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
@@ -27,6 +29,8 @@ def fit_pipeline(X: np.ndarray, y: np.ndarray, seed: int, C: float = 1.0, max_it
         ("scale", StandardScaler()),
         ("classify", LogisticRegression(C=C, max_iter=max_iter, random_state=seed)),
     ])
+    if names is not None:
+        X = pd.DataFrame(np.asarray(X, dtype=float), columns=list(names))
     return pipe.fit(X, y)
 
 

@@ -1,7 +1,10 @@
 """One retraining, step by step: labels, training set, fit, evaluation against the champion, registration, promotion.
 
-Owns `RetrainConfig` (how a model is retrained) and `Retrainer` (`run` returns what happened as an outcome dict).
+Owns `RetrainConfig` (how a model is retrained) and `Retrainer` (`run` returns what happened as an outcome dict;
+`rebuild` refits a version from its snapshot).
 
+A training first pins the offline part files it will read (`freshet.training.snapshot`), reads
+only those, and logs the snapshot with the version, so the version can be rebuilt exactly.
 Features come from `freshet.stream.backfill.training_set` over the feature service (the same
 aggregation code as the stream, point-in-time correct). The newest `holdout_fraction` of the
 examples by event time is the holdout; the candidate and the current champion are scored on
@@ -12,6 +15,7 @@ and of the model version, and in the returned outcome.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -25,7 +29,7 @@ from freshet.contracts import new_id
 from freshet.features import FeatureRegistry
 from freshet.settings import DEFAULT_FEATURE_SERVICE, DEFAULT_MODEL_NAME, Settings
 from freshet.training.dataset import (
-    FeaturePlan, TrainingSet, TrainingWindow, iso_or_blank, join_labels_to_events, point_in_time_features,
+    FeaturePlan, RetrainError, TrainingSet, TrainingWindow, iso_or_blank, join_labels_to_events, point_in_time_features,
 )
 from freshet.training.evaluation import (
     FALLBACK_METRIC, METRICS, Champion, Decision, HoldoutScores, decide_promotion, rounded, score_on_holdout,
@@ -34,7 +38,8 @@ from freshet.training.labels import LabelLog
 from freshet.training.ledger import TrainingLedger, unhandled
 from freshet.training.outcomes import OutcomeLog
 from freshet.training.pipeline import fit_pipeline
-from freshet.training.served import attach_served_requests
+from freshet.training.served import PredictionArchive, attach_served_requests
+from freshet.training.snapshot import Snapshot
 
 log = logging.getLogger("freshet.retrain")
 
@@ -90,6 +95,27 @@ class RetrainConfig:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
         if not self.C > 0:
             raise ValueError(f"C must be > 0, got {self.C}")
+
+    def snapshot(self) -> dict[str, Any]:
+        """What rebuilds this configuration's training set and fit (a training snapshot's `config`)."""
+        return {"model": self.model, "feature_service": self.feature_service,
+                "request_fields": list(self.request_fields), "request_id_field": self.request_id_field,
+                "window": dataclasses.asdict(self.window), "holdout_fraction": self.holdout_fraction,
+                "min_rows": self.min_rows, "min_class_rows": self.min_class_rows, "C": self.C,
+                "max_iter": self.max_iter, "seed": self.seed}
+
+    @classmethod
+    def from_snapshot(cls, config: dict[str, Any]) -> "RetrainConfig":
+        """The configuration a snapshot's `config` records (promotion settings at their defaults).
+
+        >>> cfg = RetrainConfig(window={"last_n": 50}, seed=3, C=0.5)
+        >>> RetrainConfig.from_snapshot(cfg.snapshot()).snapshot() == cfg.snapshot()
+        True
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in config.items() if k in known}
+        kwargs["window"] = TrainingWindow(**config.get("window", {}))
+        return cls(**kwargs)
 
     def params(self) -> dict[str, Any]:
         """The fit and promotion parameters a registered version records."""
@@ -153,6 +179,7 @@ class Retrainer:
         self._models = models
         self.progress = progress
         self.labels = LabelLog(settings)
+        self.archive = PredictionArchive(settings)
         self.outcomes = OutcomeLog(settings.data_path / "retrain" / "outcomes.jsonl")
 
     def wait_for_labels(self, n: int, max_s: float) -> int:
@@ -210,19 +237,32 @@ class Retrainer:
         job = self._begin(reason, request_ids, bootstrap)
         try:
             self._prepare(job, force)
-            labels = self._read_labels(job, sync_labels)
             plan = FeaturePlan.of(self.registry, self.config.feature_service)
-            examples, events = self._select_examples(job, labels, plan)
+            snapshot = self._copy_and_pin(job, plan, sync_labels)
             champion = Champion.load(self.models, self.config.model, job.champion)
-            training = self._build_training_set(job, plan, examples, events, champion)
+            training = self._training_set(job, plan, snapshot, champion)
             pipeline = self._fit(job, training)
             scores = self._evaluate(job, training, pipeline, plan, champion)
             decision = self._decide(job, scores)
-            version = self._register(job, training, pipeline, scores, plan)
+            version = self._register(job, training, pipeline, scores, plan, snapshot)
             promoted, decision = self._promote(job, version, decision)
         except _Ended as end:
             return self.outcomes.finish(job.outcome, end.status, end.why)
         return self.outcomes.finish(job.outcome, "promoted" if promoted else "not_promoted", decision.reason)
+
+    def rebuild(self, snapshot: Snapshot) -> tuple[TrainingSet, Any]:
+        """The training set `snapshot` pins and the pipeline fitted on it; nothing is registered.
+
+        Raises SnapshotChanged when a part file it names is gone or changed, or the feature
+        definitions differ; RetrainError when the data no longer makes a training set."""
+        plan = FeaturePlan.of(self.registry, self.config.feature_service)
+        snapshot.check(self.settings, plan)
+        job = Retraining.start(self.config, ["reproduce"], [new_id()], False)
+        try:
+            training = self._training_set(job, plan, snapshot, Champion(None))
+            return training, self._fit(job, training)
+        except _Ended as end:
+            raise RetrainError(f"the snapshot does not make a training set: {end.why}") from None
 
     def _step(self, n: int, text: str, *args: Any) -> None:
         log.info(f"retrain %s [%d/%d] {text}", self.config.model, n, STEPS, *args)
@@ -267,31 +307,44 @@ class Retrainer:
             raise _Ended("skipped", "every alert in the reason was handled already "
                                     f"(by version(s) {', '.join(sorted(set(done.values())))})")
 
-    def _read_labels(self, job: Retraining, sync: bool) -> pd.DataFrame:
-        """1. Copy what is new on the labels topic into the label log, then read the log."""
+    def _copy_and_pin(self, job: Retraining, plan: FeaturePlan, sync: bool) -> Snapshot:
+        """1. Copy what is new on the labels and predictions topics into their logs, then pin the part
+        files of the raw log, the label log and the prediction archive: the training reads only those."""
         copied = 0
         if sync and self.settings.kafka_bootstrap_servers:
             copied = self.labels.try_sync(self.config.label_sync_timeout_s)
-        labels = self.labels.read()
-        job.lap("labels")
-        self._step(1, "labels: %d new from %s, %d in the label log %s", copied, self.labels.topic, len(labels),
-                   self.labels.root)
-        job.outcome["labels"] = {"topic": self.labels.topic, "copied": copied, "total": len(labels),
+            self.archive.try_sync(self.config.label_sync_timeout_s)
+        snapshot = Snapshot.take(self.settings, plan, self.config.snapshot(), self.labels, self.archive)
+        job.outcome["labels"] = {"topic": self.labels.topic, "copied": copied, "total": snapshot.labels.rows,
                                  "rejected": self.labels.rejected}
-        return labels
+        job.outcome["snapshot"] = snapshot.digest
+        job.lap("labels")
+        self._step(1, "labels: %d new from %s, %d rows in the label log %s; snapshot %s", copied,
+                   self.labels.topic, snapshot.labels.rows, self.labels.root, snapshot.digest[:19])
+        return snapshot
 
-    def _select_examples(self, job: Retraining, labels: pd.DataFrame,
-                         plan: FeaturePlan) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Join the labels to their events; (the examples inside the training window, the events)."""
+    def _training_set(self, job: Retraining, plan: FeaturePlan, snapshot: Snapshot, champion: Champion) -> TrainingSet:
+        """The labels, events and served requests the snapshot pins, as a split training set."""
         from freshet.stream.backfill import load_events
 
+        data = self.settings.data_path
+        labels = self.labels.read(files=snapshot.labels.files(data))
+        job.outcome.setdefault("labels", {})["total"] = len(labels)
+        events = load_events(self.settings, plan.topic, files=snapshot.events.files(data))
+        predictions = self.archive.read(files=snapshot.predictions.files(data))
+        examples = self._select_examples(job, labels, events, predictions, plan)
+        return self._build_training_set(job, plan, examples, events, champion)
+
+    def _select_examples(self, job: Retraining, labels: pd.DataFrame, events: pd.DataFrame,
+                         predictions: pd.DataFrame, plan: FeaturePlan) -> pd.DataFrame:
+        """Join the labels to their events and served requests; the examples inside the training window."""
         cfg = self.config
-        events = load_events(self.settings, plan.topic)
         examples, joined = join_labels_to_events(labels, events, plan.join_keys, cfg.request_fields,
                                                  cfg.request_id_field, plan.timestamp_field)
         job.outcome["history_start"] = _first_event_time(events, plan.timestamp_field)
         in_window, w_start, w_end = cfg.window.select(examples["event_ts"].to_numpy())
-        examples = attach_served_requests(self.settings, examples[in_window].reset_index(drop=True), job.outcome)
+        examples = attach_served_requests(self.settings, examples[in_window].reset_index(drop=True), predictions,
+                                          job.outcome)
         job.outcome["window"] = {"spec": cfg.window.describe(), "start": iso_or_blank(w_start),
                                  "end": iso_or_blank(w_end)}
         job.outcome["examples"] = {"labels": len(labels), **joined, "in_window": len(examples)}
@@ -304,7 +357,7 @@ class Retrainer:
                          f"no labelled events in the window ({cfg.window.describe()}): {len(labels)} labels "
                          f"in {self.labels.root}, {joined['dropped']} without their event; publish labels to "
                          f"{self.labels.topic} and run 'freshet stream' so events reach the offline log")
-        return examples, events
+        return examples
 
     def _build_training_set(self, job: Retraining, plan: FeaturePlan, examples: pd.DataFrame,
                             events: pd.DataFrame, champion: Champion) -> TrainingSet:
@@ -332,7 +385,8 @@ class Retrainer:
                          f"{n_train} training examples ({n_pos} positive, {n_neg} negative); need "
                          f">= {cfg.min_rows} and >= {cfg.min_class_rows} of each class: wait for more "
                          f"labels or widen the window")
-        pipeline = fit_pipeline(training.X[training.train], training.y[training.train], cfg.seed, cfg.C, cfg.max_iter)
+        pipeline = fit_pipeline(training.X[training.train], training.y[training.train], cfg.seed, cfg.C, cfg.max_iter,
+                                training.inputs)
         job.lap("fit")
         self._step(3, "fit: LogisticRegression(C=%g) on %d examples (%d positive), seed %d",
                    cfg.C, n_train, n_pos, cfg.seed)
@@ -368,7 +422,7 @@ class Retrainer:
         return decide_promotion(scores.candidate, scores.champion, cfg.metric, cfg.margin, gains, cfg.confidence)
 
     def _register(self, job: Retraining, training: TrainingSet, pipeline: Any, scores: HoldoutScores,
-                  plan: FeaturePlan) -> str:
+                  plan: FeaturePlan, snapshot: Snapshot) -> str:
         """5. Register the candidate with its lineage and both models' metrics, whatever the decision."""
         cfg = self.config
         fingerprint = training.fingerprint()
@@ -377,11 +431,23 @@ class Retrainer:
         metrics.update({f"champion_{k}": v for k, v in (scores.champion or {}).items() if math.isfinite(v)})
         version = self.models.register_sklearn(cfg.model, pipeline, training.inputs,
                                                self._lineage(job, plan, fingerprint), metrics,
-                                               reference=self._reference(job, training, pipeline, plan))
+                                               reference=self._reference(job, training, pipeline, plan),
+                                               input_example=training.X[training.holdout][:5],
+                                               tags={"freshet.snapshot_digest": snapshot.digest},
+                                               training_data=self._training_data(training, snapshot, fingerprint))
         job.outcome["version"] = version
         job.lap("register")
         self._step(5, "registered %s version %s (dataset %s)", cfg.model, version, fingerprint[:19])
         return version
+
+    def _training_data(self, training: TrainingSet, snapshot: Snapshot, fingerprint: str):
+        """The training set as an MLflow dataset input: the inputs and label, named by the data's digest."""
+        from freshet.models import TrainingData
+
+        frame = pd.DataFrame(training.X, columns=training.inputs)
+        frame["label"] = training.y
+        digest = fingerprint.partition(":")[2][:32]  # MLflow keeps at most 36 characters
+        return TrainingData(frame, digest, snapshot.document(), (self.settings.data_path / "offline").as_uri())
 
     def _reference(self, job: Retraining, training: TrainingSet, pipeline: Any, plan: FeaturePlan) -> dict[str, Any]:
         """The inputs and scores of the newest examples (the holdout: the traffic the version will
@@ -440,18 +506,12 @@ class Retrainer:
 
     def _gate(self, version: str) -> str:
         """Why the model gate rejects `version` ("" when it passes); the verdict is recorded on the version."""
-        from freshet.gates import GateFailed, ModelGate, record_verdict
+        from freshet.gates import check_version
 
-        reg = self.registry
-        gate = ModelGate(reg.feature_services, [f"{v.name}:{f}" for v in reg.views.values() for f in v.feature_names])
-        try:
-            gate.check(self.models.load(self.config.model, version), self.config.feature_service)
-            reason = ""
-        except GateFailed as exc:
-            reason = str(exc)
+        reason = check_version(self.models, self.registry, self.config.model, version, self.config.feature_service)
+        if reason:
             log.error("retrain %s: version %s failed the model gate and is not promoted: %s",
                       self.config.model, version, reason)
-        record_verdict(self.models, self.config.model, version, reason)
         return reason
 
 

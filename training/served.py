@@ -78,11 +78,11 @@ class PredictionArchive(LabelLog):
         super().__init__(settings, topic or settings.topic_predictions)
         self.root = prediction_log_path(settings.data_path, self.topic)
 
-    def read(self) -> pd.DataFrame:
+    def read(self, files: list[Path] | None = None) -> pd.DataFrame:
         """Every request once (a request id logged twice, by a retried publish, counts once)."""
         from freshet.stream.offline import read_parts
 
-        table = read_parts(self.root)
+        table = read_parts(self.root, files=files)  # files: only these parts (a snapshot)
         if table is None:
             return pd.DataFrame({f.name: pd.Series(dtype=object) for f in PREDICTION_COLUMNS})
         df = table.to_pandas()
@@ -119,15 +119,11 @@ def use_served(data: pd.DataFrame, refs: Sequence[str]) -> None:
         data[column] = [s[ref] if isinstance(s, dict) and ref in s else r for s, r in zip(served, recomputed)]
 
 
-def attach_served_requests(settings: Settings, examples: pd.DataFrame, outcome: dict[str, Any] | None = None,
-                           sync_timeout_s: float = 60.0) -> pd.DataFrame:
-    """`attach_requests` with the prediction archive, first brought up to date from Kafka (when
-    there is one); `outcome["training_features"]` says where features come from and how many
-    examples were served."""
-    archive = PredictionArchive(settings)
-    if settings.kafka_bootstrap_servers:
-        archive.try_sync(sync_timeout_s)
-    out = attach_requests(examples, archive.read())
+def attach_served_requests(settings: Settings, examples: pd.DataFrame, predictions: pd.DataFrame,
+                           outcome: dict[str, Any] | None = None) -> pd.DataFrame:
+    """`attach_requests` with the archived `predictions` (`PredictionArchive.read`);
+    `outcome["training_features"]` says where features come from and how many examples were served."""
+    out = attach_requests(examples, predictions)
     if outcome is not None:
         outcome["training_features"] = {"source": settings.training_features,
                                         "served_examples": int(np.isfinite(out["request_ts"]).sum()),

@@ -144,7 +144,7 @@ def test_bootstrap_trains_registers_with_lineage_and_promotes_version_1(scenario
     lineage = json.loads(run.data.tags["freshet.lineage"])
     assert lineage["reason"] == ["bootstrap"] and lineage["rows"]["train"] > 0
     assert run.data.tags["freshet.promoted"] == "true"
-    # served as JSON, scored with numpy: what serving loads scores like the fitted pipeline did
+    # an MLflow model (skops), served by numpy from the same artifact
     model = models.load(MODEL, CHAMPION)
     assert model.version == "1" and len(model.feature_names) == 37
 

@@ -51,7 +51,7 @@ def test_a_champion_that_does_not_load_is_not_replaced_without_a_comparison(scen
     models = ModelRegistry(settings, publish_events=False)
     champion = models.current_version(MODEL)
     mv = models.client.get_model_version(MODEL, champion)
-    artifact = settings.data_path / "mlartifacts" / mv.run_id / "artifacts" / "model" / "model.json"
+    artifact = settings.data_path / "mlartifacts" / mv.run_id / "artifacts" / "model" / "model.skops"
     assert artifact.is_file()
     hidden = artifact.with_suffix(".hidden")
     artifact.rename(hidden)  # the champion's artifact goes missing

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import stat
 import uuid
@@ -44,20 +43,18 @@ def settings(applied_settings, uid):  # noqa: F811
     return s
 
 
-def _register_broken(registry: ModelRegistry, name: str, **overrides) -> str:
-    """A version whose exported parameters are replaced by `overrides` (what a bad export would register)."""
-    version = registry.register_sklearn(name, fit_fraud_pipeline(0), MODEL_FEATURES,
-                                        {"feature_service": "fraud_model_v1"})
-    mv = registry.client.get_model_version(name, version)
-    path = registry.client.download_artifacts(mv.run_id, "model/model.json")
-    doc = json.loads(open(path).read())
-    doc.update(overrides)
-    run_dir = os.path.dirname(path)
-    with open(os.path.join(run_dir, "model.json"), "w") as f:
-        json.dump(doc, f)
-    registry.client.log_artifacts(mv.run_id, run_dir, artifact_path="model")
-    registry._cache.pop((name, version), None)
-    return version
+def _register_broken(registry: ModelRegistry, name: str, feature_names: list[str] | None = None,
+                     scale: list[float] | None = None, coef: list[float] | None = None) -> str:
+    """A version whose fitted scaler scale or coefficients are replaced, or whose inputs are renamed
+    (what a bad fit or a bad export would register)."""
+    import numpy as np
+
+    pipe = fit_fraud_pipeline(0)  # StandardScaler -> LogisticRegression
+    if scale is not None:
+        pipe[0].scale_ = np.asarray(scale, dtype=float)
+    if coef is not None:
+        pipe[-1].coef_ = np.asarray([coef], dtype=float)
+    return registry.register_sklearn(name, pipe, feature_names or MODEL_FEATURES, {"feature_service": "fraud_model_v1"})
 
 
 @pytest.fixture(scope="module")
