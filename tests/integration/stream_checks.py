@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import subprocess
 import time
 
 import redis
@@ -33,6 +35,17 @@ def isolated_stream(services, tmp, prefix: str):
     layout = OnlineLayout(registry.project, registry.views)
     worker_env = {**env, **settings.to_env(), **extra}
     return uid, topic, settings, worker_env, registry, layout, redis.Redis.from_url(services.redis_url)
+
+
+def stop_workers(workers, timeout: float = 30) -> None:
+    """SIGTERM every worker, then wait for each (SIGKILL one that outlives `timeout`)."""
+    for w in workers:
+        w.send_signal(signal.SIGTERM)
+    for w in workers:
+        try:
+            w.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            w.kill()
 
 
 def expected(events: list[dict], view, key: str, as_of: dict[str, float] | None = None) -> dict[str, dict]:

@@ -20,13 +20,12 @@ import pandas as pd
 import pytest
 import redis
 
-from freshet import kafka
 from freshet.cli import main
 from freshet.demo.workload import TransactionWorkload
 from freshet.models import CHAMPION, FORMAT, MLFLOW_FORMAT, ModelRegistry, UnsupportedModel, export_sklearn
 from freshet.settings import load_settings
 from freshet.training.retrain import RetrainConfig, Retrainer
-from test_retrain import publish_labels, write_raw_log
+from test_retrain import model_events, publish_labels, write_raw_log
 from test_serving_support import serve
 
 pytestmark = pytest.mark.integration
@@ -197,23 +196,6 @@ def _register(settings, names: list[str], seed: int) -> str:
         MODEL, pipe, names, {"feature_service": "fraud_model_v1", "seed": seed}, {"auc": 0.5})
 
 
-def _model_events(settings, want: int, timeout: float = 20.0) -> list[dict]:
-    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-
-    c = kafka.consumer(settings, f"{settings.topic_models}-cli-reader")
-    meta = c.list_topics(settings.topic_models, timeout=10).topics[settings.topic_models]
-    c.assign([TopicPartition(settings.topic_models, p, OFFSET_BEGINNING) for p in meta.partitions])
-    got, deadline = [], time.monotonic() + timeout
-    try:
-        while len(got) < want and time.monotonic() < deadline:
-            msg = c.poll(0.2)
-            if msg is not None and not msg.error():
-                got.append(json.loads(msg.value()))
-    finally:
-        c.close()
-    return sorted(got, key=lambda e: e["ts"])
-
-
 def test_promote_goes_through_the_model_gate_and_rollback_returns_publishing_the_event(trained, cli_env, capsys):
     settings = trained["settings"]
     reg = ModelRegistry(settings, publish_events=False)
@@ -235,7 +217,7 @@ def test_promote_goes_through_the_model_gate_and_rollback_returns_publishing_the
     assert reg.current_version(MODEL) == bad
     assert reg.client.get_model_version(MODEL, bad).tags["freshet.gate"].endswith("(promoted with --force)")
 
-    events = _model_events(settings, want=4)  # the bootstrap's, then the CLI's three
+    events = model_events(settings, want=4)  # the bootstrap's, then the CLI's three
     assert [(e["version"], e["stage"]) for e in events] == [("1", CHAMPION), (good, CHAMPION), ("1", CHAMPION),
                                                             (bad, CHAMPION)]
     assert main(["models", "promote", "99"]) == 2

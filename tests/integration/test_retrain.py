@@ -182,7 +182,7 @@ def test_retrain_request_beats_the_champion_after_concept_drift_and_the_same_rea
     run = models.client.get_run(models.versions(MODEL)[0]["run_id"])
     assert run.data.tags[alert_tag("alert-a")] == MODEL
     assert worker.counts["trainings"] == 1 and worker.counts["skipped"] == 1
-    events = _model_events(settings, want=2)
+    events = model_events(settings, want=2)
     assert [(e["version"], e["stage"]) for e in events] == [("1", "champion"), ("2", "champion")]
 
 
@@ -220,7 +220,7 @@ def _wait(cond, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def _model_events(settings, want: int, timeout: float = 20.0) -> list[dict]:
+def model_events(settings, want: int, timeout: float = 20.0) -> list[dict]:
     from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
     c = kafka.consumer(settings, f"{settings.topic_models}-reader")
@@ -314,7 +314,7 @@ def test_injected_drift_is_alerted_retrained_promoted_and_served(services, tmp_p
     assert outcome["status"] == "promoted", outcome
     assert outcome["version"] == "2" and outcome["reason"] == requests[0].reason
     assert follower.model.version == "2"  # serving's hot swap followed the promotion
-    assert [(e["version"], e["stage"]) for e in _model_events(settings, want=2)] == [("1", "champion"),
+    assert [(e["version"], e["stage"]) for e in model_events(settings, want=2)] == [("1", "champion"),
                                                                                       ("2", "champion")]
     models = ModelRegistry(settings, publish_events=False)
     run = models.client.get_run(models.versions(MODEL)[0]["run_id"])

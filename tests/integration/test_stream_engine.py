@@ -29,7 +29,7 @@ import redis
 
 from freshet import features, kafka
 from freshet.settings import load_settings
-from stream_checks import dead_letters
+from stream_checks import dead_letters, stop_workers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -181,13 +181,7 @@ def scenario(services, tmp_path_factory):
                                 for name, key in views), 150, workers, logs)
         ownership["after"] = [_owned(log, topic) for log in logs]
     finally:
-        for w in workers:
-            w.send_signal(signal.SIGTERM)
-        for w in workers:
-            try:
-                w.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                w.kill()
+        stop_workers(workers)
     yield dict(settings=settings, registry=registry, layout=layout, client=client, valid=valid, second=second,
                late=late, topic=topic, tmp=tmp, extra=extra, killed=killed, ownership=ownership)
 

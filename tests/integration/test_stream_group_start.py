@@ -10,7 +10,6 @@ starts, so each partition's first fetch races its owner's recovery.
 from __future__ import annotations
 
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import orjson
 import pytest
 
 from freshet import kafka
-from stream_checks import isolated_stream, online_differences, settled
+from stream_checks import isolated_stream, online_differences, settled, stop_workers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -62,10 +61,4 @@ def test_two_workers_started_together_apply_every_event_produced_before_they_joi
             assigned = [line for line in log.read_text().splitlines() if "partitions assigned:" in line]
             assert assigned and f"('{topic}', " in assigned[-1], (log, assigned[-1:])
     finally:
-        for w in workers:
-            w.send_signal(signal.SIGTERM)
-        for w in workers:
-            try:
-                w.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                w.kill()
+        stop_workers(workers)
