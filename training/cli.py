@@ -136,7 +136,8 @@ def _add_retrain(sub) -> None:
                       help="longest wait for --wait-labels and --wait-positives, seconds (default: %(default)s)")
     data.add_argument("--since-request", action="store_true",
                       help="after the wait, train and evaluate only on the labelled events newer than every "
-                           "one known when the request came (the regime the alert reports), within the window")
+                           "one known when the request came (the regime the alert reports), within the window; "
+                           "needs --wait-labels or --wait-positives")
     fit = p.add_argument_group("fit and promotion")
     fit.add_argument("--seed", type=int, default=0, help="recorded with the version (default: %(default)s)")
     fit.add_argument("--C", type=float, default=1.0, help="inverse L2 strength (default: %(default)s)")

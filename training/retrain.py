@@ -96,6 +96,8 @@ class RetrainConfig:
         if self.wait_labels < 0 or self.wait_positives < 0:
             raise ValueError(f"wait_labels and wait_positives must be >= 0, got {self.wait_labels}, "
                              f"{self.wait_positives}")
+        if self.since_request and not (self.wait_labels or self.wait_positives):
+            raise ValueError("since_request trains on the labels a wait collected: set wait_labels or wait_positives")
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
         if not self.C > 0:
