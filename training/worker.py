@@ -111,7 +111,8 @@ class RetrainWorker:
 
     def _newer_for(self, model: str) -> Callable[[], list[str]] | None:
         """What a training of `model` calls while it waits for labels: the alert ids of requests for
-        it that came since (their offsets are committed with the training's); others wait their turn."""
+        it that came since (their offsets are committed with the training's); others wait their turn,
+        though their offsets are committed with it too: a crash before they train loses them."""
         consumer = self._consumer
         if consumer is None:
             return None
