@@ -454,9 +454,10 @@ class Demo:
 # A retraining after an alert learns from the labels that arrived after it only: RETRAIN_WAIT_S of
 # them (at the demo's rate), at least RETRAIN_POSITIVE_SHARE of them frauds (the workload's rate is
 # 3%: a quiet spell waits a little longer), the newest fifth its holdout; at most RETRAIN_WAIT_MAX_S.
-# Measured offline (the workload's features recomputed, 8 seeded runs): trained on 40 s of
-# post-alert labels, the concept drift's candidate served 0.9-2.1% errors where the champion served
-# 2.3-4.0%; 60 s of labels did no better on average and left less traffic to serve.
+# Measured offline (bench/concept_retrain.py, 5 seeds): trained on 40 s of labels from 30 s after
+# the concept drift, the candidate served 0.6-1.9% errors where the champion served 2.5-5.0% on the
+# same traffic; in an earlier offline comparison 60 s of labels did no better on average and left
+# less traffic to serve.
 RETRAIN_WAIT_S = 40.0
 RETRAIN_POSITIVE_SHARE = 0.025
 RETRAIN_WAIT_MAX_S = 60.0
