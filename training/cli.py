@@ -40,7 +40,8 @@ def _retrain_config(args, settings):
                              request_fields=tuple(args.request_field) if args.request_field is not None else ("amount",),
                              window=window, holdout_fraction=args.holdout, metric=args.metric, margin=args.margin,
                              C=args.C, seed=args.seed, min_rows=args.min_rows, confidence=args.confidence,
-                             wait_labels=args.wait_labels, wait_max_s=args.wait_max)
+                             wait_labels=args.wait_labels, wait_positives=args.wait_positives,
+                             wait_max_s=args.wait_max, since_request=args.since_request)
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
@@ -161,8 +162,15 @@ def _add_retrain(sub) -> None:
     data.add_argument("--wait-labels", type=int, default=0,
                       help="before training for alerts, wait for N labels published after the request: "
                            "outcomes of post-drift traffic (default: %(default)s)")
+    data.add_argument("--wait-positives", type=int, default=0,
+                      help="and for N of those labels to be positive: the rare class a new pattern is "
+                           "learnt from (default: %(default)s)")
     data.add_argument("--wait-max", type=float, default=120.0,
-                      help="longest wait for --wait-labels, seconds (default: %(default)s)")
+                      help="longest wait for --wait-labels and --wait-positives, seconds (default: %(default)s)")
+    data.add_argument("--since-request", action="store_true",
+                      help="after the wait, train and evaluate only on the labelled events newer than every "
+                           "one known when the request came (the regime the alert reports), within the window; "
+                           "needs --wait-labels or --wait-positives")
     fit = p.add_argument_group("fit and promotion")
     fit.add_argument("--seed", type=int, default=0, help="recorded with the version (default: %(default)s)")
     fit.add_argument("--C", type=float, default=1.0, help="inverse L2 strength (default: %(default)s)")

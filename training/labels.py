@@ -87,6 +87,7 @@ class LabelLog:
         self.topic = topic or settings.topic_labels
         self.root = label_log_path(settings.data_path, self.topic)
         self.rejected = 0
+        self.copied: list[dict[str, Any]] = []  # the rows the last sync copied
 
     def offsets(self) -> dict[int, int]:
         """The next offset to copy, per partition."""
@@ -112,6 +113,7 @@ class LabelLog:
             offsets = self.offsets()
             pending = self._assign(consumer, offsets)
             rows = self._copy(consumer, offsets, pending, timeout)
+            self.copied = rows
             if rows:
                 append_parts(self.root, self._table(rows), "ts", prefix=self.PREFIX)
             self._save_offsets(offsets)  # after the parts: a crash in between only duplicates

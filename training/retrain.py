@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,6 +46,7 @@ log = logging.getLogger("freshet.retrain")
 BOOTSTRAP_REASON = "bootstrap"
 DEFAULT_WINDOW_LABELS = 20_000
 STEPS = 6
+MAX_RESTARTS = 3  # times a newer alert may start a training's wait for labels again (each costs up to wait_max_s)
 
 
 @dataclass
@@ -78,9 +79,15 @@ class RetrainConfig:
     seed: int = 0
     label_sync_timeout_s: float = 60.0
     # before training for alerts, wait for this many labels to arrive after the request (outcomes
-    # of post-drift traffic, so the holdout and the fit see the new regime), at most wait_max_s
+    # of post-drift traffic, so the holdout and the fit see the new regime), and for this many of
+    # them positive (the rare class is what a new fraud pattern is learnt from), at most wait_max_s
     wait_labels: int = 0
+    wait_positives: int = 0
     wait_max_s: float = 120.0
+    # a training for alerts learns from, and is judged on, only the labelled events newer than
+    # every one known when the request came: the alert says the old regime is over, and its rows
+    # would teach the candidate the old mechanism and let the holdout judge it there
+    since_request: bool = False
 
     def __post_init__(self) -> None:
         self.request_fields = tuple(self.request_fields)
@@ -91,6 +98,11 @@ class RetrainConfig:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.wait_labels < 0 or self.wait_positives < 0:
+            raise ValueError(f"wait_labels and wait_positives must be >= 0, got {self.wait_labels}, "
+                             f"{self.wait_positives}")
+        if self.since_request and not (self.wait_labels or self.wait_positives):
+            raise ValueError("since_request trains on the labels a wait collected: set wait_labels or wait_positives")
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
         if not self.C > 0:
@@ -121,7 +133,9 @@ class RetrainConfig:
         """The fit and promotion parameters a registered version records."""
         return {"C": self.C, "max_iter": self.max_iter, "imputer": "mean", "scaler": "standard",
                 "holdout_fraction": self.holdout_fraction, "metric": self.metric, "margin": self.margin,
-                "confidence": self.confidence, "bootstrap_rounds": self.bootstrap_rounds}
+                "confidence": self.confidence, "bootstrap_rounds": self.bootstrap_rounds,
+                "wait_labels": self.wait_labels, "wait_positives": self.wait_positives,
+                "since_request": self.since_request}
 
 
 @dataclass
@@ -134,6 +148,7 @@ class Retraining:
     outcome: dict[str, Any]
     started: float  # time.monotonic()
     lap_started: float
+    since: float | None = None  # train only on labelled events after this event time (since_request)
 
     @classmethod
     def start(cls, config: RetrainConfig, reason: list[str], request_ids: list[str], bootstrap: bool) -> "Retraining":
@@ -159,6 +174,33 @@ class Retraining:
         self.outcome["seconds"]["total"] = round(time.monotonic() - self.started, 3)
 
 
+@dataclass
+class LabelWait:
+    """Labels that arrived for events after `since` (the newest labelled event time known when the wait began)."""
+
+    since: float | None
+    labels: int = 0
+    positives: int = 0
+    alerts: list[str] = field(default_factory=list)  # of requests that restarted the wait
+    restarts: int = 0
+
+    def count(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Count copied label-log rows (`event_ts`, `label`); a row without an event time counts as new.
+
+        >>> w = LabelWait(since=100.0)
+        >>> w.count([{"event_ts": 99.0, "label": 1.0}, {"event_ts": 101.0, "label": 1.0},
+        ...          {"event_ts": 102.0, "label": 0.0}, {"event_ts": None, "label": 0.0}])
+        >>> w.labels, w.positives
+        (3, 1)
+        """
+        for r in rows:
+            t = r.get("event_ts")
+            if self.since is not None and t is not None and t <= self.since:
+                continue
+            self.labels += 1
+            self.positives += bool(r.get("label") is not None and r["label"] > 0.5)
+
+
 class _Ended(Exception):
     """The retraining ends before registering a version: `status` skipped or insufficient_data, and why."""
 
@@ -182,23 +224,40 @@ class Retrainer:
         self.archive = PredictionArchive(settings)
         self.outcomes = OutcomeLog(settings.data_path / "retrain" / "outcomes.jsonl")
 
-    def wait_for_labels(self, n: int, max_s: float) -> int:
-        """Copy labels until `n` arrived after now, or `max_s` passed; returns how many came.
+    def wait_for_labels(self, n: int, max_s: float, positives: int = 0,
+                        newer: Callable[[], Sequence[str]] | None = None) -> "LabelWait":
+        """Copy labels until `n` arrived for events newer than every labelled event known now,
+        `positives` of them positive, or `max_s` passed; returns what came and that cut-off.
 
+        `newer()` returns the alert ids of requests that came meanwhile: each such request starts
+        the wait again from its own time (at most MAX_RESTARTS times), so a drift reported while a
+        training waits is not learnt from a mix of the regimes before and after it.
         Counted by copying them, not from end offsets: the embedded broker reports a topic's
         end as its last batch's base offset + 1."""
-        self.labels.sync(self.config.label_sync_timeout_s)  # what was already there does not count
+        restarts, wait = 0, self._start_wait(n, positives, max_s)
         deadline = time.monotonic() + max_s
-        log.info("retrain %s: waiting for %d new labels on %s (at most %.0fs)", self.config.model, n,
-                 self.labels.topic, max_s)
-        arrived = 0
         while True:
-            arrived += self.labels.sync(self.config.label_sync_timeout_s)
-            if arrived >= n or time.monotonic() >= deadline:
+            fresh = list(newer()) if newer is not None and restarts < MAX_RESTARTS else []
+            if fresh:
+                restarts += 1
+                log.info("retrain %s: %d newer alert(s) came while waiting (%s); waiting again from now",
+                         self.config.model, len(fresh), ", ".join(fresh[:5]))
+                wait = self._start_wait(n, positives, max_s, wait.alerts + fresh, restarts)
+                deadline = time.monotonic() + max_s
+            self.labels.sync(self.config.label_sync_timeout_s)
+            wait.count(self.labels.copied)
+            if (wait.labels >= n and wait.positives >= positives) or time.monotonic() >= deadline:
                 break
             time.sleep(1.0)
-        log.info("retrain %s: %d new labels arrived", self.config.model, arrived)
-        return arrived
+        log.info("retrain %s: %d new labels (%d positive) arrived", self.config.model, wait.labels, wait.positives)
+        return wait
+
+    def _start_wait(self, n: int, positives: int, max_s: float, alerts: Sequence[str] = (),
+                    restarts: int = 0) -> "LabelWait":
+        self.labels.sync(self.config.label_sync_timeout_s)  # what is there already does not count
+        log.info("retrain %s: waiting for %d new labels (%d positive) on %s (at most %.0fs)", self.config.model,
+                 n, positives, self.labels.topic, max_s)
+        return LabelWait(since=_newest_event_time(self.labels.read()), alerts=list(alerts), restarts=restarts)
 
     def warm_up(self) -> None:
         """Open the feature registry and MLflow and import scikit-learn now, not on the first request."""
@@ -228,15 +287,17 @@ class Retrainer:
         return TrainingLedger(self.models.client, self.config.model)
 
     def run(self, reason: Sequence[str] = (), request_ids: Sequence[str] = (), *, bootstrap: bool = False,
-            force: bool = False, sync_labels: bool = True) -> dict[str, Any]:
+            force: bool = False, sync_labels: bool = True,
+            newer: Callable[[], Sequence[str]] | None = None) -> dict[str, Any]:
         """One retraining for `reason` (alert ids), step by step; each numbered step is timed and logged.
 
         It ends early, as "skipped", when every alert in `reason` was trained for already (unless
-        `force`) and, as "insufficient_data", when there is too little to learn from.
+        `force`) and, as "insufficient_data", when there is too little to learn from. `newer`:
+        see `wait_for_labels`; the alerts it returns join `reason`.
         """
         job = self._begin(reason, request_ids, bootstrap)
         try:
-            self._prepare(job, force)
+            self._prepare(job, force, newer)
             plan = FeaturePlan.of(self.registry, self.config.feature_service)
             snapshot = self._copy_and_pin(job, plan, sync_labels)
             champion = Champion.load(self.models, self.config.model, job.champion)
@@ -258,6 +319,7 @@ class Retrainer:
         plan = FeaturePlan.of(self.registry, self.config.feature_service)
         snapshot.check(self.settings, plan)
         job = Retraining.start(self.config, ["reproduce"], [new_id()], False)
+        job.since = snapshot.config.get("since")
         try:
             training = self._training_set(job, plan, snapshot, Champion(None))
             return training, self._fit(job, training)
@@ -286,13 +348,19 @@ class Retrainer:
         listed = next((m for m in self.models.models() if m["name"] == self.config.model), None)
         return listed["aliases"].get(CHAMPION) if listed else None
 
-    def _prepare(self, job: Retraining, force: bool) -> None:
+    def _prepare(self, job: Retraining, force: bool, newer: Callable[[], Sequence[str]] | None = None) -> None:
         """Skip what was done already; wait for post-drift labels when configured."""
         if not force:
             self._skip_if_done(job)
         cfg = self.config
-        if cfg.wait_labels and not job.bootstrap and self.settings.kafka_bootstrap_servers:
-            job.outcome["waited_for_labels"] = self.wait_for_labels(cfg.wait_labels, cfg.wait_max_s)
+        if (cfg.wait_labels or cfg.wait_positives) and not job.bootstrap and self.settings.kafka_bootstrap_servers:
+            wait = self.wait_for_labels(cfg.wait_labels, cfg.wait_max_s, cfg.wait_positives, newer)
+            job.reason.extend(a for a in wait.alerts if a not in job.reason)
+            job.outcome["waited_for_labels"] = wait.labels
+            job.outcome["waited_for_positives"] = wait.positives
+            job.outcome["wait_restarts"] = wait.restarts
+            if cfg.since_request and wait.since is not None:
+                job.since = wait.since
         job.lap("prepare")
 
     def _skip_if_done(self, job: Retraining) -> None:
@@ -314,7 +382,9 @@ class Retrainer:
         if sync and self.settings.kafka_bootstrap_servers:
             copied = self.labels.try_sync(self.config.label_sync_timeout_s)
             self.archive.try_sync(self.config.label_sync_timeout_s)
-        snapshot = Snapshot.take(self.settings, plan, self.config.snapshot(), self.labels, self.archive)
+        # the post-alert cut-off (since_request) is part of what rebuilds the training set
+        config = {**self.config.snapshot(), **({"since": job.since} if job.since is not None else {})}
+        snapshot = Snapshot.take(self.settings, plan, config, self.labels, self.archive)
         job.outcome["labels"] = {"topic": self.labels.topic, "copied": copied, "total": snapshot.labels.rows,
                                  "rejected": self.labels.rejected}
         job.outcome["snapshot"] = snapshot.digest
@@ -342,11 +412,13 @@ class Retrainer:
         examples, joined = join_labels_to_events(labels, events, plan.join_keys, cfg.request_fields,
                                                  cfg.request_id_field, plan.timestamp_field)
         job.outcome["history_start"] = _first_event_time(events, plan.timestamp_field)
+        if job.since is not None:  # only what happened after the request (RetrainConfig.since_request)
+            examples = examples[examples["event_ts"].to_numpy(dtype=float) > job.since].reset_index(drop=True)
         in_window, w_start, w_end = cfg.window.select(examples["event_ts"].to_numpy())
         examples = attach_served_requests(self.settings, examples[in_window].reset_index(drop=True), predictions,
                                           job.outcome)
         job.outcome["window"] = {"spec": cfg.window.describe(), "start": iso_or_blank(w_start),
-                                 "end": iso_or_blank(w_end)}
+                                 "end": iso_or_blank(w_end), "since_request": iso_or_blank(job.since)}
         job.outcome["examples"] = {"labels": len(labels), **joined, "in_window": len(examples)}
         if joined["from_labels"] and joined["from_labels"] >= joined["from_events"]:
             log.warning("retrain %s: %d of %d labels have no event in the offline raw log of %s; their "
@@ -513,6 +585,17 @@ class Retrainer:
             log.error("retrain %s: version %s failed the model gate and is not promoted: %s",
                       self.config.model, version, reason)
         return reason
+
+
+def _newest_event_time(labels: pd.DataFrame) -> float | None:
+    """The newest event time among the labels of the label log (None when it has none)."""
+    if labels.empty or "event_ts" not in labels.columns:
+        return None
+    from freshet.times import epoch_seconds
+
+    ts = epoch_seconds(labels["event_ts"])
+    ts = ts[np.isfinite(ts)]
+    return float(ts.max()) if len(ts) else None
 
 
 def _first_event_time(events: pd.DataFrame, timestamp_field: str) -> float | None:

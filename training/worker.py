@@ -58,6 +58,8 @@ class RetrainWorker:
         self.counts = {"requests": 0, "rejected": 0, "unknown_model": 0, "trainings": 0, "skipped": 0,
                        "promoted": 0, "failed": 0, "retries": 0}
         self.stop_event = threading.Event()
+        self._consumer = None  # while run() consumes: what a waiting training polls for newer requests
+        self._later: list[RetrainRequest] = []  # requests polled meanwhile for another model
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -69,6 +71,7 @@ class RetrainWorker:
         kafka.ensure_topics(self.settings, [topic])
         consumer = kafka.consumer(self.settings, self.group, **{"max.poll.interval.ms": 3_600_000})
         consumer.subscribe([topic])
+        self._consumer = consumer
         for retrainer in self.retrainers.values():
             retrainer.warm_up()
         log.info("retrain worker: waiting for requests on %s (group %s) for model(s) %s",
@@ -77,6 +80,10 @@ class RetrainWorker:
         next_bootstrap = time.monotonic()
         try:
             while not self.stop_event.is_set():
+                if self._later:  # polled during a training, for another model
+                    later, self._later = self._later, []
+                    self._handle_requests(later)
+                    self._commit(consumer)
                 msgs = consumer.consume(100, 0.5)
                 if not msgs:
                     if self._retries:
@@ -99,7 +106,27 @@ class RetrainWorker:
                 self.handle([m for m in msgs if self._ok(m)])
                 self._commit(consumer)
         finally:
+            self._consumer = None
             consumer.close()
+
+    def _newer_for(self, model: str) -> Callable[[], list[str]] | None:
+        """What a training of `model` calls while it waits for labels: the alert ids of requests for
+        it that came since (their offsets are committed with the training's); others wait their turn,
+        though their offsets are committed with it too: a crash before they train loses them."""
+        consumer = self._consumer
+        if consumer is None:
+            return None
+
+        def newer() -> list[str]:
+            alerts: list[str] = []
+            for r in self._decode([m for m in consumer.consume(100, 0) if self._ok(m)]):
+                if r.model == model:
+                    alerts.extend(a for a in r.reason if a not in alerts)
+                else:
+                    self._later.append(r)
+            return alerts
+
+        return newer
 
     def _commit(self, consumer) -> None:
         if self._retries:  # a failed training's request must survive a crash: commit once it succeeded
@@ -159,8 +186,11 @@ class RetrainWorker:
 
     def handle(self, messages: Sequence[Any]) -> list[dict[str, Any]]:
         """One training per model for the requests among `messages`; returns the outcomes."""
+        return self._handle_requests(self._decode(messages))
+
+    def _handle_requests(self, requests: Sequence[RetrainRequest]) -> list[dict[str, Any]]:
         outcomes = []
-        for model, (reason, ids) in merge_requests(self._decode(messages)).items():
+        for model, (reason, ids) in merge_requests(requests).items():
             retrainer = self.retrainers.get(model)
             if retrainer is None:
                 self.counts["unknown_model"] += 1
@@ -190,7 +220,7 @@ class RetrainWorker:
                attempt: int = 0) -> dict[str, Any]:
         log.info("retrain %s: %d request(s) %s for %d alert(s)", model, len(ids), ", ".join(ids[:5]), len(reason))
         try:
-            outcome = retrainer.run(reason, ids)
+            outcome = retrainer.run(reason, ids, newer=self._newer_for(model))
         except Exception as exc:  # noqa: BLE001 - one bad training must not stop the worker
             self.counts["failed"] += 1
             log.exception("retrain %s failed for requests %s: %s", model, ", ".join(ids), exc)

@@ -38,11 +38,12 @@ suffix s/m/h allowed):
   covariate drift), foreign share 5% -> 25%, app channel 15% -> 35%. The fraud
   mechanism is unchanged (it reads amounts relative to the card's own, equally
   scaled, spend), but every amount feature shifts.
-- `concept`: fraud moves to "card testing": 1-4 tiny amounts (0.50-4.99) spread over
-  10 minutes, at home, mostly in the app, at a different set of risky merchants; the
-  takeover bursts stop. A model trained before misses nearly all of it (its error rises
-  by about the fraud rate) while a retrained one can learn it (tiny amount vs the card's
-  usual spend). A second `concept` switches back.
+- `concept`: fraud moves to "card testing": runs of 5-13 tiny amounts (0.50-4.99) on one
+  card within 2 minutes, at home, mostly in the app, at a different set of risky merchants;
+  the takeover bursts stop. A model trained before misses nearly all of it (its error rises
+  by about the fraud rate) while a retrained one can learn it from the served features (the
+  card's 5-minute count up, its 5-minute min and mean amounts down, a tiny amount). A second
+  `concept` switches back.
 
 Velocity is a signal only while a card makes few transactions per window: keep
 simulated rate / cards at or below ~0.002/s (one transaction per card per ~8 minutes,
@@ -88,7 +89,13 @@ _CHANNEL_P = ((0.55, 0.30, 0.15), (0.35, 0.30, 0.35))
 _BURST_CHANNEL_P = (0.1, 0.7, 0.2)
 _TESTING_CHANNEL_P = (0.2, 0.2, 0.6)
 _SPREE_CHANNEL_P = (0.7, 0.1, 0.2)
-_MEAN_K = {BURST: 6.0, TESTING: 2.4, SPREE: 4.0}
+# Card testing: a run of 5-13 tiny authorisations on one card within 2 minutes. Rapid and many, so
+# a card's 5-minute count jumps while its 5-minute min and mean amounts collapse: features the store
+# serves and a logistic model on them can learn (as 1-4 tries over 10 minutes, only the amount
+# told them apart, and a model retrained on ~2,000 post-drift rows served about as many errors as before).
+_TESTING_K = (5, 4.0, 8)  # 5 + min(Poisson(4), 8) transactions
+_TESTING_SPAN_S = 120.0
+_MEAN_K = {BURST: 6.0, TESTING: 8.966, SPREE: 4.0}  # 8.966 = 5 + E[min(Poisson(4), 8)]
 
 
 # --- drift specs -------------------------------------------------------------------
@@ -470,7 +477,8 @@ class TransactionWorkload:
             k, span, label, chan_p = 3 + min(int(e.poisson(3.0)), 7), 120.0, 1, _BURST_CHANNEL_P
             country = (home + int(e.integers(1, len(COUNTRIES)))) % len(COUNTRIES) if e.random() < 0.7 else home
         elif kind == TESTING:
-            k, span, label, chan_p = 1 + min(int(e.poisson(1.5)), 3), 600.0, 1, _TESTING_CHANNEL_P
+            lo, extra, most = _TESTING_K
+            k, span, label, chan_p = lo + min(int(e.poisson(extra)), most), _TESTING_SPAN_S, 1, _TESTING_CHANNEL_P
             country = home
         else:
             k, span, label, chan_p = 2 + min(int(e.poisson(2.0)), 6), 600.0, 0, _SPREE_CHANNEL_P

@@ -113,3 +113,53 @@ def test_a_failed_training_is_retried_with_back_off_and_its_request_stays_uncomm
         thread.join(30)
         if corrupt.exists():
             corrupt.unlink()
+
+
+class _WatchedRetrainer(Retrainer):
+    """A real Retrainer that says when it starts (or starts again) waiting for labels."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.waiting = threading.Event()
+
+    def _start_wait(self, *args, **kwargs):
+        wait = super()._start_wait(*args, **kwargs)
+        self.waiting.set()
+        return wait
+
+
+def test_a_training_for_alerts_learns_only_from_labels_after_the_newest_alert(scenario):
+    settings, registry, uid = scenario["settings"], scenario["registry"], scenario["uid"]
+    group = f"{uid}-since"
+    known = TransactionWorkload(seed=5, cards=300, merchants=60, rate=1.0)
+    old = known.batch(2500)  # the scenario's events: labelled before any alert
+    new = known.batch(800)  # the traffic after the alerts
+    cfg = RetrainConfig(seed=4, wait_labels=300, wait_positives=5, wait_max_s=120, since_request=True)
+    retrainer = _WatchedRetrainer(settings, registry, cfg)
+    outcomes: list[dict] = []
+    worker = RetrainWorker(settings, {MODEL: retrainer}, group=group, on_outcome=outcomes.append,
+                           label_sync_every_s=0)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        request_retrain(settings, MODEL, ["alert-first"])
+        assert retrainer.waiting.wait(120), "the training never started waiting for labels"
+        retrainer.waiting.clear()
+        request_retrain(settings, MODEL, ["alert-newer"])  # a drift reported while it waits
+        assert retrainer.waiting.wait(120), "the newer alert did not start the wait again"
+        write_raw_log(settings, registry, new, TOPIC)
+        publish_labels(settings, new)
+        _wait(lambda: outcomes, 300, "the training")
+    finally:
+        worker.stop()
+        thread.join(30)
+    done = outcomes[0]
+    assert done["status"] in ("promoted", "not_promoted"), done
+    assert sorted(done["reason"]) == ["alert-first", "alert-newer"] and done["wait_restarts"] == 1, done
+    assert done["waited_for_labels"] >= 300 and done["waited_for_positives"] >= 5, done
+    # trained and judged on the events after the newest alert only: none of the 2,500 before it
+    assert done["examples"]["in_window"] == len(new), done["examples"]
+    assert done["window"]["since_request"], done["window"]
+    assert float(new.event_ts.min()) > float(old.event_ts.max())
+    _wait(lambda: _committed(settings, group) == 2, 30, "both requests committed with the one training")
+    assert len(outcomes) == 1, outcomes  # the newer alert was answered by that training, not by another

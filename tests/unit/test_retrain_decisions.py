@@ -15,7 +15,7 @@ from freshet.training.evaluation import Decision, bootstrap_gains, decide_promot
 from freshet.training.labels import label_row
 from freshet.training.ledger import alert_tag, unhandled
 from freshet.training.pipeline import fit_pipeline
-from freshet.training.retrain import RetrainConfig
+from freshet.training.retrain import LabelWait, RetrainConfig
 from freshet.training.worker import merge_requests
 
 
@@ -175,3 +175,19 @@ def test_a_gain_the_holdout_cannot_tell_from_noise_is_not_promoted():
     assert d.improvement > 0 and not d.promote and "not significant" in d.reason
     clear = bootstrap_gains(y, cand, np.full(n, 0.05), ["auc", "log_loss"], rounds=60, seed=1)
     assert np.quantile(clear["auc"], 0.05) > 0.1
+
+
+@pytest.mark.parametrize("kwargs, names", [
+    ({"since_request": True}, "since_request"),
+    ({"wait_positives": -1}, "wait_positives"),
+])
+def test_a_retraining_config_that_cannot_work_fails_naming_the_setting(kwargs, names):
+    with pytest.raises(ValueError, match=names):
+        RetrainConfig(**kwargs)
+
+
+def test_a_wait_counts_only_labels_of_events_after_its_cut_off():
+    wait = LabelWait(since=100.0)
+    wait.count([{"event_ts": 100.0, "label": 1.0}, {"event_ts": 100.5, "label": 1.0}, {"event_ts": 101.0, "label": 0.0}])
+    wait.count([{"event_ts": 50.0, "label": 1.0}])  # a late label of an old event: the old regime
+    assert (wait.labels, wait.positives) == (2, 1)

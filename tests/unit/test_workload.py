@@ -187,7 +187,7 @@ def test_concept_drift_moves_fraud_from_large_bursts_to_small_card_testing():
 
 def test_a_second_concept_drift_switches_back():
     df = frame(60_000, drift=["concept@1500", "concept@3000"])
-    late = df[df.sim_s > 3000 + 600]  # card testing spreads over 10 minutes, then it stops
+    late = df[df.sim_s > 3000 + 600]  # card testing runs end within 2 minutes, then they stop
     assert (late.pattern == BURST).sum() > 0 and (late.pattern == TESTING).sum() == 0
 
 
