@@ -52,7 +52,7 @@ from freshet.stream.events import EventDecoder, EventError
 from freshet.stream.expiry import TICK_S, IdleRefresh, StreamClock
 from freshet.stream.isolation import describe, is_infrastructure, split_failures
 from freshet.stream.offline import PartBuffer, raw_log_path
-from freshet.stream.recovery import PatientWriter, RedisIncarnation, write_back
+from freshet.stream.recovery import PatientWriter, RedisIncarnation, is_entity_key, write_back
 from freshet.stream.watermarks import WatermarkMarks, record_key
 
 log = logging.getLogger("freshet.stream")
@@ -89,11 +89,6 @@ def _patch_fetch_wait(ms: int) -> None:
     shim = types.SimpleNamespace(**{k: getattr(aiokafka, k) for k in dir(aiokafka) if not k.startswith("__")})
     shim.AIOKafkaConsumer = FastFetchConsumer
     faust_aiokafka.aiokafka = shim
-
-
-def _is_entity(table_key: bytes) -> bool:
-    """A table key naming an entity, not the recovery fence or a chunk of a large state."""
-    return table_key != FENCE_KEY and b"\x00chunk\x00" not in table_key
 
 
 def entity_key(view: ViewSpec, row: dict[str, Any]) -> bytes:
@@ -208,6 +203,11 @@ class ViewProcessor:
         self.live.clear()
         self.dirty.clear()
         self.applied.clear()
+
+    def stored_entities(self, owns: Callable[[bytes], bool]) -> list[bytes]:
+        """Entities read back from the changelog that this worker writes and holds no live
+        state of (never the fence, a chunk, or a partition's checkpointed watermark marks)."""
+        return [key for key in list(self.table.data) if is_entity_key(key) and owns(key) and key not in self.live]
 
     def _state(self, key: bytes) -> dict:
         state = self.live.get(key)
@@ -747,8 +747,7 @@ class StreamEngine:
             owned = self._owned_partitions(name)
             owner = self._owner_partition
             if self._recovered_pending:
-                processor.refresh.recovered(key for key in list(processor.table.data)
-                                            if _is_entity(key) and owner(key) in owned and key not in processor.live)
+                processor.refresh.recovered(processor.stored_entities(lambda key: owner(key) in owned))
             try:
                 n = await processor.refresh.run(lambda key: owner(key) in owned, self.counters)
             except Exception as exc:  # noqa: BLE001 - the due entities are kept and retried next tick

@@ -35,7 +35,7 @@ import pytest
 from freshet import kafka
 from freshet.app.stack import RedisServer
 from freshet.stream.offline import raw_log_path, read_parts
-from stream_checks import dead_letters, differences, expected, isolated_stream, read_view, settled
+from stream_checks import dead_letters, differences, expected, isolated_stream, online_differences, read_view, settled
 
 # One long scenario feeds the module (six workers one after another: minutes), so it runs on
 # request. Not yet seen passing: its runs here (load average 15-30, seven test suites at
@@ -206,13 +206,11 @@ def chaos(services, tmp_path_factory):
             fills[0].unlink()
 
         everything = [e for feed in phases.values() for e in feed.valid]
-        want = {CARD: expected(everything, registry.views[CARD], "card_id"),
-                MERCHANT: expected(everything, registry.views[MERCHANT], "merchant_id")}
-        done = _wait(lambda: settled(settings, workers.app_id, [topic]) and all(
-            not differences(read_view(layout, client, view, sorted(w)), w) for view, w in want.items()),
-            600, worker, last_log)  # the replays of five crashes: minutes on a busy machine
+        done = _wait(lambda: settled(settings, workers.app_id, [topic])
+                     and not _online_problems((layout, client, registry), everything),
+                     600, worker, last_log)  # the replays of five crashes: minutes on a busy machine
         # the Parquet parts of the last rows are written at the next commit
-        _wait(lambda: not _offline_problems(registry, want, None), 30, worker, last_log)
+        _wait(lambda: not _offline_problems(registry, everything), 30, worker, last_log)
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
         yield dict(settings=settings, registry=registry, layout=layout, client=client, topic=topic, phases=phases,
@@ -227,9 +225,10 @@ def chaos(services, tmp_path_factory):
             subprocess.run(["umount", "-l", str(tmpfs)], capture_output=True)
 
 
-def _latest_offline_rows(view, keys: set[str] | None) -> dict[str, dict]:
+def _latest_offline_rows(view, keys: set[str] | None) -> dict[str, tuple[float, dict]]:
     """Each entity's latest row in the view's Parquet feature log (greatest event time,
-    then the latest written): what a point-in-time read after everything returns."""
+    then the latest written) with the time it is as of: what a point-in-time read after
+    everything returns."""
     table = read_parts(Path(view.offline_path))
     if table is None:
         return {}
@@ -238,42 +237,54 @@ def _latest_offline_rows(view, keys: set[str] | None) -> dict[str, dict]:
     if keys is not None:
         df = df[df[key].isin(keys)]
     last = df.groupby(key).tail(1)
-    return {row[key]: {n: row[n] for n in view.feature_names} for _, row in last.iterrows()}
+    return {row[key]: (row[view.timestamp_field].timestamp(), {n: row[n] for n in view.feature_names})
+            for _, row in last.iterrows()}
 
 
-def _offline_problems(registry, want: dict, keys: dict | None) -> list:
+def _offline_problems(registry, events: list[dict]) -> list:
+    """Where each entity's latest Parquet row differs from the window rule over `events` as of
+    the row's own time (rows are evaluated as of the stream's clock, stream/expiry.py); a row
+    missing or older than its entity's latest event is a problem too."""
     out = []
-    for name, w in want.items():
-        w = {k: v for k, v in w.items() if keys is None or k in keys[name]}
-        got = _latest_offline_rows(registry.views[name], set(w))
-        out += [(name, *d) for d in differences(got, w)]
+    for name, key in ((CARD, "card_id"), (MERCHANT, "merchant_id")):
+        latest: dict[str, float] = {}
+        for e in events:
+            latest[e[key]] = max(latest.get(e[key], e["event_ts"]), e["event_ts"])
+        rows = _latest_offline_rows(registry.views[name], set(latest))
+        as_of, got = {}, {}
+        for entity, t in latest.items():
+            ts, values = rows.get(entity, (None, None))
+            if ts is None or ts < t - 2e-6:  # microseconds
+                out.append((name, entity, "_ts", ts, t))
+                continue
+            as_of[entity], got[entity] = ts, values
+        want = expected([e for e in events if e[key] in as_of], registry.views[name], key, as_of)
+        out += [(name, *d) for d in differences(got, want)]
     return out
 
 
-def _phase(chaos, name: str) -> tuple[dict, dict]:
-    """(expected values per view, the phase's entities per view) of one phase's events."""
-    feed, reg = chaos["phases"][name], chaos["registry"]
-    want = {CARD: expected(feed.valid, reg.views[CARD], "card_id"),
-            MERCHANT: expected(feed.valid, reg.views[MERCHANT], "merchant_id")}
-    return want, {view: set(w) for view, w in want.items()}
+def _online_problems(chaos_or_parts, events: list[dict]) -> list:
+    layout, client, registry = chaos_or_parts
+    return [(name, *d) for name, key in ((CARD, "card_id"), (MERCHANT, "merchant_id"))
+            for d in online_differences(layout, client, registry.views[name], events, key)]
 
 
 def _assert_phase_exact(chaos, name: str) -> None:
-    """Redis and the latest Parquet row of every entity of the phase equal the recomputation,
-    the raw log holds each of its events (once, after readers' (partition, offset) dedup)."""
-    want, keys = _phase(chaos, name)
+    """Redis and the latest Parquet row of every entity of the phase equal the recomputation
+    as of the row's time, the raw log holds each of its events (once, after readers'
+    (partition, offset) dedup)."""
+    events = chaos["phases"][name].valid
     assert chaos["settled"], "the group never committed every event and reached the expected values"
-    online = [(view, *d) for view, w in want.items()
-              for d in differences(read_view(chaos["layout"], chaos["client"], view, sorted(w)), w)]
+    online = _online_problems((chaos["layout"], chaos["client"], chaos["registry"]), events)
     assert not online, online[:10]
-    offline = _offline_problems(chaos["registry"], want, keys)
+    offline = _offline_problems(chaos["registry"], events)
     assert not offline, offline[:10]
     raw = read_parts(raw_log_path(chaos["settings"].data_path, chaos["topic"]),
                      ["transaction_id", "_partition", "_offset"]).to_pandas()
     raw = raw[raw["transaction_id"].str.startswith(f"{name}-")]
     per_position = raw.groupby(["_partition", "_offset"])["transaction_id"].nunique()
     assert (per_position == 1).all(), "two events share a (partition, offset)"
-    assert set(raw["transaction_id"]) == {e["transaction_id"] for e in chaos["phases"][name].valid}
+    assert set(raw["transaction_id"]) == {e["transaction_id"] for e in events}
 
 
 def _assert_killed_at(chaos, point: str) -> None:
@@ -317,11 +328,9 @@ def test_redis_restarted_empty_gets_every_live_entity_back_from_state(chaos):
     # the earlier phases' entities had no event since: only the write-back restores them
     log = chaos["logs"]["last"].read_text()
     assert "unavailable" in log and "writing every live entity's current row back" in log
-    for name in chaos["phases"]:
-        want, _ = _phase(chaos, name)
-        for view, w in want.items():
-            got = read_view(chaos["layout"], chaos["client"], view, sorted(w))
-            assert not differences(got, w), (name, view, differences(got, w)[:5])
+    for name, feed in chaos["phases"].items():
+        problems = _online_problems((chaos["layout"], chaos["client"], chaos["registry"]), feed.valid)
+        assert not problems, (name, problems[:5])
     _assert_phase_exact(chaos, "redis-restarted-empty")
 
 
