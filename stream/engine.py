@@ -52,7 +52,7 @@ from freshet.stream.events import EventDecoder, EventError
 from freshet.stream.expiry import TICK_S, IdleRefresh, StreamClock
 from freshet.stream.isolation import describe, is_infrastructure, split_failures
 from freshet.stream.offline import PartBuffer, raw_log_path
-from freshet.stream.recovery import PatientWriter, RedisIncarnation, is_entity_key, write_back
+from freshet.stream.recovery import PatientWriter, RowMarkers, is_entity_key, where, write_back
 from freshet.stream.watermarks import WatermarkMarks, record_key
 
 log = logging.getLogger("freshet.stream")
@@ -472,7 +472,7 @@ class StreamEngine:
         self.redis = aioredis.Redis.from_url(settings.redis_url)
         self.sink = FeatureSink(settings, registry, self.redis)
         self.crash = self.sink.crash = CrashPoints(settings.stream_test_crash_at)
-        self.incarnation = RedisIncarnation(self.redis)
+        self.markers = RowMarkers(self.redis, app_id)
         self.deadletter = self.app.topic(settings.topic_deadletter, key_serializer="raw", value_serializer="raw")
         self.processors: dict[str, ViewProcessor] = {}
         # one "now" for every view of this worker (stream/expiry.py)
@@ -508,6 +508,10 @@ class StreamEngine:
         self.app.task(self._refresh_forever)
         self._recovered_pending = False
         self._refresh_failing = False
+        # the assigned partitions' tables are recovered (Faust's on_rebalance_complete), until
+        # the next rebalance: states may be read as the truth
+        self._settled = False
+        self.app.on_rebalance_complete.connect(self._on_recovered)
         self._flush_before_commit()
         self._fence_recovery()
         if bulk_delivery:
@@ -526,15 +530,14 @@ class StreamEngine:
         of every row they reflect (`checkpoint`): a kill at any point then either replays
         an event (its Redis row rewritten alike, its offline row appended again and
         collapsed by readers) or finds it in the checkpointed state with all its rows
-        written. A Redis found to be another, empty server is refilled first.
+        written. Partitions whose rows Redis lost (RowMarkers) are written back first.
         """
         consumer = self.app.consumer
 
         async def force_commit(topics=None, start_new_transaction: bool = True) -> bool:
             offsets = consumer._filter_committable_offsets(
                 list(consumer._filter_tps_with_pending_acks(topics)))
-            if await self.incarnation.changed():
-                await write_back(self.processors, self._owns_entity_of, self.sink.online)
+            await self._restore_lost_rows()
             sent = await self.checkpoint()
             if not offsets:
                 if sent:
@@ -663,9 +666,23 @@ class StreamEngine:
             table.data[key] = value
             by_partition.setdefault((table.changelog_topic.get_topic_name(), partition), []).append((key, value))
 
-    def _owns_entity_of(self, view_name: str) -> Callable[[bytes], bool]:
-        owned, owner = self._owned_partitions(view_name), self._owner_partition
-        return lambda key: owner(key) in owned
+    async def _restore_lost_rows(self) -> None:
+        """Write back the live entities of every owned partition whose Redis marker is missing
+        (stream/recovery.py), once its table is recovered; the markers are set first."""
+        if not self._settled or self.app.in_recovery:
+            return
+        owned = [(name, partition) for name, processor in self.processors.items() if processor.view.online
+                 for partition in sorted(self._owned_partitions(name))]
+        missing = set(await self.markers.missing(owned))
+        if not missing:
+            return
+        log.warning("Redis at %s holds no rows of %d of the %d partitions this worker writes (%s): restarted "
+                    "empty, failed over, flushed, or never written; writing every live entity's current row back "
+                    "from state", where(self.redis), len(missing), len(owned),
+                    ", ".join(f"{v}[{p}]" for v, p in sorted(missing))[:300])
+        await self.markers.mark(sorted(missing), self.sink.online)
+        owner = self._owner_partition
+        await write_back(self.processors, lambda name: lambda key: (name, owner(key)) in missing, self.sink.online)
 
     async def _send_records(self, topic: str, partition: int, records: list[tuple[bytes, bytes]]) -> None:
         """Records for one partition as a few full record batches: per-record sends cost
@@ -716,6 +733,9 @@ class StreamEngine:
 
         consumer.highwaters = fenced_highwaters
 
+    async def _on_recovered(self, app, **kwargs) -> None:
+        self._settled = True
+
     async def _on_assigned(self, app, assigned, **kwargs) -> None:
         self.owned = {(tp.topic, tp.partition) for tp in assigned}
         log.info("partitions assigned: %s", sorted(self.owned))
@@ -740,8 +760,8 @@ class StreamEngine:
 
     async def _refresh_idle(self) -> None:
         """Rewrite the rows whose windows lost a tile since they were written (stream/expiry.py)."""
-        if not self.app.consumer.flow_active:  # recovering or rebalancing: tables not settled
-            return
+        if not (self._settled and self.app.consumer.flow_active) or self.app.in_recovery:
+            return  # recovering or rebalancing: tables not settled
         t0 = time.perf_counter()
         for name, processor in self.processors.items():
             owned = self._owned_partitions(name)
@@ -765,9 +785,11 @@ class StreamEngine:
             self.counters.timed("refresh", t0)
 
     async def _on_revoked(self, app, revoked, **kwargs) -> None:
+        self._settled = False
         self.owned -= {(tp.topic, tp.partition) for tp in revoked}
         for tp in revoked:  # whoever reads them next resumes from the checkpointed marks
             self.marks.forget(tp.topic, tp.partition)
+            self.watermarks.pop((tp.topic, tp.partition), None)
         log.info("partitions revoked: %s", sorted((tp.topic, tp.partition) for tp in revoked))
         for processor in self.processors.values():
             processor.forget()

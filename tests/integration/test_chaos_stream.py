@@ -30,6 +30,7 @@ import types
 from pathlib import Path
 
 import orjson
+import pandas as pd
 import pytest
 
 from freshet import kafka
@@ -52,6 +53,9 @@ CRASH_POINTS = {  # the pass of each point a worker dies at: a few in, with even
 # FRESHET_TEST_CHAOS_POINTS=a,b runs only those crash points (a shorter run; the others skip)
 if os.environ.get("FRESHET_TEST_CHAOS_POINTS"):
     CRASH_POINTS = {p: n for p, n in CRASH_POINTS.items() if p in os.environ["FRESHET_TEST_CHAOS_POINTS"].split(",")}
+# Redis is killed and started again empty after the worker before this point died: the
+# worker of this point finds it so at start (no run id of the old server to compare with)
+RESTART_REDIS_BEFORE = "committed"
 OUTAGE_S = 5.0
 T0 = 1_790_000_000.0
 TMPFS_BYTES = 48 * 1024 * 1024
@@ -170,7 +174,12 @@ def chaos(services, tmp_path_factory):
         phases: dict[str, Feed] = {}
         exits: dict[str, int] = {}
 
+        restored_after_down = None
         for point, n in CRASH_POINTS.items():  # each worker recovers the last one's tail, then dies
+            if point == RESTART_REDIS_BEFORE and phases:
+                # Redis restarted empty while no worker runs: the next one must notice at start
+                own.kill()
+                own.start()
             worker = workers.start(point, f"{point}:{n}")
             workers_seen.append(worker)
             with Feed(settings, topic, point, rnd, clock) as feed:
@@ -180,6 +189,10 @@ def chaos(services, tmp_path_factory):
                 except subprocess.TimeoutExpired:
                     worker.kill()
                     exits[point] = None
+            if point == RESTART_REDIS_BEFORE and len(phases) > 1:
+                # the earlier phases' entities had no event since: only a write-back restores them
+                restored_after_down = _online_problems(
+                    (layout, client, registry), [e for name, feed in phases.items() if name != point for e in feed.valid])
         worker = workers.start("last")
         workers_seen.append(worker)
         last_log = workers.logs["last"]
@@ -214,7 +227,8 @@ def chaos(services, tmp_path_factory):
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
         yield dict(settings=settings, registry=registry, layout=layout, client=client, topic=topic, phases=phases,
-                   exits=exits, logs=workers.logs, settled=done, unmountable=unmountable, tmp=tmp)
+                   exits=exits, logs=workers.logs, settled=done, unmountable=unmountable, tmp=tmp,
+                   restored_after_down=restored_after_down)
     finally:
         for w in workers_seen:
             if w.poll() is None:
@@ -237,8 +251,9 @@ def _latest_offline_rows(view, keys: set[str] | None) -> dict[str, tuple[float, 
     if keys is not None:
         df = df[df[key].isin(keys)]
     last = df.groupby(key).tail(1)
-    return {row[key]: (row[view.timestamp_field].timestamp(), {n: row[n] for n in view.feature_names})
-            for _, row in last.iterrows()}
+    return {row[key]: (row[view.timestamp_field].timestamp(), {n: None if pd.isna(row[n]) else row[n]
+                                                               for n in view.feature_names})
+            for _, row in last.iterrows()}  # an empty window's mean, min, ... is null (NaN in pandas)
 
 
 def _offline_problems(registry, events: list[dict]) -> list:
@@ -339,6 +354,13 @@ def test_a_full_offline_disk_holds_the_commit_until_parts_can_be_written(chaos):
         pytest.skip(f"no tmpfs for the offline store: {chaos['unmountable']}")
     assert "offline store: cannot write parts" in chaos["logs"]["last"].read_text()
     _assert_phase_exact(chaos, "offline-disk-full")
+
+
+def test_redis_restarted_empty_while_no_worker_ran_is_refilled_by_the_next_worker(chaos):
+    if chaos["restored_after_down"] is None:
+        pytest.skip(f"FRESHET_TEST_CHAOS_POINTS leaves out {RESTART_REDIS_BEFORE} or every point before it")
+    assert "writing every live entity's current row back" in chaos["logs"][RESTART_REDIS_BEFORE].read_text()
+    assert not chaos["restored_after_down"], chaos["restored_after_down"][:10]
 
 
 def test_replays_dead_letter_exactly_the_truly_late_events_never_a_counted_one(chaos):
