@@ -65,6 +65,7 @@ BATCH_MAX = 20000
 BATCH_WITHIN_S = 0.05
 PRODUCER_BATCH_BYTES = 512 * 1024
 STATS_INTERVAL_S = 10.0
+STUCK_LOG_S = 10.0  # a partition's processed offsets not committable this long is logged
 SOURCE_FIELDS = ("_partition", "_offset")
 FENCE_KEY = b"\x00freshet:recovery-fence"  # never an entity key: those are UTF-8 text or JSON
 # The broker refuses messages over ~1 MB: internal messages are cut well below it, and a
@@ -149,6 +150,8 @@ class Counters:
     duplicates_skipped: int = 0
     repartitioned: int = 0
     rerouted: int = 0  # events of a message-keyed view that arrived outside their key's partition
+    redelivered: int = 0  # messages the fetcher handed over twice (dropped: ReadPositions)
+    stale_fetches: int = 0  # fetches of a partition that raced a seek (fetched again: ReadPositions)
     unprocessable: int = 0  # events that made a later stage fail (dead-lettered)
     rows_online: int = 0
     rows_offline: int = 0
@@ -407,6 +410,84 @@ class HeldMessages:
         return held
 
 
+class ReadPositions:
+    """Which fetched messages are new: the next offset expected per partition, set by seeks.
+
+    Faust keeps one read offset per partition, meaning the offset last read except right
+    after a seek, when it is the offset to read next; and the consumer's fetches run in
+    another thread, so a fetch taken before a seek can be handed over after it. With that
+    one number a fetch loop cannot tell a record fetched before a seek back (Faust's
+    recovery seeks every partition to its committed offset after it started fetching) from
+    new data past a gap: it took such a record as a gap, marked the offsets up to it as
+    done although they were fetched again (a partition's commits then advanced one offset
+    per commit: the "stalled" partition), skipped the refetched ones (lost) and processed a
+    re-delivered last record twice (a truly late event counted).
+
+    So each seek records the offset it set and bumps the partition's epoch. A message is:
+    "stale" when its partition was sought while its fetch was under way (the caller seeks
+    there again, so nothing of that fetch is trusted); "old" below the expected offset (read
+    already); "new" at it; "gap" past it (transaction markers, compaction: the offsets
+    between are not data). Partitions never sought keep Faust's rule on its read offset.
+    """
+
+    def __init__(self, consumer):
+        self.expected: dict = {}  # tp -> the next offset to read
+        self.epochs: dict = {}  # tp -> seeks so far
+        seek, seek_to_committed = consumer.seek, consumer.seek_to_committed
+
+        async def sought(partition, offset: int) -> None:
+            await seek(partition, offset)
+            self.moved(partition, offset)
+
+        async def sought_committed():
+            offsets = await seek_to_committed()
+            for tp, offset in offsets.items():
+                if offset is not None and offset >= 0:
+                    self.moved(tp, offset)
+            return offsets
+
+        consumer.seek, consumer.seek_to_committed = sought, sought_committed
+        self._seek = sought
+
+    def moved(self, tp, offset: int) -> None:
+        self.expected[tp] = offset
+        self.epochs[tp] = self.epochs.get(tp, 0) + 1
+
+    def snapshot(self) -> dict:
+        """The epochs before a fetch: `admit` compares with them."""
+        return dict(self.epochs)
+
+    def admit(self, tp, offset: int, last: int | None, before: dict) -> str:
+        """"new", "gap", "old" or "stale" (see the class); `last` is Faust's read offset."""
+        if self.epochs.get(tp, 0) != before.get(tp, 0):
+            return "stale"
+        expected = self.expected.get(tp)
+        if expected is None:  # never sought: Faust's read offset is the offset last read
+            if last is not None and offset <= last:
+                return "old"
+            return "gap" if last is not None and offset - last > 1 else "new"
+        if offset < expected:
+            return "old"
+        return "new" if offset == expected else "gap"
+
+    def gap_from(self, tp, last: int | None) -> int:
+        """The first offset of the gap before the message `admit` called "gap"."""
+        expected = self.expected.get(tp)
+        return expected if expected is not None else last + 1
+
+    def read(self, tp, offset: int) -> None:
+        if tp in self.expected:
+            self.expected[tp] = offset + 1
+
+    async def seek_again(self, tp) -> None:
+        """Seek a partition whose fetch raced a seek to where that seek went."""
+        await self._seek(tp, self.expected[tp])
+
+    def forget(self, tps) -> None:
+        for tp in tps:
+            self.expected.pop(tp, None)
+
+
 class FeatureSink:
     """Writes feature rows online (Redis, Feast layout) and offline (Parquet parts)."""
 
@@ -508,6 +589,8 @@ class StreamEngine:
         self.app.task(self._refresh_forever)
         self._recovered_pending = False
         self._refresh_failing = False
+        self._stuck_since: dict = {}
+        self.positions: ReadPositions | None = None  # the fetch loop's (_deliver_in_bulk)
         # the assigned partitions' tables are recovered (Faust's on_rebalance_complete), until
         # the next rebalance: states may be read as the truth
         self._settled = False
@@ -537,6 +620,7 @@ class StreamEngine:
         async def force_commit(topics=None, start_new_transaction: bool = True) -> bool:
             offsets = consumer._filter_committable_offsets(
                 list(consumer._filter_tps_with_pending_acks(topics)))
+            self._note_stuck_offsets(consumer, offsets)
             await self._restore_lost_rows()
             sent = await self.checkpoint()
             if not offsets:
@@ -556,6 +640,22 @@ class StreamEngine:
             return committed
 
         consumer.force_commit = force_commit
+
+    def _note_stuck_offsets(self, consumer, offsets: dict) -> None:
+        """Log a partition whose processed messages cannot be committed (a message before them
+        was never acknowledged): its committed offset stops while the stream goes on."""
+        now = time.monotonic()
+        for tp, acked in list(consumer._acked.items()):
+            if not acked or tp in offsets:
+                self._stuck_since.pop(tp, None)
+                continue
+            since, logged = self._stuck_since.setdefault(tp, (now, now))
+            if now - logged >= STUCK_LOG_S:
+                self._stuck_since[tp] = (since, now)
+                log.warning("offsets of %s[%d] not committable for %.0f s: committed %s, %d acknowledged from %d, "
+                            "gaps %s, read offset %s", tp.topic, tp.partition, now - since,
+                            consumer._committed_offset.get(tp), len(acked), min(acked),
+                            sorted(consumer._gap.get(tp) or ())[:3], consumer._read_offset.get(tp))
 
     def _deliver_in_bulk(self) -> None:
         """Hand each fetch of a source or repartition topic to its handler as one batch.
@@ -584,18 +684,31 @@ class StreamEngine:
             callback = consumer.callback
             read_offset = consumer._read_offset
             held = HeldMessages(consumer, lambda m: (m.topic, m.partition) in self.owned)
+            positions = self.positions = ReadPositions(consumer)
             while not (consumer._stopped.is_set() or fetcher._stopped.is_set()):
                 batches: dict[str, list] = {}
                 await asyncio.sleep(0)
                 if held.batches and consumer.flow_active:
-                    await process(held.release())
+                    released = held.release()
+                    for messages in released.values():  # read: a seek to their end does not read them again
+                        for message in messages:
+                            positions.read(message.tp, message.offset)
+                    await process(released)
+                before, stale = positions.snapshot(), set()
                 async for tp, message in consumer.getmany(timeout=1.0):
                     offset = message.offset
                     last = read_offset[tp]
-                    if last is not None and offset < last:
-                        continue  # read before a seek back; Faust drops these too
-                    if last and offset - last > 1:  # e.g. transaction markers: not to wait for
-                        await consumer._add_gap(tp, last + 1, offset)
+                    verdict = positions.admit(tp, offset, last, before)
+                    if verdict == "stale":
+                        stale.add(tp)
+                        continue
+                    if verdict == "old":
+                        if offset == last:
+                            self.counters.redelivered += 1
+                        continue
+                    if verdict == "gap":  # e.g. transaction markers: not to wait for
+                        await consumer._add_gap(tp, positions.gap_from(tp, last), offset - 1)
+                    positions.read(tp, offset)
                     handler = handlers.get(message.topic)
                     if handler is None:
                         await consumer.wait_first(callback(message), consumer.suspend_flow.wait())
@@ -605,6 +718,9 @@ class StreamEngine:
                         consumer._unacked_messages.add(message)
                         batches.setdefault(message.topic, []).append(message)
                     read_offset[tp] = offset
+                for tp in stale:  # what that fetch held of them is fetched again from the seek's offset
+                    self.counters.stale_fetches += 1
+                    await positions.seek_again(tp)
                 if consumer.flow_active:
                     await process(batches)
                 else:
@@ -787,6 +903,8 @@ class StreamEngine:
     async def _on_revoked(self, app, revoked, **kwargs) -> None:
         self._settled = False
         self.owned -= {(tp.topic, tp.partition) for tp in revoked}
+        if self.positions is not None:
+            self.positions.forget(revoked)
         for tp in revoked:  # whoever reads them next resumes from the checkpointed marks
             self.marks.forget(tp.topic, tp.partition)
             self.watermarks.pop((tp.topic, tp.partition), None)
@@ -797,8 +915,9 @@ class StreamEngine:
     async def _log_counters(self) -> None:
         c = self.counters
         log.info("accepted %d, dead-lettered %d %s, rerouted %d (%.1f%% of accepted), duplicates skipped %d, "
-                 "changelog records %d, disowned %s, batches %d; seconds %s", c.accepted, c.deadlettered,
-                 c.reasons, c.rerouted, 100.0 * c.rerouted / max(1, c.accepted), c.duplicates_skipped,
+                 "re-deliveries dropped %d, stale fetches %d, changelog records %d, disowned %s, batches %d; seconds %s", c.accepted,
+                 c.deadlettered, c.reasons, c.rerouted, 100.0 * c.rerouted / max(1, c.accepted), c.duplicates_skipped,
+                 c.redelivered, c.stale_fetches,
                  c.changelog_records, {n: p.disowned for n, p in self.processors.items()}, c.batches,
                  {k: round(v, 2) for k, v in sorted(c.seconds.items())})
 
