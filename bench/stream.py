@@ -28,6 +28,13 @@ and a run with any is marked `"ok": false`.
 
 Progress goes to stderr; the last stdout line is one JSON object.
     .venv/bin/python bench/stream.py [--quick] [--rate 5000] [--seconds 20] [--backlog 200000] [--cards 20000]
+                                     [--workers N] [--skew] [--partitions P]
+
+`--workers N` runs N workers in one consumer group (each topic needs at least N partitions:
+`--partitions`, default max(4, N)); `--skew` sends half of the events to 1% of the merchants
+(the repartition hop and busy-entity tiles are the costs there). `phases` breaks the backlog
+down by the engine's own phase timers (wall time inside each phase, awaits included, per
+event, summed over the workers), read from the workers' periodic counter lines.
 
 CPU seconds of the worker, the broker, Redis and this script are measured over each
 phase (/proc): `events_per_worker_cpu_s` is what the worker would sustain with a core
@@ -37,9 +44,11 @@ to itself, `broker_cpu_us_per_event` what the embedded broker spends per event.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -61,6 +70,7 @@ from freshet.stream.offline import raw_log_path
 
 PROBE_EVERY = 50
 MERCHANTS = 500
+HOT_SHARE, HOT_MERCHANTS = 0.5, MERCHANTS // 100  # --skew: half of the events go to 1% of the merchants
 
 
 def say(*args) -> None:
@@ -93,6 +103,18 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
+class MerchantChoice:
+    """Which merchant an event goes to: uniform, or (`skew`) half of them to 1% of the merchants."""
+
+    def __init__(self, rnd: random.Random, skew: bool):
+        self.rnd, self.skew = rnd, skew
+
+    def __call__(self) -> str:
+        if self.skew and self.rnd.random() < HOT_SHARE:
+            return f"m{self.rnd.randrange(HOT_MERCHANTS)}"
+        return f"m{self.rnd.randrange(HOT_MERCHANTS if self.skew else 0, MERCHANTS)}"
+
+
 class Delivery:
     """Counts failed sends from librdkafka's delivery reports (it reports only errors here)."""
 
@@ -115,19 +137,22 @@ class Delivery:
 
 
 class CpuMeter:
-    """CPU seconds each named process spends between `start()` and `stop()`."""
+    """CPU seconds each named process (or group of processes) spends between `start()` and `stop()`."""
 
-    def __init__(self, pids: dict[str, int]):
-        self.pids = pids
+    def __init__(self, pids: dict[str, int | list[int]]):
+        self.pids = {name: pid if isinstance(pid, list) else [pid] for name, pid in pids.items()}
         self.used: dict[str, float] = {}
 
+    def _cpu(self) -> dict[str, float]:
+        return {name: sum(cpu_seconds(p) for p in pids) for name, pids in self.pids.items()}
+
     def start(self) -> None:
-        self._at = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._at = self._cpu()
         self._wall = time.monotonic()
 
     def stop(self) -> dict[str, float]:
         wall = time.monotonic() - self._wall
-        self.used = {name: cpu_seconds(pid) - self._at[name] for name, pid in self.pids.items()}
+        self.used = {name: v - self._at[name] for name, v in self._cpu().items()}
         return {**{f"{name}_cpu_s": round(v, 2) for name, v in self.used.items()},
                 **{f"{name}_cores": round(v / wall, 2) for name, v in self.used.items()}}
 
@@ -230,8 +255,51 @@ def _r(v: float | None, digits: int = 2) -> float | None:
     return None if v is None else round(v, digits)
 
 
+class PhaseClock:
+    """The engine's cumulative phase timers, from the counter line each worker logs every 10 s."""
+
+    LINE = re.compile(rb"accepted (\d+), .*; seconds (\{.*\})")
+
+    def __init__(self, logs: list[Path]):
+        self.logs = logs
+
+    def read(self) -> list[tuple[int, dict[str, float]] | None]:
+        """Each worker's latest (accepted, seconds per phase), None before its first line."""
+        out = []
+        for path in self.logs:
+            last = None
+            for m in self.LINE.finditer(path.read_bytes() if path.exists() else b""):
+                last = (int(m.group(1)), ast.literal_eval(m.group(2).decode()))
+            out.append(last)
+        return out
+
+    def next_lines(self, timeout: float = 30) -> list[tuple[int, dict[str, float]]]:
+        """Each worker's next counter line (every one written after this call)."""
+        before = self.read()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = self.read()
+            if all(n is not None and n != b for n, b in zip(now, before)):
+                return now
+            time.sleep(0.2)
+        raise RuntimeError(f"no new counter line in {timeout:.0f}s from every worker: {self.logs}")
+
+    @staticmethod
+    def per_event(before: list, after: list) -> dict:
+        """Microseconds of each phase per accepted event between two readings, over all workers."""
+        accepted = sum(a[0] for a in after) - sum(b[0] for b in before)
+        phases: dict[str, float] = {}
+        for b, a in zip(before, after):
+            for name, secs in a[1].items():
+                phases[name] = phases.get(name, 0.0) + secs - b[1].get(name, 0.0)
+        total = sum(phases.values())
+        return {"accepted": accepted,
+                "us_per_event": {k: round(1e6 * v / accepted, 2) for k, v in sorted(phases.items())} if accepted
+                else {}, "share": {k: round(v / total, 3) for k, v in sorted(phases.items())} if total else {}}
+
+
 class Bench:
-    """The worker under test, its stack, and how to see what it wrote."""
+    """The workers under test, their stack, and how to see what they wrote."""
 
     def __init__(self, settings, registry, endpoints, tmp: Path):
         self.settings = settings
@@ -246,26 +314,37 @@ class Bench:
         self.delivery = Delivery()
         self.producer = kafka.producer(settings, **{"delivery.report.only.error": True,
                                                     "on_delivery": self.delivery.report})
-        self.worker: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
 
     def key_of(self, view) -> str:
         (key,) = view.join_keys
         return key
 
-    def start_worker(self, env: dict) -> None:
-        self.worker = subprocess.Popen([sys.executable, "-m", "freshet.cli", "stream"],
-                                       env={**env, **self.settings.to_env()},
-                                       stdout=open(self.tmp / "worker.log", "ab"), stderr=subprocess.STDOUT)
+    def log_of(self, i: int) -> Path:
+        return self.tmp / f"worker-{i}.log"
 
-    def stop_worker(self) -> None:
-        if self.worker is None:
-            return
-        self.worker.send_signal(signal.SIGTERM)
-        try:
-            self.worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.worker.kill()
-            self.worker.wait()
+    def start_workers(self, env: dict, n: int) -> None:
+        """`n` workers of one consumer group, started together so they join one generation."""
+        for i in range(n):
+            self.workers.append(subprocess.Popen(
+                [sys.executable, "-m", "freshet.cli", "stream"], env={**env, **self.settings.to_env()},
+                stdout=open(self.log_of(i), "ab"), stderr=subprocess.STDOUT))
+
+    def worker_died(self) -> bool:
+        return any(w.poll() is not None for w in self.workers)
+
+    def where(self) -> str:
+        return f"see {self.tmp}/worker-*.log"
+
+    def stop_workers(self) -> None:
+        for w in self.workers:
+            w.send_signal(signal.SIGTERM)
+        for w in self.workers:
+            try:
+                w.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
 
     def markers(self, tag: str, ts: float, rnd: random.Random) -> tuple[list[tuple[str, bytes]], dict[str, list[str]]]:
         """Marker events behind everything produced so far, and each view's marker entities.
@@ -314,18 +393,21 @@ def warm_up(bench: Bench, t: float, rnd: random.Random) -> None:
     watches = [OnlineWatch(bench.client, bench.layout, v.name, entities[v.name]) for v in bench.views]
     deadline = time.monotonic() + 120
     while not all(w.poll() for w in watches):
-        if time.monotonic() > deadline or bench.worker.poll() is not None:
-            raise RuntimeError(f"worker did not start; see {bench.tmp / 'worker.log'}")
+        if time.monotonic() > deadline or bench.worker_died():
+            raise RuntimeError(f"workers did not start; {bench.where()}")
         time.sleep(0.05)
 
 
 def backlog_phase(bench: Bench, args, cards: list[str], t: float, rnd: random.Random, meter: CpuMeter) -> dict:
-    payloads = [(c, event(f"b{i}", c, f"m{rnd.randrange(MERCHANTS)}", t + i * 1e-3, rnd))
+    merchant = MerchantChoice(rnd, args.skew)
+    payloads = [(c, event(f"b{i}", c, merchant(), t + i * 1e-3, rnd))
                 for i, c in enumerate(rnd.choice(cards) for _ in range(args.backlog))]
     t_end = t + args.backlog * 1e-3 + 1
     markers, entities = bench.markers("end", t_end, rnd)
     clocks = bench.clocks("end", entities)
     failed_before = bench.delivery.failed
+    phase_clock = PhaseClock([bench.log_of(i) for i in range(len(bench.workers))])
+    phases_before = phase_clock.next_lines()
     meter.start()
     started = time.monotonic()
     for c, value in payloads:
@@ -348,11 +430,12 @@ def backlog_phase(bench: Bench, args, cards: list[str], t: float, rnd: random.Ra
             last_offline_poll = now
         if all([c.poll(now - started, offline_too) for c in clocks.values()]):
             break
-        if now > deadline or bench.worker.poll() is not None:
+        if now > deadline or bench.worker_died():
             raise RuntimeError(f"backlog not drained in time: {({n: c.figures(0) for n, c in clocks.items()})}; "
-                               f"see {bench.tmp / 'worker.log'}")
+                               f"{bench.where()}")
         time.sleep(0.01)
     cpu = meter.stop()
+    phases_after = phase_clock.next_lines()
     delivered = delivery["delivered"]
     elapsed = max(max(c.online_s, c.offline_s) for c in clocks.values())
     # what one worker does with a core to itself: on this machine it shares two with the
@@ -365,7 +448,10 @@ def backlog_phase(bench: Bench, args, cards: list[str], t: float, rnd: random.Ra
             "events_per_worker_cpu_s": round(per_core, 1) if per_core else None,
             "worker_cpu_us_per_event": round(1e6 / per_core, 1) if per_core else None,
             "broker_cpu_us_per_event": round(1e6 * meter.used["broker"] / delivered, 1),
-            "backlog_cpu": cpu, "t_end": t_end}
+            "backlog_cpu": cpu, "t_end": t_end,
+            "phases": PhaseClock.per_event(phases_before, phases_after),
+            # how the work spread over the workers (a hot merchant's owner partition shows here)
+            "accepted_per_worker": [a[0] - b[0] for b, a in zip(phases_before, phases_after)]}
 
 
 class FreshnessProbes:
@@ -423,6 +509,7 @@ def freshness_phase(bench: Bench, args, cards: list[str], t2: float, rnd: random
     """Every PROBE_EVERY-th event at a fixed offered rate is a probe with a new card and merchant."""
     interval = 1.0 / args.rate
     n = int(args.rate * args.seconds)
+    merchant = MerchantChoice(rnd, args.skew)
     probes = FreshnessProbes(bench)
     failed_before = bench.delivery.failed
     card_view = next(v.name for v in bench.views if bench.key_of(v) == "card_id")
@@ -442,7 +529,7 @@ def freshness_phase(bench: Bench, args, cards: list[str], t2: float, rnd: random
             probes.sent({card_view: card, **{v: merchant for v in merchant_views}}, card.encode(), time.monotonic())
         else:
             c = rnd.choice(cards)
-            bench.produce(c, event(f"f{i}", c, f"m{rnd.randrange(MERCHANTS)}", t2 + i * interval, rnd))
+            bench.produce(c, event(f"f{i}", c, merchant(), t2 + i * interval, rnd))
         if time.monotonic() >= next_poll and probes.outstanding():
             bench.producer.poll(0)
             probes.collect()
@@ -497,8 +584,8 @@ def expiry_phase(bench: Bench, first_ts: float, last_ts: float, rnd: random.Rand
             stamps = [bench.client.hget(key, bench.layout.ts_field(view)) for view, key in watch.items()]
             if all(s is not None and decode_timestamp(s) >= b - 1e-6 for s in stamps):
                 break
-            if time.monotonic() > deadline or bench.worker.poll() is not None:
-                raise RuntimeError(f"clock event at {b} not applied; see {bench.tmp / 'worker.log'}")
+            if time.monotonic() > deadline or bench.worker_died():
+                raise RuntimeError(f"clock event at {b} not applied; {bench.where()}")
             time.sleep(0.01)
         calls, quiet = counts.hset_calls(), time.monotonic()
         while time.monotonic() - quiet < 1.5:  # the re-evaluations it made due, written (ticks of 0.1 s)
@@ -542,31 +629,42 @@ def main() -> int:
     ap.add_argument("--commit-interval-ms", type=int, help="the worker's FRESHET_STREAM_COMMIT_INTERVAL_MS "
                                                            "(default: the setting's default)")
     ap.add_argument("--no-expiry", action="store_true", help="skip the expiry phase")
+    ap.add_argument("--workers", type=int, default=1, help="stream workers in one consumer group")
+    ap.add_argument("--partitions", type=int, help="partitions per topic (default: max(4, --workers))")
+    ap.add_argument("--skew", action="store_true", help="half of the events go to 1%% of the merchants")
     args = ap.parse_args()
+    if args.workers < 1:
+        ap.error("--workers must be at least 1")
+    args.partitions = args.partitions or max(4, args.workers)
+    if args.partitions < args.workers:
+        ap.error(f"--partitions {args.partitions} leaves workers idle: a topic's partition goes to one worker "
+                 f"of the group, so {args.workers} workers need at least {args.workers}")
     if args.quick:
         args.rate, args.seconds, args.backlog = min(args.rate, 1000.0), 8.0, 8000
     rnd = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="freshet-bench-"))
     stack = EmbeddedStack(tmp)
     bench = None
-    result: dict = {"bench": "stream", "offered_rate": args.rate, "quick": args.quick, "seed": args.seed}
+    result: dict = {"bench": "stream", "offered_rate": args.rate, "quick": args.quick, "seed": args.seed,
+                    "workers": args.workers, "partitions": args.partitions, "skew": args.skew}
     try:
         ep = stack.start()
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
         # the expiry phase's clock events run up to a day ahead of the wall clock
         settings = load_settings(env, kafka_bootstrap_servers=ep.kafka, redis_url=ep.redis_url,
                                  data_dir=str(tmp / "data"), stream_commit_interval_ms=args.commit_interval_ms,
+                                 kafka_partitions=args.partitions,
                                  stream_max_future_s=2 * 86400, stream_clock_ahead_s=2 * 86400)
         result["commit_interval_ms"] = settings.stream_commit_interval_ms
         say("applying the feature repo ...")
         features.apply(settings)
         bench = Bench(settings, features.load_registry(settings), ep, tmp)
         kafka.ensure_topics(settings, [bench.topic, settings.topic_deadletter])
-        bench.start_worker(env)
+        bench.start_workers(env, args.workers)
         t = time.time()
         warm_up(bench, t, rnd)
         say("worker is up")
-        meter = CpuMeter({"worker": bench.worker.pid, "broker": ep.kafka_pid, "redis": ep.redis_pid,
+        meter = CpuMeter({"worker": [w.pid for w in bench.workers], "broker": ep.kafka_pid, "redis": ep.redis_pid,
                           "bench": os.getpid()})
         cards = [f"card{i}" for i in range(args.cards)]
         counts = RowCount(bench)
@@ -583,6 +681,9 @@ def main() -> int:
                         for n, v in backlog["backlog_views"].items())
             + f"; worker {cpu['worker_cores']} cores ({backlog['worker_cpu_us_per_event']} us/event), "
               f"broker {cpu['broker_cores']} cores, redis {cpu['redis_cores']}, bench {cpu['bench_cores']}")
+        say("phases (us per event, wall time inside each, awaits included): " + ", ".join(
+            f"{k} {v}" for k, v in backlog["phases"]["us_per_event"].items())
+            + f"; events per worker {backlog['accepted_per_worker']}")
 
         fresh = freshness_phase(bench, args, cards, t_end + 10, rnd, meter)
         result.update(fresh)
@@ -617,7 +718,7 @@ def main() -> int:
         say(result["error"])
     finally:
         if bench is not None:
-            bench.stop_worker()
+            bench.stop_workers()
             bench.producer = None  # librdkafka's threads end with it, before the broker goes away
         stack.stop()
     result["machine"] = f"{os.cpu_count()} cores"

@@ -380,32 +380,42 @@ class HeldMessages:
     Faust's own fetch loop drops such a message yet records it as read, so unless a
     seek follows it is never processed (the event a worker sometimes lost at start-up).
     They are held instead, untracked so a rebalance's wait for in-flight work does not
-    wait for them, and released when the flow resumes. A partition that was sought
-    meanwhile (its read offset is no longer the last held one) fetches them again, and
-    one no longer ours is not ours to process: such held messages are dropped.
+    wait for them, and released when the flow resumes, each at most once, unless the
+    fetcher will deliver it again or its partition is no longer ours.
+
+    "Delivered again" is read from the fetcher's own position, not from Faust's record of
+    the last read offset: Faust resets that record for every partition when it seeks to
+    the committed offsets, but the client seeks only where an offset above 0 is
+    committed. Held messages of a partition with no commit yet (two workers of a new
+    group, say) were dropped as if sought and then never fetched again: lost, and the
+    group's committed offset stuck behind them for good.
     """
 
-    def __init__(self, consumer, owned: Callable[[Any], bool]):
+    def __init__(self, consumer, owned: Callable[[Any], bool], position: Callable[[Any], int | None]):
         self.consumer = consumer
         self.owned = owned
+        self.position = position  # the offset the fetcher delivers next for a partition (None: unknown)
         self.batches: dict[str, list] = {}
-        self.last_read: dict[Any, int] = {}
 
     def hold(self, batches: dict[str, list]) -> None:
         for topic, messages in batches.items():
             self.consumer._unacked_messages.difference_update(messages)
             self.batches.setdefault(topic, []).extend(messages)
-            for m in messages:
-                self.last_read[m.tp] = m.offset
 
     def release(self) -> dict[str, list]:
-        read_offset = self.consumer._read_offset
-        unmoved = {tp for tp, offset in self.last_read.items() if read_offset.get(tp) == offset}
-        held, self.batches, self.last_read = self.batches, {}, {}
+        held, self.batches = self.batches, {}
+        positions: dict[Any, int | None] = {}
         for topic, messages in held.items():
-            kept = [m for m in messages if m.tp in unmoved and self.owned(m)]
-            for message in kept:
-                self.consumer.track_message(message)
+            kept, seen = [], set()
+            for m in messages:
+                if m.tp not in positions:
+                    positions[m.tp] = self.position(m.tp)
+                position = positions[m.tp]
+                if (m.tp, m.offset) in seen or not self.owned(m) or position is None or m.offset >= position:
+                    continue  # a copy, not ours, or the fetcher delivers it again
+                seen.add((m.tp, m.offset))
+                self.consumer.track_message(m)
+                kept.append(m)
             held[topic] = kept
         return held
 
@@ -486,6 +496,14 @@ class ReadPositions:
     def forget(self, tps) -> None:
         for tp in tps:
             self.expected.pop(tp, None)
+
+
+def fetch_position(consumer, tp) -> int | None:
+    """The offset Faust's Kafka client delivers next for `tp`, None when it has none."""
+    client = consumer._thread._ensure_consumer()
+    state = client._subscription.subscription.assignment.state_value(tp) \
+        if client._subscription.subscription and client._subscription.subscription.assignment else None
+    return state.position if state is not None and state.has_valid_position else None
 
 
 class FeatureSink:
@@ -597,6 +615,7 @@ class StreamEngine:
         self.app.on_rebalance_complete.connect(self._on_recovered)
         self._flush_before_commit()
         self._fence_recovery()
+        self._seek_where_uncommitted()
         if bulk_delivery:
             self._deliver_in_bulk()
 
@@ -657,6 +676,29 @@ class StreamEngine:
                             consumer._committed_offset.get(tp), len(acked), min(acked),
                             sorted(consumer._gap.get(tp) or ())[:3], consumer._read_offset.get(tp))
 
+    def _seek_where_uncommitted(self) -> None:
+        """Make "seek to the committed offsets" seek every source and repartition partition.
+
+        Faust drops what it fetched while its flow was stopped (recovery, a rebalance) and
+        counts on that seek to fetch it again, but the Kafka client seeks only where an
+        offset above 0 is committed: a partition nobody has committed yet (a new group, or
+        two workers starting together) kept its fetch position past the dropped messages,
+        which were never processed and held the group's committed offset behind them for
+        good. Such a partition is sought to its start (offset 0; a broker that has deleted
+        it resets to its earliest, as `consumer_auto_offset_reset` says).
+        """
+        consumer = self.app.consumer
+        seek_to_committed = consumer.seek_to_committed
+
+        async def seek_everywhere() -> dict:
+            committed = await seek_to_committed()
+            for tp, offset in committed.items():
+                if tp.topic in self.handlers and not (offset and offset > 0):
+                    await consumer.seek(tp, 0)  # (the fetch loop's ReadPositions sees it)
+            return committed
+
+        consumer.seek_to_committed = seek_everywhere
+
     def _deliver_in_bulk(self) -> None:
         """Hand each fetch of a source or repartition topic to its handler as one batch.
 
@@ -683,7 +725,8 @@ class StreamEngine:
         async def drain(fetcher) -> None:
             callback = consumer.callback
             read_offset = consumer._read_offset
-            held = HeldMessages(consumer, lambda m: (m.topic, m.partition) in self.owned)
+            held = HeldMessages(consumer, lambda m: (m.topic, m.partition) in self.owned,
+                                lambda tp: fetch_position(consumer, tp))
             positions = self.positions = ReadPositions(consumer)
             while not (consumer._stopped.is_set() or fetcher._stopped.is_set()):
                 batches: dict[str, list] = {}

@@ -346,8 +346,13 @@ def test_predictions_still_answer_when_kafka_is_down_and_losses_are_counted(sett
                               json={"entities": {"card_id": card, "merchant_id": data["m"]}}, timeout=5)
             assert resp.status_code == 200
         metrics = httpx.get(url + "/metrics").text
-    assert app.predictor.prediction_log.published == 5 and app.predictor.prediction_log.dropped["buffer_full"] == 15
-    assert 'freshet_predictions_dropped_total{reason="buffer_full"} 15.0' in metrics
+    log = app.predictor.prediction_log
+    # every prediction is handed to the producer or counted lost; the buffer holds 5, and a
+    # slot frees only when a message times out undelivered (1 s: a slow machine sees some)
+    assert log.published + log.dropped["buffer_full"] == 20, (log.published, log.dropped)
+    assert log.published - log.dropped["undelivered"] <= 5 and log.dropped["buffer_full"] >= 5, \
+        (log.published, log.dropped)
+    assert f'freshet_predictions_dropped_total{{reason="buffer_full"}} {float(log.dropped["buffer_full"])}' in metrics
 
 
 # -- models ------------------------------------------------------------------------------------
