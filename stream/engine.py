@@ -435,13 +435,16 @@ class ReadPositions:
 
     So each seek records the offset it set and bumps the partition's epoch. A message is:
     "stale" when its partition was sought while its fetch was under way (the caller seeks
-    there again, so nothing of that fetch is trusted); "old" below the expected offset (read
-    already); "new" at it; "gap" past it (transaction markers, compaction: the offsets
-    between are not data). Partitions never sought keep Faust's rule on its read offset.
+    there again, so nothing of that fetch is trusted); "old" below the expected offset, or
+    read already since the partition was assigned (Faust's recovery seeks back over what was
+    fetched once the tables were recovered: read again, it would be dead-lettered and logged
+    twice); "new" at it; "gap" past it (transaction markers, compaction: the offsets between
+    are not data). Partitions never sought keep Faust's rule on its read offset.
     """
 
     def __init__(self, consumer):
         self.expected: dict = {}  # tp -> the next offset to read
+        self.high: dict = {}  # tp -> the highest offset read since it was assigned
         self.epochs: dict = {}  # tp -> seeks so far
         seek, seek_to_committed = consumer.seek, consumer.seek_to_committed
 
@@ -478,24 +481,37 @@ class ReadPositions:
             return "gap" if last is not None and offset - last > 1 else "new"
         if offset < expected:
             return "old"
+        if offset <= self.high.get(tp, -1):  # read before a seek back: its effects and acks stand
+            self.expected[tp] = offset + 1
+            return "old"
         return "new" if offset == expected else "gap"
 
     def gap_from(self, tp, last: int | None) -> int:
         """The first offset of the gap before the message `admit` called "gap"."""
         expected = self.expected.get(tp)
-        return expected if expected is not None else last + 1
+        start = expected if expected is not None else last + 1
+        return max(start, self.high.get(tp, -1) + 1)  # what was read is acknowledged already
 
     def read(self, tp, offset: int) -> None:
         if tp in self.expected:
             self.expected[tp] = offset + 1
+        if offset > self.high.get(tp, -1):
+            self.high[tp] = offset
+
+    def unread(self, tp, offset: int) -> None:
+        """Messages from `offset` on were read but dropped unprocessed: read them when they come again."""
+        if self.high.get(tp, -1) >= offset:
+            self.high[tp] = offset - 1
 
     async def seek_again(self, tp) -> None:
         """Seek a partition whose fetch raced a seek to where that seek went."""
         await self._seek(tp, self.expected[tp])
 
     def forget(self, tps) -> None:
+        """Partitions revoked: whoever reads them next starts from the committed offsets."""
         for tp in tps:
             self.expected.pop(tp, None)
+            self.high.pop(tp, None)
 
 
 def fetch_position(consumer, tp) -> int | None:
@@ -732,10 +748,15 @@ class StreamEngine:
                 batches: dict[str, list] = {}
                 await asyncio.sleep(0)
                 if held.batches and consumer.flow_active:
+                    was_held = [(m.tp, m.offset) for messages in held.batches.values() for m in messages]
                     released = held.release()
-                    for messages in released.values():  # read: a seek to their end does not read them again
-                        for message in messages:
-                            positions.read(message.tp, message.offset)
+                    kept = {(m.tp, m.offset) for messages in released.values() for m in messages}
+                    dropped: dict = {}  # the fetcher delivers these again: to be read then
+                    for tp, offset in was_held:
+                        if (tp, offset) not in kept:
+                            dropped[tp] = min(dropped.get(tp, offset), offset)
+                    for tp, offset in dropped.items():
+                        positions.unread(tp, offset)
                     await process(released)
                 before, stale = positions.snapshot(), set()
                 async for tp, message in consumer.getmany(timeout=1.0):

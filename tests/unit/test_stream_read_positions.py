@@ -59,6 +59,19 @@ def test_a_fetch_taken_before_a_seek_back_is_fetched_again_not_taken_for_a_gap()
     assert _read(positions, tp, range(5, 12), positions.snapshot()) == ["new"] * 7
 
 
+def test_what_was_read_before_a_seek_back_is_not_read_again_nor_made_a_gap():
+    consumer = Consumer()
+    positions = ReadPositions(consumer)
+    tp = TP("tx", 0)
+    asyncio.run(consumer.seek_to_committed())
+    assert _read(positions, tp, range(5, 9), positions.snapshot()) == ["new"] * 4
+    asyncio.run(consumer.seek_to_committed())  # recovery's seek back to the committed offset 5
+    assert _read(positions, tp, range(5, 11), positions.snapshot()) == ["old"] * 4 + ["new"] * 2
+    positions.forget([tp])  # revoked: the next owner's reads are its own
+    asyncio.run(consumer.seek_to_committed())
+    assert _read(positions, tp, [5], positions.snapshot()) == ["new"]
+
+
 def test_a_message_handed_over_twice_is_read_once():
     consumer = Consumer()
     positions = ReadPositions(consumer)
@@ -76,6 +89,10 @@ def test_offsets_past_the_expected_one_are_a_gap_from_it():
     asyncio.run(consumer.seek_to_committed())
     assert positions.admit(tp, 8, 5, positions.snapshot()) == "gap"  # e.g. transaction markers at 5-7
     assert positions.gap_from(tp, 5) == 5
+    assert _read(positions, tp, [8, 9], positions.snapshot()) == ["gap", "new"]
+    asyncio.run(consumer.seek_to_committed())  # back to 5: 8 and 9 were read, the gap starts after them
+    assert positions.admit(tp, 12, None, positions.snapshot()) == "gap"
+    assert positions.gap_from(tp, None) == 10
 
 
 def test_a_partition_never_sought_follows_faust_read_offset():
