@@ -399,8 +399,8 @@ def warm_up(bench: Bench, t: float, rnd: random.Random) -> None:
 
 
 def backlog_phase(bench: Bench, args, cards: list[str], t: float, rnd: random.Random, meter: CpuMeter) -> dict:
-    merchant = MerchantChoice(rnd, args.skew)
-    payloads = [(c, event(f"b{i}", c, merchant(), t + i * 1e-3, rnd))
+    pick_merchant = MerchantChoice(rnd, args.skew)
+    payloads = [(c, event(f"b{i}", c, pick_merchant(), t + i * 1e-3, rnd))
                 for i, c in enumerate(rnd.choice(cards) for _ in range(args.backlog))]
     t_end = t + args.backlog * 1e-3 + 1
     markers, entities = bench.markers("end", t_end, rnd)
@@ -509,7 +509,7 @@ def freshness_phase(bench: Bench, args, cards: list[str], t2: float, rnd: random
     """Every PROBE_EVERY-th event at a fixed offered rate is a probe with a new card and merchant."""
     interval = 1.0 / args.rate
     n = int(args.rate * args.seconds)
-    merchant = MerchantChoice(rnd, args.skew)
+    pick_merchant = MerchantChoice(rnd, args.skew)
     probes = FreshnessProbes(bench)
     failed_before = bench.delivery.failed
     card_view = next(v.name for v in bench.views if bench.key_of(v) == "card_id")
@@ -529,7 +529,7 @@ def freshness_phase(bench: Bench, args, cards: list[str], t2: float, rnd: random
             probes.sent({card_view: card, **{v: merchant for v in merchant_views}}, card.encode(), time.monotonic())
         else:
             c = rnd.choice(cards)
-            bench.produce(c, event(f"f{i}", c, merchant(), t2 + i * interval, rnd))
+            bench.produce(c, event(f"f{i}", c, pick_merchant(), t2 + i * interval, rnd))
         if time.monotonic() >= next_poll and probes.outstanding():
             bench.producer.poll(0)
             probes.collect()
@@ -664,7 +664,8 @@ def main() -> int:
         t = time.time()
         warm_up(bench, t, rnd)
         say("worker is up")
-        meter = CpuMeter({"worker": [w.pid for w in bench.workers], "broker": ep.kafka_pid, "redis": ep.redis_pid,
+        each = {f"worker{i}": w.pid for i, w in enumerate(bench.workers)} if len(bench.workers) > 1 else {}
+        meter = CpuMeter({**each, "worker": [w.pid for w in bench.workers], "broker": ep.kafka_pid, "redis": ep.redis_pid,
                           "bench": os.getpid()})
         cards = [f"card{i}" for i in range(args.cards)]
         counts = RowCount(bench)
