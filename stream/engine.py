@@ -499,9 +499,12 @@ class ReadPositions:
             self.high[tp] = offset
 
     def unread(self, tp, offset: int) -> None:
-        """Messages from `offset` on were read but dropped unprocessed: read them when they come again."""
+        """Messages from `offset` on were read but dropped unprocessed (held, and the fetcher
+        delivers them again): read them when they come again."""
         if self.high.get(tp, -1) >= offset:
             self.high[tp] = offset - 1
+        if self.expected.get(tp, -1) > offset:
+            self.expected[tp] = offset
 
     async def seek_again(self, tp) -> None:
         """Seek a partition whose fetch raced a seek to where that seek went."""

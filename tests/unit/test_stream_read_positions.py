@@ -103,3 +103,13 @@ def test_a_partition_never_sought_follows_faust_read_offset():
     assert positions.admit(tp, 3, 3, before) == "old"
     assert positions.admit(tp, 4, 3, before) == "new"
     assert positions.admit(tp, 6, 3, before) == "gap" and positions.gap_from(tp, 3) == 4
+
+
+def test_held_messages_dropped_for_the_fetcher_to_deliver_again_are_read_then():
+    consumer = Consumer()
+    positions = ReadPositions(consumer)
+    tp = TP("tx", 0)
+    asyncio.run(consumer.seek_to_committed())
+    assert _read(positions, tp, range(5, 10), positions.snapshot()) == ["new"] * 5  # then held
+    positions.unread(tp, 7)  # released: 5 and 6 kept, 7-9 dropped (the fetcher's position is 7)
+    assert _read(positions, tp, range(7, 11), positions.snapshot()) == ["new"] * 4
