@@ -53,7 +53,7 @@ from freshet.stream.events import EventDecoder, EventError
 from freshet.stream.expiry import TICK_S, IdleRefresh, StreamClock
 from freshet.stream.isolation import describe, is_infrastructure, split_failures
 from freshet.stream.offline import PartBuffer, raw_log_path
-from freshet.stream.recovery import PatientWriter, RedisIncarnation, write_back
+from freshet.stream.recovery import PatientWriter, RowMarkers, is_entity_key, where, write_back
 from freshet.stream.watermarks import WatermarkMarks, record_key
 
 log = logging.getLogger("freshet.stream")
@@ -66,6 +66,7 @@ BATCH_MAX = 20000
 BATCH_WITHIN_S = 0.05
 PRODUCER_BATCH_BYTES = 512 * 1024
 STATS_INTERVAL_S = 10.0
+STUCK_LOG_S = 10.0  # a partition's processed offsets not committable this long is logged
 SOURCE_FIELDS = ("_partition", "_offset")
 FENCE_KEY = b"\x00freshet:recovery-fence"  # never an entity key: those are UTF-8 text or JSON
 # The broker refuses messages over ~1 MB: internal messages are cut well below it, and a
@@ -102,11 +103,6 @@ def _patch_clients(fetch_wait_ms: int, idempotent: bool) -> None:
     if idempotent:
         shim.AIOKafkaProducer = IdempotentProducer
     faust_aiokafka.aiokafka = shim
-
-
-def _is_entity(table_key: bytes) -> bool:
-    """A table key naming an entity, not the recovery fence or a chunk of a large state."""
-    return table_key != FENCE_KEY and b"\x00chunk\x00" not in table_key
 
 
 def entity_key(view: ViewSpec, row: dict[str, Any]) -> bytes:
@@ -167,6 +163,8 @@ class Counters:
     duplicates_skipped: int = 0
     repartitioned: int = 0
     rerouted: int = 0  # events of a message-keyed view that arrived outside their key's partition
+    redelivered: int = 0  # messages the fetcher handed over twice (dropped: ReadPositions)
+    stale_fetches: int = 0  # fetches of a partition that raced a seek (fetched again: ReadPositions)
     unprocessable: int = 0  # events that made a later stage fail (dead-lettered)
     rows_online: int = 0
     rows_offline: int = 0
@@ -221,6 +219,11 @@ class ViewProcessor:
         self.live.clear()
         self.dirty.clear()
         self.applied.clear()
+
+    def stored_entities(self, owns: Callable[[bytes], bool]) -> list[bytes]:
+        """Entities read back from the changelog that this worker writes and holds no live
+        state of (never the fence, a chunk, or a partition's checkpointed watermark marks)."""
+        return [key for key in list(self.table.data) if is_entity_key(key) and owns(key) and key not in self.live]
 
     def _state(self, key: bytes) -> dict:
         state = self.live.get(key)
@@ -432,6 +435,103 @@ class HeldMessages:
         return held
 
 
+class ReadPositions:
+    """Which fetched messages are new: the next offset expected per partition, set by seeks.
+
+    Faust keeps one read offset per partition, meaning the offset last read except right
+    after a seek, when it is the offset to read next; and the consumer's fetches run in
+    another thread, so a fetch taken before a seek can be handed over after it. With that
+    one number a fetch loop cannot tell a record fetched before a seek back (Faust's
+    recovery seeks every partition to its committed offset after it started fetching) from
+    new data past a gap: it took such a record as a gap, marked the offsets up to it as
+    done although they were fetched again (a partition's commits then advanced one offset
+    per commit: the "stalled" partition), skipped the refetched ones (lost) and processed a
+    re-delivered last record twice (a truly late event counted).
+
+    So each seek records the offset it set and bumps the partition's epoch. A message is:
+    "stale" when its partition was sought while its fetch was under way (the caller seeks
+    there again, so nothing of that fetch is trusted); "old" below the expected offset, or
+    read already since the partition was assigned (Faust's recovery seeks back over what was
+    fetched once the tables were recovered: read again, it would be dead-lettered and logged
+    twice); "new" at it; "gap" past it (transaction markers, compaction: the offsets between
+    are not data). Partitions never sought keep Faust's rule on its read offset.
+    """
+
+    def __init__(self, consumer):
+        self.expected: dict = {}  # tp -> the next offset to read
+        self.high: dict = {}  # tp -> the highest offset read since it was assigned
+        self.epochs: dict = {}  # tp -> seeks so far
+        seek, seek_to_committed = consumer.seek, consumer.seek_to_committed
+
+        async def sought(partition, offset: int) -> None:
+            await seek(partition, offset)
+            self.moved(partition, offset)
+
+        async def sought_committed():
+            offsets = await seek_to_committed()
+            for tp, offset in offsets.items():
+                if offset is not None and offset >= 0:
+                    self.moved(tp, offset)
+            return offsets
+
+        consumer.seek, consumer.seek_to_committed = sought, sought_committed
+        self._seek = sought
+
+    def moved(self, tp, offset: int) -> None:
+        self.expected[tp] = offset
+        self.epochs[tp] = self.epochs.get(tp, 0) + 1
+
+    def snapshot(self) -> dict:
+        """The epochs before a fetch: `admit` compares with them."""
+        return dict(self.epochs)
+
+    def admit(self, tp, offset: int, last: int | None, before: dict) -> str:
+        """"new", "gap", "old" or "stale" (see the class); `last` is Faust's read offset."""
+        if self.epochs.get(tp, 0) != before.get(tp, 0):
+            return "stale"
+        expected = self.expected.get(tp)
+        if expected is None:  # never sought: Faust's read offset is the offset last read
+            if last is not None and offset <= last:
+                return "old"
+            return "gap" if last is not None and offset - last > 1 else "new"
+        if offset < expected:
+            return "old"
+        if offset <= self.high.get(tp, -1):  # read before a seek back: its effects and acks stand
+            self.expected[tp] = offset + 1
+            return "old"
+        return "new" if offset == expected else "gap"
+
+    def gap_from(self, tp, last: int | None) -> int:
+        """The first offset of the gap before the message `admit` called "gap"."""
+        expected = self.expected.get(tp)
+        start = expected if expected is not None else last + 1
+        return max(start, self.high.get(tp, -1) + 1)  # what was read is acknowledged already
+
+    def read(self, tp, offset: int) -> None:
+        if tp in self.expected:
+            self.expected[tp] = offset + 1
+        if offset > self.high.get(tp, -1):
+            self.high[tp] = offset
+
+    def unread(self, tp, offset: int) -> None:
+        """Messages from `offset` on were read but dropped unprocessed (held, and the fetcher
+        delivers them again): read them when they come again."""
+        if self.high.get(tp, -1) >= offset:
+            self.high[tp] = offset - 1
+        if self.expected.get(tp, -1) > offset:
+            self.expected[tp] = offset
+
+    async def seek_again(self, tp) -> None:
+        """Seek a partition whose fetch raced a seek to where that seek went."""
+        await self._seek(tp, self.expected[tp])
+
+    def forget(self, tps) -> None:
+        """Partitions revoked: whoever reads them next starts from the committed offsets."""
+        for tp in tps:
+            self.expected.pop(tp, None)
+            self.high.pop(tp, None)
+
+
 def fetch_position(consumer, tp) -> int | None:
     """The offset Faust's Kafka client delivers next for `tp`, None when it has none."""
     client = consumer._thread._ensure_consumer()
@@ -507,7 +607,7 @@ class StreamEngine:
         self.redis = aioredis.Redis.from_url(settings.redis_url)
         self.sink = FeatureSink(settings, registry, self.redis)
         self.crash = self.sink.crash = CrashPoints(settings.stream_test_crash_at)
-        self.incarnation = RedisIncarnation(self.redis)
+        self.markers = RowMarkers(self.redis, app_id)
         self.deadletter = self.app.topic(settings.topic_deadletter, key_serializer="raw", value_serializer="raw")
         self.processors: dict[str, ViewProcessor] = {}
         # one "now" for every view of this worker (stream/expiry.py)
@@ -550,6 +650,12 @@ class StreamEngine:
             self.app.timer(LAG_INTERVAL_S)(self._export_lag)
         self._recovered_pending = False
         self._refresh_failing = False
+        self._stuck_since: dict = {}
+        self.positions: ReadPositions | None = None  # the fetch loop's (_deliver_in_bulk)
+        # the assigned partitions' tables are recovered (Faust's on_rebalance_complete), until
+        # the next rebalance: states may be read as the truth
+        self._settled = False
+        self.app.on_rebalance_complete.connect(self._on_recovered)
         self._flush_before_commit()
         self._fence_recovery()
         self._seek_where_uncommitted()
@@ -569,15 +675,15 @@ class StreamEngine:
         of every row they reflect (`checkpoint`): a kill at any point then either replays
         an event (its Redis row rewritten alike, its offline row appended again and
         collapsed by readers) or finds it in the checkpointed state with all its rows
-        written. A Redis found to be another, empty server is refilled first.
+        written. Partitions whose rows Redis lost (RowMarkers) are written back first.
         """
         consumer = self.app.consumer
 
         async def force_commit(topics=None, start_new_transaction: bool = True) -> bool:
             offsets = consumer._filter_committable_offsets(
                 list(consumer._filter_tps_with_pending_acks(topics)))
-            if await self.incarnation.changed():
-                await write_back(self.processors, self._owns_entity_of, self.sink.online)
+            self._note_stuck_offsets(consumer, offsets)
+            await self._restore_lost_rows()
             sent = await self.checkpoint()
             if not offsets:
                 if sent:
@@ -597,6 +703,22 @@ class StreamEngine:
 
         consumer.force_commit = force_commit
 
+    def _note_stuck_offsets(self, consumer, offsets: dict) -> None:
+        """Log a partition whose processed messages cannot be committed (a message before them
+        was never acknowledged): its committed offset stops while the stream goes on."""
+        now = time.monotonic()
+        for tp, acked in list(consumer._acked.items()):
+            if not acked or tp in offsets:
+                self._stuck_since.pop(tp, None)
+                continue
+            since, logged = self._stuck_since.setdefault(tp, (now, now))
+            if now - logged >= STUCK_LOG_S:
+                self._stuck_since[tp] = (since, now)
+                log.warning("offsets of %s[%d] not committable for %.0f s: committed %s, %d acknowledged from %d, "
+                            "gaps %s, read offset %s", tp.topic, tp.partition, now - since,
+                            consumer._committed_offset.get(tp), len(acked), min(acked),
+                            sorted(consumer._gap.get(tp) or ())[:3], consumer._read_offset.get(tp))
+
     def _seek_where_uncommitted(self) -> None:
         """Make "seek to the committed offsets" seek every source and repartition partition.
 
@@ -615,7 +737,7 @@ class StreamEngine:
             committed = await seek_to_committed()
             for tp, offset in committed.items():
                 if tp.topic in self.handlers and not (offset and offset > 0):
-                    await consumer._seek(tp, 0)
+                    await consumer.seek(tp, 0)  # (the fetch loop's ReadPositions sees it)
             return committed
 
         consumer.seek_to_committed = seek_everywhere
@@ -648,18 +770,36 @@ class StreamEngine:
             read_offset = consumer._read_offset
             held = HeldMessages(consumer, lambda m: (m.topic, m.partition) in self.owned,
                                 lambda tp: fetch_position(consumer, tp))
+            positions = self.positions = ReadPositions(consumer)
             while not (consumer._stopped.is_set() or fetcher._stopped.is_set()):
                 batches: dict[str, list] = {}
                 await asyncio.sleep(0)
                 if held.batches and consumer.flow_active:
-                    await process(held.release())
+                    was_held = [(m.tp, m.offset) for messages in held.batches.values() for m in messages]
+                    released = held.release()
+                    kept = {(m.tp, m.offset) for messages in released.values() for m in messages}
+                    dropped: dict = {}  # the fetcher delivers these again: to be read then
+                    for tp, offset in was_held:
+                        if (tp, offset) not in kept:
+                            dropped[tp] = min(dropped.get(tp, offset), offset)
+                    for tp, offset in dropped.items():
+                        positions.unread(tp, offset)
+                    await process(released)
+                before, stale = positions.snapshot(), set()
                 async for tp, message in consumer.getmany(timeout=1.0):
                     offset = message.offset
                     last = read_offset[tp]
-                    if last is not None and offset < last:
-                        continue  # read before a seek back; Faust drops these too
-                    if last and offset - last > 1:  # e.g. transaction markers: not to wait for
-                        await consumer._add_gap(tp, last + 1, offset)
+                    verdict = positions.admit(tp, offset, last, before)
+                    if verdict == "stale":
+                        stale.add(tp)
+                        continue
+                    if verdict == "old":
+                        if offset == last:
+                            self.counters.redelivered += 1
+                        continue
+                    if verdict == "gap":  # e.g. transaction markers: not to wait for
+                        await consumer._add_gap(tp, positions.gap_from(tp, last), offset - 1)
+                    positions.read(tp, offset)
                     handler = handlers.get(message.topic)
                     if handler is None:
                         await consumer.wait_first(callback(message), consumer.suspend_flow.wait())
@@ -669,6 +809,9 @@ class StreamEngine:
                         consumer._unacked_messages.add(message)
                         batches.setdefault(message.topic, []).append(message)
                     read_offset[tp] = offset
+                for tp in stale:  # what that fetch held of them is fetched again from the seek's offset
+                    self.counters.stale_fetches += 1
+                    await positions.seek_again(tp)
                 if consumer.flow_active:
                     await process(batches)
                 else:
@@ -730,9 +873,23 @@ class StreamEngine:
             table.data[key] = value
             by_partition.setdefault((table.changelog_topic.get_topic_name(), partition), []).append((key, value))
 
-    def _owns_entity_of(self, view_name: str) -> Callable[[bytes], bool]:
-        owned, owner = self._owned_partitions(view_name), self._owner_partition
-        return lambda key: owner(key) in owned
+    async def _restore_lost_rows(self) -> None:
+        """Write back the live entities of every owned partition whose Redis marker is missing
+        (stream/recovery.py), once its table is recovered; the markers are set first."""
+        if not self._settled or self.app.in_recovery:
+            return
+        owned = [(name, partition) for name, processor in self.processors.items() if processor.view.online
+                 for partition in sorted(self._owned_partitions(name))]
+        missing = set(await self.markers.missing(owned))
+        if not missing:
+            return
+        log.warning("Redis at %s holds no rows of %d of the %d partitions this worker writes (%s): restarted "
+                    "empty, failed over, flushed, or never written; writing every live entity's current row back "
+                    "from state", where(self.redis), len(missing), len(owned),
+                    ", ".join(f"{v}[{p}]" for v, p in sorted(missing))[:300])
+        await self.markers.mark(sorted(missing), self.sink.online)
+        owner = self._owner_partition
+        await write_back(self.processors, lambda name: lambda key: (name, owner(key)) in missing, self.sink.online)
 
     async def _send_records(self, topic: str, partition: int, records: list[tuple[bytes, bytes]]) -> None:
         """Records for one partition as a few full record batches: per-record sends cost
@@ -783,6 +940,9 @@ class StreamEngine:
 
         consumer.highwaters = fenced_highwaters
 
+    async def _on_recovered(self, app, **kwargs) -> None:
+        self._settled = True
+
     async def _on_assigned(self, app, assigned, **kwargs) -> None:
         self.owned = {(tp.topic, tp.partition) for tp in assigned}
         log.info("partitions assigned: %s", sorted(self.owned))
@@ -807,15 +967,14 @@ class StreamEngine:
 
     async def _refresh_idle(self) -> None:
         """Rewrite the rows whose windows lost a tile since they were written (stream/expiry.py)."""
-        if not self.app.consumer.flow_active:  # recovering or rebalancing: tables not settled
-            return
+        if not (self._settled and self.app.consumer.flow_active) or self.app.in_recovery:
+            return  # recovering or rebalancing: tables not settled
         t0 = time.perf_counter()
         for name, processor in self.processors.items():
             owned = self._owned_partitions(name)
             owner = self._owner_partition
             if self._recovered_pending:
-                processor.refresh.recovered(key for key in list(processor.table.data)
-                                            if _is_entity(key) and owner(key) in owned and key not in processor.live)
+                processor.refresh.recovered(processor.stored_entities(lambda key: owner(key) in owned))
             try:
                 n = await processor.refresh.run(lambda key: owner(key) in owned, self.counters)
             except Exception as exc:  # noqa: BLE001 - the due entities are kept and retried next tick
@@ -833,9 +992,13 @@ class StreamEngine:
             self.counters.timed("refresh", t0)
 
     async def _on_revoked(self, app, revoked, **kwargs) -> None:
+        self._settled = False
         self.owned -= {(tp.topic, tp.partition) for tp in revoked}
+        if self.positions is not None:
+            self.positions.forget(revoked)
         for tp in revoked:  # whoever reads them next resumes from the checkpointed marks
             self.marks.forget(tp.topic, tp.partition)
+            self.watermarks.pop((tp.topic, tp.partition), None)
         log.info("partitions revoked: %s", sorted((tp.topic, tp.partition) for tp in revoked))
         for processor in self.processors.values():
             processor.forget()
@@ -862,8 +1025,9 @@ class StreamEngine:
     async def _log_counters(self) -> None:
         c = self.counters
         log.info("accepted %d, dead-lettered %d %s, rerouted %d (%.1f%% of accepted), duplicates skipped %d, "
-                 "changelog records %d, disowned %s, batches %d; seconds %s", c.accepted, c.deadlettered,
-                 c.reasons, c.rerouted, 100.0 * c.rerouted / max(1, c.accepted), c.duplicates_skipped,
+                 "re-deliveries dropped %d, stale fetches %d, changelog records %d, disowned %s, batches %d; seconds %s", c.accepted,
+                 c.deadlettered, c.reasons, c.rerouted, 100.0 * c.rerouted / max(1, c.accepted), c.duplicates_skipped,
+                 c.redelivered, c.stale_fetches,
                  c.changelog_records, {n: p.disowned for n, p in self.processors.items()}, c.batches,
                  {k: round(v, 2) for k, v in sorted(c.seconds.items())})
 

@@ -4,7 +4,8 @@ A write that fails because Redis is down, restarting or not answering (SIGSTOP, 
 fork) is retried with capped backoff while the micro-batch, and with it the stream and
 its commits, waits; the log says what is waited for and for how long. A Redis that
 comes back without its data (restarted without persistence, failed over to an empty
-replica) has a new run id: every live entity's current row is written again from state.
+replica, flushed), even while the worker was down, lacks the markers the worker keeps
+beside its rows (RowMarkers): those partitions' live entities are written again from state.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 1.0  # a Redis back from an outage is written to within a second
 WAITING_LOG_S = 5.0  # how often a continuing wait is logged again
 HUNG_AFTER_S = 2.0  # a write unanswered this long is logged as waiting for a hung Redis
-RUN_ID_TIMEOUT_S = 2.0
+MARKER_TIMEOUT_S = 2.0
 WRITE_BACK_ROWS = 5000  # rows per pipelined write while restoring
 
 
@@ -51,10 +52,15 @@ class PatientWriter:
         self.waited_s = 0.0
 
     async def write(self, view: str, rows: list) -> int:
+        return await self.patiently(lambda: self.layout.write_async(self.client, view, rows),
+                                    f"{len(rows)} rows of view {view}")
+
+    async def patiently(self, command: Callable[[], Any], what: str) -> Any:
+        """`await command()` until Redis answers it (a new coroutine per attempt)."""
         delay, since, logged = BACKOFF_FIRST_S, None, 0.0
         while True:
             try:
-                written = await self._answered(self.layout.write_async(self.client, view, rows), view, len(rows))
+                written = await self._answered(command(), what)
             except Exception as exc:  # noqa: BLE001 - sorted by is_infrastructure
                 if not is_infrastructure(exc):
                     raise
@@ -62,9 +68,9 @@ class PatientWriter:
                 if since is None:
                     since = logged = now
                     self.outages += 1
-                    log.warning("Redis at %s unavailable (%s: %s): holding %d rows of view %s, and the stream, "
+                    log.warning("Redis at %s unavailable (%s: %s): holding %s, and the stream, "
                                 "until it answers; retrying every %.2g-%.2g s", where(self.client),
-                                type(exc).__name__, str(exc)[:200], len(rows), view, BACKOFF_FIRST_S, BACKOFF_MAX_S)
+                                type(exc).__name__, str(exc)[:200], what, BACKOFF_FIRST_S, BACKOFF_MAX_S)
                 elif now - logged >= WAITING_LOG_S:
                     logged = now
                     log.warning("still waiting for Redis at %s after %.0f s (%s: %s)", where(self.client),
@@ -78,7 +84,7 @@ class PatientWriter:
                 log.warning("Redis at %s answers again after %.1f s; the stream goes on", where(self.client), waited)
             return written
 
-    async def _answered(self, write, view: str, n: int) -> int:
+    async def _answered(self, write, what: str) -> Any:
         """The write's result; while Redis does not answer (a hung server), log that we wait."""
         task = asyncio.ensure_future(write)
         started, wait = time.monotonic(), HUNG_AFTER_S
@@ -87,35 +93,57 @@ class PatientWriter:
             wait = WAITING_LOG_S
             if done:
                 return task.result()
-            log.warning("Redis at %s has not answered a write of %d rows of view %s for %.0f s (hung?); "
-                        "waiting for its reply", where(self.client), n, view, time.monotonic() - started)
+            log.warning("Redis at %s has not answered a write of %s for %.0f s (hung?); "
+                        "waiting for its reply", where(self.client), what, time.monotonic() - started)
 
 
-class RedisIncarnation:
-    """Notices a Redis that is not the one written to before, by its run id (INFO server)."""
+class RowMarkers:
+    """Notices a Redis that lost (or never had) the rows of the partitions this worker writes.
 
-    def __init__(self, client):
+    Beside the rows, each (view, partition) whose entities a worker writes has a marker key
+    in Redis. A marker missing means that Redis has not got that partition's rows: it was
+    restarted without persistence, failed over to an empty replica or flushed, while the
+    worker ran or while it was down (a run id compared in memory misses the latter). The
+    partition's entities are then written back from state, and the marker set first, so a
+    Redis lost again during the write-back is noticed at the next check.
+    """
+
+    def __init__(self, client, app_id: str):
         self.client = client
-        self.run_id: str | None = None
+        self.prefix = f"freshet:{app_id}:rows:"
 
-    async def changed(self) -> bool:
-        """True once per change of run id; False while Redis does not answer (the writer waits)."""
+    def key(self, view: str, partition: int) -> str:
+        """
+        >>> RowMarkers(None, "stream").key("card_txn_stats", 3)
+        'freshet:stream:rows:card_txn_stats:3'
+        """
+        return f"{self.prefix}{view}:{partition}"
+
+    async def missing(self, pairs: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """The (view, partition) pairs without a marker; none while Redis does not answer
+        (the writer waits for it, and the next check looks again)."""
+        if not pairs:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for view, partition in pairs:
+            pipe.exists(self.key(view, partition))
         try:
-            info = await asyncio.wait_for(self.client.info("server"), RUN_ID_TIMEOUT_S)
+            found = await asyncio.wait_for(pipe.execute(), MARKER_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - an outage: nothing to compare
             if not is_infrastructure(exc):
                 raise
-            return False
-        run_id = info.get("run_id")
-        if run_id is None:  # not told (a proxy, a managed service): nothing to compare
-            return False
-        before, self.run_id = self.run_id, run_id
-        if before is not None and before != run_id:
-            log.warning("Redis at %s is another server now (run id %s, was %s): it may have lost every row; "
-                        "writing every live entity's current row back from state", where(self.client),
-                        run_id[:12], before[:12])
-            return True
-        return False
+            return []
+        return [pair for pair, n in zip(pairs, found) if not n]
+
+    async def mark(self, pairs: list[tuple[str, int]], writer: "PatientWriter") -> None:
+        """Set these markers, waiting out an outage as row writes do."""
+        async def set_all():
+            pipe = self.client.pipeline(transaction=False)
+            for view, partition in pairs:
+                pipe.set(self.key(view, partition), b"%.3f" % time.time())
+            return await pipe.execute()
+
+        await writer.patiently(set_all, f"{len(pairs)} row markers")
 
 
 def is_entity_key(key: bytes) -> bool:
@@ -143,6 +171,7 @@ def current_rows(processor, owns: Callable[[bytes], bool]) -> Iterator[tuple[tup
     """Every entity's current row of one view (ViewProcessor), for the entities `owns` accepts:
     the live states, and the checkpointed ones no longer kept in memory."""
     agg, data, live, view = processor.agg, processor.table.data, processor.live, processor.view
+    now = processor.clock.now()
     keys = set(live)
     keys.update(k for k in list(data.keys()) if is_entity_key(k))
     for key in keys:
@@ -159,7 +188,8 @@ def current_rows(processor, owns: Callable[[bytes], bool]) -> Iterator[tuple[tup
         if state["max_ts"] is None:
             continue
         agg.evict(state)
-        yield join_values(view.join_key_types, key), agg.result(state), state["max_ts"]
+        as_of = processor.refresh.as_of(state, now)  # as every row is written: as of the stream's clock
+        yield join_values(view.join_key_types, key), agg.result(state, as_of), as_of
 
 
 async def write_back(processors: dict, owns_of: Callable[[str], Callable[[bytes], bool]],
