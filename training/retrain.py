@@ -46,7 +46,7 @@ log = logging.getLogger("freshet.retrain")
 BOOTSTRAP_REASON = "bootstrap"
 DEFAULT_WINDOW_LABELS = 20_000
 STEPS = 6
-MAX_RESTARTS = 3  # times a newer alert may start a training's wait for labels again (each costs up to wait_max_s)
+MAX_RESTARTS = 1  # times a newer alert may start a training's wait for labels again (each costs up to wait_max_s)
 
 
 @dataclass

@@ -76,7 +76,7 @@ def test_training_set_as_served_equals_the_features_logged_for_the_same_requests
     from freshet.stream.backfill import load_events
     from freshet.training.dataset import FeaturePlan, join_labels_to_events, point_in_time_features
     from freshet.training.labels import LabelLog
-    from freshet.training.served import attach_served_requests
+    from freshet.training.served import PredictionArchive, attach_served_requests
 
     settings, registry = run["settings"], run["registry"]
     labels = LabelLog(settings)
@@ -85,7 +85,9 @@ def test_training_set_as_served_equals_the_features_logged_for_the_same_requests
     events = load_events(settings, plan.topic)
     examples, _ = join_labels_to_events(labels.read(), events, plan.join_keys, ["amount"], "transaction_id",
                                         plan.timestamp_field)
-    examples = attach_served_requests(settings, examples)
+    archive = PredictionArchive(settings)
+    archive.sync()
+    examples = attach_served_requests(settings, examples, archive.read())
     assert len(examples) == 3 * 40 and examples["request_ts"].notna().all()
     data = point_in_time_features(settings, plan, examples, events, plan.refs)
     logged = {p.request_id: p.features for p in run["clean"]}
