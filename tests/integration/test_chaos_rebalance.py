@@ -18,14 +18,13 @@ import os
 import random
 import signal
 import time
-import types
 
 import orjson
 import pytest
 
 from freshet.app.stack import RedisServer
-from stream_checks import dead_letters, isolated_stream, settled
-from test_chaos_stream import T0, Feed, Workers, _offline_problems, _online_problems, _wait
+from stream_checks import dead_letters, settled
+from test_chaos_stream import T0, Feed, Workers, _offline_problems, _online_problems, _wait, chaos_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3600),
               pytest.mark.skipif(os.environ.get("FRESHET_TEST_CHAOS") != "1",
@@ -39,9 +38,7 @@ def test_workers_joining_and_leaving_lose_and_double_nothing(services, tmp_path)
     own.start()
     workers_seen = []
     try:
-        uid, topic, settings, env, registry, layout, client = isolated_stream(
-            types.SimpleNamespace(kafka=services.kafka, redis_url=own.url), tmp_path, "rebal")
-        env = {**env, "FRESHET_STREAM_COMMIT_INTERVAL_MS": "500", "FRESHET_KAFKA_SESSION_TIMEOUT_MS": "6000"}
+        uid, topic, settings, env, registry, layout, client = chaos_stream(services, own, tmp_path, "rebal")
         workers = Workers(env, tmp_path, f"{uid}-stream")
         rnd, clock, feeds = random.Random(3), [T0], []
         steady = workers.start("steady")

@@ -167,6 +167,15 @@ def _wait(condition, timeout: float, worker: subprocess.Popen | None = None, log
         time.sleep(0.3)
 
 
+def chaos_stream(services, own: RedisServer, tmp: Path, prefix: str):
+    """`isolated_stream` on the scenario's own Redis (to pause, kill and restart), its workers
+    committing every 0.5 s and leaving the group 6 s after they die."""
+    uid, topic, settings, env, registry, layout, client = isolated_stream(
+        types.SimpleNamespace(kafka=services.kafka, redis_url=own.url), tmp, prefix)
+    env = {**env, "FRESHET_STREAM_COMMIT_INTERVAL_MS": "500", "FRESHET_KAFKA_SESSION_TIMEOUT_MS": "6000"}
+    return uid, topic, settings, env, registry, layout, client
+
+
 @pytest.fixture(scope="module")
 def chaos(services, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chaos")
@@ -176,9 +185,7 @@ def chaos(services, tmp_path_factory):
     unmountable = _mount_tmpfs(tmpfs)
     workers_seen = []
     try:
-        uid, topic, settings, env, registry, layout, client = isolated_stream(
-            types.SimpleNamespace(kafka=services.kafka, redis_url=own.url), tmp, "chaos")
-        env = {**env, "FRESHET_STREAM_COMMIT_INTERVAL_MS": "500", "FRESHET_KAFKA_SESSION_TIMEOUT_MS": "6000"}
+        uid, topic, settings, env, registry, layout, client = chaos_stream(services, own, tmp, "chaos")
         workers = Workers(env, tmp, f"{uid}-stream")
         rnd, clock = random.Random(11), [T0]
         phases: dict[str, Feed] = {}
