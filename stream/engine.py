@@ -532,6 +532,35 @@ class ReadPositions:
             self.high.pop(tp, None)
 
 
+def first_acked(consumer) -> dict:
+    """The lowest acknowledged offset of each partition, before a commit takes a run of them."""
+    return {tp: min(acked) for tp, acked in consumer._acked.items() if acked}
+
+
+def give_back_acks(consumer, first: dict, offsets: dict) -> None:
+    """Put back the acknowledgements a commit took but did not commit.
+
+    Faust's `_filter_committable_offsets` removes the run of acknowledged offsets it turns
+    into a committable offset. A commit that fails or is cancelled before Faust records the
+    offset (an exception in the checkpoint or the flush, a cancellation while the worker
+    stops or rebalances) would lose that run: the partition's acknowledgements then start
+    past a hole nothing fills again (its messages were read), and its committed offset never
+    moves again. Partitions whose offset Faust recorded as committed are left alone (even
+    when the broker refused it, Faust moves on past it), and so are partitions revoked
+    meanwhile: their next owner starts from the committed offset.
+    """
+    assignment = consumer.assignment()
+    for tp, end in offsets.items():
+        start, committed = first.get(tp), consumer._committed_offset.get(tp)
+        if start is None or start >= end or tp not in assignment or (committed is not None and committed >= end):
+            continue
+        taken = range(start, end)
+        acked, index = consumer._acked[tp], consumer._acked_index[tp]
+        acked.extend(offset for offset in taken if offset not in index)
+        acked.sort()
+        index.update(taken)
+
+
 def fetch_position(consumer, tp) -> int | None:
     """The offset Faust's Kafka client delivers next for `tp`, None when it has none."""
     client = consumer._thread._ensure_consumer()
@@ -680,21 +709,26 @@ class StreamEngine:
         consumer = self.app.consumer
 
         async def force_commit(topics=None, start_new_transaction: bool = True) -> bool:
+            first = first_acked(consumer)
             offsets = consumer._filter_committable_offsets(
                 list(consumer._filter_tps_with_pending_acks(topics)))
             self._note_stuck_offsets(consumer, offsets)
-            await self._restore_lost_rows()
-            sent = await self.checkpoint()
-            if not offsets:
-                if sent:
-                    await self.app.producer.flush()
-                return False
-            # anything Faust attached to these offsets goes out now; then everything
-            # sent so far (changelog records, repartition batches) is flushed
-            await consumer._handle_attached(offsets)
-            await self.app.producer.flush()
-            self.crash.reached("changelog-flushed")
-            committed = await consumer._commit_offsets(offsets, start_new_transaction=start_new_transaction)
+            committed = False
+            try:
+                await self._restore_lost_rows()
+                sent = await self.checkpoint()
+                if not offsets:
+                    if sent:
+                        await self.app.producer.flush()
+                    return False
+                # anything Faust attached to these offsets goes out now; then everything
+                # sent so far (changelog records, repartition batches) is flushed
+                await consumer._handle_attached(offsets)
+                await self.app.producer.flush()
+                self.crash.reached("changelog-flushed")
+                committed = await consumer._commit_offsets(offsets, start_new_transaction=start_new_transaction)
+            finally:
+                give_back_acks(consumer, first, offsets)  # those a failed or cancelled commit took
             if committed:
                 self.crash.reached("committed")
                 for tp, offset in offsets.items():

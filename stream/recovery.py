@@ -111,6 +111,7 @@ class RowMarkers:
     def __init__(self, client, app_id: str):
         self.client = client
         self.prefix = f"freshet:{app_id}:rows:"
+        self._check: tuple[list, asyncio.Future] | None = None  # (pairs, their EXISTS) in flight
 
     def key(self, view: str, partition: int) -> str:
         """
@@ -121,19 +122,36 @@ class RowMarkers:
 
     async def missing(self, pairs: list[tuple[str, int]]) -> list[tuple[str, int]]:
         """The (view, partition) pairs without a marker; none while Redis does not answer
-        (the writer waits for it, and the next check looks again)."""
+        (the writer waits for it, and the next check looks again).
+
+        A check Redis has not answered in MARKER_TIMEOUT_S is left running, not cancelled
+        (a command cancelled mid-reply costs the client its connection), and the next call
+        takes its answer instead of waiting again: a hung Redis delays one commit, not each.
+        """
         if not pairs:
             return []
-        pipe = self.client.pipeline(transaction=False)
-        for view, partition in pairs:
-            pipe.exists(self.key(view, partition))
+        fresh = self._check is None
+        if fresh:
+            self._check = (pairs, asyncio.ensure_future(self._exists(pairs)))
+        checked, task = self._check
+        done, _ = await asyncio.wait({task}, timeout=MARKER_TIMEOUT_S if fresh else 0)
+        if not done:
+            return []
+        self._check = None
         try:
-            found = await asyncio.wait_for(pipe.execute(), MARKER_TIMEOUT_S)
+            found = task.result()
         except Exception as exc:  # noqa: BLE001 - an outage: nothing to compare
             if not is_infrastructure(exc):
                 raise
             return []
-        return [pair for pair, n in zip(pairs, found) if not n]
+        wanted = set(pairs)  # partitions revoked since the check started are not ours to write
+        return [pair for pair, n in zip(checked, found) if not n and pair in wanted]
+
+    async def _exists(self, pairs: list[tuple[str, int]]) -> list[int]:
+        pipe = self.client.pipeline(transaction=False)
+        for view, partition in pairs:
+            pipe.exists(self.key(view, partition))
+        return await pipe.execute()
 
     async def mark(self, pairs: list[tuple[str, int]], writer: "PatientWriter") -> None:
         """Set these markers, waiting out an outage as row writes do."""
