@@ -107,7 +107,17 @@ def feast_env(settings: Settings) -> dict[str, str]:
         "FRESHET_DATA_DIR": str(settings.data_path),
         "FRESHET_FEAST_REDIS": feast_connection_string(settings.redis_url or "redis://localhost:6379"),
         "FRESHET_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "localhost:9092",
+        # the feature views' batch sources (their feature logs) live here: freshet.offline_store
+        "FRESHET_OFFLINE_STORE": offline_root(settings),
     }
+
+
+def offline_root(settings: Settings) -> str:
+    """The offline store's root as a path or s3:// URI (without reaching it)."""
+    if settings.offline_store.startswith("s3://"):
+        return settings.offline_store.rstrip("/")
+    return str(Path(settings.offline_store).expanduser().resolve() if settings.offline_store
+               else settings.data_path / "offline")
 
 
 def repo_path(settings: Settings) -> Path:
