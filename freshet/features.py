@@ -138,7 +138,26 @@ def repo_config(settings: Settings):
     text = (path / "feature_store.yaml").read_text()
     text = re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), os.environ.get(m.group(1), m.group(0))), text)
     raw = yaml.safe_load(text)
+    if settings.feast_registry:
+        raw["registry"] = {**SQL_REGISTRY, "path": settings.feast_registry}
     return RepoConfig(repo_path=path, **raw)
+
+
+# Feast's SQL registry (FRESHET_FEAST_REGISTRY), in place of feature_store.yaml's registry file
+SQL_REGISTRY = {"registry_type": "sql", "cache_ttl_seconds": 60,
+                "sqlalchemy_config_kwargs": {"echo": False, "pool_pre_ping": True}}
+
+
+def _repo_for_sql_registry(repo: Path, into: Path) -> Path:
+    """A copy of the feature repo whose feature_store.yaml names the SQL registry (its URL from the
+    env var FRESHET_FEAST_REGISTRY, which Feast substitutes: no password in the file)."""
+    import shutil
+
+    shutil.copytree(repo, into, ignore=shutil.ignore_patterns("__pycache__", "data", ".*"))
+    raw = yaml.safe_load((repo / "feature_store.yaml").read_text())
+    raw["registry"] = {**SQL_REGISTRY, "path": "${FRESHET_FEAST_REGISTRY}"}
+    (into / "feature_store.yaml").write_text(yaml.safe_dump(raw))
+    return into
 
 
 def feature_store(settings: Settings):
@@ -150,13 +169,18 @@ def feature_store(settings: Settings):
 
 def apply(settings: Settings, extra_env: dict[str, str] | None = None) -> None:
     """`feast apply` the repo against this deployment (a subprocess, so definitions see fresh env)."""
+    import tempfile
+
     settings.data_path.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **feast_env(settings), **(extra_env or {})}
     feast = Path(sys.executable).with_name("feast")
-    proc = subprocess.run(
-        [str(feast), "-c", str(repo_path(settings)), "apply"], env=env, capture_output=True, text=True,
-        timeout=300,
-    )
+    with tempfile.TemporaryDirectory(prefix="freshet-repo-") as tmp:
+        repo = repo_path(settings)
+        if settings.feast_registry:
+            repo = _repo_for_sql_registry(repo, Path(tmp) / repo.name)
+            env["FRESHET_FEAST_REGISTRY"] = settings.feast_registry
+        proc = subprocess.run([str(feast), "-c", str(repo), "apply"], env=env, capture_output=True, text=True,
+                              timeout=300)
     if proc.returncode != 0:
         raise FeatureRepoError(f"feast apply failed:\n{proc.stderr.strip()[-2000:]}")
     log.info("feast apply: %s", proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "ok")

@@ -107,6 +107,13 @@ class Settings:
     s3_secret_access_key_file: str = ""  # instead of the key itself: a file only its owner may read (0600)
     feature_repo: str = "feature_repo"
     mlflow_tracking_uri: str = ""
+    # Where MLflow keeps the model versions' artifacts: empty for <data dir>/mlartifacts; or
+    # s3://bucket/prefix on the object store the FRESHET_S3_* settings reach, so that retrainers and
+    # servers on other hosts share them (with a database FRESHET_MLFLOW_TRACKING_URI, e.g. PostgreSQL).
+    mlflow_artifact_store: str = ""
+    # Feast's registry: empty for the file <data dir>/registry.db; or postgresql://user:password@host:port/db
+    # for Feast's SQL registry, which every host reads (apply once, from any host).
+    feast_registry: str = _secret()
     # the registered model `freshet serve` answers /predict with (its champion alias)
     model_name: str = DEFAULT_MODEL_NAME
 
@@ -290,14 +297,21 @@ def _validate_offline_store(s: Settings) -> None:
     if scheme not in ("", "s3"):
         raise SettingsError(f"{_env_name('offline_store')}={store!r}: use a directory or s3://bucket/prefix "
                             f"(scheme {scheme!r} is not supported)")
+    if s.feast_registry and urlparse(s.feast_registry).scheme.split("+")[0] != "postgresql":
+        raise SettingsError(f"{_env_name('feast_registry')} must look like postgresql://user:password@host:port/db "
+                            f"(got scheme {urlparse(s.feast_registry).scheme!r}), or be empty for the registry file")
+    artifacts = s.mlflow_artifact_store
+    if artifacts and not (artifacts.startswith("s3://") and urlparse(artifacts).netloc):
+        raise SettingsError(f"{_env_name('mlflow_artifact_store')}={artifacts!r}: use s3://bucket/prefix, or leave it "
+                            "empty for <data dir>/mlartifacts")
     s3 = [n for n in ("s3_endpoint_url", "s3_region", "s3_access_key_id", "s3_secret_access_key",
                       "s3_secret_access_key_file") if getattr(s, n)]
-    if scheme != "s3":
+    if scheme != "s3" and not artifacts:
         if s3:
-            raise SettingsError(f"{_env_name(s3[0])} is set but {_env_name('offline_store')} is not an s3:// "
-                                "location: set both, or neither")
+            raise SettingsError(f"{_env_name(s3[0])} is set but neither {_env_name('offline_store')} nor "
+                                f"{_env_name('mlflow_artifact_store')} is an s3:// location: set both, or neither")
         return
-    if not urlparse(store).netloc:
+    if scheme == "s3" and not urlparse(store).netloc:
         raise SettingsError(f"{_env_name('offline_store')}={store!r} names no bucket; use s3://bucket/prefix")
     if s.s3_endpoint_url and (urlparse(s.s3_endpoint_url).scheme not in ("http", "https")
                               or not urlparse(s.s3_endpoint_url).netloc):
