@@ -13,18 +13,20 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import orjson
 import pyarrow as pa
 import pytest
 
-from freshet import kafka
+from freshet import features, kafka
 from freshet.demo.workload import TransactionWorkload
 from freshet.offline_store import OfflineStore
 from freshet.settings import SettingsError, load_settings
 from freshet.stream.offline import append_parts, read_parts
 from freshet.stream.backfill import load_events
 from freshet.training.labels import LabelLog
-from freshet.training.retrain import RetrainConfig, Retrainer
+from freshet.models import ModelRegistry
+from freshet.training.snapshot import Snapshot
 from s3_server import start_s3_server
 from stream_checks import stop_workers
 
@@ -41,6 +43,21 @@ def s3(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    """A PostgreSQL server (the pgserver wheel) with a database for MLflow and one for Feast's registry."""
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    try:
+        server.psql("CREATE DATABASE mlflow;")
+        server.psql("CREATE DATABASE feast;")
+        base = server.get_uri()  # postgresql://postgres:@/postgres?host=<socket dir>
+        yield {db: base.replace("/postgres?", f"/{db}?") for db in ("mlflow", "feast")}
+    finally:
+        server.cleanup()
 
 
 def _env() -> dict[str, str]:
@@ -142,31 +159,39 @@ def _wait(what: str, ready, workers, logs, timeout: float = 120.0) -> None:
         time.sleep(0.5)
 
 
-def test_two_workers_sharing_no_disk_write_one_raw_log_on_s3_that_a_retrainer_elsewhere_trains_on(
-        s3, services, tmp_path, monkeypatch, apply_feature_repo):
+def test_hosts_sharing_no_disk_stream_train_and_serve_through_s3_and_postgresql(s3, postgres, services, tmp_path):
+    """Two stream workers, a retrainer and a server, each a process of its own with its own data dir:
+    the workers' raw-log rows reach the retrainer's training set on S3, the Feast registry applied
+    once is read by all from PostgreSQL, and the version the retrainer promotes (MLflow on
+    PostgreSQL, artifacts on S3) is the one the server answers with."""
     uid = "s3" + os.urandom(4).hex()
     topic = f"{uid}.transactions"
+    token = os.urandom(8).hex()
     common = dict(kafka_bootstrap_servers=services.kafka, redis_url=services.redis_url, kafka_partitions=4,
-                  topic_deadletter=f"{uid}.deadletter", topic_labels=f"{uid}.labels",
-                  topic_retrain=f"{uid}.retrain", topic_models=f"{uid}.models")
+                  topic_deadletter=f"{uid}.deadletter", topic_labels=f"{uid}.labels", topic_predictions=f"{uid}.pred",
+                  topic_retrain=f"{uid}.retrain", topic_models=f"{uid}.models", api_token=token,
+                  model_name=f"{uid}-fraud", mlflow_tracking_uri=postgres["mlflow"], feast_registry=postgres["feast"],
+                  mlflow_artifact_store=f"s3://{BUCKET}/{uid}/mlflow")
     secret_file = tmp_path / "s3-secret"
     secret_file.write_text(s3.secret_access_key)
     secret_file.chmod(0o600)
-    # three hosts: each its own data dir (Feast registry, Faust state, MLflow), the offline store shared on S3;
-    # worker-2 reads its secret key from a 0600 file, the others from the environment
-    hosts = {name: _s3_settings(s3, tmp_path / name, uid, **common) for name in ("worker-1", "retrainer")}
+    # four hosts: each its own data dir; the offline store and MLflow's artifacts on S3, the registries on
+    # PostgreSQL; worker-2 reads its secret key from a 0600 file, the others from the environment
+    hosts = {name: _s3_settings(s3, tmp_path / name, uid, **common) for name in ("worker-1", "retrainer", "server")}
     hosts["worker-2"] = load_settings(
         _env(), data_dir=str(tmp_path / "worker-2" / "data"), offline_store=f"s3://{BUCKET}/{uid}",
         s3_endpoint_url=s3.endpoint_url, s3_access_key_id=s3.access_key_id,
         s3_secret_access_key_file=str(secret_file), **common)
-    monkeypatch.setenv("FRESHET_TRANSACTIONS_TOPIC", topic)
-    monkeypatch.setenv("FRESHET_OFFLINE_STORE", f"s3://{BUCKET}/{uid}")  # the views' batch sources, as 'apply' sets
-    registries = {name: apply_feature_repo(settings) for name, settings in hosts.items()}
-    assert {v.offline_path for v in registries["worker-1"].views.values()} == {
-        f"s3://{BUCKET}/{uid}/features/{v}" for v in registries["worker-1"].views}
+    extra = {"FRESHET_TRANSACTIONS_TOPIC": topic}
+    features.apply(hosts["worker-1"], extra_env=extra)  # once, from one host: 'freshet apply'
+    registry = features.load_registry(hosts["retrainer"])  # read back on another host
+    assert {v.offline_path for v in registry.views.values()} == {
+        f"s3://{BUCKET}/{uid}/features/{v}" for v in registry.views}
+    assert not (hosts["worker-1"].data_path / "registry.db").exists()
     kafka.ensure_topics(hosts["worker-1"], [topic, hosts["worker-1"].topic_deadletter])
 
-    batch = TransactionWorkload(seed=5, cards=300, merchants=60, rate=2.0, start_ts=time.time() - 3600).batch(1200)
+    batch = TransactionWorkload(seed=5, cards=300, merchants=60, rate=2.0, start_ts=time.time() - 3600,
+                                id_prefix=f"{uid}-").batch(1200)
     messages = batch.messages()
     first = _produce(hosts["worker-1"], topic, messages[:600])
 
@@ -174,9 +199,7 @@ def test_two_workers_sharing_no_disk_write_one_raw_log_on_s3_that_a_retrainer_el
     workers, logs = [], []
     for name in ("worker-1", "worker-2"):
         logs.append(tmp_path / f"{name}.log")
-        env = {**_env(), **hosts[name].to_env(), "FRESHET_TRANSACTIONS_TOPIC": topic}
-        workers.append(subprocess.Popen([sys.executable, "-m", "freshet.cli", "stream", "--app-id", app_id],
-                                        env=env, stdout=open(logs[-1], "ab"), stderr=subprocess.STDOUT))
+        workers.append(_start(hosts[name], extra, ["stream", "--app-id", app_id], logs[-1]))
     raw = OfflineStore.of(hosts["retrainer"]).raw(topic)
 
     def have(txs) -> bool:
@@ -198,22 +221,60 @@ def test_two_workers_sharing_no_disk_write_one_raw_log_on_s3_that_a_retrainer_el
         assert [_assignments(log, topic)[-1] for log in logs] == owned  # no rebalance in between
     finally:
         stop_workers(workers)
+
+    # the retrainer, a process on its own host: labels copied into the store, a snapshot of it, a fit,
+    # a version registered and promoted
+    producer = kafka.producer(hosts["retrainer"])
+    kafka.ensure_topics(hosts["retrainer"], [hosts["retrainer"].topic_labels])
+    for key, value in batch.label_messages():
+        producer.produce(hosts["retrainer"].topic_labels, key=key, value=value)
+    assert producer.flush(30) == 0
+    retrain_log = tmp_path / "retrainer.log"
+    retrainer = _start(hosts["retrainer"], extra, ["retrain", "--bootstrap", "--seed", "3"], retrain_log)
+    assert retrainer.wait(180) == 0, retrain_log.read_text()[-3000:]
+    store = OfflineStore.of(hosts["retrainer"])
+    assert store.labels(hosts["retrainer"].topic_labels).parts()  # the label log is on S3 too
+    models = ModelRegistry(hosts["retrainer"], publish_events=False)
+    version = models.current_version(hosts["retrainer"].model_name)
+    assert version == "1", retrain_log.read_text()[-3000:]
+    snapshot = Snapshot.from_dict(models.training_snapshot(hosts["retrainer"].model_name, version))
+    events = load_events(hosts["retrainer"], topic, files=snapshot.events.files(store))
+    for mine in by_worker:  # each worker's rows are in what the training read
+        assert mine <= set(events["transaction_id"]), len(mine - set(events["transaction_id"]))
     for name in ("worker-1", "worker-2", "retrainer"):  # no host kept an offline log of its own
         assert not (hosts[name].data_path / "offline").exists(), name
 
-    # the retrainer on its own host: labels copied into the store, a snapshot of it, the training set
-    labels = LabelLog(hosts["retrainer"])
-    kafka.ensure_topics(hosts["retrainer"], [labels.topic])
-    producer = kafka.producer(hosts["retrainer"])
-    for key, value in batch.label_messages():
-        producer.produce(labels.topic, key=key, value=value)
-    assert producer.flush(30) == 0
-    outcome = Retrainer(hosts["retrainer"], registries["retrainer"], RetrainConfig(seed=3)).run(bootstrap=True)
-    assert outcome["examples"]["from_events"] == len(batch), outcome["examples"]
-    snapshot = outcome["snapshot"]
-    parts = OfflineStore.of(hosts["retrainer"]).raw(topic).parts()
-    assert snapshot and parts, outcome
-    events = load_events(hosts["retrainer"], topic, files=parts)
-    for mine in by_worker:  # each worker's rows, as the retrainer reads them
-        assert mine <= set(events["transaction_id"]), len(mine - set(events["transaction_id"]))
-    assert [p.name for p in LabelLog(hosts["retrainer"]).root.parts()]  # the label log is on S3 too
+    # the server, on a fourth host, answers with the promoted version (its artifacts read from S3)
+    port = _free_port()
+    server_log = tmp_path / "server.log"
+    server = _start(hosts["server"], extra, ["serve", "--port", str(port)], server_log)
+    try:
+        tx = batch.events()[0]
+        body = {"entities": {"card_id": tx["card_id"], "merchant_id": tx["merchant_id"]},
+                "fields": {"amount": tx["amount"]}}
+        deadline, answer = time.monotonic() + 90, None
+        while answer is None:
+            assert server.poll() is None and time.monotonic() < deadline, server_log.read_text()[-3000:]
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/predict", json=body,
+                               headers={"Authorization": f"Bearer {token}"}, timeout=5)
+                answer = r.json() if r.status_code == 200 else None
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        assert answer["model_version"] == "1" and answer["model"] == hosts["server"].model_name, answer
+    finally:
+        stop_workers([server])
+    assert not (hosts["server"].data_path / "mlartifacts").exists()
+
+
+def _start(settings, extra: dict, args: list[str], log: Path) -> subprocess.Popen:
+    env = {**_env(), **settings.to_env(), **extra}
+    return subprocess.Popen([sys.executable, "-m", "freshet.cli", *args], env=env, stdout=open(log, "ab"),
+                            stderr=subprocess.STDOUT)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
