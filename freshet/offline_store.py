@@ -246,12 +246,33 @@ def as_location(where: Location | Path | str) -> Location:
     return Location(OfflineStore.local(path.anchor), path.as_posix())
 
 
+def create_buckets(settings: Settings) -> list[str]:
+    """Create the buckets FRESHET_OFFLINE_STORE and FRESHET_MLFLOW_ARTIFACT_STORE name that do not
+    exist yet (`freshet apply --model-store`, a deployment's first step); returns those created."""
+    buckets = {urlparse(uri).netloc for uri in (settings.offline_store, settings.mlflow_artifact_store)
+               if uri.startswith(SCHEME)}
+    if not buckets:
+        return []
+    fs = _s3_filesystem(settings, allow_bucket_creation=True)
+    created = []
+    for bucket in sorted(buckets):
+        try:
+            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                fs.create_dir(bucket)
+                created.append(bucket)
+        except OSError as exc:
+            raise SettingsError(f"cannot create bucket {bucket!r} at FRESHET_S3_ENDPOINT_URL="
+                                f"{settings.s3_endpoint_url or '(AWS)'}: {_first_line(exc)}") from None
+    return created
+
+
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _s3_filesystem(s: Settings) -> pafs.S3FileSystem:
-    options: dict[str, Any] = {"connect_timeout": 5.0, "request_timeout": 30.0}
+def _s3_filesystem(s: Settings, allow_bucket_creation: bool = False) -> pafs.S3FileSystem:
+    options: dict[str, Any] = {"connect_timeout": 5.0, "request_timeout": 30.0,
+                               "allow_bucket_creation": allow_bucket_creation}
     if s.s3_endpoint_url:
         url = urlparse(s.s3_endpoint_url)
         options.update(endpoint_override=url.netloc, scheme=url.scheme)

@@ -20,7 +20,7 @@ import pytest
 
 from freshet import features, kafka
 from freshet.demo.workload import TransactionWorkload
-from freshet.offline_store import OfflineStore
+from freshet.offline_store import OfflineStore, create_buckets
 from freshet.settings import SettingsError, load_settings
 from freshet.stream.offline import append_parts, read_parts
 from freshet.stream.backfill import load_events
@@ -119,6 +119,12 @@ def test_bad_object_store_settings_fail_at_start_up_naming_the_setting(s3, tmp_p
         OfflineStore.of(load_settings(_env(), offline_store="s3://freshet/z",
                                       s3_endpoint_url=f"http://127.0.0.1:{closed}",
                                       s3_access_key_id="k", s3_secret_access_key="s"))
+    # 'freshet apply --model-store' creates a missing bucket; then the store answers
+    fresh = load_settings(_env(), offline_store="s3://fresh-bucket/o", mlflow_artifact_store="s3://freshet/m",
+                          s3_endpoint_url=s3.endpoint_url, s3_access_key_id=s3.access_key_id,
+                          s3_secret_access_key=s3.secret_access_key)
+    assert create_buckets(fresh) == ["fresh-bucket"] and create_buckets(fresh) == []
+    assert OfflineStore.of(fresh).root.parts() == []
     # and the CLI says it in one line, exit 2
     env = {**_env(), "FRESHET_OFFLINE_STORE": "s3://freshet/z", "FRESHET_S3_ENDPOINT_URL": s3.endpoint_url,
            "FRESHET_S3_ACCESS_KEY_ID": s3.access_key_id, "FRESHET_S3_SECRET_ACCESS_KEY": "wrong",
