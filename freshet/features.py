@@ -139,13 +139,23 @@ def repo_config(settings: Settings):
     text = re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), os.environ.get(m.group(1), m.group(0))), text)
     raw = yaml.safe_load(text)
     if settings.feast_registry:
-        raw["registry"] = {**SQL_REGISTRY, "path": settings.feast_registry}
+        raw["registry"] = {**SQL_REGISTRY, "path": sqlalchemy_url(settings.feast_registry)}
     return RepoConfig(repo_path=path, **raw)
 
 
 # Feast's SQL registry (FRESHET_FEAST_REGISTRY), in place of feature_store.yaml's registry file
 SQL_REGISTRY = {"registry_type": "sql", "cache_ttl_seconds": 60,
                 "sqlalchemy_config_kwargs": {"echo": False, "pool_pre_ping": True}}
+
+
+def sqlalchemy_url(url: str) -> str:
+    """A postgresql:// URL with psycopg 3 named as its driver (what SQLAlchemy 2.1 and Feast pick
+    anyway; Feast warns unless it is explicit).
+
+    >>> sqlalchemy_url("postgresql://u:p@db:5432/feast"), sqlalchemy_url("postgresql+psycopg2://db/f")
+    ('postgresql+psycopg://u:p@db:5432/feast', 'postgresql+psycopg2://db/f')
+    """
+    return "postgresql+psycopg://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
 
 
 def _repo_for_sql_registry(repo: Path, into: Path) -> Path:
@@ -178,7 +188,7 @@ def apply(settings: Settings, extra_env: dict[str, str] | None = None) -> None:
         repo = repo_path(settings)
         if settings.feast_registry:
             repo = _repo_for_sql_registry(repo, Path(tmp) / repo.name)
-            env["FRESHET_FEAST_REGISTRY"] = settings.feast_registry
+            env["FRESHET_FEAST_REGISTRY"] = sqlalchemy_url(settings.feast_registry)
         proc = subprocess.run([str(feast), "-c", str(repo), "apply"], env=env, capture_output=True, text=True,
                               timeout=300)
     if proc.returncode != 0:

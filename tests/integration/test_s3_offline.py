@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 
 from freshet import features, kafka
+from freshet.app.commands import create_model_store
 from freshet.demo.workload import TransactionWorkload
 from freshet.offline_store import OfflineStore, create_buckets
 from freshet.settings import SettingsError, load_settings
@@ -165,7 +166,8 @@ def _wait(what: str, ready, workers, logs, timeout: float = 120.0) -> None:
         time.sleep(0.5)
 
 
-def test_hosts_sharing_no_disk_stream_train_and_serve_through_s3_and_postgresql(s3, postgres, services, tmp_path):
+def test_hosts_sharing_no_disk_stream_train_and_serve_through_s3_and_postgresql(
+        s3, postgres, services, tmp_path, request, monkeypatch, apply_feature_repo):
     """Two stream workers, a retrainer and a server, each a process of its own with its own data dir:
     the workers' raw-log rows reach the retrainer's training set on S3, the Feast registry applied
     once is read by all from PostgreSQL, and the version the retrainer promotes (MLflow on
@@ -189,7 +191,12 @@ def test_hosts_sharing_no_disk_stream_train_and_serve_through_s3_and_postgresql(
         s3_endpoint_url=s3.endpoint_url, s3_access_key_id=s3.access_key_id,
         s3_secret_access_key_file=str(secret_file), **common)
     extra = {"FRESHET_TRANSACTIONS_TOPIC": topic}
-    features.apply(hosts["worker-1"], extra_env=extra)  # once, from one host: 'freshet apply'
+    # a deployment's first step, once, from one host: Feast's registry and MLflow's schema on PostgreSQL
+    # ('freshet apply --model-store', in-process here: the registry as 'feast apply' writes it)
+    monkeypatch.setenv("FRESHET_TRANSACTIONS_TOPIC", topic)
+    monkeypatch.setenv("FRESHET_OFFLINE_STORE", features.offline_root(hosts["worker-1"]))
+    apply_feature_repo(hosts["worker-1"])
+    create_model_store(hosts["worker-1"])
     registry = features.load_registry(hosts["retrainer"])  # read back on another host
     assert {v.offline_path for v in registry.views.values()} == {
         f"s3://{BUCKET}/{uid}/features/{v}" for v in registry.views}
@@ -200,6 +207,12 @@ def test_hosts_sharing_no_disk_stream_train_and_serve_through_s3_and_postgresql(
                                 id_prefix=f"{uid}-").batch(1200)
     messages = batch.messages()
     first = _produce(hosts["worker-1"], topic, messages[:600])
+
+    # the server, on a fourth host, starts with no model yet (503) and follows the model events
+    port = _free_port()
+    server_log = tmp_path / "server.log"
+    server = _start(hosts["server"], extra, ["serve", "--port", str(port)], server_log)
+    request.addfinalizer(lambda: stop_workers([server]))
 
     app_id = f"{uid}-stream"
     workers, logs = [], []
@@ -237,6 +250,7 @@ def test_hosts_sharing_no_disk_stream_train_and_serve_through_s3_and_postgresql(
     assert producer.flush(30) == 0
     retrain_log = tmp_path / "retrainer.log"
     retrainer = _start(hosts["retrainer"], extra, ["retrain", "--bootstrap", "--seed", "3"], retrain_log)
+    request.addfinalizer(lambda: stop_workers([retrainer]))
     assert retrainer.wait(180) == 0, retrain_log.read_text()[-3000:]
     store = OfflineStore.of(hosts["retrainer"])
     assert store.labels(hosts["retrainer"].topic_labels).parts()  # the label log is on S3 too
@@ -250,27 +264,21 @@ def test_hosts_sharing_no_disk_stream_train_and_serve_through_s3_and_postgresql(
     for name in ("worker-1", "worker-2", "retrainer"):  # no host kept an offline log of its own
         assert not (hosts[name].data_path / "offline").exists(), name
 
-    # the server, on a fourth host, answers with the promoted version (its artifacts read from S3)
-    port = _free_port()
-    server_log = tmp_path / "server.log"
-    server = _start(hosts["server"], extra, ["serve", "--port", str(port)], server_log)
-    try:
-        tx = batch.events()[0]
-        body = {"entities": {"card_id": tx["card_id"], "merchant_id": tx["merchant_id"]},
-                "fields": {"amount": tx["amount"]}}
-        deadline, answer = time.monotonic() + 90, None
-        while answer is None:
-            assert server.poll() is None and time.monotonic() < deadline, server_log.read_text()[-3000:]
-            try:
-                r = httpx.post(f"http://127.0.0.1:{port}/predict", json=body,
-                               headers={"Authorization": f"Bearer {token}"}, timeout=5)
-                answer = r.json() if r.status_code == 200 else None
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        assert answer["model_version"] == "1" and answer["model"] == hosts["server"].model_name, answer
-    finally:
-        stop_workers([server])
+    # the server answers with the promoted version (its artifacts read from S3)
+    tx = batch.events()[0]
+    body = {"entities": {"card_id": tx["card_id"], "merchant_id": tx["merchant_id"]},
+            "fields": {"amount": tx["amount"]}}
+    deadline, answer = time.monotonic() + 90, None
+    while answer is None:
+        assert server.poll() is None and time.monotonic() < deadline, server_log.read_text()[-3000:]
+        try:
+            r = httpx.post(f"http://127.0.0.1:{port}/predict", json=body,
+                           headers={"Authorization": f"Bearer {token}"}, timeout=5)
+            answer = r.json() if r.status_code == 200 else None
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    assert answer["model_version"] == "1" and answer["model"] == hosts["server"].model_name, answer
     assert not (hosts["server"].data_path / "mlartifacts").exists()
 
 

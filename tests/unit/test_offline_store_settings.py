@@ -4,6 +4,7 @@ setting, and where a local store puts its parts (the embedded default unchanged)
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,19 @@ def test_the_secret_key_is_masked_and_the_default_store_is_the_data_dirs_offline
     other = OfflineStore.of(load_settings({}, offline_store=str(tmp_path / "shared")))
     assert str(other.labels("l")) == str(tmp_path / "shared" / "labels" / "l")
     assert other.at("offline/labels/l") == other.labels("l")
+
+
+def test_feast_apply_against_the_sql_registry_runs_on_a_copy_of_the_repo_naming_it(tmp_path):
+    import yaml
+
+    from freshet.features import _repo_for_sql_registry, repo_config
+
+    settings = load_settings({}, data_dir=str(tmp_path / "data"),
+                             feast_registry="postgresql://u:pw@db:5432/feast")
+    copy = _repo_for_sql_registry(Path(settings.feature_repo).resolve(), tmp_path / "repo")
+    raw = yaml.safe_load((copy / "feature_store.yaml").read_text())
+    # the URL (with its password) stays in the environment; Feast substitutes it
+    assert raw["registry"]["registry_type"] == "sql" and raw["registry"]["path"] == "${FRESHET_FEAST_REGISTRY}"
+    assert (copy / "definitions.py").read_text() == (Path(settings.feature_repo) / "definitions.py").read_text()
+    config = repo_config(settings).registry
+    assert config.registry_type == "sql" and config.path == "postgresql+psycopg://u:pw@db:5432/feast"
