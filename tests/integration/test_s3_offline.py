@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 
 from freshet import features, kafka
@@ -280,6 +281,8 @@ def test_hosts_sharing_no_disk_stream_train_and_serve_through_s3_and_postgresql(
         time.sleep(0.3)
     assert answer["model_version"] == "1" and answer["model"] == hosts["server"].model_name, answer
     assert not (hosts["server"].data_path / "mlartifacts").exists()
+    artifacts = s3.filesystem().get_file_info(pafs.FileSelector(f"{BUCKET}/{uid}/mlflow", recursive=True))
+    assert any(f.base_name == "MLmodel" for f in artifacts), [f.path for f in artifacts][:10]
 
 
 def _start(settings, extra: dict, args: list[str], log: Path) -> subprocess.Popen:
