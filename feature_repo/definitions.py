@@ -15,6 +15,8 @@ from feast.stream_feature_view import StreamFeatureView
 from feast.types import Float64, Int64, String
 
 DATA_DIR = os.environ.get("FRESHET_DATA_DIR", "data")
+# the offline store (FRESHET_OFFLINE_STORE): a directory, or s3://bucket/prefix shared by every host
+OFFLINE = os.environ.get("FRESHET_OFFLINE_STORE") or f"{DATA_DIR}/offline"
 TRANSACTIONS_TOPIC = os.environ.get("FRESHET_TRANSACTIONS_TOPIC", "transactions")
 
 card = Entity(name="card", join_keys=["card_id"], value_type=ValueType.STRING,
@@ -44,7 +46,7 @@ def _transactions(view: str) -> KafkaSource:
         tags={"freshet.message_key": "card_id"},
         batch_source=FileSource(
             name=f"{view}_log",
-            path=f"{DATA_DIR}/offline/features/{view}",
+            path=f"{OFFLINE}/features/{view}",
             file_format=ParquetFormat(),
             timestamp_field="event_ts",
         ),

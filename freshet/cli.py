@@ -60,6 +60,10 @@ def _component_registrars() -> list[Callable]:
             training_cli.register, demo_cli.register]
 
 
+# the commands that read or write the offline logs
+OFFLINE_STORE_USERS = {"stream", "backfill", "training-set", "retrain", "consistency", "up", "demo"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
@@ -69,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(data_dir=args.data_dir, log_level=args.log_level)
         _setup_logging(settings.log_level)
+        if args.command in OFFLINE_STORE_USERS:
+            from freshet.offline_store import OfflineStore
+
+            OfflineStore.of(settings)  # an object store is reached once here: bad settings stop the start
         return handlers[args.command](args, settings) or 0
     except (SettingsError, CliError) as exc:
         print(f"freshet: error: {exc}", file=sys.stderr)

@@ -107,7 +107,17 @@ def feast_env(settings: Settings) -> dict[str, str]:
         "FRESHET_DATA_DIR": str(settings.data_path),
         "FRESHET_FEAST_REDIS": feast_connection_string(settings.redis_url or "redis://localhost:6379"),
         "FRESHET_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "localhost:9092",
+        # the feature views' batch sources (their feature logs) live here: freshet.offline_store
+        "FRESHET_OFFLINE_STORE": offline_root(settings),
     }
+
+
+def offline_root(settings: Settings) -> str:
+    """The offline store's root as a path or s3:// URI (without reaching it)."""
+    if settings.offline_store.startswith("s3://"):
+        return settings.offline_store.rstrip("/")
+    return str(Path(settings.offline_store).expanduser().resolve() if settings.offline_store
+               else settings.data_path / "offline")
 
 
 def repo_path(settings: Settings) -> Path:
@@ -128,7 +138,36 @@ def repo_config(settings: Settings):
     text = (path / "feature_store.yaml").read_text()
     text = re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), os.environ.get(m.group(1), m.group(0))), text)
     raw = yaml.safe_load(text)
+    if settings.feast_registry:
+        raw["registry"] = {**SQL_REGISTRY, "path": sqlalchemy_url(settings.feast_registry)}
     return RepoConfig(repo_path=path, **raw)
+
+
+# Feast's SQL registry (FRESHET_FEAST_REGISTRY), in place of feature_store.yaml's registry file
+SQL_REGISTRY = {"registry_type": "sql", "cache_ttl_seconds": 60,
+                "sqlalchemy_config_kwargs": {"echo": False, "pool_pre_ping": True}}
+
+
+def sqlalchemy_url(url: str) -> str:
+    """A postgresql:// URL with psycopg 3 named as its driver (what SQLAlchemy 2.1 and Feast pick
+    anyway; Feast warns unless it is explicit).
+
+    >>> sqlalchemy_url("postgresql://u:p@db:5432/feast"), sqlalchemy_url("postgresql+psycopg2://db/f")
+    ('postgresql+psycopg://u:p@db:5432/feast', 'postgresql+psycopg2://db/f')
+    """
+    return "postgresql+psycopg://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
+
+
+def _repo_for_sql_registry(repo: Path, into: Path) -> Path:
+    """A copy of the feature repo whose feature_store.yaml names the SQL registry (its URL from the
+    env var FRESHET_FEAST_REGISTRY, which Feast substitutes: no password in the file)."""
+    import shutil
+
+    shutil.copytree(repo, into, ignore=shutil.ignore_patterns("__pycache__", "data", ".*"))
+    raw = yaml.safe_load((repo / "feature_store.yaml").read_text())
+    raw["registry"] = {**SQL_REGISTRY, "path": "${FRESHET_FEAST_REGISTRY}"}
+    (into / "feature_store.yaml").write_text(yaml.safe_dump(raw))
+    return into
 
 
 def feature_store(settings: Settings):
@@ -140,13 +179,18 @@ def feature_store(settings: Settings):
 
 def apply(settings: Settings, extra_env: dict[str, str] | None = None) -> None:
     """`feast apply` the repo against this deployment (a subprocess, so definitions see fresh env)."""
+    import tempfile
+
     settings.data_path.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **feast_env(settings), **(extra_env or {})}
     feast = Path(sys.executable).with_name("feast")
-    proc = subprocess.run(
-        [str(feast), "-c", str(repo_path(settings)), "apply"], env=env, capture_output=True, text=True,
-        timeout=300,
-    )
+    with tempfile.TemporaryDirectory(prefix="freshet-repo-") as tmp:
+        repo = repo_path(settings)
+        if settings.feast_registry:
+            repo = _repo_for_sql_registry(repo, Path(tmp) / repo.name)
+            env["FRESHET_FEAST_REGISTRY"] = sqlalchemy_url(settings.feast_registry)
+        proc = subprocess.run([str(feast), "-c", str(repo), "apply"], env=env, capture_output=True, text=True,
+                              timeout=300)
     if proc.returncode != 0:
         raise FeatureRepoError(f"feast apply failed:\n{proc.stderr.strip()[-2000:]}")
     log.info("feast apply: %s", proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "ok")

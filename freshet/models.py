@@ -305,6 +305,20 @@ def _window_str(window: Any) -> tuple[str, str]:
     return str(window or ""), ""
 
 
+def _s3_artifact_env(settings: Settings) -> None:
+    """Point MLflow's S3 artifact client (boto3, configured only by env vars) at the FRESHET_S3_*
+    store: the artifacts of versions another host registered are read from there."""
+    if not settings.mlflow_artifact_store:
+        return
+    from pathlib import Path
+
+    env = {"MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint_url, "AWS_DEFAULT_REGION": settings.s3_region or "us-east-1",
+           "AWS_ACCESS_KEY_ID": settings.s3_access_key_id,
+           "AWS_SECRET_ACCESS_KEY": (Path(settings.s3_secret_access_key_file).expanduser().read_text().strip()
+                                     if settings.s3_secret_access_key_file else settings.s3_secret_access_key)}
+    os.environ.update({k: v for k, v in env.items() if v})
+
+
 class ModelRegistry:
     """freshet's models in the MLflow registry at settings.mlflow_uri.
 
@@ -317,6 +331,7 @@ class ModelRegistry:
 
         self.settings = settings
         self.uri = settings.mlflow_uri
+        _s3_artifact_env(settings)
         if self.uri.startswith("sqlite:"):
             settings.data_path.mkdir(parents=True, exist_ok=True)
         for attempt in range(5):
@@ -339,7 +354,9 @@ class ModelRegistry:
         if exp is not None:
             return exp.experiment_id
         location = None
-        if self.uri.startswith("sqlite:") or self.uri.startswith("file:"):
+        if self.settings.mlflow_artifact_store:
+            location = self.settings.mlflow_artifact_store.rstrip("/")
+        elif self.uri.startswith("sqlite:") or self.uri.startswith("file:"):
             location = (self.settings.data_path / "mlartifacts").as_uri()
         try:
             return self.client.create_experiment(EXPERIMENT, artifact_location=location)

@@ -95,8 +95,25 @@ class Settings:
     redis_poll_us: int = 100
 
     data_dir: str = "data"
+    # Where the offline logs (raw events, feature rows, labels, served predictions) live: empty for
+    # <data dir>/offline on this host; another directory; or s3://bucket/prefix on an S3-compatible
+    # object store that workers on several hosts share (reached with the FRESHET_S3_* settings;
+    # without keys, pyarrow's AWS chain: AWS_* env vars, ~/.aws). Checked at start-up.
+    offline_store: str = ""
+    s3_endpoint_url: str = ""  # http(s)://host:port of an S3-compatible server; empty: AWS S3
+    s3_region: str = ""  # empty: us-east-1
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = _secret()
+    s3_secret_access_key_file: str = ""  # instead of the key itself: a file only its owner may read (0600)
     feature_repo: str = "feature_repo"
     mlflow_tracking_uri: str = ""
+    # Where MLflow keeps the model versions' artifacts: empty for <data dir>/mlartifacts; or
+    # s3://bucket/prefix on the object store the FRESHET_S3_* settings reach, so that retrainers and
+    # servers on other hosts share them (with a database FRESHET_MLFLOW_TRACKING_URI, e.g. PostgreSQL).
+    mlflow_artifact_store: str = ""
+    # Feast's registry: empty for the file <data dir>/registry.db; or postgresql://user:password@host:port/db
+    # for Feast's SQL registry, which every host reads (apply once, from any host).
+    feast_registry: str = _secret()
     # the registered model `freshet serve` answers /predict with (its champion alias)
     model_name: str = DEFAULT_MODEL_NAME
 
@@ -168,6 +185,8 @@ class Settings:
         env = {_env_name(f.name): str(getattr(self, f.name)) for f in dataclasses.fields(self)
                if getattr(self, f.name) != f.default}
         env[_env_name("data_dir")] = str(self.data_path)
+        if self.offline_store and "://" not in self.offline_store:
+            env[_env_name("offline_store")] = str(Path(self.offline_store).expanduser().resolve())
         return env
 
     def public_view(self) -> dict[str, Any]:
@@ -249,6 +268,7 @@ def _validate(s: Settings) -> None:
     if s.consistency_grace_ms < 0:
         raise SettingsError(f"{_env_name('consistency_grace_ms')} must be >= 0, got {s.consistency_grace_ms}")
     _validate_http_security(s)
+    _validate_offline_store(s)
     if not s.dashboard_stream_group:
         raise SettingsError(f"{_env_name('dashboard_stream_group')} must not be empty (freshet stream's --app-id)")
     if not s.model_name:
@@ -269,6 +289,48 @@ def _validate_http_security(s: Settings) -> None:
     for name in ("http_tls_certfile", "http_tls_keyfile"):
         if getattr(s, name) and not Path(getattr(s, name)).expanduser().is_file():
             raise SettingsError(f"{_env_name(name)}={getattr(s, name)} is not a readable file")
+
+
+def _validate_offline_store(s: Settings) -> None:
+    store = s.offline_store
+    scheme = urlparse(store).scheme if "://" in store else ""
+    if scheme not in ("", "s3"):
+        raise SettingsError(f"{_env_name('offline_store')}={store!r}: use a directory or s3://bucket/prefix "
+                            f"(scheme {scheme!r} is not supported)")
+    if s.feast_registry and urlparse(s.feast_registry).scheme.split("+")[0] != "postgresql":
+        raise SettingsError(f"{_env_name('feast_registry')} must look like postgresql://user:password@host:port/db "
+                            f"(got scheme {urlparse(s.feast_registry).scheme!r}), or be empty for the registry file")
+    artifacts = s.mlflow_artifact_store
+    if artifacts and not (artifacts.startswith("s3://") and urlparse(artifacts).netloc):
+        raise SettingsError(f"{_env_name('mlflow_artifact_store')}={artifacts!r}: use s3://bucket/prefix, or leave it "
+                            "empty for <data dir>/mlartifacts")
+    s3 = [n for n in ("s3_endpoint_url", "s3_region", "s3_access_key_id", "s3_secret_access_key",
+                      "s3_secret_access_key_file") if getattr(s, n)]
+    if scheme != "s3" and not artifacts:
+        if s3:
+            raise SettingsError(f"{_env_name(s3[0])} is set but neither {_env_name('offline_store')} nor "
+                                f"{_env_name('mlflow_artifact_store')} is an s3:// location: set both, or neither")
+        return
+    if scheme == "s3" and not urlparse(store).netloc:
+        raise SettingsError(f"{_env_name('offline_store')}={store!r} names no bucket; use s3://bucket/prefix")
+    if s.s3_endpoint_url and (urlparse(s.s3_endpoint_url).scheme not in ("http", "https")
+                              or not urlparse(s.s3_endpoint_url).netloc):
+        raise SettingsError(f"{_env_name('s3_endpoint_url')}={s.s3_endpoint_url!r} must look like "
+                            "http(s)://host:port")
+    if s.s3_secret_access_key and s.s3_secret_access_key_file:
+        raise SettingsError(f"{_env_name('s3_secret_access_key')} and {_env_name('s3_secret_access_key_file')} "
+                            "are both set: use one")
+    has_secret = bool(s.s3_secret_access_key or s.s3_secret_access_key_file)
+    if bool(s.s3_access_key_id) != has_secret:
+        raise SettingsError(f"{_env_name('s3_access_key_id')} and a secret key ({_env_name('s3_secret_access_key')} "
+                            f"or {_env_name('s3_secret_access_key_file')}) go together: set both, or neither")
+    if s.s3_secret_access_key_file:
+        path = Path(s.s3_secret_access_key_file).expanduser()
+        if not path.is_file():
+            raise SettingsError(f"{_env_name('s3_secret_access_key_file')}={path} is not a readable file")
+        if path.stat().st_mode & 0o077:
+            raise SettingsError(f"{_env_name('s3_secret_access_key_file')}={path} may be read by others "
+                                f"(mode {path.stat().st_mode & 0o777:o}): chmod 600 it")
 
 
 def _coerce(name: str, raw: Any, source: str) -> Any:

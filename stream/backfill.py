@@ -20,13 +20,14 @@ from freshet.features import FeatureRegistry, ViewSpec
 from freshet.settings import Settings
 from freshet.times import epoch_seconds
 from freshet.stream.aggregations import ViewAggregator
-from freshet.stream.offline import raw_log_path, read_parts
+from freshet.offline_store import Location, OfflineStore
+from freshet.stream.offline import read_parts
 
 log = logging.getLogger("freshet.backfill")
 
 
 def load_events(settings: Settings, topic: str, path: str | None = None,
-                files: list[Path] | None = None) -> pd.DataFrame:
+                files: list[Location] | None = None) -> pd.DataFrame:
     """Events of a topic, deduplicated by (partition, offset) and sorted by event time.
 
     From `path` (Parquet or CSV) when given, else the offline raw log the stream wrote (only
@@ -38,7 +39,7 @@ def load_events(settings: Settings, topic: str, path: str | None = None,
             raise FileNotFoundError(f"--input {path} does not exist")
         df = pd.read_csv(p) if p.suffix.lower() == ".csv" else pd.read_parquet(p)
     else:
-        table = read_parts(raw_log_path(settings.data_path, topic), files=files)
+        table = read_parts(OfflineStore.of(settings).raw(topic), files=files)
         if table is None:
             return pd.DataFrame()
         df = table.to_pandas()

@@ -52,7 +52,8 @@ from freshet.stream.crashpoints import CrashPoints
 from freshet.stream.events import EventDecoder, EventError
 from freshet.stream.expiry import TICK_S, IdleRefresh, StreamClock
 from freshet.stream.isolation import describe, is_infrastructure, split_failures
-from freshet.stream.offline import PartBuffer, raw_log_path
+from freshet.offline_store import OfflineStore
+from freshet.stream.offline import PartBuffer
 from freshet.stream.recovery import PatientWriter, RowMarkers, is_entity_key, where, write_back
 from freshet.stream.watermarks import WatermarkMarks, record_key
 
@@ -579,6 +580,10 @@ class FeatureSink:
         self.redis = redis_client
         self.online = PatientWriter(self.layout, redis_client)  # waits out Redis outages
         self.offline = PartBuffer()
+        # each view's feature log, as its Feast batch source names it, in the settings' offline store
+        store = OfflineStore.of(settings)
+        self.offline_roots = {name: store.locate(v.offline_path) for name, v in registry.views.items()
+                              if v.offline_path}
         self.crash = CrashPoints("")
         self.metrics: Any = None  # a StreamMetrics when the worker exports metrics
 
@@ -595,7 +600,7 @@ class FeatureSink:
             columns[view.timestamp_field] = _timestamps([r[2] for r in rows])
             columns["created"] = _timestamps([time.time()] * len(rows))
             table = pa.table(columns)
-            self.offline.add(view.offline_path, table, view.timestamp_field)
+            self.offline.add(self.offline_roots[view.name], table, view.timestamp_field)
             counters.rows_offline += len(rows)
 
 
@@ -1107,7 +1112,7 @@ class StreamEngine:
     def _source_handler(self, topic: str, views: list[ViewSpec], decoder: EventDecoder):
         """The batch body of a source topic: decode, validate, log raw, apply or repartition."""
         lateness = max(v.lateness_s for v in views)
-        raw_root = raw_log_path(self.settings.data_path, topic)
+        raw_root = OfflineStore.of(self.settings).raw(topic)
         ts_field = decoder.timestamp_field
         needed = {v.name: sorted({*v.join_keys, *(a.column for a in v.aggregations)}) for v in views}
         watermarks = self.watermarks

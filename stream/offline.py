@@ -1,22 +1,22 @@
 """The offline store as the stream writes it: immutable Parquet part files.
 
 Feast's file store rewrites the whole file on every write (docs/architecture.md), so the stream
-appends part files instead (write, then atomic rename) under `date=YYYY-MM-DD/`
-directories that Feast's FileSource and pyarrow datasets read as one table.
+appends part files instead (each appearing whole: freshet.offline_store) under `date=YYYY-MM-DD/`
+directories that Feast's FileSource and pyarrow datasets read as one table, on this host's disk
+or on an S3-compatible object store.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
+
+from freshet.offline_store import Location, OfflineStore, as_location, read_table
 
 PARTITION = "date"
 RETRY_FIRST_S = 0.05
@@ -26,15 +26,17 @@ WAITING_LOG_S = 5.0
 log = logging.getLogger("freshet.stream")
 
 
-def raw_log_path(data_dir: Path, topic: str) -> Path:
-    return Path(data_dir) / "offline" / "raw" / topic
+def raw_log_path(where: OfflineStore | Path | str, topic: str) -> Location:
+    """The raw log of `topic` in an offline store, or under `<where>/offline` when given a data dir."""
+    store = where if isinstance(where, OfflineStore) else OfflineStore.local(Path(where) / "offline")
+    return store.raw(topic)
 
 
-def append_parts(root: Path, table: pa.Table, ts_column: str, prefix: str = "part") -> list[Path]:
+def append_parts(root: Location | Path | str, table: pa.Table, ts_column: str, prefix: str = "part") -> list[Location]:
     """Append `table` as one part file per UTC date of `ts_column`; returns the files written."""
     if table.num_rows == 0:
         return []
-    root = Path(root)
+    root = as_location(root)
     span = pc.min_max(table[ts_column])
     first, last = (pc.strftime(span[end], format="%Y-%m-%d").as_py() for end in ("min", "max"))
     if first == last:  # the usual case: no per-row date strings
@@ -44,35 +46,21 @@ def append_parts(root: Path, table: pa.Table, ts_column: str, prefix: str = "par
         parts = [(d, table.filter(pc.equal(dates, d))) for d in pc.unique(dates).to_pylist()]
     written = []
     for date, part in parts:
-        directory = root / f"{PARTITION}={date}"
-        directory.mkdir(parents=True, exist_ok=True)
-        name = f"{prefix}-{uuid.uuid4().hex}.parquet"
-        tmp = directory / f".{name}.tmp"
-        try:
-            pq.write_table(part, tmp, compression="zstd")
-            os.replace(tmp, directory / name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk must not keep half a part
-            raise
-        written.append(directory / name)
+        file = root / f"{PARTITION}={date}" / f"{prefix}-{uuid.uuid4().hex}.parquet"
+        file.write_parquet(part)  # whole or not at all, on a disk or an object store
+        written.append(file)
     return written
 
 
-def part_files(root: Path) -> list[Path]:
+def part_files(root: Location | Path | str) -> list[Location]:
     """The part files under `root` in the order `read_parts` reads them (hidden temp files skipped)."""
-    root = Path(root)
-    if not root.exists():
-        return []
-    return sorted((p for p in root.rglob("*.parquet") if not p.name.startswith(".")), key=str)
+    return as_location(root).parts()
 
 
-def read_parts(root: Path, columns: list[str] | None = None, files: list[Path] | None = None) -> pa.Table | None:
+def read_parts(root: Location | Path | str, columns: list[str] | None = None,
+               files: list[Location] | None = None) -> pa.Table | None:
     """All part files under `root` (or exactly `files`, in that order) as one table, or None if empty."""
-    paths = [str(p) for p in (part_files(root) if files is None else files)]
-    if not paths:
-        return None
-    dataset = ds.dataset(paths, format="parquet")
-    return dataset.to_table(columns=columns)
+    return read_table(part_files(root) if files is None else [as_location(f) for f in files], columns)
 
 
 class PartBuffer:
@@ -85,12 +73,12 @@ class PartBuffer:
 
     def __init__(self, max_rows: int = 200_000):
         self.max_rows = max_rows
-        self._pending: dict[tuple[str, str], list[pa.Table]] = {}
+        self._pending: dict[tuple[Location, str], list[pa.Table]] = {}
         self.rows = 0
 
-    def add(self, root: Path | str, table: pa.Table, ts_column: str) -> bool:
+    def add(self, root: Location | Path | str, table: pa.Table, ts_column: str) -> bool:
         """Queue a table; True when the buffer is full and should be written now."""
-        self._pending.setdefault((str(root), ts_column), []).append(table)
+        self._pending.setdefault((as_location(root), ts_column), []).append(table)
         self.rows += table.num_rows
         return self.rows >= self.max_rows
 
@@ -100,15 +88,15 @@ class PartBuffer:
         return pending
 
     @staticmethod
-    def write(pending: dict) -> list[Path]:
+    def write(pending: dict) -> list[Location]:
         """Write what `take` returned; Arrow leaves the GIL while it encodes, so another thread may."""
         written = []
         for (root, ts_column), tables in pending.items():
-            written += append_parts(Path(root), pa.concat_tables(tables, promote_options="permissive"), ts_column)
+            written += append_parts(root, pa.concat_tables(tables, promote_options="permissive"), ts_column)
         return written
 
     @staticmethod
-    def write_patiently(pending: dict) -> list[Path]:
+    def write_patiently(pending: dict) -> list[Location]:
         """`write`, each dataset retried with capped backoff while the disk refuses it (full,
         read-only for a while): the caller, and the offset commit after it, wait, logging why."""
         written, delay, since, logged = [], RETRY_FIRST_S, None, 0.0
@@ -116,7 +104,7 @@ class PartBuffer:
         while pending:
             (root, ts_column), tables = next(iter(pending.items()))
             try:
-                written += append_parts(Path(root), pa.concat_tables(tables, promote_options="permissive"),
+                written += append_parts(root, pa.concat_tables(tables, promote_options="permissive"),
                                         ts_column)
             except OSError as exc:
                 now = time.monotonic()

@@ -28,8 +28,8 @@ import pandas as pd
 from freshet.contracts import ContractError, DriftAlert, Prediction
 from freshet.features import FeatureRegistry
 from freshet.monitor.consistency import ConsistencyMetrics, ConsistencyRate
+from freshet.offline_store import Location, OfflineStore, as_location, read_table
 from freshet.settings import Settings
-from freshet.stream.offline import raw_log_path
 from freshet.stream.pointintime import ServedFeatures, judge
 
 log = logging.getLogger("freshet.consistency")
@@ -53,23 +53,18 @@ def sampled(request_id: str, share: float) -> bool:
 class RawLogFollower:
     """Reads the raw log's part files as they appear (each part once: they are immutable)."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.read_files: set[str] = set()
+    def __init__(self, root: Location | Path):
+        self.root = as_location(root)
+        self.read_files: set[Location] = set()
 
     def new_rows(self) -> pd.DataFrame | None:
-        import pyarrow.parquet as pq
-
-        if not self.root.exists():
-            return None
-        new = sorted(str(p) for p in self.root.rglob("*.parquet")
-                     if not p.name.startswith(".") and str(p) not in self.read_files)
+        new = [p for p in self.root.parts() if p not in self.read_files]
         if not new:
             return None
         frames = []
-        for path in new:
-            frames.append(pq.read_table(path).to_pandas())
-            self.read_files.add(path)
+        for part in new:
+            frames.append(read_table([part]).to_pandas())
+            self.read_files.add(part)
         return pd.concat(frames, ignore_index=True)
 
 
@@ -90,7 +85,7 @@ class ServedConsistency:
                          if settle_s is None else settle_s)
         self.on_verdict = on_verdict
         self.views = {name: ServedFeatures(view, settings.stream_clock_ahead_s) for name, view in registry.views.items()}
-        self.followers = {topic: RawLogFollower(raw_log_path(settings.data_path, topic))
+        self.followers = {topic: RawLogFollower(OfflineStore.of(settings).raw(topic))
                           for topic in registry.views_by_topic()}
         self.pending: deque[Prediction] = deque()
         self.mismatches: deque[dict[str, Any]] = deque(maxlen=MAX_MISMATCHES)

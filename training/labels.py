@@ -3,7 +3,7 @@
 Owns the label-log row (`label_row`), where the log lives and `LabelLog` (`sync` copies, `read` reads).
 
 The labels topic is the source of truth. Before each training the worker copies what is new
-on it into `<data_dir>/offline/labels/<topic>/`: part files, then an offsets checkpoint. A
+on it into `offline/labels/<topic>/` of the offline store (freshet.offline_store): part files, then an offsets checkpoint. A
 crash in between replays into duplicates that readers drop by (partition, offset). The labels
 a model saw can be inspected afterwards.
 """
@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
 import pandas as pd
 import pyarrow as pa
 
 from freshet.contracts import ContractError, Label, json_object
+from freshet.offline_store import Location, OfflineStore
 from freshet.settings import Settings
 from freshet.times import epoch_or_none
 
@@ -38,8 +37,8 @@ LABEL_COLUMNS = pa.schema([
 ])
 
 
-def label_log_path(data_dir: Path | str, topic: str) -> Path:
-    return Path(data_dir) / "offline" / "labels" / topic
+def label_log_path(store: OfflineStore, topic: str) -> Location:
+    return store.labels(topic)
 
 
 def label_row(raw: bytes) -> dict[str, Any]:
@@ -85,7 +84,7 @@ class LabelLog:
     def __init__(self, settings: Settings, topic: str | None = None):
         self.settings = settings
         self.topic = topic or settings.topic_labels
-        self.root = label_log_path(settings.data_path, self.topic)
+        self.root = label_log_path(OfflineStore.of(settings), self.topic)
         self.rejected = 0
         self.copied: list[dict[str, Any]] = []  # the rows the last sync copied
 
@@ -97,10 +96,7 @@ class LabelLog:
         return {int(p): int(o) for p, o in json.loads(path.read_text()).items()}
 
     def _save_offsets(self, offsets: Mapping[int, int]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{self.CHECKPOINT}.tmp"
-        tmp.write_text(json.dumps({str(p): o for p, o in sorted(offsets.items())}))
-        os.replace(tmp, self.root / self.CHECKPOINT)
+        (self.root / self.CHECKPOINT).write_text(json.dumps({str(p): o for p, o in sorted(offsets.items())}))
 
     def sync(self, timeout: float = 60.0) -> int:
         """Copy the labels published since the last sync, up to the topic's end; returns how many."""
@@ -191,7 +187,7 @@ class LabelLog:
     _decode = staticmethod(label_row)
     _table = staticmethod(_table)
 
-    def read(self, files: list[Path] | None = None) -> pd.DataFrame:
+    def read(self, files: list[Location] | None = None) -> pd.DataFrame:
         """Every label once (a later label for the same request id replaces an earlier one)."""
         from freshet.stream.offline import read_parts
 

@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ import pandas as pd
 
 from freshet.contracts import new_id
 from freshet.features import FeatureRegistry
+from freshet.offline_store import OfflineStore
 from freshet.settings import DEFAULT_FEATURE_SERVICE, DEFAULT_MODEL_NAME, Settings
 from freshet.training.dataset import (
     FeaturePlan, RetrainError, TrainingSet, TrainingWindow, iso_or_blank, join_labels_to_events, point_in_time_features,
@@ -397,11 +399,11 @@ class Retrainer:
         """The labels, events and served requests the snapshot pins, as a split training set."""
         from freshet.stream.backfill import load_events
 
-        data = self.settings.data_path
-        labels = self.labels.read(files=snapshot.labels.files(data))
+        store = OfflineStore.of(self.settings)
+        labels = self.labels.read(files=snapshot.labels.files(store))
         job.outcome.setdefault("labels", {})["total"] = len(labels)
-        events = load_events(self.settings, plan.topic, files=snapshot.events.files(data))
-        predictions = self.archive.read(files=snapshot.predictions.files(data))
+        events = load_events(self.settings, plan.topic, files=snapshot.events.files(store))
+        predictions = self.archive.read(files=snapshot.predictions.files(store))
         examples = self._select_examples(job, labels, events, predictions, plan)
         return self._build_training_set(job, plan, examples, events, champion)
 
@@ -519,7 +521,7 @@ class Retrainer:
         frame = pd.DataFrame(training.X, columns=training.inputs)
         frame["label"] = training.y
         digest = fingerprint.partition(":")[2][:32]  # MLflow keeps at most 36 characters
-        return TrainingData(frame, digest, snapshot.document(), (self.settings.data_path / "offline").as_uri())
+        return TrainingData(frame, digest, snapshot.document(), _store_uri(self.settings))
 
     def _reference(self, job: Retraining, training: TrainingSet, pipeline: Any, plan: FeaturePlan) -> dict[str, Any]:
         """The inputs and scores of the newest examples (the holdout: the traffic the version will
@@ -585,6 +587,12 @@ class Retrainer:
             log.error("retrain %s: version %s failed the model gate and is not promoted: %s",
                       self.config.model, version, reason)
         return reason
+
+
+def _store_uri(settings: Settings) -> str:
+    """The offline store as a URI (a training dataset's source): file:///... or s3://..."""
+    root = OfflineStore.of(settings).root
+    return Path(root.path).as_uri() if root.store.is_local else str(root)
 
 
 def _newest_event_time(labels: pd.DataFrame) -> float | None:

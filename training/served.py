@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 
 from freshet.contracts import ContractError, Prediction, json_object
+from freshet.offline_store import Location, OfflineStore
 from freshet.settings import Settings
 from freshet.training.labels import LabelLog
 from freshet.training.pipeline import input_column
@@ -38,8 +38,8 @@ PREDICTION_COLUMNS = pa.schema([
 ])
 
 
-def prediction_log_path(data_dir: Path | str, topic: str) -> Path:
-    return Path(data_dir) / "offline" / "predictions" / topic
+def prediction_log_path(store: OfflineStore, topic: str) -> Location:
+    return store.predictions(topic)
 
 
 def prediction_row(raw: bytes) -> dict[str, Any]:
@@ -67,7 +67,7 @@ def _table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 class PredictionArchive(LabelLog):
-    """freshet.predictions as Parquet part files under `<data_dir>/offline/predictions/<topic>/`."""
+    """freshet.predictions as Parquet part files under `offline/predictions/<topic>/` of the offline store."""
 
     PREFIX = "predictions"
     GROUP = "freshet-prediction-log"
@@ -76,9 +76,9 @@ class PredictionArchive(LabelLog):
 
     def __init__(self, settings: Settings, topic: str | None = None):
         super().__init__(settings, topic or settings.topic_predictions)
-        self.root = prediction_log_path(settings.data_path, self.topic)
+        self.root = prediction_log_path(OfflineStore.of(settings), self.topic)
 
-    def read(self, files: list[Path] | None = None) -> pd.DataFrame:
+    def read(self, files: list[Location] | None = None) -> pd.DataFrame:
         """Every request once (a request id logged twice, by a retried publish, counts once)."""
         from freshet.stream.offline import read_parts
 

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 import pyarrow.parquet as pq
 
 from freshet.features import ViewSpec
+from freshet.offline_store import Location, OfflineStore
 from freshet.settings import Settings
 
 FORMAT = "freshet.training-snapshot/1"
@@ -51,7 +52,8 @@ def _range(meta: pq.FileMetaData, column: str) -> list[int] | None:
 
 @dataclass(frozen=True)
 class PartFile:
-    """One immutable part file: where it is (relative to the data dir), its rows and the Kafka positions it holds."""
+    """One immutable part file: where it is (relative to the offline store's parent: "offline/..."),
+    its rows and the Kafka positions it holds."""
 
     path: str
     rows: int
@@ -59,17 +61,16 @@ class PartFile:
     offsets: list[int] | None = None  # [min, max] of _offset
 
     @classmethod
-    def of(cls, data_dir: Path, file: Path) -> "PartFile":
-        meta = pq.read_metadata(file)
-        return cls(file.relative_to(data_dir).as_posix(), meta.num_rows, _range(meta, "_partition"),
-                   _range(meta, "_offset"))
+    def of(cls, file: Location) -> "PartFile":
+        meta = file.metadata()
+        return cls(file.relative(), meta.num_rows, _range(meta, "_partition"), _range(meta, "_offset"))
 
-    def problem(self, data_dir: Path) -> str:
-        """What differs from the file on disk ("" when nothing)."""
-        file = data_dir / self.path
+    def problem(self, store: OfflineStore) -> str:
+        """What differs from the file in the store ("" when nothing)."""
+        file = store.at(self.path)
         if not file.is_file():
             return f"part file {self.path} is missing"
-        rows = pq.read_metadata(file).num_rows
+        rows = file.metadata().num_rows
         return "" if rows == self.rows else f"part file {self.path} has {rows} rows, the snapshot {self.rows}"
 
 
@@ -78,27 +79,24 @@ class LogSnapshot:
     """The part files of one offline log (raw events, labels or served predictions) a training read."""
 
     topic: str
-    root: str  # relative to the data dir
+    root: str  # relative to the offline store's parent ("offline/...", as PartFile.path)
     parts: tuple[PartFile, ...] = ()
     positions: dict[str, int] = field(default_factory=dict)  # partition -> next offset copied (label logs)
 
     @classmethod
-    def take(cls, data_dir: Path, root: Path, topic: str, positions: Mapping[int, int] | None = None) -> "LogSnapshot":
-        from freshet.stream.offline import part_files
+    def take(cls, root: Location, topic: str, positions: Mapping[int, int] | None = None) -> "LogSnapshot":
+        parts = tuple(PartFile.of(f) for f in root.parts())
+        return cls(topic, root.relative(), parts, {str(p): int(o) for p, o in sorted((positions or {}).items())})
 
-        parts = tuple(PartFile.of(data_dir, f) for f in part_files(root))
-        return cls(topic, root.relative_to(data_dir).as_posix(), parts,
-                   {str(p): int(o) for p, o in sorted((positions or {}).items())})
-
-    def files(self, data_dir: Path) -> list[Path]:
-        return [data_dir / p.path for p in self.parts]
+    def files(self, store: OfflineStore) -> list[Location]:
+        return [store.at(p.path) for p in self.parts]
 
     @property
     def rows(self) -> int:
         return sum(p.rows for p in self.parts)
 
-    def problems(self, data_dir: Path) -> list[str]:
-        return [x for x in (p.problem(data_dir) for p in self.parts) if x]
+    def problems(self, store: OfflineStore) -> list[str]:
+        return [x for x in (p.problem(store) for p in self.parts) if x]
 
     def to_dict(self) -> dict[str, Any]:
         return {"topic": self.topic, "root": self.root, "rows": self.rows, "positions": self.positions,
@@ -171,13 +169,10 @@ class Snapshot:
 
         `labels` and `predictions` are the label log and the prediction archive
         (`freshet.training.labels.LabelLog`, `freshet.training.served.PredictionArchive`)."""
-        from freshet.stream.offline import raw_log_path
-
-        data = settings.data_path
         return cls(
-            events=LogSnapshot.take(data, raw_log_path(data, plan.topic), plan.topic),
-            labels=LogSnapshot.take(data, labels.root, labels.topic, labels.offsets()),
-            predictions=LogSnapshot.take(data, predictions.root, predictions.topic, predictions.offsets()),
+            events=LogSnapshot.take(OfflineStore.of(settings).raw(plan.topic), plan.topic),
+            labels=LogSnapshot.take(labels.root, labels.topic, labels.offsets()),
+            predictions=LogSnapshot.take(predictions.root, predictions.topic, predictions.offsets()),
             feature_service=str(config.get("feature_service", "")),
             feature_definitions=feature_definitions_hash(plan.views, plan.refs),
             config=dict(config), training_features=settings.training_features, code=code_version(),
@@ -197,8 +192,8 @@ class Snapshot:
 
     def problems(self, settings: Settings, plan: Any) -> list[str]:
         """What is not as the snapshot says: part files missing or changed, feature definitions changed."""
-        data = settings.data_path
-        out = [*self.events.problems(data), *self.labels.problems(data), *self.predictions.problems(data)]
+        store = OfflineStore.of(settings)
+        out = [*self.events.problems(store), *self.labels.problems(store), *self.predictions.problems(store)]
         now = feature_definitions_hash(plan.views, plan.refs)
         if now != self.feature_definitions:
             rev = self.code.get("git_revision") or "the revision that trained it"
@@ -211,7 +206,7 @@ class Snapshot:
         problems = self.problems(settings, plan)
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-            raise SnapshotChanged(f"the training snapshot no longer matches {settings.data_path}: "
+            raise SnapshotChanged(f"the training snapshot no longer matches {OfflineStore.of(settings).root}: "
                                   f"{'; '.join(problems[:5])}{more}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -86,7 +86,11 @@ def create_model_store(settings: Settings) -> None:
     """Create the MLflow store before components start: serve and retrain creating a fresh
     sqlite schema at the same moment crash each other (alembic's tmp table exists)."""
     from freshet.models import ModelRegistry
+    from freshet.offline_store import create_buckets
 
+    created = create_buckets(settings)  # the object store's buckets, where the settings name any
+    if created:
+        print(f"created bucket(s) {', '.join(created)}")
     ModelRegistry(settings, publish_events=False).models()
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from confluent_kafka import TopicPartition
@@ -85,7 +86,7 @@ def _wait(cond, timeout: float, what: str) -> None:
 def test_a_failed_training_is_retried_with_back_off_and_its_request_stays_uncommitted(scenario):
     settings, uid = scenario["settings"], scenario["uid"]
     group = f"{uid}-worker"
-    corrupt = raw_log_path(settings.data_path, TOPIC) / "part-corrupt.parquet"
+    corrupt = Path(raw_log_path(settings.data_path, TOPIC)) / "part-corrupt.parquet"
     corrupt.write_bytes(b"PAR1 this is not a parquet file")  # a real fault: every training fails to read
     outcomes: list[dict] = []
     worker = RetrainWorker(settings, {MODEL: Retrainer(settings, scenario["registry"], RetrainConfig(seed=3))},

@@ -12,6 +12,7 @@ import copy
 import json
 import re
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -119,12 +120,27 @@ def test_every_freshet_variable_is_a_setting_that_loads_and_each_component_has_w
         component = str(svc["command"][0])
         missing = NEEDS[component] - {k for k, v in env.items() if v}
         assert not missing, f"{name} ({component}) lacks {missing}"
-        assert settings.data_dir == "/data" and "freshet-data:/data" in svc["volumes"], \
-            f"{name}: every component shares the data dir (Feast registry, MLflow store, offline store)"
+        assert settings.data_dir == "/data", f"{name}: the image's data dir"
+        # what components share is in services, never on a shared disk (docs/deploy.md)
+        assert settings.offline_store.startswith("s3://") and settings.mlflow_artifact_store.startswith("s3://"), name
+        assert urlparse(settings.s3_endpoint_url).hostname in composition["services"], name
+        for uri in (settings.mlflow_uri, settings.feast_registry):
+            assert uri.startswith("postgresql://") and urlparse(uri).hostname in composition["services"], (name, uri)
         assert settings.http_host == "0.0.0.0", f"{name}: metrics and API must listen beyond the container"
         for host in settings.kafka_bootstrap_servers.split(","):
             assert host.split(":")[0] in composition["services"], f"{name}: no service {host}"
         assert settings.redis_url.split("//")[1].split(":")[0] in composition["services"]
+
+
+def test_no_volume_is_shared_between_freshet_services(composition):
+    """Any component can run on another host: a volume of its own at most, for its own state."""
+    owners: dict[str, list[str]] = {}
+    for name, svc in _freshet_services(composition).items():
+        for volume in svc.get("volumes") or []:
+            owners.setdefault(str(volume).split(":")[0], []).append(name)
+    assert all(len(names) == 1 for names in owners.values()), owners
+    assert "freshet-data" not in (composition.get("volumes") or {})
+    assert {"s3", "postgres"} <= set(composition["services"])
 
 
 def test_topic_replication_fits_the_brokers(composition):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
 
 from freshet.features import AggregationSpec, ViewSpec
+from freshet.offline_store import OfflineStore
 from freshet.settings import load_settings
 from freshet.stream.offline import append_parts, raw_log_path
 from freshet.training.labels import LabelLog
@@ -43,7 +45,7 @@ def test_the_snapshot_lists_each_part_file_with_its_rows_and_offsets(pinned):
     assert snap.events.rows == 42 and len(snap.events.parts) == 2
     ranges = sorted((p.rows, p.offsets, p.partitions) for p in snap.events.parts)
     assert ranges == [(12, [30, 41], [0, 1]), (30, [0, 29], [0, 1])]
-    assert sorted(snap.events.files(settings.data_path)) == sorted(files)
+    assert sorted(snap.events.files(OfflineStore.of(settings))) == sorted(files)
     assert snap.labels.parts == () and snap.seed == 3
     assert snap.problems(settings, plan) == []
 
@@ -58,7 +60,7 @@ def test_a_missing_or_rewritten_part_file_and_changed_definitions_are_each_named
     import pyarrow.parquet as pq
 
     settings, plan, snap, files = pinned
-    files[0].unlink()
+    Path(files[0]).unlink()
     pq.write_table(_events(30, 3), files[1])
     changed = SimpleNamespace(**{**vars(plan), "views": [dataclasses.replace(VIEW, lateness_s=10)]})
     problems = snap.problems(settings, changed)
