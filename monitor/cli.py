@@ -56,9 +56,14 @@ def cmd_monitor(args, settings) -> int:
             metrics = service.MonitorMetrics()
             metrics.serve(args.metrics_port, settings.http_host)
             log.info("monitor metrics on http://%s:%d/metrics", settings.http_host, args.metrics_port)
+        from freshet.challengers import RollbackRule
+
+        monitor.online.use_rule(RollbackRule.from_settings(settings))
+        rollback = service.ChampionRollback(settings) if settings.rollback_auto == "on" else None
         svc = service.MonitorService(
             settings, monitor, policy, event_topics=list(registry.views_by_topic()),
-            state_file=args.state, snapshot_every_s=args.snapshot_every, start=args.start, metrics=metrics)
+            state_file=args.state, snapshot_every_s=args.snapshot_every, start=args.start, metrics=metrics,
+            rollback=rollback)
         if args.fresh:
             log.info("--fresh: not reading %s; the monitor warms up again", svc.state_file)
         else:
