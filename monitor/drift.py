@@ -511,6 +511,10 @@ class DriftMonitor:
             self._reject("bad request_id or ts")
         elif not self.online.observe_prediction(p, out):  # a canary's answer is not the champion's traffic
             m.observe(p, self.join, out)
+        else:
+            early = self.join.take_early(p.request_id) if self.join.is_waiting_label(p.request_id) else None
+            if early is not None:  # its label was read first
+                self.online.observe_label(p.request_id, early[0], out, float(early[1]))
         return out
 
     def observe_label(self, label: Label | Mapping[str, Any] | bytes | str) -> list[DriftAlert]:
