@@ -25,7 +25,7 @@ from freshet.models import ModelRegistry
 from freshet.monitor import service
 from freshet.serving.app import create_app
 from freshet.serving.online import OnlineFeatureReader
-from test_monitor_service import read_topic
+from test_monitor_service import free_port, read_topic
 from test_serving_support import (  # noqa: F401 - fixtures
     applied_settings, feast_store, fit_fraud_pipeline, serve, with_topics,
 )
@@ -158,6 +158,16 @@ def test_a_canary_answers_its_share_by_request_hash_and_says_which_version_answe
     _until(lambda: app.follower.challengers.canary is None, what="the server to drop the canary")
 
 
+def _scrape(port: int) -> str:
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def _sample(text: str, metric: str, model: str, version: str) -> float:
+    head = f'{metric}{{model="{model}",role="champion",version="{version}"}} '
+    line = next(ln for ln in text.splitlines() if ln.startswith(head))
+    return float(line[len(head):])
+
+
 def _labels(settings, truth: dict[str, int]) -> None:
     p = kafka.producer(settings)
     for rid, label in truth.items():
@@ -188,8 +198,12 @@ def test_a_promoted_champion_worse_than_its_predecessor_is_rolled_back_with_an_a
                                      "estimate": False, "watch_score": False, "label_warmup": 100}]}
     monitor, policy = service.build(config, None)
     monitor.online.use_rule(RollbackRule(alpha=0.01, min_outcomes=100, looks=1))
+    metrics = service.MonitorMetrics()
+    port = free_port()
+    metrics.serve(port)
     svc = service.MonitorService(settings, monitor, policy, state_file=settings.data_path / f"{uid}-monitor.json",
-                                 idle_flush_s=0.2, rollback=service.ChampionRollback(settings, registry))
+                                 idle_flush_s=0.2, rollback=service.ChampionRollback(settings, registry),
+                                 metrics=metrics)
     app = create_app(settings, model_name=name, reader=OnlineFeatureReader(settings, store=feast_store),
                      model_poll_s=0.5)
     thread = threading.Thread(target=svc.run, kwargs={"group": f"{uid}-monitor"}, daemon=True)
@@ -204,9 +218,17 @@ def test_a_promoted_champion_worse_than_its_predecessor_is_rolled_back_with_an_a
                    what=f"the monitor to roll back ({dict(svc.counts)})")
             assert registry.current_version(name) == "1"
             _until(lambda: app.follower.model.version == "1", what="the server to serve version 1 again")
+            # the monitor's /metrics: both versions' labelled error rates, and the rollback
+            _until(lambda: 'role="champion",version="2"' in _scrape(port), what="the version gauges")
+            scraped = _scrape(port)
         finally:
             svc.stop()
             thread.join(30)
+            metrics.close()
+    rates = {v: _sample(scraped, "freshet_monitor_version_error_rate", name, v) for v in ("1", "2")}
+    assert rates["2"] > rates["1"]
+    assert _sample(scraped, "freshet_monitor_version_outcomes", name, "1") == 300
+    assert f'freshet_monitor_rollbacks_total{{model="{name}",outcome="rolled_back",version="2"}} 1.0' in scraped
     alerts = [DriftAlert.decode(r) for r in read_topic(settings, settings.topic_drift)]
     rollbacks = [a for a in alerts if a.model == name and a.detector == "rollback"]
     assert len(rollbacks) == 1
