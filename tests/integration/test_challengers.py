@@ -10,6 +10,7 @@ and the champion goes back to version 1 — in the registry and in the running s
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -245,3 +246,38 @@ def test_a_promoted_champion_worse_than_its_predecessor_is_rolled_back_with_an_a
         "predecessor_error_rate"]
     retrain = [json.loads(r) for r in read_topic(settings, settings.topic_retrain)]
     assert not [r for r in retrain if r["model"] == name]  # a rollback is no reason to retrain
+
+
+def test_models_shadow_and_canary_commands_set_show_and_clear_and_name_the_fix_on_errors(settings, registry, uid,
+                                                                                         monkeypatch, capsys):
+    from freshet.cli import main
+
+    name = f"{uid}-cli"
+    _register(registry, name)
+    registry.promote(name, "1")
+    for k in [k for k in os.environ if k.startswith("FRESHET_")]:
+        monkeypatch.delenv(k)
+    for k, v in settings.to_env().items():
+        monkeypatch.setenv(k, v)
+
+    assert main(["models", "shadow", name, "2"]) == 0
+    assert "scores every /predict request in shadow" in capsys.readouterr().out
+    assert main(["models", "--model", name, "shadow"]) == 0
+    assert f"shadow of {name}: version 2" in capsys.readouterr().out
+    assert main(["models", "canary", name, "2", "--share", "1.5"]) == 2
+    assert "--share must be a fraction above 0 and at most 1" in capsys.readouterr().err
+    assert main(["models", "canary", name, "1"]) == 2
+    assert "is the champion already" in capsys.readouterr().err
+    assert main(["models", "canary", name, "9"]) == 2
+    assert "has no version 9" in capsys.readouterr().err
+    assert main(["models", "canary", name, "2", "--share", "0.25"]) == 0
+    assert "answers 25.0% of /predict traffic" in capsys.readouterr().out
+    assert registry.challengers(name) == {"shadow": "2", "canary": "2", "canary_share": 0.25}
+    assert main(["models", "--model", name, "canary", "--clear"]) == 0
+    assert main(["models", "--model", name, "shadow", "--clear"]) == 0
+    assert main(["models", "--model", name, "shadow", "--clear"]) == 0
+    assert "nothing to clear" in capsys.readouterr().out
+    assert registry.challengers(name) == {"shadow": None, "canary": None, "canary_share": 0.0}
+    events = [ModelEvent.decode(r) for r in read_topic(settings, settings.topic_models)]
+    assert [(e.stage, e.version) for e in events if e.model == name] == [
+        ("champion", "1"), ("shadow", "2"), ("canary", "2"), ("canary_cleared", "2"), ("shadow_cleared", "2")]
