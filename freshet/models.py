@@ -751,7 +751,7 @@ class ModelFollower:
     def check(self) -> bool:
         """Load and switch to the champion (and the challengers) if they changed; True if the champion did."""
         changed = self._check_champion()
-        if self.follow_challengers:
+        if self.follow_challengers and self.model is not None:  # no champion yet: no challenger either
             self._check_challengers()
         return changed
 
