@@ -19,6 +19,8 @@ CANARY_SHARE_TAG = "freshet.canary_share"  # on the registered model: the canary
 # freshet.models stages beyond the aliases: a challenger cleared, a champion rolled back by the monitor
 CLEARED = "cleared"
 ROLLED_BACK = "rolled_back"
+# on a model version: the monitor's latest online comparison of it with the champion (JSON)
+EVIDENCE_TAG = "freshet.online_evidence"
 
 
 def parse_share(raw: Any, what: str = "--share") -> float:
@@ -202,3 +204,30 @@ class RollbackRule:
         if c.new_n < self.min_outcomes or c.old_n < self.min_outcomes:
             return False
         return c.p_value < self.alpha / self.looks and c.difference >= self.min_difference
+
+
+def evidence_problem(evidence: Mapping[str, Any] | None, champion: str | None, min_outcomes: int) -> str:
+    """Why a version's online evidence (the monitor's EVIDENCE_TAG, parsed) does not support promoting it
+    over `champion`; "" when it does: compared with that champion on at least `min_outcomes` labelled
+    outcomes and not found worse.
+
+    >>> ev = {"role": "shadow", "champion": "3", "n": 400, "verdict": "no difference"}
+    >>> evidence_problem(ev, "3", 200)
+    ''
+    >>> evidence_problem({**ev, "verdict": "worse"}, "3", 200)
+    'the monitor found it worse than champion v3 on 400 labelled outcomes'
+    >>> evidence_problem(ev, "5", 200)
+    'its online evidence compares it with v3, not the current champion v5'
+    >>> evidence_problem(None, "3", 200)
+    'it has no online evidence'
+    """
+    if not evidence:
+        return "it has no online evidence"
+    if str(evidence.get("champion")) != str(champion):
+        return f"its online evidence compares it with v{evidence.get('champion')}, not the current champion v{champion}"
+    n = int(evidence.get("n", 0))
+    if n < min_outcomes:
+        return f"it has {n} labelled outcomes of the {min_outcomes} needed (FRESHET_ROLLBACK_MIN_OUTCOMES)"
+    if evidence.get("verdict") == "worse":
+        return f"the monitor found it worse than champion v{champion} on {n} labelled outcomes"
+    return ""

@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from freshet.challengers import CANARY, CANARY_SHARE_TAG, CLEARED, ROLES, SHADOW, parse_share
+from freshet.challengers import CANARY, CANARY_SHARE_TAG, CLEARED, EVIDENCE_TAG, ROLES, SHADOW, parse_share
 from freshet.contracts import ModelEvent
 from freshet.settings import DEFAULT_MODEL_NAME, Settings
 
@@ -673,6 +673,7 @@ class ModelRegistry:
             "snapshot_digest": mv.tags.get("freshet.snapshot_digest", ""),
             "gate": mv.tags.get("freshet.gate", ""),
             "promotion_decision": mv.tags.get("freshet.promotion_decision", ""),
+            "online_evidence": _json_tag(mv.tags.get(EVIDENCE_TAG)),
         }
 
     def models(self) -> list[dict[str, Any]]:
@@ -680,6 +681,14 @@ class ModelRegistry:
         return [{"name": m.name, "aliases": {a: str(v) for a, v in (m.aliases or {}).items()},
                  "description": m.description or ""}
                 for m in self.client.search_registered_models()]
+
+
+def _json_tag(raw: str | None) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def publish_model_event(settings: Settings, event: ModelEvent, timeout: float = 5.0) -> bool:

@@ -72,6 +72,26 @@ class Tally:
 
 
 @dataclass
+class Evidence:
+    """A challenger judged against the champion at one of the rule's looks (`verdict`: worse, better or
+    no difference), for the model registry: what promotion with online evidence reads."""
+
+    model: str
+    role: str
+    version: str
+    champion: str
+    comparison: Comparison
+    verdict: str
+
+    def as_tag(self, ts: float) -> dict[str, Any]:
+        c = self.comparison
+        return {"role": self.role, "champion": self.champion, "n": c.new_n, "errors": c.new_errors,
+                "champion_n": c.old_n, "champion_errors": c.old_errors, "error_rate": round(c.new_rate, 6),
+                "champion_error_rate": round(c.old_rate, 6), "difference": [round(c.low, 6), round(c.high, 6)],
+                "z": round(c.z, 4), "verdict": self.verdict, "ts": ts}
+
+
+@dataclass
 class RollbackDecision:
     """A champion to roll back: `version` of `model` is worse than `predecessor` by `comparison`."""
 
@@ -129,6 +149,7 @@ class OnlineComparison:
         # request id -> (role, model, version, predicted 0/1, ts): shadow and canary answers awaiting labels
         self.pending: OrderedDict[str, tuple] = OrderedDict()
         self.rollbacks: list[RollbackDecision] = []
+        self.evidence: list[Evidence] = []
         self.clock = float("-inf")
         self.counts = {"shadow_answers": 0, "canary_answers": 0, "expired": 0, "rollbacks": 0, "confirmed": 0}
 
@@ -242,6 +263,7 @@ class OnlineComparison:
         worse = compare(challenger.errors, challenger.n, basis.errors, basis.n)
         better = compare(basis.errors, basis.n, challenger.errors, challenger.n)
         verdict = "worse" if self.rule.judge(worse) else "better" if self.rule.judge(better) else None
+        self.evidence.append(Evidence(model, role, version, pair["champion"], worse, verdict or "no difference"))
         if verdict is not None:
             subject = f"{role}:v{version} {verdict} than champion:v{pair['champion']}"
             out.append(self._alert(model, version, CHALLENGER_DETECTOR, subject, worse, ts))
@@ -283,6 +305,10 @@ class OnlineComparison:
                 break
             del self.pending[rid]
             self.counts["expired"] += 1
+
+    def take_evidence(self) -> list[Evidence]:
+        out, self.evidence = self.evidence, []
+        return out
 
     def take_rollbacks(self) -> list[RollbackDecision]:
         out, self.rollbacks = self.rollbacks, []

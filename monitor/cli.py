@@ -63,7 +63,7 @@ def cmd_monitor(args, settings) -> int:
         svc = service.MonitorService(
             settings, monitor, policy, event_topics=list(registry.views_by_topic()),
             state_file=args.state, snapshot_every_s=args.snapshot_every, start=args.start, metrics=metrics,
-            rollback=rollback)
+            rollback=rollback, evidence=service.EvidenceRecorder(settings))
         if args.fresh:
             log.info("--fresh: not reading %s; the monitor warms up again", svc.state_file)
         else:

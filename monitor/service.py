@@ -36,14 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from freshet.challengers import ROLLED_BACK
+from freshet.challengers import EVIDENCE_TAG, ROLLED_BACK
 from freshet.contracts import DRIFT_KINDS, ContractError, DriftAlert, Label, Prediction, RetrainRequest
 from freshet.features import FeatureRegistry
 from freshet.exporter import MetricsEndpoint
 from freshet.settings import DEFAULT_FEATURE_SERVICE, DEFAULT_MODEL_NAME, Settings
 from freshet.times import iso_utc
 
-from .challengers import COMPARISON_DETECTORS, RollbackDecision
+from .challengers import COMPARISON_DETECTORS, Evidence, RollbackDecision
 
 log = logging.getLogger("freshet.monitor.service")
 
@@ -332,7 +332,8 @@ class MonitorService:
                  deadletter_every_s: float = 10.0, deadletter_min_events: int = 500, idle_flush_s: float = 1.0,
                  on_alert: Callable[[DriftAlert], None] | None = None,
                  on_request: Callable[[RetrainRequest], None] | None = None,
-                 rollback: "ChampionRollback | None" = None):
+                 rollback: "ChampionRollback | None" = None,
+                 evidence: "EvidenceRecorder | None" = None):
         if start not in ("earliest", "latest"):
             raise MonitorSetupError(f"start must be 'earliest' or 'latest', got {start!r}")
         self.settings = settings
@@ -349,6 +350,7 @@ class MonitorService:
         self.on_alert = on_alert
         self.on_request = on_request
         self.rollback = rollback
+        self.evidence = evidence
         self.topics = [settings.topic_predictions, settings.topic_labels]
         self.offsets: dict[str, dict[int, int]] = {}
         self.counts: Counter[str] = Counter()
@@ -507,6 +509,9 @@ class MonitorService:
                 self._request_retrain(request)
         for decision in self.monitor.online.take_rollbacks():
             self._roll_back(decision)
+        for evidence in self.monitor.online.take_evidence():
+            if self.evidence is not None:
+                self.evidence(evidence)
 
     def _roll_back(self, decision: RollbackDecision) -> None:
         """Carry out a rollback the comparison decided, after its alert was queued."""
@@ -686,6 +691,28 @@ class ChampionRollback:
             "error_rate": c.new_rate, "outcomes": c.new_n, "predecessor": float(decision.predecessor),
             "predecessor_error_rate": c.old_rate, "predecessor_outcomes": c.old_n, "z": c.z, "p_value": c.p_value})
         return "rolled_back"
+
+
+class EvidenceRecorder:
+    """Writes each challenger's latest online comparison on its version in the model registry (EVIDENCE_TAG),
+    where `freshet models show` prints it and `freshet models promote --online-evidence` requires it."""
+
+    def __init__(self, settings: Settings, registry: Any = None):
+        self.settings = settings
+        self._registry = registry
+
+    def __call__(self, evidence: Evidence) -> bool:
+        try:
+            if self._registry is None:
+                from freshet.models import ModelRegistry
+
+                self._registry = ModelRegistry(self.settings, publish_events=False)
+            self._registry.client.set_model_version_tag(evidence.model, evidence.version, EVIDENCE_TAG,
+                                                        json.dumps(evidence.as_tag(time.time())))
+            return True
+        except Exception as exc:  # noqa: BLE001 - the comparison stands on /metrics; the next look writes again
+            log.warning("could not record the online evidence of %s v%s: %s", evidence.model, evidence.version, exc)
+            return False
 
 
 def _dumps(obj: Any) -> bytes:

@@ -134,7 +134,8 @@ def _show_text(doc: dict[str, Any]) -> str:
         ("training window", f"{window['start']} .. {window['end']}" if window["start"] or window["end"] else "-"),
         ("dataset", doc.get("dataset_fingerprint") or "-"),
         ("gate", doc.get("gate") or "-"),
-        ("decision", doc.get("promotion_decision") or "-")])
+        ("decision", doc.get("promotion_decision") or "-"),
+        ("online", _evidence_text(doc.get("online_evidence")))])
     snap = doc.get("snapshot")
     if not snap:
         return "\n".join([*lines, *_lines([("snapshot", f"none: {doc.get('snapshot_note', '')}")])])
@@ -151,6 +152,21 @@ def _show_text(doc: dict[str, Any]) -> str:
         ("seed", snap["seed"])], indent="  ")
     lines.append(f"reproduce with:  freshet retrain --reproduce {doc['name']}/{doc['version']}")
     return "\n".join(lines)
+
+
+def _evidence_text(ev: dict[str, Any] | None) -> str:
+    """The monitor's latest online comparison of a version with the champion, in one line.
+
+    >>> print(_evidence_text({"role": "shadow", "champion": "3", "n": 400, "error_rate": 0.05,
+    ...     "champion_error_rate": 0.04, "difference": [-0.01, 0.03], "verdict": "no difference"}))
+    as shadow vs champion v3: 5.00% vs 4.00% on 400 outcomes, difference [-1.00, +3.00] points: no difference
+    """
+    if not ev:
+        return "-"
+    low, high = ev.get("difference", [float("nan")] * 2)
+    return (f"as {ev.get('role')} vs champion v{ev.get('champion')}: {100 * ev.get('error_rate', 0):.2f}% vs "
+            f"{100 * ev.get('champion_error_rate', 0):.2f}% on {ev.get('n')} outcomes, difference "
+            f"[{100 * low:+.2f}, {100 * high:+.2f}] points: {ev.get('verdict')}")
 
 
 def cmd_show(args, settings) -> int:
@@ -193,6 +209,15 @@ def cmd_promote(args, settings) -> int:
     if reason and not args.force:
         raise CliError(f"not promoted: version {args.version} fails the model gate: {reason} "
                        "(--force promotes it anyway)")
+    if args.online_evidence:
+        from freshet.challengers import evidence_problem
+
+        problem = evidence_problem(_find(reg, name, args.version).get("online_evidence"), before,
+                                   reg.settings.rollback_min_outcomes)
+        if problem:
+            raise CliError(f"not promoted: {problem}; let the monitor compare it with the champion first "
+                           f"('freshet models shadow {args.version}' or 'freshet models canary {args.version}', then "
+                           f"'freshet models show {args.version}'), or promote without --online-evidence")
     if reason:
         log.warning("promoting %s version %s despite the model gate (--force): %s", name, args.version, reason)
         record_verdict(reg, name, args.version, f"{reason} (promoted with --force)")
@@ -329,6 +354,10 @@ def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
     promote.add_argument("version", help="version number")
     promote.add_argument("--force", action="store_true",
                          help="promote even if the model gate rejects the version (recorded on the version)")
+    promote.add_argument("--online-evidence", action="store_true",
+                         help="promote only a version the monitor compared live with the current champion (as "
+                              "shadow or canary) on at least FRESHET_ROLLBACK_MIN_OUTCOMES labelled outcomes "
+                              "without finding it worse")
     rollback = actions.add_parser("rollback", help="make the previously promoted version the champion again")
     shadow = actions.add_parser(
         "shadow", help="score live traffic with a version beside the champion (logged, never returned)",

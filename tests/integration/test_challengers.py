@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from freshet import kafka
-from freshet.challengers import RollbackRule, goes_to_canary
+from freshet.challengers import EVIDENCE_TAG, RollbackRule, goes_to_canary
 from freshet.contracts import DriftAlert, ModelEvent, Prediction
 from freshet.models import ModelRegistry
 from freshet.monitor import service
@@ -204,15 +204,22 @@ def test_a_promoted_champion_worse_than_its_predecessor_is_rolled_back_with_an_a
     metrics.serve(port)
     svc = service.MonitorService(settings, monitor, policy, state_file=settings.data_path / f"{uid}-monitor.json",
                                  idle_flush_s=0.2, rollback=service.ChampionRollback(settings, registry),
-                                 metrics=metrics)
+                                 evidence=service.EvidenceRecorder(settings, registry), metrics=metrics)
     app = create_app(settings, model_name=name, reader=OnlineFeatureReader(settings, store=feast_store),
                      model_poll_s=0.5)
     thread = threading.Thread(target=svc.run, kwargs={"group": f"{uid}-monitor"}, daemon=True)
     with serve(app) as url:
         thread.start()
         try:
+            registry.set_challenger(name, "shadow", "2")  # judged live first: its evidence lands on the version
+            _until(lambda: app.follower.challengers.shadow is not None, what="the server to load the shadow")
             _labels(settings, _traffic(url, f"{uid}-v1", 300, wrong_every=25))       # 4% errors
+            _until(lambda: registry.versions(name)[0]["online_evidence"] is not None, timeout=60,
+                   what="the monitor to record the shadow's online evidence")
+            evidence = registry.versions(name)[0]["online_evidence"]
+            assert (evidence["role"], evidence["champion"], evidence["n"]) == ("shadow", "1", 100)
             registry.promote(name, "2")
+            assert registry.challengers(name)["shadow"] is None  # promoted: no longer a shadow
             _until(lambda: app.follower.model.version == "2", what="the server to serve version 2")
             _labels(settings, _traffic(url, f"{uid}-v2", 200, wrong_every=3))        # 33% errors
             _until(lambda: svc.counts["rollbacks_rolled_back"] == 1, timeout=60,
@@ -239,8 +246,8 @@ def test_a_promoted_champion_worse_than_its_predecessor_is_rolled_back_with_an_a
     assert window["new"]["errors"] / 100 > window["old"]["errors"] / 300
     events = [ModelEvent.decode(r) for r in read_topic(settings, settings.topic_models)]
     mine = [(e.stage, e.version) for e in events if e.model == name]
-    # promotions of 1 and 2, then the rollback: the champion event servers follow and the demoted version's
-    assert mine == [("champion", "1"), ("champion", "2"), ("champion", "1"), ("rolled_back", "2")]
+    # promotions of 1, the shadow, 2, then the rollback: the champion event servers follow and the demoted one's
+    assert mine == [("champion", "1"), ("shadow", "2"), ("champion", "2"), ("champion", "1"), ("rolled_back", "2")]
     demoted = next(e for e in events if e.model == name and e.stage == "rolled_back")
     assert demoted.metrics["predecessor"] == 1 and demoted.metrics["error_rate"] > demoted.metrics[
         "predecessor_error_rate"]
@@ -281,3 +288,19 @@ def test_models_shadow_and_canary_commands_set_show_and_clear_and_name_the_fix_o
     events = [ModelEvent.decode(r) for r in read_topic(settings, settings.topic_models)]
     assert [(e.stage, e.version) for e in events if e.model == name] == [
         ("champion", "1"), ("shadow", "2"), ("canary", "2"), ("canary_cleared", "2"), ("shadow_cleared", "2")]
+
+    # promotion on online evidence: refused without it, naming the fix; taken with the monitor's verdict
+    assert main(["models", "--model", name, "promote", "2", "--online-evidence"]) == 2
+    err = capsys.readouterr().err
+    assert "it has no online evidence" in err and "freshet models shadow 2" in err
+    evidence = {"role": "shadow", "champion": "1", "n": settings.rollback_min_outcomes, "errors": 9,
+                "error_rate": 0.045, "champion_error_rate": 0.05, "difference": [-0.04, 0.03],
+                "verdict": "no difference"}
+    registry.client.set_model_version_tag(name, "2", EVIDENCE_TAG, json.dumps({**evidence, "verdict": "worse"}))
+    assert main(["models", "--model", name, "promote", "2", "--online-evidence"]) == 2
+    assert "found it worse than champion v1" in capsys.readouterr().err
+    registry.client.set_model_version_tag(name, "2", EVIDENCE_TAG, json.dumps(evidence))
+    assert main(["models", "--model", name, "show", "2"]) == 0
+    assert "as shadow vs champion v1: 4.50% vs 5.00%" in capsys.readouterr().out
+    assert main(["models", "--model", name, "promote", "2", "--online-evidence"]) == 0
+    assert registry.current_version(name) == "2"

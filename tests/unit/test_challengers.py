@@ -147,6 +147,9 @@ def test_shadow_answers_are_judged_by_the_champions_labels_and_a_worse_shadow_is
     assert report[("1", "champion")]["errors"] == 0 and report[("7", "shadow")]["errors"] == 100
     verdicts = [a for a in alerts if a.detector == "challenger"]
     assert [a.subject for a in verdicts] == ["shadow:v7 worse than champion:v1"]
+    (evidence,) = monitor.online.take_evidence()  # for the registry: what promotion on evidence reads
+    tag = evidence.as_tag(0.0)
+    assert (tag["role"], tag["champion"], tag["n"], tag["errors"], tag["verdict"]) == ("shadow", "1", 100, 34, "worse")
     assert monitor.counters()["models"]["fraud"]["outcomes"] == 300  # the champion's watches saw every outcome
 
 
