@@ -130,7 +130,7 @@ class Prediction(Message):
     KEY_FIELD: ClassVar[str] = "request_id"
     TYPES: ClassVar = {
         "request_id": (str,), "model": (str,), "model_version": (str, int), "entities": (dict,),
-        "features": (dict,), "prediction": (dict, int, float), "ts": _NUM,
+        "features": (dict,), "prediction": (dict, int, float), "ts": _NUM, "role": (str,), "shadow": (dict,),
     }
 
     request_id: str
@@ -141,6 +141,11 @@ class Prediction(Message):
     # {"score": p, "label": 0/1} for classifiers; a bare number is accepted too
     prediction: Any
     ts: float = field(default_factory=now_ts)
+    # optional: "canary" when a canary version answered (absent: the champion)
+    role: str | None = None
+    # optional: the shadow version's answer to the same request, never returned to the caller:
+    # {"model_version": "3", "prediction": {"score": p, "label": 0/1}}
+    shadow: dict[str, Any] | None = None
 
     @property
     def score(self) -> float:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from freshet.challengers import CANARY, CANARY_SHARE_TAG, CLEARED, EVIDENCE_TAG, ROLES, SHADOW, parse_share
 from freshet.contracts import ModelEvent
 from freshet.settings import DEFAULT_MODEL_NAME, Settings
 
@@ -482,14 +483,77 @@ class ModelRegistry:
             if not history or history[-1] != version:
                 history.append(version)
             self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-100:]))
+            if alias == CHAMPION:  # a challenger that becomes the champion stops being one
+                for role, v in self.challengers(name).items():
+                    if role in ROLES and v == version:
+                        self._clear_alias(name, role)
         log.info("promoted %s version %s to %s", name, version, alias)
         return self._announce(name, version, alias)
 
-    def rollback(self, name: str, alias: str = CHAMPION) -> ModelEvent:
-        """Serve the version promoted before the current one again; publishes the event."""
+    # -- challengers: shadow and canary ----------------------------------------------
+
+    def challengers(self, name: str) -> dict[str, Any]:
+        """{"shadow": version or None, "canary": version or None, "canary_share": float} of a model."""
+        reg = self._registered(name)
+        aliases = {a: str(v) for a, v in (reg.aliases or {}).items()}
+        share = 0.0
+        if aliases.get(CANARY):
+            try:
+                share = parse_share(reg.tags.get(CANARY_SHARE_TAG, "0"))
+            except ValueError:
+                share = 0.0  # a tag edited by hand to nonsense: no traffic to the canary
+        return {SHADOW: aliases.get(SHADOW), CANARY: aliases.get(CANARY), "canary_share": share}
+
+    def set_challenger(self, name: str, role: str, version: str | int, share: float | None = None) -> ModelEvent:
+        """Make `version` the shadow (scored beside the champion, never returned) or the canary (answers
+        `share` of traffic); publishes a freshet.models event with the role as its stage."""
+        if role not in ROLES:
+            raise ValueError(f"a challenger is one of {', '.join(ROLES)}, not {role!r}")
+        version = str(self._version(name, version).version)
+        if version == self.current_version(name):
+            raise ValueError(f"version {version} of {name!r} is the champion already; a {role} must be another "
+                             "version (see 'freshet models list')")
+        if role == CANARY:
+            share = parse_share(share)
+        with self._lock:
+            self.client.set_registered_model_alias(name, role, version)
+            if role == CANARY:
+                self.client.set_registered_model_tag(name, CANARY_SHARE_TAG, repr(share))
+        log.info("%s of %s is now version %s%s", role, name, version,
+                 f" ({share:.1%} of traffic)" if role == CANARY else "")
+        return self._announce(name, version, role, {"share": share} if role == CANARY else None)
+
+    def clear_challenger(self, name: str, role: str) -> ModelEvent | None:
+        """Remove the shadow or canary (None when there was none); publishes a `<role>_cleared` event."""
+        if role not in ROLES:
+            raise ValueError(f"a challenger is one of {', '.join(ROLES)}, not {role!r}")
+        with self._lock:
+            version = self.challengers(name)[role]
+            if version is None:
+                return None
+            self._clear_alias(name, role)
+        log.info("%s of %s (version %s) cleared", role, name, version)
+        return self._announce(name, version, f"{role}_{CLEARED}")
+
+    def _clear_alias(self, name: str, role: str) -> None:
+        self.client.delete_registered_model_alias(name, role)
+        if role == CANARY:
+            try:
+                self.client.delete_registered_model_tag(name, CANARY_SHARE_TAG)
+            except Exception:  # noqa: BLE001 - no tag: nothing to clear
+                pass
+
+    def rollback(self, name: str, alias: str = CHAMPION, expected_current: str | None = None) -> ModelEvent:
+        """Serve the version promoted before the current one again; publishes the event.
+
+        With `expected_current`, only while that version is still the champion (ModelNotFound
+        otherwise): an automatic rollback must not undo a promotion made since it was decided."""
         with self._lock:
             history = self._history(name)
             current = self.current_version(name, alias)
+            if expected_current is not None and current != str(expected_current):
+                raise ModelNotFound(f"model {name!r} is served at version {current}, not {expected_current}: "
+                                    "not rolled back")
             while history and history[-1] == current:
                 history.pop()
             if not history:
@@ -500,9 +564,16 @@ class ModelRegistry:
         log.info("rolled %s back from version %s to %s", name, current, version)
         return self._announce(name, version, alias)
 
-    def _announce(self, name: str, version: str, alias: str) -> ModelEvent:
+    def announce(self, name: str, version: str, stage: str, metrics: Mapping[str, float]) -> ModelEvent:
+        """Publish a freshet.models event about a version (e.g. the monitor's `rolled_back`)."""
+        event = ModelEvent(model=name, version=str(version), stage=stage, metrics=dict(metrics))
+        self.event_delivered = publish_model_event(self.settings, event) if self.publish_events else False
+        return event
+
+    def _announce(self, name: str, version: str, alias: str, extra: Mapping[str, float] | None = None) -> ModelEvent:
         mv = self.client.get_model_version(name, version)
         metrics = dict(self.client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
+        metrics.update(extra or {})
         event = ModelEvent(model=name, version=version, stage=alias, metrics=metrics)
         self.event_delivered = publish_model_event(self.settings, event) if self.publish_events else False
         return event
@@ -619,6 +690,7 @@ class ModelRegistry:
             "snapshot_digest": mv.tags.get("freshet.snapshot_digest", ""),
             "gate": mv.tags.get("freshet.gate", ""),
             "promotion_decision": mv.tags.get("freshet.promotion_decision", ""),
+            "online_evidence": _json_tag(mv.tags.get(EVIDENCE_TAG)),
         }
 
     def models(self) -> list[dict[str, Any]]:
@@ -626,6 +698,14 @@ class ModelRegistry:
         return [{"name": m.name, "aliases": {a: str(v) for a, v in (m.aliases or {}).items()},
                  "description": m.description or ""}
                 for m in self.client.search_registered_models()]
+
+
+def _json_tag(raw: str | None) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def publish_model_event(settings: Settings, event: ModelEvent, timeout: float = 5.0) -> bool:
@@ -652,17 +732,32 @@ def publish_model_event(settings: Settings, event: ModelEvent, timeout: float = 
 # hot swap
 # ---------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class ServedChallengers:
+    """The shadow and canary versions a server scores with, replaced whole on a change."""
+
+    shadow: LinearModel | None = None
+    canary: LinearModel | None = None
+    canary_share: float = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        return {SHADOW: self.shadow.version if self.shadow else None,
+                CANARY: self.canary.version if self.canary else None,
+                "canary_share": self.canary_share if self.canary else 0.0}
+
+
 class ModelFollower:
     """Keeps `model` at the registry's champion: follows freshet.models, polls as a fallback.
 
     A request reads `follower.model` once and uses that object throughout, so a swap
-    never fails or mixes versions within a request.
+    never fails or mixes versions within a request. With `challengers`, `follower.challengers`
+    follows the shadow and canary aliases the same way (a request reads it once too).
     """
 
     def __init__(self, settings: Settings, name: str = DEFAULT_MODEL_NAME, registry: ModelRegistry | None = None,
                  alias: str = CHAMPION, poll_s: float = 30.0,
                  on_change: Callable[[LinearModel | None, LinearModel], None] | None = None,
-                 gate: Callable[[LinearModel], None] | None = None):
+                 gate: Callable[[LinearModel], None] | None = None, challengers: bool = True):
         self.settings = settings
         self.gate = gate  # raises for a version that must not be served: the current one stays
         self.name = name
@@ -672,12 +767,48 @@ class ModelFollower:
         self.registry = registry or ModelRegistry(settings, publish_events=False)
         self.model: LinearModel | None = None
         self.last_error = ""
+        self.follow_challengers = challengers
+        self.challengers = ServedChallengers()
+        self.challenger_error = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._check_lock = threading.Lock()
 
     def check(self) -> bool:
-        """Load and switch to the champion if it changed; True if the served version changed."""
+        """Load and switch to the champion (and the challengers) if they changed; True if the champion did."""
+        changed = self._check_champion()
+        if self.follow_challengers and self.model is not None:  # no champion yet: no challenger either
+            self._check_challengers()
+        return changed
+
+    def _check_challengers(self) -> None:
+        with self._check_lock:
+            try:
+                wanted = self.registry.challengers(self.name)
+                loaded = {}
+                for role in ROLES:
+                    version = wanted[role]
+                    current = getattr(self.challengers, role)
+                    if version is None or (self.model is not None and version == self.model.version):
+                        loaded[role] = None
+                    elif current is not None and current.version == version:
+                        loaded[role] = current
+                    else:
+                        loaded[role] = self.registry.load(self.name, version)
+                        if self.gate is not None:
+                            self.gate(loaded[role])
+            except Exception as exc:  # noqa: BLE001 - keep the challengers served so far
+                self.challenger_error = f"could not load the challengers of {self.name!r}: {exc}"
+                log.warning("%s", self.challenger_error)
+                return
+            new = ServedChallengers(loaded[SHADOW], loaded[CANARY],
+                                    wanted["canary_share"] if loaded[CANARY] is not None else 0.0)
+            old, self.challengers = self.challengers, new
+            self.challenger_error = ""
+        if new.describe() != old.describe():
+            log.info("challengers of %s: %s (were %s)", self.name, new.describe(), old.describe())
+
+    def _check_champion(self) -> bool:
         with self._check_lock:
             try:
                 version = self.registry.current_version(self.name, self.alias)

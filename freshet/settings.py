@@ -149,6 +149,15 @@ class Settings:
     consistency_sample: float = 0.1
     consistency_min_rate: float = 0.99
     consistency_grace_ms: int = 2000
+    # Automatic rollback (`freshet monitor`): a newly promoted champion whose labelled error rate is
+    # worse than its predecessor's by a one-sided two-proportion test at rollback_alpha (split over
+    # rollback_looks looks, at rollback_min_outcomes, twice, four times ... as many outcomes), and by
+    # at least rollback_min_difference, is rolled back to it. "off": only reported.
+    rollback_auto: str = "on"
+    rollback_alpha: float = 0.01
+    rollback_min_outcomes: int = 200
+    rollback_looks: int = 4
+    rollback_min_difference: float = 0.0
     # The consumer group whose offsets and lag the dashboard (/ui) shows: `freshet stream --app-id`.
     dashboard_stream_group: str = "freshet-stream"
 
@@ -205,6 +214,7 @@ _CHOICES = {
     "log_level": {"DEBUG", "INFO", "WARNING", "ERROR"},
     "training_features": {"recomputed", "served"},
     "kafka_idempotence": {"auto", "on", "off"},
+    "rollback_auto": {"on", "off"},
 }
 _POSITIVE = {"kafka_session_timeout_ms", "kafka_partitions", "max_body_bytes", "stream_commit_interval_ms",
              "stream_max_future_s", "stream_max_event_bytes", "max_rows_per_request", "max_features_per_request",
@@ -269,6 +279,7 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"{_env_name('consistency_grace_ms')} must be >= 0, got {s.consistency_grace_ms}")
     _validate_http_security(s)
     _validate_offline_store(s)
+    _validate_rollback(s)
     if not s.dashboard_stream_group:
         raise SettingsError(f"{_env_name('dashboard_stream_group')} must not be empty (freshet stream's --app-id)")
     if not s.model_name:
@@ -276,6 +287,19 @@ def _validate(s: Settings) -> None:
     for topic in ("deadletter", "predictions", "labels", "drift", "retrain", "models"):
         if not getattr(s, f"topic_{topic}"):
             raise SettingsError(f"{_env_name('topic_' + topic)} must not be empty")
+
+
+def _validate_rollback(s: Settings) -> None:
+    if not 0 < s.rollback_alpha < 1:
+        raise SettingsError(f"{_env_name('rollback_alpha')}={s.rollback_alpha} must be in (0, 1) (0.01 suits)")
+    if s.rollback_min_outcomes < 10:
+        raise SettingsError(f"{_env_name('rollback_min_outcomes')}={s.rollback_min_outcomes} must be at least 10 "
+                            "labelled outcomes per version (a few hundred suit)")
+    if not 1 <= s.rollback_looks <= 20:
+        raise SettingsError(f"{_env_name('rollback_looks')}={s.rollback_looks} must be 1..20")
+    if not 0 <= s.rollback_min_difference < 1:
+        raise SettingsError(f"{_env_name('rollback_min_difference')}={s.rollback_min_difference} must be an error "
+                            "rate difference in [0, 1)")
 
 
 def _validate_http_security(s: Settings) -> None:

@@ -56,9 +56,14 @@ def cmd_monitor(args, settings) -> int:
             metrics = service.MonitorMetrics()
             metrics.serve(args.metrics_port, settings.http_host)
             log.info("monitor metrics on http://%s:%d/metrics", settings.http_host, args.metrics_port)
+        from freshet.challengers import RollbackRule
+
+        monitor.online.use_rule(RollbackRule.from_settings(settings))
+        rollback = service.ChampionRollback(settings) if settings.rollback_auto == "on" else None
         svc = service.MonitorService(
             settings, monitor, policy, event_topics=list(registry.views_by_topic()),
-            state_file=args.state, snapshot_every_s=args.snapshot_every, start=args.start, metrics=metrics)
+            state_file=args.state, snapshot_every_s=args.snapshot_every, start=args.start, metrics=metrics,
+            rollback=rollback, evidence=service.EvidenceRecorder(settings))
         if args.fresh:
             log.info("--fresh: not reading %s; the monitor warms up again", svc.state_file)
         else:
@@ -105,7 +110,14 @@ def _add_monitor(sub) -> None:
                     "  min_alerts = 1\n"
                     "  window_s = 600\n"
                     "  cooldown_s = 900\n\n"
-                    "A feature the registry does not know, an unknown detector or setting fails at start-up.")
+                    "A feature the registry does not know, an unknown detector or setting fails at start-up.\n\n"
+                    "Versions are compared online on labelled outcomes: a shadow ('freshet models shadow') by the\n"
+                    "labels of the requests it shadowed, a canary by its own; /metrics shows every version's error\n"
+                    "rate (freshet_monitor_version_error_rate) and an alert (detector 'challenger') says when one\n"
+                    "is significantly worse or better. A newly promoted champion significantly worse than its\n"
+                    "predecessor is rolled back to it (alert detector 'rollback', a 'rolled_back' event on\n"
+                    "FRESHET_TOPIC_MODELS); FRESHET_ROLLBACK_AUTO=off only reports it, FRESHET_ROLLBACK_ALPHA,\n"
+                    "_MIN_OUTCOMES, _LOOKS and _MIN_DIFFERENCE set the test.")
     p.add_argument("--config", help="monitor config file (TOML or .json)")
     p.add_argument("--model", help=f"model to watch without --config (default: FRESHET_MODEL_NAME, i.e. {DEFAULT_MODEL_NAME})")
     p.add_argument("--feature-service", default=DEFAULT_FEATURE_SERVICE,

@@ -17,6 +17,7 @@ import numpy as np
 
 from freshet.contracts import ContractError, DriftAlert, Label, Prediction
 
+from .challengers import OnlineComparison
 from .config import ModelConfig, MonitorConfig
 from .detectors import ConfigError
 from .estimate import ExpectedErrorEstimate
@@ -68,6 +69,8 @@ class ModelMonitor:
         self.counts: Counter[str] = Counter()
         self.invalid: Counter[str] = Counter()   # feature -> values of the wrong type
         self.last_ts = 0.0
+        # every labelled outcome, of any version (the online comparison's), before this version's watches
+        self.on_outcome: Callable[[Outcome, list[DriftAlert]], None] | None = None
 
     def _new_estimate(self, delta: float) -> ExpectedErrorEstimate:
         cfg = self.config
@@ -279,6 +282,8 @@ class ModelMonitor:
         return None
 
     def observe_outcome(self, o: Outcome, out: list[DriftAlert]) -> None:
+        if self.on_outcome is not None:
+            self.on_outcome(o, out)
         if o.model_version != self.version:
             self.counts["outcomes_for_old_version"] += 1
             return
@@ -468,6 +473,10 @@ class DriftMonitor:
         self.models = {m.model: ModelMonitor(m, config.seed + 1000003 * i, references)
                        for i, m in enumerate(config.models)}
         self.join = LabelJoin(config.label_wait_s, config.max_pending_labels, config.label_entity_keys)
+        # shadow and canary against the champion, a new champion against its predecessor
+        self.online = OnlineComparison(label_wait_s=config.label_wait_s, seed=config.seed)
+        for m in self.models.values():
+            m.on_outcome = self.online.observe_outcome
         self.rejected: Counter[str] = Counter()
         self.unmonitored: Counter[str] = Counter()
         if known_features is not None:
@@ -500,8 +509,12 @@ class DriftMonitor:
             self._reject("features is not an object")
         elif type(p.request_id) is not str or type(p.ts) not in _TS_TYPES:
             self._reject("bad request_id or ts")
-        else:
+        elif not self.online.observe_prediction(p, out):  # a canary's answer is not the champion's traffic
             m.observe(p, self.join, out)
+        else:
+            early = self.join.take_early(p.request_id) if self.join.is_waiting_label(p.request_id) else None
+            if early is not None:  # its label was read first
+                self.online.observe_label(p.request_id, early[0], out, float(early[1]))
         return out
 
     def observe_label(self, label: Label | Mapping[str, Any] | bytes | str) -> list[DriftAlert]:
@@ -521,6 +534,8 @@ class DriftMonitor:
         if not isinstance(lab.ts, (int, float)) or (lab.request_id is not None and type(lab.request_id) is not str):
             self._reject("bad label request_id or ts")
             return out
+        if self.online.observe_label(lab.request_id, lab.label, out, float(lab.ts)):
+            return out  # a canary's answer: judged there
         # the join's clock is prediction time: bring it up to the predictions still in unfinished batches
         for m in self.models.values():
             if m.block and m.config.join_labels and type(m.block[-1].ts) in _TS_TYPES:
@@ -625,7 +640,7 @@ class DriftMonitor:
         return {
             "format": STATE_FORMAT, "seed": self.config.seed,
             "models": {name: m.state_dict() for name, m in self.models.items()},
-            "join": self.join.state_dict(),
+            "join": self.join.state_dict(), "online": self.online.state_dict(),
             "rejected": dict(self.rejected), "unmonitored": dict(self.unmonitored),
         }
 
@@ -645,6 +660,7 @@ class DriftMonitor:
             if parts:
                 fresh[name] = parts
         self.join.load_state(state.get("join", {}))
+        self.online.load_state(state.get("online", {}))
         self.rejected = Counter(state.get("rejected", {}))
         self.unmonitored = Counter(state.get("unmonitored", {}))
         return fresh

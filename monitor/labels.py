@@ -201,6 +201,16 @@ class LabelJoin:
         """Whether a label for this request id waits for its prediction."""
         return request_id in self._early
 
+    def take_early(self, request_id: str) -> tuple[Any, float] | None:
+        """Take the waiting label of a prediction this join never holds (a canary's answer, judged
+        elsewhere): (label, label ts), counted as joined."""
+        waiting = self._early.pop(request_id, None)
+        if waiting is None:
+            return None
+        self._counts["early"] -= 1
+        self._counts["joined"] += 1
+        return waiting[0], waiting[1]
+
     def join_ahead(self, request_id: str) -> tuple[Any, float] | None:
         """Take the waiting label of a prediction the caller holds but has not `add`ed yet
         (the monitor's unfinished batch); its later `add` is then skipped, not a duplicate."""

@@ -36,11 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from freshet.challengers import EVIDENCE_TAG, ROLLED_BACK
 from freshet.contracts import DRIFT_KINDS, ContractError, DriftAlert, Label, Prediction, RetrainRequest
 from freshet.features import FeatureRegistry
 from freshet.exporter import MetricsEndpoint
 from freshet.settings import DEFAULT_FEATURE_SERVICE, DEFAULT_MODEL_NAME, Settings
 from freshet.times import iso_utc
+
+from .challengers import COMPARISON_DETECTORS, Evidence, RollbackDecision
 
 log = logging.getLogger("freshet.monitor.service")
 
@@ -118,8 +121,9 @@ class RetrainPolicy:
         return cls(**data)
 
     def observe(self, alert: DriftAlert) -> RetrainRequest | None:
-        """The request this alert completes, if any."""
-        if alert.kind not in self.kinds:
+        """The request this alert completes, if any. Comparisons between versions (a challenger's
+        verdict, a rollback) are not drift: they never ask for retraining."""
+        if alert.kind not in self.kinds or alert.detector in COMPARISON_DETECTORS:
             return None
         ts = float(alert.ts)
         pending = self._within_window(alert.model, ts)
@@ -262,6 +266,18 @@ class MonitorMetrics(MetricsEndpoint):
                                 "last interval", registry=r)
         self.lag = Gauge("freshet_monitor_snapshot_age_seconds", "Seconds since the state was last saved",
                          registry=r)
+        self.version_error_rate = Gauge("freshet_monitor_version_error_rate",
+                                        "Labelled error rate per version and role (champion, shadow, canary)",
+                                        ["model", "version", "role"], registry=r)
+        self.version_outcomes = Gauge("freshet_monitor_version_outcomes", "Labelled outcomes per version and role",
+                                      ["model", "version", "role"], registry=r)
+        self.challenger_difference = Gauge(
+            "freshet_monitor_challenger_error_difference",
+            "A shadow's or canary's error rate minus the champion's on its basis (shadow: the same requests)",
+            ["model", "role", "version", "bound"], registry=r)
+        self.rollbacks = PCounter("freshet_monitor_rollbacks", "Champions rolled back (or, with "
+                                  "FRESHET_ROLLBACK_AUTO=off, found worse than their predecessor)",
+                                  ["model", "version", "outcome"], registry=r)
         self.warming_until = Gauge("freshet_monitor_warming_until_seconds",
                                    "Windowed features not judged until their window is full: until when "
                                    "(epoch seconds, prediction time)", ["model", "feature"], registry=r)
@@ -289,6 +305,14 @@ class MonitorMetrics(MetricsEndpoint):
         for name, value in counters.get("labels", {}).items():
             if isinstance(value, (int, float)):
                 self.labels.labels(name).set(value)
+        online = monitor.online.report()
+        for v in online["versions"]:
+            self.version_outcomes.labels(v["model"], v["version"], v["role"]).set(v["n"])
+            if v["n"]:
+                self.version_error_rate.labels(v["model"], v["version"], v["role"]).set(v["error_rate"])
+        for c in online["challengers"]:
+            for bound in ("difference", "low", "high"):
+                self.challenger_difference.labels(c["model"], c["role"], c["version"], bound).set(c[bound])
 
 
 # ---------------------------------------------------------------------------
@@ -307,7 +331,9 @@ class MonitorService:
                  start: str = "earliest", metrics: MonitorMetrics | None = None,
                  deadletter_every_s: float = 10.0, deadletter_min_events: int = 500, idle_flush_s: float = 1.0,
                  on_alert: Callable[[DriftAlert], None] | None = None,
-                 on_request: Callable[[RetrainRequest], None] | None = None):
+                 on_request: Callable[[RetrainRequest], None] | None = None,
+                 rollback: "ChampionRollback | None" = None,
+                 evidence: "EvidenceRecorder | None" = None):
         if start not in ("earliest", "latest"):
             raise MonitorSetupError(f"start must be 'earliest' or 'latest', got {start!r}")
         self.settings = settings
@@ -323,6 +349,8 @@ class MonitorService:
         self.idle_flush_s = idle_flush_s
         self.on_alert = on_alert
         self.on_request = on_request
+        self.rollback = rollback
+        self.evidence = evidence
         self.topics = [settings.topic_predictions, settings.topic_labels]
         self.offsets: dict[str, dict[int, int]] = {}
         self.counts: Counter[str] = Counter()
@@ -479,6 +507,26 @@ class MonitorService:
         if self._stream_ts is not None:
             for request in self.policy.due(self._stream_ts):
                 self._request_retrain(request)
+        for decision in self.monitor.online.take_rollbacks():
+            self._roll_back(decision)
+        for evidence in self.monitor.online.take_evidence():
+            if self.evidence is not None:
+                self.evidence(evidence)
+
+    def _roll_back(self, decision: RollbackDecision) -> None:
+        """Carry out a rollback the comparison decided, after its alert was queued."""
+        c = decision.comparison
+        outcome = "off"
+        if self.rollback is not None:
+            outcome = self.rollback(decision)
+        log.warning("champion %s v%s: error rate %.2f%% (n=%d) vs v%s's %.2f%% (n=%d), z=%.2f: %s", decision.model,
+                    decision.version, 100 * c.new_rate, c.new_n, decision.predecessor, 100 * c.old_rate, c.old_n, c.z,
+                    {"rolled_back": f"rolled back to v{decision.predecessor}",
+                     "off": "not rolled back (FRESHET_ROLLBACK_AUTO=off)"}.get(outcome, outcome))
+        self.counts[f"rollbacks_{outcome if outcome in ('rolled_back', 'off') else 'skipped'}"] += 1
+        if self.metrics:
+            self.metrics.rollbacks.labels(decision.model, decision.version,
+                                          outcome if outcome in ("rolled_back", "off") else "skipped").inc()
 
     def _request_retrain(self, request: RetrainRequest) -> None:
         self.counts["retrain_requests"] += 1
@@ -605,6 +653,66 @@ class MonitorService:
                 self._consumer.close()
                 self._consumer = None
                 self._producer = None
+
+
+class ChampionRollback:
+    """Moves a model's champion alias back to its predecessor through the model registry (which publishes
+    the `champion` event servers follow), then announces a `rolled_back` event for the demoted version.
+
+    Only while the demoted version is still the champion: a promotion made since is left alone."""
+
+    def __init__(self, settings: Settings, registry: Any = None):
+        self.settings = settings
+        self._registry = registry
+
+    @property
+    def registry(self):
+        if self._registry is None:
+            from freshet.models import ModelRegistry
+
+            self._registry = ModelRegistry(self.settings, publish_events=True)
+        return self._registry
+
+    def __call__(self, decision: RollbackDecision) -> str:
+        """"rolled_back", or why not."""
+        from freshet.models import ModelNotFound
+
+        c = decision.comparison
+        try:
+            event = self.registry.rollback(decision.model, expected_current=decision.version)
+        except ModelNotFound as exc:
+            return f"not rolled back: {exc}"
+        except Exception as exc:  # noqa: BLE001 - the registry is down: the alert stands, an operator acts
+            return f"not rolled back: the model registry failed: {exc}"
+        if event.version != decision.predecessor:
+            log.warning("rolled %s back to v%s, the version promoted before v%s (the prediction log had v%s "
+                        "before it)", decision.model, event.version, decision.version, decision.predecessor)
+        self.registry.announce(decision.model, decision.version, ROLLED_BACK, {
+            "error_rate": c.new_rate, "outcomes": c.new_n, "predecessor": float(decision.predecessor),
+            "predecessor_error_rate": c.old_rate, "predecessor_outcomes": c.old_n, "z": c.z, "p_value": c.p_value})
+        return "rolled_back"
+
+
+class EvidenceRecorder:
+    """Writes each challenger's latest online comparison on its version in the model registry (EVIDENCE_TAG),
+    where `freshet models show` prints it and `freshet models promote --online-evidence` requires it."""
+
+    def __init__(self, settings: Settings, registry: Any = None):
+        self.settings = settings
+        self._registry = registry
+
+    def __call__(self, evidence: Evidence) -> bool:
+        try:
+            if self._registry is None:
+                from freshet.models import ModelRegistry
+
+                self._registry = ModelRegistry(self.settings, publish_events=False)
+            self._registry.client.set_model_version_tag(evidence.model, evidence.version, EVIDENCE_TAG,
+                                                        json.dumps(evidence.as_tag(time.time())))
+            return True
+        except Exception as exc:  # noqa: BLE001 - the comparison stands on /metrics; the next look writes again
+            log.warning("could not record the online evidence of %s v%s: %s", evidence.model, evidence.version, exc)
+            return False
 
 
 def _dumps(obj: Any) -> bytes:

@@ -259,6 +259,10 @@ class ServingApp:
                "model": {"name": model.name, "version": model.version} if model else None}
         if self.follower is not None and self.follower.last_error:
             doc["model_error"] = self.follower.last_error
+        if self.follower is not None:
+            doc["challengers"] = self.follower.challengers.describe()
+            if self.follower.challenger_error:
+                doc["challenger_error"] = self.follower.challenger_error
         return (200 if ok else 503), orjson.dumps(doc), JSON
 
     async def scrape(self, body: bytes) -> tuple[int, bytes, bytes]:

@@ -149,11 +149,14 @@ class ModelTimeline:
         history = self._promoted.setdefault(event.model, [])
         version = str(event.version)
         kind = "promotion"
-        if version in history and history[-1] != version:
+        if event.stage != "champion":  # a shadow, a canary, one cleared, a rollback's verdict: not who serves
+            kind = event.stage
+        elif version in history and history[-1] != version:
             kind = "rollback"
         elif history and history[-1] == version:
             kind = "announcement"
-        history.append(version)
+        if event.stage == "champion":
+            history.append(version)
         metrics = {k: v for k, v in (event.metrics or {}).items() if isinstance(v, (int, float))}
         self.events.append({"model": event.model, "version": version, "stage": event.stage, "kind": kind,
                             "metrics": dict(list(metrics.items())[:6]), "ts": event.ts})

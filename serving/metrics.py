@@ -147,6 +147,11 @@ class _PredictionCollector:
         for (model, version), n in list(self.predictor.counts.items()):
             preds.add_metric([model, version], n)
         yield preds
+        shadow = CounterMetricFamily("freshet_shadow_predictions", "Predictions scored by the shadow version "
+                                     "(logged, never returned)", labels=["model", "version"])
+        for (model, version), n in list(self.predictor.shadow_counts.items()):
+            shadow.add_metric([model, version], n)
+        yield shadow
         plog = self.predictor.prediction_log
         if plog is not None:
             plog.hand_over()

@@ -22,12 +22,17 @@ log = logging.getLogger("freshet.serving.predictions")
 
 
 def encode_prediction(request_id: str, model: str, model_version: str, entities: dict[str, Any],
-                      features: dict[str, Any], prediction: dict[str, Any], ts: float | None = None) -> bytes:
-    """A freshet.predictions/1 message (what Prediction.encode gives, without building the object)."""
-    return orjson.dumps({
-        "schema": Prediction.SCHEMA, "request_id": request_id, "model": model, "model_version": model_version,
-        "entities": entities, "features": features, "prediction": prediction, "ts": ts or time.time(),
-    }, option=orjson.OPT_SERIALIZE_NUMPY)
+                      features: dict[str, Any], prediction: dict[str, Any], ts: float | None = None,
+                      role: str | None = None, shadow: dict[str, Any] | None = None) -> bytes:
+    """A freshet.predictions/1 message (what Prediction.encode gives, without building the object);
+    `role` ("canary") and `shadow` (the shadow version's answer) only when there are any."""
+    doc = {"schema": Prediction.SCHEMA, "request_id": request_id, "model": model, "model_version": model_version,
+           "entities": entities, "features": features, "prediction": prediction, "ts": ts or time.time()}
+    if role is not None:
+        doc["role"] = role
+    if shadow is not None:
+        doc["shadow"] = shadow
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class PredictionLog:
@@ -97,7 +102,8 @@ class PredictionLog:
         return n <= self.max_pending - self.queued - self.reserve
 
     def publish(self, request_id: str, model: str, model_version: str, entities: dict[str, Any],
-                features: dict[str, Any], prediction: dict[str, Any], ts: float | None = None) -> bool:
+                features: dict[str, Any], prediction: dict[str, Any], ts: float | None = None,
+                role: str | None = None, shadow: dict[str, Any] | None = None) -> bool:
         """Queue one freshet.predictions/1 message; False (and counted) if it was dropped.
 
         Called on a running event loop, messages are handed to librdkafka every `handover_s`
@@ -106,7 +112,7 @@ class PredictionLog:
         if self._producer is None:
             self.dropped["disabled"] += 1
             return False
-        value = encode_prediction(request_id, model, model_version, entities, features, prediction, ts)
+        value = encode_prediction(request_id, model, model_version, entities, features, prediction, ts, role, shadow)
         loop = self._loop
         if loop is None or not loop.is_running():
             try:  # asyncio.get_running_loop() is a getpid() syscall on CPython 3.11: asked once

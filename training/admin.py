@@ -1,4 +1,4 @@
-"""The model admin commands: `freshet models list|show|promote|rollback`.
+"""The model admin commands: `freshet models list|show|promote|rollback|shadow|canary`.
 
 Owns how versions read on a terminal and promotion by hand: the same model gate the
 retrainer applies (freshet.gates), the same `freshet.models` event serving follows.
@@ -134,7 +134,8 @@ def _show_text(doc: dict[str, Any]) -> str:
         ("training window", f"{window['start']} .. {window['end']}" if window["start"] or window["end"] else "-"),
         ("dataset", doc.get("dataset_fingerprint") or "-"),
         ("gate", doc.get("gate") or "-"),
-        ("decision", doc.get("promotion_decision") or "-")])
+        ("decision", doc.get("promotion_decision") or "-"),
+        ("online", _evidence_text(doc.get("online_evidence")))])
     snap = doc.get("snapshot")
     if not snap:
         return "\n".join([*lines, *_lines([("snapshot", f"none: {doc.get('snapshot_note', '')}")])])
@@ -151,6 +152,21 @@ def _show_text(doc: dict[str, Any]) -> str:
         ("seed", snap["seed"])], indent="  ")
     lines.append(f"reproduce with:  freshet retrain --reproduce {doc['name']}/{doc['version']}")
     return "\n".join(lines)
+
+
+def _evidence_text(ev: dict[str, Any] | None) -> str:
+    """The monitor's latest online comparison of a version with the champion, in one line.
+
+    >>> print(_evidence_text({"role": "shadow", "champion": "3", "n": 400, "error_rate": 0.05,
+    ...     "champion_error_rate": 0.04, "difference": [-0.01, 0.03], "verdict": "no difference"}))
+    as shadow vs champion v3: 5.00% vs 4.00% on 400 outcomes, difference [-1.00, +3.00] points: no difference
+    """
+    if not ev:
+        return "-"
+    low, high = ev.get("difference", [float("nan")] * 2)
+    return (f"as {ev.get('role')} vs champion v{ev.get('champion')}: {100 * ev.get('error_rate', 0):.2f}% vs "
+            f"{100 * ev.get('champion_error_rate', 0):.2f}% on {ev.get('n')} outcomes, difference "
+            f"[{100 * low:+.2f}, {100 * high:+.2f}] points: {ev.get('verdict')}")
 
 
 def cmd_show(args, settings) -> int:
@@ -193,6 +209,15 @@ def cmd_promote(args, settings) -> int:
     if reason and not args.force:
         raise CliError(f"not promoted: version {args.version} fails the model gate: {reason} "
                        "(--force promotes it anyway)")
+    if args.online_evidence:
+        from freshet.challengers import evidence_problem
+
+        problem = evidence_problem(_find(reg, name, args.version).get("online_evidence"), before,
+                                   reg.settings.rollback_min_outcomes)
+        if problem:
+            raise CliError(f"not promoted: {problem}; let the monitor compare it with the champion first "
+                           f"('freshet models shadow {args.version}' or 'freshet models canary {args.version}', then "
+                           f"'freshet models show {args.version}'), or promote without --online-evidence")
     if reason:
         log.warning("promoting %s version %s despite the model gate (--force): %s", name, args.version, reason)
         record_verdict(reg, name, args.version, f"{reason} (promoted with --force)")
@@ -215,18 +240,109 @@ def cmd_rollback(args, settings) -> int:
     return 0
 
 
+def _challenger_checks(reg, name: str, version: str, force: bool) -> None:
+    """A challenger must load and pass the model gate: a canary answers requests, a shadow is scored on them."""
+    from freshet import features
+    from freshet.gates import check_version, record_verdict
+    from freshet.models import ModelNotFound, UnsupportedModel
+
+    _find(reg, name, version)
+    feature_registry = features.load_registry(reg.settings)
+    try:
+        reason = check_version(reg, feature_registry, name, version)
+    except (ModelNotFound, UnsupportedModel, ValueError) as exc:
+        raise CliError(f"version {version} does not load: {exc}") from None
+    if reason and not force:
+        raise CliError(f"version {version} fails the model gate: {reason} (--force sets it anyway; servers "
+                       "still refuse to score a version the gate rejects)")
+    if reason:
+        record_verdict(reg, name, version, f"{reason} (set as a challenger with --force)")
+
+
+def _challenger_announced(reg, what: str) -> None:
+    print(what)
+    if reg.event_delivered:
+        print(f"event sent on {reg.settings.topic_models}: servers switch now")
+    else:
+        print(f"no event reached {reg.settings.topic_models or 'Kafka'}: servers switch when they next poll the "
+              "registry (within 30 s by default)", file=sys.stderr)
+
+
+def cmd_shadow(args, settings) -> int:
+    return _set_challenger(args, settings, "shadow")
+
+
+def cmd_canary(args, settings) -> int:
+    return _set_challenger(args, settings, "canary")
+
+
+def _set_challenger(args, settings, role: str) -> int:
+    from freshet.challengers import parse_share
+
+    if len(args.target) > 2:
+        raise CliError(f"'freshet models {role}' takes [NAME] VERSION, got {' '.join(args.target)}")
+    if len(args.target) == 2:
+        args.model, args.version = args.target
+    else:
+        args.version = args.target[0] if args.target else None
+    if args.version is not None and not str(args.version).isdigit():
+        raise CliError(f"VERSION must be a version number, got {args.version!r} (see 'freshet models list')")
+    reg = _models(settings, publish=True)
+    name = _name(args, settings)
+    if args.clear:
+        if args.version is not None:
+            raise CliError(f"--clear takes no version: 'freshet models {role} --clear'")
+        event = reg.clear_challenger(name, role)
+        if event is None:
+            print(f"{name} has no {role}; nothing to clear")
+            return 0
+        _challenger_announced(reg, f"cleared the {role} of {name} (was version {event.version})")
+        return 0
+    if args.version is None:
+        current = reg.challengers(name)
+        if current[role] is None:
+            print(f"{name} has no {role} (set one with 'freshet models {role} VERSION')")
+        else:
+            extra = f" at {current['canary_share']:.1%} of traffic" if role == "canary" else ""
+            print(f"{role} of {name}: version {current[role]}{extra}")
+        return 0
+    share = None
+    if role == "canary":
+        try:
+            share = parse_share(args.share)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    _challenger_checks(reg, name, args.version, args.force)
+    try:
+        reg.set_challenger(name, role, args.version, share)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    what = (f"version {args.version} of {name} answers {share:.1%} of /predict traffic as the canary"
+            if role == "canary" else
+            f"version {args.version} of {name} scores every /predict request in shadow (logged, never returned)")
+    _challenger_announced(reg, what)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
     p = sub.add_parser(
-        "models", help="list, show, promote and roll back model versions (MLflow registry)",
+        "models", help="list, show, promote, roll back model versions; shadow and canary (MLflow registry)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Model versions in the MLflow registry at FRESHET_MLFLOW_TRACKING_URI (default: sqlite in the\n"
                     "data dir). Serving answers with the version the 'champion' alias points at.\n\n"
                     "  freshet models list               versions, aliases, metrics, created time\n"
                     "  freshet models show 3             one version: lineage, metrics, training snapshot\n"
                     "  freshet models promote 3          champion -> version 3, if it passes the model gate\n"
-                    "  freshet models rollback           champion -> the version promoted before it\n\n"
-                    "promote and rollback publish a freshet.models event on FRESHET_TOPIC_MODELS: every\n"
-                    "'freshet serve' switches at once (without Kafka, when it next polls the registry).",
+                    "  freshet models rollback           champion -> the version promoted before it\n"
+                    "  freshet models shadow 4           version 4 scores live traffic beside the champion\n"
+                    "  freshet models canary 4 --share 0.1   version 4 answers 10% of traffic\n"
+                    "  freshet models shadow --clear     no shadow any more (canary --clear likewise)\n"
+                    "  freshet models promote 4 --online-evidence   only if the monitor found it no worse live\n\n"
+                    "Each change publishes a freshet.models event on FRESHET_TOPIC_MODELS: every\n"
+                    "'freshet serve' switches at once (without Kafka, when it next polls the registry).\n"
+                    "'freshet monitor' compares shadow and canary with the champion on labelled outcomes, and\n"
+                    "rolls back a new champion whose error rate is significantly worse than its predecessor's\n"
+                    "(FRESHET_ROLLBACK_*).",
         epilog="exit status: 0 done, 2 usage error, unknown model or version, or a version the gate rejects")
     p.add_argument("--model", help=f"registered model name (default: FRESHET_MODEL_NAME, i.e. {DEFAULT_MODEL_NAME})")
     actions = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
@@ -239,8 +355,32 @@ def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
     promote.add_argument("version", help="version number")
     promote.add_argument("--force", action="store_true",
                          help="promote even if the model gate rejects the version (recorded on the version)")
+    promote.add_argument("--online-evidence", action="store_true",
+                         help="promote only a version the monitor compared live with the current champion (as "
+                              "shadow or canary) on at least FRESHET_ROLLBACK_MIN_OUTCOMES labelled outcomes "
+                              "without finding it worse")
     rollback = actions.add_parser("rollback", help="make the previously promoted version the champion again")
-    for action in (ls, show, promote, rollback):
+    shadow = actions.add_parser(
+        "shadow", help="score live traffic with a version beside the champion (logged, never returned)",
+        description="The shadow version scores every /predict request the champion answers; its score is logged "
+                    "with its version in the prediction record (field 'shadow') and never returned. Without "
+                    "VERSION, prints the current shadow.")
+    shadow.add_argument("target", nargs="*", metavar="[NAME] VERSION",
+                        help="version number, optionally after the model name (default name: --model)")
+    canary = actions.add_parser(
+        "canary", help="let a version answer a share of live traffic",
+        description="The canary version answers --share of /predict requests, picked by a hash of the request id "
+                    "(else of the entities), so the same request meets the same version; the answer's "
+                    "model_version says which one answered. Without VERSION, prints the current canary.")
+    canary.add_argument("target", nargs="*", metavar="[NAME] VERSION",
+                        help="version number, optionally after the model name (default name: --model)")
+    canary.add_argument("--share", default="0.1", help="fraction of traffic, above 0 and at most 1 (default: 0.1)")
+    for action in (shadow, canary):
+        action.add_argument("--clear", action="store_true", help="remove it: the champion answers everything")
+        action.add_argument("--force", action="store_true",
+                            help="set it even if the model gate rejects the version (servers will still refuse)")
+    for action in (ls, show, promote, rollback, shadow, canary):
         action.add_argument("--model", default=argparse.SUPPRESS, help="registered model name")
-    commands = {"list": cmd_list, "show": cmd_show, "promote": cmd_promote, "rollback": cmd_rollback}
+    commands = {"list": cmd_list, "show": cmd_show, "promote": cmd_promote, "rollback": cmd_rollback,
+                "shadow": cmd_shadow, "canary": cmd_canary}
     handlers["models"] = lambda args, settings: commands[args.models_command](args, settings)

@@ -226,7 +226,7 @@ def _exported_names() -> set[str]:
     stream = StreamMetrics()
     stream.attach(SimpleNamespace(counters=Counters()))
     serving = ServingMetrics(reader=None)
-    serving.expose_predictions(SimpleNamespace(counts={}, prediction_log=None))
+    serving.expose_predictions(SimpleNamespace(counts={}, shadow_counts={}, prediction_log=None))
     names = set()
     for registry in (stream.registry, serving.registry, MonitorMetrics().registry, ConsistencyMetrics().registry):
         for family in registry.collect():
