@@ -181,7 +181,12 @@ def cmd_show(args, settings) -> int:
 
 
 def _announced(reg, verb: str, name: str, version: str, before: str | None) -> None:
-    print(f"{verb} {name} version {version} to champion (was {before or 'none'})")
+    _report_switch(reg, f"{verb} {name} version {version} to champion (was {before or 'none'})")
+
+
+def _report_switch(reg, what: str) -> None:
+    """What changed, and whether servers heard of it now or at their next registry poll."""
+    print(what)
     if reg.event_delivered:
         print(f"event sent on {reg.settings.topic_models}: servers switch now")
     else:
@@ -259,15 +264,6 @@ def _challenger_checks(reg, name: str, version: str, force: bool) -> None:
         record_verdict(reg, name, version, f"{reason} (set as a challenger with --force)")
 
 
-def _challenger_announced(reg, what: str) -> None:
-    print(what)
-    if reg.event_delivered:
-        print(f"event sent on {reg.settings.topic_models}: servers switch now")
-    else:
-        print(f"no event reached {reg.settings.topic_models or 'Kafka'}: servers switch when they next poll the "
-              "registry (within 30 s by default)", file=sys.stderr)
-
-
 def cmd_shadow(args, settings) -> int:
     return _set_challenger(args, settings, "shadow")
 
@@ -296,7 +292,7 @@ def _set_challenger(args, settings, role: str) -> int:
         if event is None:
             print(f"{name} has no {role}; nothing to clear")
             return 0
-        _challenger_announced(reg, f"cleared the {role} of {name} (was version {event.version})")
+        _report_switch(reg, f"cleared the {role} of {name} (was version {event.version})")
         return 0
     if args.version is None:
         current = reg.challengers(name)
@@ -320,7 +316,7 @@ def _set_challenger(args, settings, role: str) -> int:
     what = (f"version {args.version} of {name} answers {share:.1%} of /predict traffic as the canary"
             if role == "canary" else
             f"version {args.version} of {name} scores every /predict request in shadow (logged, never returned)")
-    _challenger_announced(reg, what)
+    _report_switch(reg, what)
     return 0
 
 
