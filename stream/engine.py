@@ -912,10 +912,11 @@ class StreamEngine:
             table.data[key] = value
             by_partition.setdefault((table.changelog_topic.get_topic_name(), partition), []).append((key, value))
 
-    async def _restore_lost_rows(self) -> None:
+    async def _restore_lost_rows(self, resuming: bool = False) -> None:
         """Write back the live entities of every owned partition whose Redis marker is missing
-        (stream/recovery.py), once its table is recovered; the markers are set first."""
-        if not self._settled or self.app.in_recovery:
+        (stream/recovery.py), once its table is recovered; the markers are set first.
+        `resuming`: called as recovery completes (Faust still reports it in recovery)."""
+        if not self._settled or (self.app.in_recovery and not resuming):
             return
         owned = [(name, partition) for name, processor in self.processors.items() if processor.view.online
                  for partition in sorted(self._owned_partitions(name))]
@@ -980,7 +981,15 @@ class StreamEngine:
         consumer.highwaters = fenced_highwaters
 
     async def _on_recovered(self, app, **kwargs) -> None:
+        """Tables recovered (Faust awaits this before the stream resumes): rows Redis lost are
+        written back now, before any new event is applied. Left to the first commit, the
+        write-back came after the first batches and rewrote every live row as of a later clock
+        (same values, a newer time: an idle entity looked re-evaluated)."""
         self._settled = True
+        try:
+            await self._restore_lost_rows(resuming=True)
+        except Exception:  # noqa: BLE001 - a failure here must not stop the rebalance; commits check again
+            log.exception("checking Redis for lost rows before resuming failed; the next commit checks again")
 
     async def _on_assigned(self, app, assigned, **kwargs) -> None:
         self.owned = {(tp.topic, tp.partition) for tp in assigned}
