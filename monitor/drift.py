@@ -51,8 +51,10 @@ class ModelMonitor:
         self.score_column = len(cfg.numeric_features) if cfg.watch_score else None
         self.numeric = NumericWatch(names, kinds, detectors, delta, cfg, seed) if names else None
         self.categories = CategoricalWatch(cfg.categorical_features, delta, cfg) if cfg.categorical_features else None
-        perf_delta = cfg.performance_alpha / (2 if cfg.estimate else 1)
+        perf_delta = cfg.performance_alpha / (1 + bool(cfg.estimate) + bool(cfg.miss_warmup))
         self.outcomes = OutcomeWatch(cfg.error_detector, perf_delta, cfg.label_warmup, seed + 15485863)
+        self.misses = (OutcomeWatch(cfg.error_detector, perf_delta, cfg.miss_warmup, seed + 32452843,
+                                    subject="miss_rate", recent=cfg.miss_warmup) if cfg.miss_warmup else None)
         self.estimate = self._new_estimate(perf_delta) if cfg.estimate else None
         self._pending_scores: list[np.ndarray] = []
         self._pending_n = 0
@@ -123,6 +125,7 @@ class ModelMonitor:
         whose window was not full in the training data waits until it would be."""
         self.counts["training_references"] += 1
         self.reference_source = f"training v{self.version}"
+        self._forget_alerts(("feature", "data_quality"))   # judged against a new reference from here
         watch = self.numeric
         if watch is not None:
             use, hold = [], []
@@ -180,12 +183,23 @@ class ModelMonitor:
     def _new_version(self) -> None:
         """A new model version scores differently: its score and performance references start over."""
         self.counts["new_versions"] += 1
+        # the score and outcome references start over, and so do their alerts' cooldowns: the old
+        # version's alerts say nothing about how the new one scores (a concept drift right after a
+        # promotion was otherwise suppressed by the previous version's error-rate alert)
+        self._forget_alerts(("prediction", "performance"))
         if self.score_column is not None:
             self.numeric.reset_columns([self.score_column])
         self.outcomes.reset()
+        if self.misses is not None:
+            self.misses.reset()
         if self.estimate is not None:
             self.estimate = self._new_estimate(self._perf_delta)
             self._pending_scores, self._pending_n = [], 0
+
+    def _forget_alerts(self, kinds: Sequence[str]) -> None:
+        """Restart the cooldown of these kinds' alerts."""
+        prefixes = tuple(f"{k}|" for k in kinds)
+        self.last_alert = {k: v for k, v in self.last_alert.items() if not k.startswith(prefixes)}
 
     def flush(self, join: LabelJoin | None, out: list[DriftAlert]) -> None:
         block, self.block = self.block, []
@@ -290,9 +304,12 @@ class ModelMonitor:
         self.n_outcomes += 1
         if self.estimate is not None and o.score is not None:
             self.estimate.calibrate(o.score, actual)
-        signal = self.outcomes.update(int(predicted != actual))
-        if signal is not None:
-            self._emit([signal], self.n_outcomes, out, ts=o.label_ts)
+        signals = [self.outcomes.update(int(predicted != actual))]
+        if actual == 1 and self.misses is not None:
+            signals.append(self.misses.update(int(predicted != 1)))
+        signals = [s for s in signals if s is not None]
+        if signals:
+            self._emit(signals, self.n_outcomes, out, ts=o.label_ts)
 
     def warming_up(self) -> list[str]:
         """Columns (and "outcomes") still building their reference."""
@@ -341,6 +358,7 @@ class ModelMonitor:
             "numeric": self.numeric.state_dict() if self.numeric else None,
             "categories": self.categories.state_dict() if self.categories else None,
             "outcomes": self.outcomes.state_dict(),
+            "misses": self.misses.state_dict() if self.misses is not None else None,
             "estimate": self.estimate.state_dict() if self.estimate else None,
         }
 
@@ -368,6 +386,8 @@ class ModelMonitor:
                 fresh.append(name)
         if state.get("outcomes"):
             self.outcomes.load_state(state["outcomes"])
+        if self.misses is not None and state.get("misses"):
+            self.misses.load_state(state["misses"])
         if self.estimate is not None:
             try:
                 self.estimate.load_state(state["estimate"])
@@ -612,6 +632,9 @@ class DriftMonitor:
             if m.outcomes.n:
                 stats["error_rate:reference"] = m.outcomes.reference_rate
                 stats["error_rate:recent"] = sum(m.outcomes.recent) / len(m.outcomes.recent)
+            if m.misses is not None and m.misses.n:
+                stats["miss_rate:reference"] = m.misses.reference_rate
+                stats["miss_rate:recent"] = sum(m.misses.recent) / len(m.misses.recent)
             if m.estimate is not None and math.isfinite(m.estimate.result()):
                 stats["estimated_error_rate"] = m.estimate.result()
             out[name] = stats

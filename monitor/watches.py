@@ -487,22 +487,30 @@ def _is_category(v: Any) -> bool:
 
 
 class OutcomeWatch:
-    """Labelled outcomes of one model version: reference error rate and an error-rate detector."""
+    """Labelled outcomes of one model version: reference error rate and an error-rate detector.
+
+    `subject` names the rate in alerts: "error_rate" over every labelled outcome, or a
+    class-conditional rate ("miss_rate": labelled positives predicted negative) whose outcomes
+    are far fewer, hence its own `warmup` and `recent` counts.
+    """
 
     RECENT = 500
 
-    def __init__(self, detector: str, delta: float, warmup: int, seed: int):
+    def __init__(self, detector: str, delta: float, warmup: int, seed: int, subject: str = "error_rate",
+                 recent: int | None = None):
         self.detector_name = detector
         self.delta = delta
         self.warmup = warmup
         self.seed = seed
+        self.subject = subject
+        self.recent_size = recent or self.RECENT
         self.reset()
 
     def reset(self) -> None:
         self.detector = ErrorRateDetector(self.detector_name, self.delta)
         self.n = 0
         self.reference_wrong = 0
-        self.recent: deque[int] = deque(maxlen=self.RECENT)
+        self.recent: deque[int] = deque(maxlen=self.recent_size)
         self.since = [0, 0]  # outcomes and errors since the detector last fired
 
     @property
@@ -522,9 +530,13 @@ class OutcomeWatch:
             return None
         window, self.since = self.since[0], [0, 0]
         rate = sum(self.recent) / len(self.recent)
+        if self.subject != "error_rate":
+            # few outcomes per class: the recent ones straddle the change; judge the part after it
+            level = self.detector.level()
+            rate = rate if level is None else level
         if rate <= self.reference_rate:
             return None  # the error rate fell: a change, but not one to act on
-        return CandidateAlert("performance", "error_rate", self.detector_name, finite_or_zero(rate),
+        return CandidateAlert("performance", self.subject, self.detector_name, finite_or_zero(rate),
                               finite_or_zero(self.reference_rate), window)
 
     def state_dict(self) -> dict[str, Any]:
