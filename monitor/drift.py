@@ -25,7 +25,10 @@ from .watches import CandidateAlert, CategoricalWatch, NumericWatch, OutcomeWatc
 
 STATE_FORMAT = "freshet.monitor.state/1"
 _TS_TYPES = (float, int)
-WARMING_UP = "warming_up"  # the detector of a notice that a windowed feature is not judged yet
+WARMING_UP = "warming_up"
+# a training reference's miss rate is used when its holdout held at least this many positives (fewer
+# pin it down too loosely: 3 of 10 missed is a 95% interval of 0.07-0.65); else it warms up on traffic
+MIN_REFERENCE_POSITIVES = 10  # the detector of a notice that a windowed feature is not judged yet
 
 # (model, version) -> the training reference logged with that version (a dict), or None
 ReferenceSource = Callable[[str, str], "Mapping[str, Any] | None"]
@@ -144,6 +147,10 @@ class ModelMonitor:
                       if ref.examples_end is not None and ref.history_start is not None else 0.0)
             for j, r in hold:
                 self._hold(j, float(r.window_s), behind, ts, ts + max(0.0, float(r.window_s) - behind), out)
+        outcomes = getattr(ref, "outcomes", None)
+        if (self.misses is not None and outcomes is not None and outcomes.positives >= MIN_REFERENCE_POSITIVES
+                and outcomes.miss_rate is not None):
+            self.misses.use_reference(outcomes.miss_rate, outcomes.positives)
         cats = self.categories
         if cats is not None and all(n in ref.categorical for n in cats.names):
             cats.use_reference([ref.categorical[n].to_dict() for n in cats.names])
