@@ -316,7 +316,10 @@ class ModelMonitor:
             signals.append(self.misses.update(int(predicted != 1)))
         signals = [s for s in signals if s is not None]
         if signals:
-            self._emit(signals, self.n_outcomes, out, ts=o.label_ts)
+            # stamped on the prediction stream's clock, as every other alert: a label's own ts may be on
+            # another (the demo's labels carry simulated time, hours from the predictions' wall clock),
+            # and the retraining policy, which keeps time by the predictions, dropped such alerts unheard
+            self._emit(signals, self.n_outcomes, out, ts=max(self.last_ts, finite_or_zero(o.prediction_ts)))
 
     def warming_up(self) -> list[str]:
         """Columns (and "outcomes") still building their reference."""

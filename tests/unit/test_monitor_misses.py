@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from freshet.contracts import Label, Prediction
+from freshet.contracts import DriftAlert, Label, Prediction
 from freshet.monitor import DriftMonitor, ModelConfig
+from freshet.monitor.service import RetrainPolicy
 from freshet.reference import OutcomeReference, TrainingReference
 
 
@@ -21,9 +22,10 @@ def _monitor(references=None, **cfg):
 class Outcomes:
     """Predictions of a rare class (3% positives) and their labels, with a given recall and false-alarm rate."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, label_clock: float = 0.0):
         self.rng = np.random.default_rng(seed)
         self.i = 0
+        self.label_clock = label_clock   # labels' ts minus their predictions' ts (another clock)
 
     def run(self, monitor: DriftMonitor, n: int, recall: float, fpr: float, version: str = "1") -> list:
         rng, alerts = self.rng, []
@@ -35,7 +37,8 @@ class Outcomes:
             p = Prediction(f"r{i}", "fraud", version, {}, {"amount": float(rng.lognormal(3, 1))},
                            {"score": score, "label": int(flagged[k])}, ts=float(i))
             alerts += [(i, a) for a in monitor.observe(p)]
-            alerts += [(i, a) for a in monitor.observe_label(Label(label=int(y[k]), request_id=f"r{i}", ts=float(i)))]
+            label = Label(label=int(y[k]), request_id=f"r{i}", ts=float(i) + self.label_clock)
+            alerts += [(i, a) for a in monitor.observe_label(label)]
         return alerts
 
 
@@ -92,3 +95,16 @@ def test_a_new_version_s_error_rate_alert_is_not_suppressed_by_the_previous_vers
     traffic.run(monitor, 2000, recall=0.9, fpr=0.005, version="2")
     second = [a for _, a in traffic.run(monitor, 2000, recall=0.9, fpr=0.10, version="2") if a.kind == "performance"]
     assert [(a.subject, a.model_version) for a in second] == [("error_rate", "2")]
+
+
+def test_a_performance_alert_keeps_the_predictions_clock_so_the_retraining_policy_acts_on_it():
+    # the demo's labels carry simulated event time, hours before the wall clock its predictions carry
+    monitor, traffic = _monitor(), Outcomes(seed=1, label_clock=-40_000.0)
+    traffic.run(monitor, 6000, recall=0.8, fpr=0.03)
+    policy = RetrainPolicy(window_s=120.0, cooldown_s=45.0)
+    assert policy.observe(DriftAlert("earlier", "fraud", "1", "feature", "amount", "adwin", 1.0, 0.1, 48,
+                                     ts=5990.0)) is not None
+    [(i, alert)] = [(i, a) for i, a in traffic.run(monitor, 4000, recall=0.0, fpr=0.005) if a.kind == "performance"]
+    assert i - 60 <= alert.ts <= i
+    requests = [policy.observe(alert)] + policy.due(alert.ts + 60.0)
+    assert [r.reason for r in requests if r is not None] == [[alert.alert_id]]
