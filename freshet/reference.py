@@ -103,6 +103,41 @@ class CategoricalReference:
 
 
 @dataclass
+class OutcomeReference:
+    """How the version did on labelled rows it was not fitted on (its holdout), at its decision threshold.
+
+    >>> OutcomeReference.of([1, 1, 0, 0, 1], [0.9, 0.2, 0.1, 0.7, 0.6], threshold=0.5).to_dict()
+    {'threshold': 0.5, 'positives': 3, 'missed': 1, 'negatives': 2, 'false_alarms': 1}
+    """
+
+    threshold: float
+    positives: int
+    missed: int          # positives scored at or below the threshold
+    negatives: int
+    false_alarms: int    # negatives scored above it
+
+    @classmethod
+    def of(cls, labels: Sequence[Any], scores: Sequence[float], threshold: float = 0.5) -> "OutcomeReference":
+        y = np.asarray(labels, dtype=float) == 1
+        flagged = np.asarray(scores, dtype=float) > threshold
+        return cls(float(threshold), int(y.sum()), int((y & ~flagged).sum()), int((~y).sum()),
+                   int((~y & flagged).sum()))
+
+    @property
+    def miss_rate(self) -> float | None:
+        return self.missed / self.positives if self.positives else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "positives": self.positives, "missed": self.missed,
+                "negatives": self.negatives, "false_alarms": self.false_alarms}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "OutcomeReference":
+        return cls(float(d.get("threshold", 0.5)), int(d.get("positives", 0)), int(d.get("missed", 0)),
+                   int(d.get("negatives", 0)), int(d.get("false_alarms", 0)))
+
+
+@dataclass
 class TrainingReference:
     """The distributions a model version was trained on: every numeric input, categorical input and the score.
 
@@ -131,12 +166,14 @@ class TrainingReference:
     history_start: float | None = None
     examples_start: float | None = None
     examples_end: float | None = None
+    outcomes: OutcomeReference | None = None   # the version's outcomes on its holdout, when labelled
 
     @classmethod
     def build(cls, X: np.ndarray, names: Sequence[str], scores: np.ndarray | None = None, *,
               windows: Mapping[str, float] | None = None, history_start: float | None = None,
               row_times: np.ndarray | None = None, bounds_from: np.ndarray | None = None,
-              categorical: Mapping[str, Sequence[Any]] | None = None) -> "TrainingReference":
+              categorical: Mapping[str, Sequence[Any]] | None = None,
+              outcomes: OutcomeReference | None = None) -> "TrainingReference":
         """The reference of rows X (columns = `names`) and their scores; the bounds cover
         `bounds_from` too (every training row, when X is only the newest of them)."""
         X = np.asarray(X, dtype=float)
@@ -153,7 +190,7 @@ class TrainingReference:
                                                 None if bounds_from is None else np.asarray(bounds_from)[:, j])
         score = NumericReference.of(np.asarray(scores, dtype=float)) if scores is not None else None
         cats = {k: CategoricalReference.of(list(v)) for k, v in (categorical or {}).items()}
-        return cls(numeric, score, cats, len(X), history_start, start, end)
+        return cls(numeric, score, cats, len(X), history_start, start, end, outcomes)
 
     def warming(self) -> dict[str, float]:
         """Windowed inputs whose window was not full in the reference: name -> window seconds."""
@@ -164,7 +201,8 @@ class TrainingReference:
                 "examples_start": self.examples_start, "examples_end": self.examples_end,
                 "numeric": {k: v.to_dict() for k, v in self.numeric.items()},
                 "score": self.score.to_dict() if self.score else None,
-                "categorical": {k: v.to_dict() for k, v in self.categorical.items()}}
+                "categorical": {k: v.to_dict() for k, v in self.categorical.items()},
+                "outcomes": self.outcomes.to_dict() if self.outcomes else None}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainingReference":
@@ -173,4 +211,5 @@ class TrainingReference:
         return cls({k: NumericReference.from_dict(v) for k, v in d.get("numeric", {}).items()},
                    NumericReference.from_dict(d["score"]) if d.get("score") else None,
                    {k: CategoricalReference.from_dict(v) for k, v in d.get("categorical", {}).items()},
-                   int(d.get("rows", 0)), d.get("history_start"), d.get("examples_start"), d.get("examples_end"))
+                   int(d.get("rows", 0)), d.get("history_start"), d.get("examples_start"), d.get("examples_end"),
+                   OutcomeReference.from_dict(d["outcomes"]) if d.get("outcomes") else None)

@@ -35,6 +35,10 @@ class ModelConfig:
     performance_alpha: float = 2e-3
     warmup: int = 2000              # predictions forming the reference window
     label_warmup: int = 1000        # labelled outcomes forming the reference error rate
+    # labelled positives (label 1) forming the reference miss rate (positives predicted 0); 0 = not
+    # watched. On a rare class the error rate is mostly the other class's: a model that stops
+    # catching positives altogether can keep its error rate while its miss rate goes to 1
+    miss_warmup: int = 50
     block_size: int = 16            # predictions averaged into one detector update
     batch_blocks: int = 3           # blocks judged together (numpy work per call is amortised;
                                     # an alert can come out up to block_size * (batch_blocks - 1) later)
@@ -107,6 +111,8 @@ class ModelConfig:
                 raise ConfigError(f"{where}: {name} must be a positive integer, got {getattr(self, name)}")
         if self.warmup < 2 * self.block_size:
             raise ConfigError(f"{where}: warmup ({self.warmup}) must be at least two blocks ({2 * self.block_size})")
+        if self.miss_warmup < 0:
+            raise ConfigError(f"{where}: miss_warmup must be >= 0 (0 = miss rate not watched), got {self.miss_warmup}")
         if self.cooldown < 0:
             raise ConfigError(f"{where}: cooldown must be >= 0, got {self.cooldown}")
         if not 0 < self.decision_threshold < 1:

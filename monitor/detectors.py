@@ -169,6 +169,13 @@ class ErrorRateDetector:
         river.update(1 - wrong if self._invert else wrong)
         return river.drift_detected
 
+    def level(self) -> float | None:
+        """Error rate of the detector's current window (ADWIN: after a change, the part after
+        it); None for detectors that keep no such window."""
+        if self.detector != "adwin" or not self._river.width:
+            return None
+        return float(self._river.estimation)
+
 
 def rewarm(detector: MeanShiftDetector | ErrorRateDetector, summary: dict[str, float], seed: int,
            cap: int = 2000) -> None:

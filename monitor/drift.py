@@ -26,7 +26,10 @@ from .watches import CandidateAlert, CategoricalWatch, NumericWatch, OutcomeWatc
 
 STATE_FORMAT = "freshet.monitor.state/1"
 _TS_TYPES = (float, int)
-WARMING_UP = "warming_up"  # the detector of a notice that a windowed feature is not judged yet
+WARMING_UP = "warming_up"
+# a training reference's miss rate is used when its holdout held at least this many positives (fewer
+# pin it down too loosely: 3 of 10 missed is a 95% interval of 0.07-0.65); else it warms up on traffic
+MIN_REFERENCE_POSITIVES = 10  # the detector of a notice that a windowed feature is not judged yet
 
 # (model, version) -> the training reference logged with that version (a dict), or None
 ReferenceSource = Callable[[str, str], "Mapping[str, Any] | None"]
@@ -52,8 +55,10 @@ class ModelMonitor:
         self.score_column = len(cfg.numeric_features) if cfg.watch_score else None
         self.numeric = NumericWatch(names, kinds, detectors, delta, cfg, seed) if names else None
         self.categories = CategoricalWatch(cfg.categorical_features, delta, cfg) if cfg.categorical_features else None
-        perf_delta = cfg.performance_alpha / (2 if cfg.estimate else 1)
+        perf_delta = cfg.performance_alpha / (1 + bool(cfg.estimate) + bool(cfg.miss_warmup))
         self.outcomes = OutcomeWatch(cfg.error_detector, perf_delta, cfg.label_warmup, seed + 15485863)
+        self.misses = (OutcomeWatch(cfg.error_detector, perf_delta, cfg.miss_warmup, seed + 32452843,
+                                    subject="miss_rate", recent=cfg.miss_warmup) if cfg.miss_warmup else None)
         self.estimate = self._new_estimate(perf_delta) if cfg.estimate else None
         self._pending_scores: list[np.ndarray] = []
         self._pending_n = 0
@@ -126,6 +131,7 @@ class ModelMonitor:
         whose window was not full in the training data waits until it would be."""
         self.counts["training_references"] += 1
         self.reference_source = f"training v{self.version}"
+        self._forget_alerts(("feature", "data_quality"))   # judged against a new reference from here
         watch = self.numeric
         if watch is not None:
             use, hold = [], []
@@ -144,6 +150,10 @@ class ModelMonitor:
                       if ref.examples_end is not None and ref.history_start is not None else 0.0)
             for j, r in hold:
                 self._hold(j, float(r.window_s), behind, ts, ts + max(0.0, float(r.window_s) - behind), out)
+        outcomes = getattr(ref, "outcomes", None)
+        if (self.misses is not None and outcomes is not None and outcomes.positives >= MIN_REFERENCE_POSITIVES
+                and outcomes.miss_rate is not None):
+            self.misses.use_reference(outcomes.miss_rate, outcomes.positives)
         cats = self.categories
         if cats is not None and all(n in ref.categorical for n in cats.names):
             cats.use_reference([ref.categorical[n].to_dict() for n in cats.names])
@@ -183,12 +193,23 @@ class ModelMonitor:
     def _new_version(self) -> None:
         """A new model version scores differently: its score and performance references start over."""
         self.counts["new_versions"] += 1
+        # the score and outcome references start over, and so do their alerts' cooldowns: the old
+        # version's alerts say nothing about how the new one scores (a concept drift right after a
+        # promotion was otherwise suppressed by the previous version's error-rate alert)
+        self._forget_alerts(("prediction", "performance"))
         if self.score_column is not None:
             self.numeric.reset_columns([self.score_column])
         self.outcomes.reset()
+        if self.misses is not None:
+            self.misses.reset()
         if self.estimate is not None:
             self.estimate = self._new_estimate(self._perf_delta)
             self._pending_scores, self._pending_n = [], 0
+
+    def _forget_alerts(self, kinds: Sequence[str]) -> None:
+        """Restart the cooldown of these kinds' alerts."""
+        prefixes = tuple(f"{k}|" for k in kinds)
+        self.last_alert = {k: v for k, v in self.last_alert.items() if not k.startswith(prefixes)}
 
     def flush(self, join: LabelJoin | None, out: list[DriftAlert]) -> None:
         block, self.block = self.block, []
@@ -295,9 +316,15 @@ class ModelMonitor:
         self.n_outcomes += 1
         if self.estimate is not None and o.score is not None:
             self.estimate.calibrate(o.score, actual)
-        signal = self.outcomes.update(int(predicted != actual))
-        if signal is not None:
-            self._emit([signal], self.n_outcomes, out, ts=o.label_ts)
+        signals = [self.outcomes.update(int(predicted != actual))]
+        if actual == 1 and self.misses is not None:
+            signals.append(self.misses.update(int(predicted != 1)))
+        signals = [s for s in signals if s is not None]
+        if signals:
+            # stamped on the prediction stream's clock, as every other alert: a label's own ts may be on
+            # another (the demo's labels carry simulated time, hours from the predictions' wall clock),
+            # and the retraining policy, which keeps time by the predictions, dropped such alerts unheard
+            self._emit(signals, self.n_outcomes, out, ts=max(self.last_ts, finite_or_zero(o.prediction_ts)))
 
     def warming_up(self) -> list[str]:
         """Columns (and "outcomes") still building their reference."""
@@ -346,6 +373,7 @@ class ModelMonitor:
             "numeric": self.numeric.state_dict() if self.numeric else None,
             "categories": self.categories.state_dict() if self.categories else None,
             "outcomes": self.outcomes.state_dict(),
+            "misses": self.misses.state_dict() if self.misses is not None else None,
             "estimate": self.estimate.state_dict() if self.estimate else None,
         }
 
@@ -373,6 +401,8 @@ class ModelMonitor:
                 fresh.append(name)
         if state.get("outcomes"):
             self.outcomes.load_state(state["outcomes"])
+        if self.misses is not None and state.get("misses"):
+            self.misses.load_state(state["misses"])
         if self.estimate is not None:
             try:
                 self.estimate.load_state(state["estimate"])
@@ -627,6 +657,9 @@ class DriftMonitor:
             if m.outcomes.n:
                 stats["error_rate:reference"] = m.outcomes.reference_rate
                 stats["error_rate:recent"] = sum(m.outcomes.recent) / len(m.outcomes.recent)
+            if m.misses is not None and m.misses.n:
+                stats["miss_rate:reference"] = m.misses.reference_rate
+                stats["miss_rate:recent"] = sum(m.misses.recent) / len(m.misses.recent)
             if m.estimate is not None and math.isfinite(m.estimate.result()):
                 stats["estimated_error_rate"] = m.estimate.result()
             out[name] = stats

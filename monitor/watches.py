@@ -487,27 +487,49 @@ def _is_category(v: Any) -> bool:
 
 
 class OutcomeWatch:
-    """Labelled outcomes of one model version: reference error rate and an error-rate detector."""
+    """Labelled outcomes of one model version: reference error rate and an error-rate detector.
+
+    `subject` names the rate in alerts: "error_rate" over every labelled outcome, or a
+    class-conditional rate ("miss_rate": labelled positives predicted negative) whose outcomes
+    are far fewer, hence its own `warmup` and `recent` counts.
+    """
 
     RECENT = 500
 
-    def __init__(self, detector: str, delta: float, warmup: int, seed: int):
+    def __init__(self, detector: str, delta: float, warmup: int, seed: int, subject: str = "error_rate",
+                 recent: int | None = None):
         self.detector_name = detector
         self.delta = delta
         self.warmup = warmup
         self.seed = seed
+        self.subject = subject
+        self.recent_size = recent or self.RECENT
         self.reset()
 
     def reset(self) -> None:
         self.detector = ErrorRateDetector(self.detector_name, self.delta)
         self.n = 0
         self.reference_wrong = 0
-        self.recent: deque[int] = deque(maxlen=self.RECENT)
+        self.reference: float | None = None   # a rate given by the training reference (no warm-up then)
+        self.recent: deque[int] = deque(maxlen=self.recent_size)
         self.since = [0, 0]  # outcomes and errors since the detector last fired
 
     @property
     def reference_rate(self) -> float:
+        if self.reference is not None:
+            return self.reference
         return self.reference_wrong / max(1, min(self.n, self.warmup))
+
+    @property
+    def warming_up(self) -> bool:
+        return self.reference is None and self.n < self.warmup
+
+    def use_reference(self, rate: float, n: int) -> None:
+        """Judge from the next outcome on against a rate measured on `n` outcomes elsewhere (the
+        version's holdout): the detector starts as if it had seen them, quietly."""
+        self.reset()
+        self.reference = float(rate)
+        rewarm(self.detector, {"n": int(n), "mean": self.reference, "sd": 0.0}, seed=self.seed)
 
     def update(self, wrong: int) -> CandidateAlert | None:
         self.n += 1
@@ -515,27 +537,32 @@ class OutcomeWatch:
         self.since[0] += 1
         self.since[1] += wrong
         fired = self.detector.update(wrong)
-        if self.n <= self.warmup:
+        if self.reference is None and self.n <= self.warmup:
             self.reference_wrong += wrong
             return None
         if not fired:
             return None
         window, self.since = self.since[0], [0, 0]
         rate = sum(self.recent) / len(self.recent)
+        if self.subject != "error_rate":
+            # few outcomes per class: the recent ones straddle the change; judge the part after it
+            level = self.detector.level()
+            rate = rate if level is None else level
         if rate <= self.reference_rate:
             return None  # the error rate fell: a change, but not one to act on
-        return CandidateAlert("performance", "error_rate", self.detector_name, finite_or_zero(rate),
+        return CandidateAlert("performance", self.subject, self.detector_name, finite_or_zero(rate),
                               finite_or_zero(self.reference_rate), window)
 
     def state_dict(self) -> dict[str, Any]:
         n, wrong = self.since
-        return {"n": self.n, "reference_wrong": self.reference_wrong, "recent": list(self.recent),
-                "detector": {"n": n, "mean": wrong / n if n else 0.0, "sd": 0.0}}
+        return {"n": self.n, "reference_wrong": self.reference_wrong, "reference": self.reference,
+                "recent": list(self.recent), "detector": {"n": n, "mean": wrong / n if n else 0.0, "sd": 0.0}}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         self.reset()
         self.n = int(state["n"])
         self.reference_wrong = int(state["reference_wrong"])
+        self.reference = None if state.get("reference") is None else float(state["reference"])
         self.recent.extend(int(x) for x in state["recent"])
         summary = state["detector"]
         rewarm(self.detector, summary, seed=self.seed)

@@ -529,15 +529,23 @@ class Retrainer:
         from freshet.models import LinearModel, export_sklearn
         from freshet.reference import TrainingReference
 
+        from freshet.reference import OutcomeReference
+
         rows = training.holdout if training.holdout.sum() >= 1000 else np.ones(len(training.y), dtype=bool)
         X = training.X[rows]
-        scores = LinearModel.from_dict(export_sklearn(pipeline, training.inputs)).predict_proba(X.tolist())
+        model = LinearModel.from_dict(export_sklearn(pipeline, training.inputs))
+        scores = model.predict_proba(X.tolist())
+        # outcomes on the holdout only: rows the version was not fitted on (the monitor's reference miss rate)
+        held = training.holdout
+        outcomes = (OutcomeReference.of(training.y[held], model.predict_proba(training.X[held].tolist()),
+                                        model.threshold) if held.any() else None)
         windows = {f"{v.name}:{a.name}": a.window_s for v in plan.views for a in v.aggregations}
         reference = TrainingReference.build(X, training.inputs, scores, windows=windows,
                                             history_start=job.outcome.get("history_start"),
                                             row_times=training.data["_t"].to_numpy(dtype=float)[rows],
-                                            bounds_from=training.X)
-        job.outcome["reference"] = {"rows": reference.rows, "warming": sorted(reference.warming())}
+                                            bounds_from=training.X, outcomes=outcomes)
+        job.outcome["reference"] = {"rows": reference.rows, "warming": sorted(reference.warming()),
+                                    "outcomes": outcomes.to_dict() if outcomes else None}
         return reference.to_dict()
 
     def _lineage(self, job: Retraining, plan: FeaturePlan, fingerprint: str) -> dict[str, Any]:
