@@ -35,6 +35,24 @@ def _secret(default: str = "") -> Any:
     return field(default=default, repr=False, metadata={"secret": True})
 
 
+def _with_password(default: str = "") -> Any:
+    """A URL that may carry a password (`postgresql://user:password@host/db`): shown without it."""
+    return field(default=default, repr=False, metadata={"secret": "password"})
+
+
+def without_password(url: str) -> str:
+    """
+    >>> without_password("postgresql://mlflow:s3cret@db:5432/mlflow")
+    'postgresql://mlflow:***@db:5432/mlflow'
+    >>> without_password("sqlite:///data/mlflow.db")
+    'sqlite:///data/mlflow.db'
+    """
+    parts = urlparse(url)
+    if not parts.password:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob freshet has; the env var is `FRESHET_` + the upper-cased name."""
@@ -106,7 +124,7 @@ class Settings:
     s3_secret_access_key: str = _secret()
     s3_secret_access_key_file: str = ""  # instead of the key itself: a file only its owner may read (0600)
     feature_repo: str = "feature_repo"
-    mlflow_tracking_uri: str = ""
+    mlflow_tracking_uri: str = _with_password()
     # Where MLflow keeps the model versions' artifacts: empty for <data dir>/mlartifacts; or
     # s3://bucket/prefix on the object store the FRESHET_S3_* settings reach, so that retrainers and
     # servers on other hosts share them (with a database FRESHET_MLFLOW_TRACKING_URI, e.g. PostgreSQL).
@@ -203,7 +221,12 @@ class Settings:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = "***" if f.metadata.get("secret") and value else value
+            secret = f.metadata.get("secret")
+            if secret == "password" and value:
+                value = without_password(value)
+            elif secret and value:
+                value = "***"
+            out[f.name] = value
         return out
 
 

@@ -74,3 +74,10 @@ def test_feast_apply_against_the_sql_registry_runs_on_a_copy_of_the_repo_naming_
     assert (copy / "definitions.py").read_text() == (Path(settings.feature_repo) / "definitions.py").read_text()
     config = repo_config(settings).registry
     assert config.registry_type == "sql" and config.path == "postgresql+psycopg://u:pw@db:5432/feast"
+
+
+def test_the_mlflow_database_password_is_masked_and_the_rest_of_its_url_shown():
+    s = load_settings({"FRESHET_MLFLOW_TRACKING_URI": "postgresql://mlflow:pw-123@db:5432/mlflow"})
+    assert s.public_view()["mlflow_tracking_uri"] == "postgresql://mlflow:***@db:5432/mlflow"
+    assert "pw-123" not in repr(s) and s.mlflow_uri == "postgresql://mlflow:pw-123@db:5432/mlflow"
+    assert load_settings({}).public_view()["mlflow_tracking_uri"] == ""
