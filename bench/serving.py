@@ -1,7 +1,7 @@
 """Online serving against Feast on the same data: in-process reads, HTTP features, HTTP predictions.
 
     python bench/serving.py [--quick] [--concurrency 50] [--duration S] [--rate 2000] [--workers N]
-                            [--features-rate R] [--seed N]
+                            [--features-rate R] [--seed N] [--shadow]
 
 Everything runs on this machine, on loopback, on the embedded stack (Tansu + Valkey):
 one Redis, one Feast registry, one model in MLflow (sqlite). Measured in one run:
@@ -16,7 +16,10 @@ one Redis, one Feast registry, one model in MLflow (sqlite). Measured in one run
   by default half the slower one's maximum): the latency comparison;
 - HTTP /predict (36 features from Redis + 1 request field, a StandardScaler +
   LogisticRegression from the registry, every prediction logged to Kafka): its maximum
-  throughput (closed loop) and its latency at a fixed offered load (--rate, open loop).
+  throughput (closed loop) and its latency at a fixed offered load (--rate, open loop);
+- with --shadow, /predict again while a second version scores every request in shadow
+  (`freshet models shadow`), then once more after it is cleared: `shadow_*_ratio` compare
+  the shadow run with the mean of the runs before and after it.
 
 Latency at saturation is queueing (closed loop: mean latency = clients / throughput), so
 latency is compared at a fixed rate, from the time each request was due, not from when a
@@ -305,6 +308,40 @@ def register_model(settings, seed: int) -> list[str]:
     return names
 
 
+def register_shadow(settings, names: list[str], seed: int) -> str:
+    """A second version over the same inputs (another sample, so other coefficients), set as the shadow."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from freshet.models import ModelRegistry
+
+    rng = np.random.default_rng(seed + 1)
+    x = rng.uniform(0, 500, size=(2000, len(names)))
+    y = (x[:, 2] + x[:, -1] + rng.normal(0, 100, 2000) > 500).astype(int)
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(x, y)
+    models = ModelRegistry(settings)
+    version = models.register_sklearn(MODEL, pipe, names, {"feature_service": "fraud_model_v1", "seed": seed + 1,
+                                                           "dataset_fingerprint": "bench-synthetic-shadow"},
+                                      {"train_accuracy": float(pipe.score(x, y))})
+    models.set_challenger(MODEL, "shadow", version)
+    return str(version)
+
+
+def wait_shadow(port: int, wanted: str | None, timeout: float) -> None:
+    """Until the server's /ready says it scores `wanted` in shadow (None: no shadow)."""
+    import httpx
+
+    deadline, doc = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline:
+        doc = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5, headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        if (doc.get("challengers") or {}).get("shadow") == wanted:
+            return
+        time.sleep(0.25)
+    raise RuntimeError(f"the server did not switch its shadow to {wanted} within {timeout:.0f}s: /ready says {doc}")
+
+
 class Servers:
     """The two HTTP servers under test, as child processes this bench owns."""
 
@@ -477,6 +514,21 @@ def redis_round_trips(reader, n: int) -> dict:
     return out
 
 
+def shadow_cost(http: dict) -> dict:
+    """/predict with a shadow against the mean of the runs before and after it."""
+    def ratio(key: str, field: str) -> float:
+        without = (http[f"freshet_predict{key}"][field] + http[f"freshet_predict_after{key}"][field]) / 2
+        return round(http[f"freshet_predict_shadow{key}"][field] / max(without, 1e-9), 3)
+
+    return {"http_predict_shadow_saturated": http["freshet_predict_shadow"],
+            "http_predict_shadow_at_rate": http["freshet_predict_shadow_at_rate"],
+            "http_predict_after_saturated": http["freshet_predict_after"],
+            "http_predict_after_at_rate": http["freshet_predict_after_at_rate"],
+            "shadow_rps_ratio": ratio("", "rps"),
+            "shadow_p99_ratio_at_rate": ratio("_at_rate", "p99_ms"),
+            "shadow_cpu_ratio_at_rate": ratio("_at_rate", "server_cores")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short run (< 60 s) for CI")
@@ -490,6 +542,9 @@ def main() -> int:
                     help="offered load (req/s, open loop) at which both servers' /get-online-features latency is "
                          "compared (default: half the slower server's maximum, rounded down to 50)")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--shadow", action="store_true",
+                    help="then /predict again with a second version scoring every request in shadow, between "
+                         "two runs without it: what a shadow costs")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs of both servers)")
     ap.add_argument("--loadgen", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -604,6 +659,20 @@ def main() -> int:
         # 3. /predict: maximum throughput, and latency at --rate
         measure("freshet_predict", ours_port, "/predict", predict_bodies, TOKEN, None)
         measure("freshet_predict_at_rate", ours_port, "/predict", predict_bodies, TOKEN, args.rate)
+        if args.shadow:
+            # without, with, without again: the with-shadow run is compared with the runs around it
+            shadow_version = register_shadow(settings, model_features, args.seed)
+            wait_shadow(ours_port, shadow_version, 60)
+            log(f"version {shadow_version} scores every /predict request in shadow")
+            measure("freshet_predict_shadow", ours_port, "/predict", predict_bodies, TOKEN, None)
+            measure("freshet_predict_shadow_at_rate", ours_port, "/predict", predict_bodies, TOKEN, args.rate)
+            from freshet.models import ModelRegistry
+
+            ModelRegistry(settings).clear_challenger(MODEL, "shadow")
+            wait_shadow(ours_port, None, 60)
+            log("shadow cleared")
+            measure("freshet_predict_after", ours_port, "/predict", predict_bodies, TOKEN, None)
+            measure("freshet_predict_after_at_rate", ours_port, "/predict", predict_bodies, TOKEN, args.rate)
         metrics = httpx.get(f"http://127.0.0.1:{ours_port}/metrics").text
         logged = next((float(line.split()[-1]) for line in metrics.splitlines()
                        if line.startswith("freshet_predictions_logged_total")), 0.0)
@@ -688,6 +757,7 @@ def main() -> int:
             "http_p99_no_worse_than_feast_serve_at_same_rate": ours_r["p99_ms"] <= feast_r["p99_ms"]
                                                                 and ours_r["failed"] == 0,
         },
+        **(shadow_cost(http) if args.shadow else {}),
         "load_average_1m": round(os.getloadavg()[0], 2),
         "elapsed_s": round(time.monotonic() - started, 1),
     }
