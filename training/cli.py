@@ -127,8 +127,10 @@ def _add_retrain(sub) -> None:
                     "to its transaction in the offline "
                     "raw log, builds point-in-time features for the feature service, fits\n"
                     "SimpleImputer -> StandardScaler -> LogisticRegression with the given seed, scores it and the\n"
-                    "serving champion on the newest --holdout share of the examples, registers it with its\n"
-                    "lineage and promotes it only if it beats the champion by --margin on --metric. Requests\n"
+                    "serving champion on the newest --holdout share of the examples (with --since-request\n"
+                    "--folds N: on all of them, the candidate out-of-fold over N time blocks, and fits the\n"
+                    "version on all of them), registers it with its lineage and promotes it only if it beats\n"
+                    "the champion by --margin on --metric. Requests\n"
                     "whose alert ids were all trained for already train nothing (--force overrides).\n"
                     "Outcomes are appended to <data dir>/retrain/outcomes.jsonl.",
         epilog="exit status: 0 trained, skipped or reproduced, 1 not enough labelled data or a reproduction "
