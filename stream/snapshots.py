@@ -200,3 +200,63 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# --- a table's partitions as snapshot rows, and back -----------------------------------------
+#
+# Faust's memory store (`table.data`) keeps every key in `.data` and the changelog partition
+# each key was recovered from in `._key_partition`; the engine records there, too, the partition
+# of each key its checkpoints write, so both directions work per partition.
+
+
+def table_image(store, chunked: dict, partitions: set[int]) -> dict[int, list[tuple[bytes, bytes, bytes | None]]]:
+    """The rows of these partitions of a table's store: (key, value, chunk header of a whole
+    value whose changelog record was chunked, else None). Synchronous: a consistent image.
+
+    >>> from types import SimpleNamespace
+    >>> store = SimpleNamespace(data={b"a": b"1", b"b": b"2", b"c": b"3"}, _key_partition={b"a": 0, b"b": 1, b"c": 0, b"gone": 0})
+    >>> table_image(store, {b"c": ("g1", 2)}, {0})
+    {0: [(b'a', b'1', None), (b'c', b'3', b'\\x00chunks ["g1",2]')]}
+    """
+    from freshet.stream import chunks
+
+    rows: dict[int, list] = {p: [] for p in partitions}
+    data = store.data
+    for key, partition in list(store._key_partition.items()):
+        if partition not in rows:
+            continue
+        value = data.get(key)
+        if value is None:
+            continue  # deleted, or joined into its entity's value (chunks.joined)
+        header = chunked.get(key)
+        rows[partition].append((key, value, None if header is None or chunks.is_header(value)
+                                else chunks.HEADER + orjson.dumps(list(header))))
+    return rows
+
+
+def load_partition(store, chunked: dict, partition: int, rows) -> int:
+    """Replace one partition's keys in a table's store by a snapshot's rows; returns the rows.
+
+    >>> from types import SimpleNamespace
+    >>> store = SimpleNamespace(data={b"a": b"old", b"z": b"9"}, _key_partition={b"a": 0, b"z": 1})
+    >>> chunked = {}
+    >>> load_partition(store, chunked, 0, [(b"b", b"2", b'\\x00chunks ["g1",2]')])
+    1
+    >>> store.data, store._key_partition, chunked
+    ({b'z': b'9', b'b': b'2'}, {b'z': 1, b'b': 0}, {b'b': ('g1', 2)})
+    """
+    from freshet.stream import chunks
+
+    data, index = store.data, store._key_partition
+    for key in [k for k, p in index.items() if p == partition]:  # what replaying from the start would not give
+        data.pop(key, None)
+        chunked.pop(key, None)
+        del index[key]
+    n = 0
+    for key, value, header in rows:
+        data[key] = value
+        index[key] = partition
+        if header is not None:
+            chunked[key] = chunks.header_of(header)
+        n += 1
+    return n
