@@ -1033,12 +1033,17 @@ class StreamEngine:
             if processor is None:
                 continue
             last = highwaters.get(tp)  # the fence's offset: the changelog's last record
-            snapshot = await loop.run_in_executor(self._snapshot_writer, self.snapshots.newest, tp.topic,
-                                                  tp.partition, None if last is None or last < 0 else last + 1)
             start = destination.get(tp)
-            if snapshot is None or snapshot.offset - 1 <= (start if start is not None else -1):
+            try:
+                snapshot = await loop.run_in_executor(self._snapshot_writer, self.snapshots.newest, tp.topic,
+                                                      tp.partition, None if last is None or last < 0 else last + 1)
+                if snapshot is None or snapshot.offset - 1 <= (start if start is not None else -1):
+                    continue
+                n = load_partition(processor.table.data, processor.chunked, tp.partition, snapshot.rows)
+            except Exception:  # noqa: BLE001 - a snapshot only saves time: the changelog has it all
+                log.exception("loading the table snapshot of %s[%d] failed; its changelog is read instead",
+                              tp.topic, tp.partition)
                 continue
-            n = load_partition(processor.table.data, processor.chunked, tp.partition, snapshot.rows)
             destination[tp] = snapshot.offset - 1  # Faust reads the records after this one
             self._snapshot_at[(tp.topic, tp.partition)] = snapshot.offset
             self.counters.snapshots_restored += 1
@@ -1204,6 +1209,7 @@ class StreamEngine:
     async def _on_revoked(self, app, revoked, **kwargs) -> None:
         self._settled = False
         self.owned -= {(tp.topic, tp.partition) for tp in revoked}
+        self._changelog_at.clear()  # a partition owned again has had other writers: known anew from its sends
         if self.positions is not None:
             self.positions.forget(revoked)
         for tp in revoked:  # whoever reads them next resumes from the checkpointed marks

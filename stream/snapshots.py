@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -121,9 +122,12 @@ class TableSnapshots:
         self.root = Path(root)
         self.incarnation = incarnation
         self.keep = max(1, keep)
+        self._others_removed = False
 
     def folder(self, topic: str, partition: int) -> Path:
-        return self.root / topic / str(partition)
+        """Each broker incarnation has its own folder: a new broker's offsets start from 0 again,
+        so its snapshots must not be pruned as older than the last broker's."""
+        return self.root / self.incarnation / topic / str(partition)
 
     def files(self, topic: str, partition: int) -> list[Path]:
         """This partition's snapshot files, newest (highest offset) first."""
@@ -152,7 +156,18 @@ class TableSnapshots:
             tmp.unlink(missing_ok=True)
         _fsync_dir(folder)
         self.prune(snapshot.topic, snapshot.partition)
+        if not self._others_removed:
+            self._remove_other_incarnations()
         return path
+
+    def _remove_other_incarnations(self) -> None:
+        """Snapshots of a broker that is gone can never be used again: removed, once a
+        snapshot of this one exists."""
+        self._others_removed = True
+        for other in self.root.iterdir():
+            if other.is_dir() and other.name != self.incarnation:
+                shutil.rmtree(other, ignore_errors=True)
+                log.info("removed the table snapshots of an earlier broker incarnation (%s)", other.name)
 
     def prune(self, topic: str, partition: int) -> None:
         """Keep the newest `keep` snapshots of a partition (and no leftover temp files)."""

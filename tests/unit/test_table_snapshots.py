@@ -68,10 +68,25 @@ def test_a_truncated_or_foreign_file_means_a_full_replay(tmp_path, caplog):
 
 
 def test_a_snapshot_of_another_broker_incarnation_is_ignored(tmp_path, caplog):
-    TableSnapshots(tmp_path, "before-restart").write(Snapshot(TOPIC, 0, 9000, "before-restart", _rows(5)))
+    before = TableSnapshots(tmp_path, "before-restart")
+    path = before.write(Snapshot(TOPIC, 0, 9000, "before-restart", _rows(5)))
+    after = TableSnapshots(tmp_path, "after-restart")
+    assert after.newest(TOPIC, 0) is None
+    # even when its file is found where this broker's snapshots are
+    after.folder(TOPIC, 0).mkdir(parents=True)
+    path.rename(after.folder(TOPIC, 0) / path.name)
     with caplog.at_level(logging.WARNING, "freshet.stream"):
-        assert TableSnapshots(tmp_path, "after-restart").newest(TOPIC, 0) is None
+        assert after.newest(TOPIC, 0) is None
     assert "another broker incarnation" in caplog.text
+
+
+def test_a_new_broker_incarnations_first_snapshot_removes_the_last_ones(tmp_path):
+    # the new broker counts offsets from 0 again: its snapshots must not be pruned as older
+    TableSnapshots(tmp_path, "old").write(Snapshot(TOPIC, 0, 9000, "old", _rows(5)))
+    new = TableSnapshots(tmp_path, "new")
+    new.write(Snapshot(TOPIC, 0, 12, "new", _rows(5)))
+    assert new.newest(TOPIC, 0).offset == 12
+    assert [p.name for p in tmp_path.iterdir()] == ["new"]
 
 
 def test_a_snapshot_past_the_changelogs_end_is_ignored(tmp_path, caplog):
