@@ -21,14 +21,25 @@ timed from produce() to its row in Redis; `freshness_during_faults_max_ms` cover
 sent during a fault or within 5 s after it ended, `freshness_after_faults_max_ms` the
 others (steady state, which must stay under 1 s).
 
+Recovery: every worker start is matched with the worker's "tables recovered" log line:
+`recoveries` lists, per start, seconds from the process start to its tables recovered
+(`restart_to_recovered_s`), from the partition assignment (`recovery_s`), and how many
+changelog partitions started from a table snapshot. `--fetch-wait-ms` sets the worker's
+FRESHET_KAFKA_FETCH_MAX_WAIT_MS (how long a fetch waits for data: fewer, fuller fetches of a
+broker whose every fetch costs in proportion to what a partition holds), and
+`--snapshot-interval-s` its FRESHET_STREAM_SNAPSHOT_INTERVAL_S; both default to the settings'.
+
 Progress goes to stderr; the last stdout line is one JSON object.
     .venv/bin/python bench/chaos.py [--quick] [--minutes 10] [--rate 2000] [--faults 30] [--seed 1]
+                                    [--fetch-wait-ms 20] [--snapshot-interval-s 30]
 """
 
 from __future__ import annotations
 
 import argparse
 import array
+import datetime
+import re
 import json
 import os
 import random
@@ -71,12 +82,14 @@ class Supervisor:
         self.restarts = 0
         self.lock = threading.Lock()
         self.next_crash_at = ""
+        self.starts: list[float] = []  # wall clock of each start
 
     def start(self) -> None:
         env = dict(self.env)
         if self.next_crash_at:
             env["FRESHET_STREAM_TEST_CRASH_AT"] = self.next_crash_at
             self.next_crash_at = ""
+        self.starts.append(time.time())
         self.proc = subprocess.Popen([sys.executable, "-m", "freshet.cli", "stream"], env=env,
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
 
@@ -237,6 +250,29 @@ def inject(kind: str, outage_s: float, worker: Supervisor, own: RedisServer, off
     raise ValueError(kind)
 
 
+RECOVERED = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\].*tables recovered in ([\d.]+) s after the "
+                       r"assignment.*\((\d+) of (\d+) changelog partitions from a snapshot\)")
+
+
+def recoveries(log: Path, starts: list[float]) -> list[dict]:
+    """Per worker start, its first "tables recovered" line: seconds from the start and from the
+    assignment, and the changelog partitions started from a snapshot (None: never recovered,
+    e.g. killed first)."""
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        m = RECOVERED.match(line)
+        if m:
+            at = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000
+            found.append((at, float(m.group(3)), int(m.group(4)), int(m.group(5))))
+    out = []
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else float("inf")
+        hit = next(((at, s, n, of) for at, s, n, of in found if start - 1 <= at < end), None)
+        out.append(None if hit is None else {"restart_to_recovered_s": round(hit[0] - start, 2),
+                                             "recovery_s": hit[1], "from_snapshots": f"{hit[2]}/{hit[3]}"})
+    return out
+
+
 def read_redis_counts(url: str, layout: OnlineLayout, view: str, keys: list[str]) -> dict[str, tuple]:
     client = redis.Redis.from_url(url)
     out = {}
@@ -347,6 +383,10 @@ def main() -> int:
     ap.add_argument("--cards", type=int, default=5000)
     ap.add_argument("--merchants", type=int, default=500)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--fetch-wait-ms", type=int, default=None,
+                    help="the worker's FRESHET_KAFKA_FETCH_MAX_WAIT_MS (default: the setting's, 20)")
+    ap.add_argument("--snapshot-interval-s", type=int, default=None,
+                    help="the worker's FRESHET_STREAM_SNAPSHOT_INTERVAL_S (default: the setting's, 30; 0: off)")
     ap.add_argument("--catch-up-s", type=float, default=180.0,
                     help="after production, give up once no probe has appeared for this long")
     args = ap.parse_args()
@@ -370,7 +410,11 @@ def main() -> int:
             result["disk_full_skipped"] = f"no tmpfs for the offline store: {unmountable}"
             say(result["disk_full_skipped"])
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
-        settings = load_settings(env, kafka_bootstrap_servers=ep.kafka, redis_url=own.url, data_dir=str(tmp / "data"))
+        settings = load_settings(env, kafka_bootstrap_servers=ep.kafka, redis_url=own.url, data_dir=str(tmp / "data"),
+                                 kafka_fetch_max_wait_ms=args.fetch_wait_ms,
+                                 stream_snapshot_interval_s=args.snapshot_interval_s)
+        result.update(fetch_wait_ms=settings.kafka_fetch_max_wait_ms,
+                      snapshot_interval_s=settings.stream_snapshot_interval_s)
         features.apply(settings)
         registry = features.load_registry(settings)
         (topic,) = registry.views_by_topic()
@@ -435,6 +479,10 @@ def main() -> int:
                       freshness_after_faults_p99_ms=round(sorted(after)[int(0.99 * (len(after) - 1))], 1)
                       if after else None)
         worker.stop()
+        recovered = recoveries(tmp / "worker.log", worker.starts)
+        times = [r["restart_to_recovered_s"] for r in recovered if r]
+        result.update(recoveries=recovered, restart_to_recovered_s_max=max(times, default=None),
+                      restart_to_recovered_s_min=min(times, default=None))
         result.update(account(settings, registry, layout, own.url, topic, produced, args.cards, args.merchants))
         result["ok"] = result["lost"] == 0 and result["doubled"] == 0 and result["produce_failed"] == 0
     except Exception as exc:  # noqa: BLE001 - the JSON line says why the run failed

@@ -29,6 +29,7 @@ and a run with any is marked `"ok": false`.
 Progress goes to stderr; the last stdout line is one JSON object.
     .venv/bin/python bench/stream.py [--quick] [--rate 5000] [--seconds 20] [--backlog 200000] [--cards 20000]
                                      [--workers N] [--skew] [--partitions P]
+                                     [--snapshot-interval-s S] [--fetch-wait-ms MS]
 
 `--workers N` runs N workers in one consumer group (each topic needs at least N partitions:
 `--partitions`, default max(4, N)); `--skew` sends half of the events to 1% of the merchants
@@ -628,6 +629,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--commit-interval-ms", type=int, help="the worker's FRESHET_STREAM_COMMIT_INTERVAL_MS "
                                                            "(default: the setting's default)")
+    ap.add_argument("--snapshot-interval-s", type=int, help="the worker's FRESHET_STREAM_SNAPSHOT_INTERVAL_S "
+                                                            "(default: the setting's default; 0: no table snapshots)")
+    ap.add_argument("--fetch-wait-ms", type=int, help="the worker's FRESHET_KAFKA_FETCH_MAX_WAIT_MS "
+                                                      "(default: the setting's default)")
     ap.add_argument("--no-expiry", action="store_true", help="skip the expiry phase")
     ap.add_argument("--workers", type=int, default=1, help="stream workers in one consumer group")
     ap.add_argument("--partitions", type=int, help="partitions per topic (default: max(4, --workers))")
@@ -653,9 +658,13 @@ def main() -> int:
         # the expiry phase's clock events run up to a day ahead of the wall clock
         settings = load_settings(env, kafka_bootstrap_servers=ep.kafka, redis_url=ep.redis_url,
                                  data_dir=str(tmp / "data"), stream_commit_interval_ms=args.commit_interval_ms,
+                                 stream_snapshot_interval_s=args.snapshot_interval_s,
+                                 kafka_fetch_max_wait_ms=args.fetch_wait_ms,
                                  kafka_partitions=args.partitions,
                                  stream_max_future_s=2 * 86400, stream_clock_ahead_s=2 * 86400)
         result["commit_interval_ms"] = settings.stream_commit_interval_ms
+        result["snapshot_interval_s"] = settings.stream_snapshot_interval_s
+        result["fetch_wait_ms"] = settings.kafka_fetch_max_wait_ms
         say("applying the feature repo ...")
         features.apply(settings)
         bench = Bench(settings, features.load_registry(settings), ep, tmp)

@@ -101,6 +101,12 @@ class Settings:
     # one event dated minutes ahead cannot age every other entity's windows early. A
     # simulated clock running ahead of the wall clock (with FRESHET_STREAM_MAX_FUTURE_S) raises it.
     stream_clock_ahead_s: int = 0
+    # How often a stream worker writes each of its table partitions to a snapshot file in the
+    # data dir (after a commit, in a thread), so a restarted worker replays its changelogs only
+    # from the newest snapshot instead of from their start: the embedded broker cannot trim
+    # them, and its every fetch costs time in proportion to what a partition holds (a worker
+    # restarted late in a long run spent minutes recovering). 0: off (full replays).
+    stream_snapshot_interval_s: int = 30
     # Port of a stream worker's Prometheus metrics (lag per partition, events, dead letters,
     # freshness) at FRESHET_HTTP_HOST; 0: off.
     stream_metrics_port: int = 0
@@ -276,6 +282,9 @@ def _validate(s: Settings) -> None:
                             "(0 never polls; ~100 suits a Redis on the same host)")
     if not 0 < s.http_port < 65536:
         raise SettingsError(f"{_env_name('http_port')}={s.http_port} must be a TCP port 1..65535")
+    if not 0 <= s.stream_snapshot_interval_s <= 86400:
+        raise SettingsError(f"{_env_name('stream_snapshot_interval_s')}={s.stream_snapshot_interval_s} must be "
+                            "0..86400 seconds (0: no table snapshots, a restarted worker replays whole changelogs)")
     if not 0 <= s.stream_metrics_port < 65536:
         raise SettingsError(f"{_env_name('stream_metrics_port')}={s.stream_metrics_port} must be a TCP port "
                             "1..65535, or 0 for no metrics endpoint")

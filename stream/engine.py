@@ -55,6 +55,7 @@ from freshet.stream.isolation import describe, is_infrastructure, split_failures
 from freshet.offline_store import OfflineStore
 from freshet.stream.offline import PartBuffer
 from freshet.stream.recovery import PatientWriter, RowMarkers, is_entity_key, where, write_back
+from freshet.stream.snapshots import Snapshot, TableSnapshots, load_partition, table_image
 from freshet.stream.watermarks import WatermarkMarks, record_key
 
 log = logging.getLogger("freshet.stream")
@@ -81,6 +82,7 @@ LIVE_MAX = 100_000  # ~2.7 KB each for a card of the example
 
 
 LAG_INTERVAL_S = 1.0
+STARTED = time.monotonic()  # the worker process's start, near enough (this module's import)
 
 
 def _patch_clients(fetch_wait_ms: int, idempotent: bool) -> None:
@@ -171,6 +173,9 @@ class Counters:
     rows_offline: int = 0
     rows_expired: int = 0  # online rows written again because a tile left a window
     changelog_records: int = 0
+    snapshots_written: int = 0  # table partitions written to snapshot files
+    snapshots_restored: int = 0  # changelog partitions recovered from a snapshot (then their tail)
+    snapshot_failures: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     batches: int = 0
     seconds: dict[str, float] = field(default_factory=dict)  # time spent per phase
@@ -670,6 +675,20 @@ class StreamEngine:
             self.app.agent(source, name=f"ingest-{topic}")(self._agent(handler))
         self._partition_cache: dict[bytes, int] = {}
         self._offline_writer = ThreadPoolExecutor(1, thread_name_prefix="freshet-offline")
+        # table snapshots (stream/snapshots.py): taken after commits, loaded by recovery
+        self.snapshots: TableSnapshots | None = None
+        if settings.stream_snapshot_interval_s:
+            from freshet.kafka import broker_incarnation
+
+            self.snapshots = TableSnapshots(settings.data_path / "snapshots", broker_incarnation(settings))
+        self._snapshot_writer = ThreadPoolExecutor(1, thread_name_prefix="freshet-snapshots")
+        self._snapshot_due_at = time.monotonic() + settings.stream_snapshot_interval_s
+        self._snapshot_writing: asyncio.Future | None = None
+        self._changelog_at: dict[tuple[str, int], int] = {}  # last acknowledged batch's offset per partition
+        self._snapshot_at: dict[tuple[str, int], int] = {}  # offset of the newest snapshot per partition
+        self._checkpointing = asyncio.Lock()
+        self._assigned_at: float | None = None
+        self._recovery_from = (0, 0)  # (changelog partitions started from a snapshot, of)
         # (topic, partition) this worker owns: set when an assignment is complete and
         # shrunk only after the revocation's final commit, never from the consumer's
         # assignment mid-rebalance, which can be momentarily empty
@@ -692,6 +711,8 @@ class StreamEngine:
         self.app.on_rebalance_complete.connect(self._on_recovered)
         self._flush_before_commit()
         self._fence_recovery()
+        if self.snapshots is not None:
+            self._recover_from_snapshots()
         self._seek_where_uncommitted()
         if bulk_delivery:
             self._deliver_in_bulk()
@@ -721,10 +742,11 @@ class StreamEngine:
             committed = False
             try:
                 await self._restore_lost_rows()
-                sent = await self.checkpoint()
+                sent, ends, image = await self.checkpoint()
                 if not offsets:
                     if sent:
                         await self.app.producer.flush()
+                    self._changelog_durable(ends, image, {})
                     return False
                 # anything Faust attached to these offsets goes out now; then everything
                 # sent so far (changelog records, repartition batches) is flushed
@@ -738,6 +760,7 @@ class StreamEngine:
                 self.crash.reached("committed")
                 for tp, offset in offsets.items():
                     self.marks.committed(tp.topic, tp.partition, offset)
+                self._changelog_durable(ends, image, offsets)  # snapshots only after the commit
             return committed
 
         consumer.force_commit = force_commit
@@ -858,18 +881,28 @@ class StreamEngine:
 
         consumer._drain_messages = drain
 
-    async def checkpoint(self) -> int:
+    async def checkpoint(self) -> tuple[int, dict, dict | None]:
         """Send every changed entity state to its table's changelog, after the Parquet parts
-        of the rows they reflect are on disk; returns records sent.
+        of the rows they reflect are on disk; returns records sent, the send of each changelog
+        partition's last batch, and a snapshot image when one is due (`_snapshot_image`).
 
         A batch queues its offline rows before it releases its processor's lock, so the
         rows queued when every lock is held cover every state encoded under them: they
         are taken there, and written (in the writer thread, while batches go on) before
         any changelog record is sent. A kill before the records are durable replays the
         events; after, finds them in the states with their rows on disk.
+
+        One checkpoint encodes and sends at a time, so a changelog partition's records are in
+        the order their states were encoded: a snapshot taken between two checkpoints holds
+        every record before the offsets the first one's sends got.
         """
+        async with self._checkpointing:
+            return await self._checkpoint()
+
+    async def _checkpoint(self) -> tuple[int, dict, dict | None]:
         t0 = time.perf_counter()
         by_partition: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}
+        image = None
         for processor in self.processors.values():  # no batch half applied while encoding
             await processor.lock.acquire()
         try:
@@ -880,26 +913,149 @@ class StreamEngine:
                 owned = self._owned_partitions(name)
                 owner = self._owner_partition
                 topic = processor.table.changelog_topic.get_topic_name()
+                index = processor.table.data._key_partition  # which partition each key's records go to
                 for key, record_key, value in processor.checkpoint(lambda key: owner(key) in owned):
-                    by_partition.setdefault((topic, owner(key)), []).append((record_key, value))
+                    partition = index[key] = owner(key)
+                    by_partition.setdefault((topic, partition), []).append((record_key, value))
             self._checkpoint_marks(by_partition)
+            if self._snapshot_due():
+                image = self._snapshot_image(by_partition)
         finally:
             for processor in self.processors.values():
                 processor.lock.release()
         await written
         if queued:
             self.crash.reached("offline-written")
-        n = 0
+        n, ends = 0, {}
         for i, ((topic, partition), records) in enumerate(by_partition.items()):  # encoded above
-            await self._send_records(topic, partition, records)
+            ends[(topic, partition)] = await self._send_records(topic, partition, records)
             n += len(records)
             if i == 0 and len(by_partition) > 1:
                 if self.crash.armed("changelog-partial"):
                     await self.app.producer.flush()
                 self.crash.reached("changelog-partial")
+        if image is not None:
+            # where each partition's replay resumes: this checkpoint's last batch, or an earlier
+            # one's (acknowledged by an earlier flush); both hold no state newer than the image
+            for tp in list(image):
+                at = ends.get(tp, self._changelog_at.get(tp))
+                if at is None:
+                    del image[tp]
+                else:
+                    image[tp] = (image[tp], at)
         self.counters.changelog_records += n
         self.counters.timed("checkpoint", t0)
-        return n
+        return n, ends, image
+
+    def _snapshot_due(self) -> bool:
+        """A snapshot is taken at most every FRESHET_STREAM_SNAPSHOT_INTERVAL_S, of settled tables
+        only (mid-recovery a table holds part of a partition), one write at a time."""
+        return (self.snapshots is not None and time.monotonic() >= self._snapshot_due_at and self._settled
+                and not self.app.in_recovery and (self._snapshot_writing is None or self._snapshot_writing.done()))
+
+    def _snapshot_image(self, by_partition: dict) -> dict:
+        """Every owned changelog partition changed since its last snapshot, as rows (under the
+        processors' locks: the states as encoded by this checkpoint)."""
+        self._snapshot_due_at = time.monotonic() + self.settings.stream_snapshot_interval_s
+        image = {}
+        for name, processor in self.processors.items():
+            topic = processor.table.changelog_topic.get_topic_name()
+            changed = {p for p in self._owned_partitions(name)
+                       if (topic, p) in by_partition
+                       or self._changelog_at.get((topic, p), -1) > self._snapshot_at.get((topic, p), -1)}
+            if changed:
+                for p, rows in table_image(processor.table.data, processor.chunked, changed).items():
+                    image[(topic, p)] = rows
+        return image
+
+    def _changelog_durable(self, ends: dict, image: dict | None, sources: dict) -> None:
+        """A checkpoint's changelog records are acknowledged (and its offsets committed): note
+        where each partition ends, and write the snapshot image, if any, in its own thread."""
+        for tp, sent in ends.items():
+            if sent.done() and not sent.cancelled() and sent.exception() is None:
+                self._changelog_at[tp] = sent.result().offset
+        if not image:
+            return
+        snapshots = []
+        for (topic, partition), (rows, at) in image.items():
+            if not isinstance(at, int):
+                if not at.done() or at.cancelled() or at.exception() is not None:
+                    continue
+                at = at.result().offset
+            snapshots.append(Snapshot(topic, partition, at, self.snapshots.incarnation, rows,
+                                      {f"{tp.topic}:{tp.partition}": o for tp, o in sources.items()
+                                       if tp.partition == partition}))
+        if snapshots:
+            self._snapshot_writing = asyncio.ensure_future(self._write_snapshots(snapshots))
+
+    async def _write_snapshots(self, snapshots: list[Snapshot]) -> None:
+        t0 = time.monotonic()
+        loop = asyncio.get_running_loop()
+        rows = 0
+        for snapshot in snapshots:
+            try:
+                await loop.run_in_executor(self._snapshot_writer, self.snapshots.write, snapshot)
+            except Exception as exc:  # noqa: BLE001 - the stream goes on; recovery reads more changelog
+                self.counters.snapshot_failures += 1
+                log.warning("table snapshot of %s[%d] not written (%s: %s); the next one is tried in %d s, and a "
+                            "recovery meanwhile reads the changelog from an older snapshot", snapshot.topic,
+                            snapshot.partition, type(exc).__name__, exc, self.settings.stream_snapshot_interval_s)
+                continue
+            self._snapshot_at[(snapshot.topic, snapshot.partition)] = snapshot.offset
+            self.counters.snapshots_written += 1
+            rows += len(snapshot.rows)
+        log.info("table snapshots: %d partitions, %d keys, written in %.2f s (%s)", len(snapshots), rows,
+                 time.monotonic() - t0, ", ".join(f"{s.topic}[{s.partition}]@{s.offset}" for s in snapshots)[:400])
+
+    def _recover_from_snapshots(self) -> None:
+        """Make Faust's table recovery start each active changelog partition at its newest
+        snapshot (stream/snapshots.py) when that is further on than where it would read from.
+
+        Hooked after Faust sets the offsets recovery reads from (its memory store knows none, so
+        from the start, or where this worker's last recovery of the partition stopped) and the
+        fenced end offsets (`_fence_recovery`) a snapshot must not be past."""
+        recovery = self.app.tables.recovery
+        build_offsets = recovery._build_offsets
+
+        async def from_snapshots(consumer, tps, destination, title):
+            await build_offsets(consumer, tps, destination, title)
+            if title == "active":
+                await self._load_snapshots(tps, destination, recovery.active_highwaters)
+
+        recovery._build_offsets = from_snapshots
+
+    async def _load_snapshots(self, tps, destination, highwaters) -> None:
+        tables = {p.table.changelog_topic.get_topic_name(): p for p in self.processors.values()}
+        loop = asyncio.get_running_loop()
+        t0, loaded, skipped = time.monotonic(), [], 0
+        for tp in sorted(tps):
+            processor = tables.get(tp.topic)
+            if processor is None:
+                continue
+            last = highwaters.get(tp)  # the fence's offset: the changelog's last record
+            start = destination.get(tp)
+            try:
+                snapshot = await loop.run_in_executor(self._snapshot_writer, self.snapshots.newest, tp.topic,
+                                                      tp.partition, None if last is None or last < 0 else last + 1)
+                if snapshot is None or snapshot.offset - 1 <= (start if start is not None else -1):
+                    continue
+                n = load_partition(processor.table.data, processor.chunked, tp.partition, snapshot.rows)
+            except Exception:  # noqa: BLE001 - a snapshot only saves time: the changelog has it all
+                log.exception("loading the table snapshot of %s[%d] failed; its changelog is read instead",
+                              tp.topic, tp.partition)
+                continue
+            destination[tp] = snapshot.offset - 1  # Faust reads the records after this one
+            self._snapshot_at[(tp.topic, tp.partition)] = snapshot.offset
+            self.counters.snapshots_restored += 1
+            skipped += snapshot.offset - max(0, start if start is not None else 0)
+            loaded.append(f"{tp.topic}[{tp.partition}]: {n} keys as of offset {snapshot.offset} "
+                          f"({time.time() - snapshot.created:.0f} s old), {max(0, (last or 0) - snapshot.offset + 1)} "
+                          "records after it to read")
+        self._recovery_from = (len(loaded), len([tp for tp in tps if tp.topic in tables]))
+        if loaded:
+            log.info("table recovery starts from snapshots for %d of %d changelog partitions (%d records not read "
+                     "again, loaded in %.2f s): %s", len(loaded), self._recovery_from[1], skipped,
+                     time.monotonic() - t0, "; ".join(loaded))
 
     def _checkpoint_marks(self, by_partition: dict) -> None:
         """Each owned source partition's watermark marks join the checkpoint, in partition p
@@ -910,6 +1066,7 @@ class StreamEngine:
             table = self.processors[self.registry.views_by_topic()[topic][0].name].table
             key, value = record_key(topic, partition), self.marks.record(topic, partition)
             table.data[key] = value
+            table.data._key_partition[key] = partition
             by_partition.setdefault((table.changelog_topic.get_topic_name(), partition), []).append((key, value))
 
     async def _restore_lost_rows(self, resuming: bool = False) -> None:
@@ -931,21 +1088,24 @@ class StreamEngine:
         owner = self._owner_partition
         await write_back(self.processors, lambda name: lambda key: (name, owner(key)) in missing, self.sink.online)
 
-    async def _send_records(self, topic: str, partition: int, records: list[tuple[bytes, bytes]]) -> None:
+    async def _send_records(self, topic: str, partition: int, records: list[tuple[bytes, bytes]]) -> asyncio.Future:
         """Records for one partition as a few full record batches: per-record sends cost
-        ~10 us each in Faust's and aiokafka's wrappers, about as much as encoding a state."""
+        ~10 us each in Faust's and aiokafka's wrappers, about as much as encoding a state.
+        Returns the last send's future (its result's offset: the last batch's first record)."""
         producer = self.app.producer._ensure_producer()
         batch = producer.create_batch()
+        last = None
         for key, value in records:
             if batch.append(key=key, value=value, timestamp=None) is not None:
                 continue
             if batch.record_count():
-                await producer.send_batch(batch, topic, partition=partition)
+                last = await producer.send_batch(batch, topic, partition=partition)
                 batch = producer.create_batch()
             if batch.append(key=key, value=value, timestamp=None) is None:  # larger than a batch
-                await self.app.producer.send(topic, key, value, partition, None, None)
+                last = await self.app.producer.send(topic, key, value, partition, None, None)
         if batch.record_count():
-            await producer.send_batch(batch, topic, partition=partition)
+            last = await producer.send_batch(batch, topic, partition=partition)
+        return last
 
     def _owned_partitions(self, view_name: str) -> set[int]:
         """Partitions whose entities of this view this worker writes now."""
@@ -986,6 +1146,12 @@ class StreamEngine:
         write-back came after the first batches and rewrote every live row as of a later clock
         (same values, a newer time: an idle entity looked re-evaluated)."""
         self._settled = True
+        if self._assigned_at is not None:
+            from_snapshots, of = self._recovery_from
+            log.info("tables recovered in %.2f s after the assignment, %.1f s after the worker started (%d of %d "
+                     "changelog partitions from a snapshot)", time.monotonic() - self._assigned_at,
+                     time.monotonic() - STARTED, from_snapshots, of)
+            self._assigned_at, self._recovery_from = None, (0, 0)
         try:
             await self._restore_lost_rows(resuming=True)
         except Exception:  # noqa: BLE001 - a failure here must not stop the rebalance; commits check again
@@ -993,6 +1159,7 @@ class StreamEngine:
 
     async def _on_assigned(self, app, assigned, **kwargs) -> None:
         self.owned = {(tp.topic, tp.partition) for tp in assigned}
+        self._assigned_at = time.monotonic()
         log.info("partitions assigned: %s", sorted(self.owned))
         self._recovered_pending = True  # their entities are looked at once their tables are recovered
 
@@ -1042,6 +1209,7 @@ class StreamEngine:
     async def _on_revoked(self, app, revoked, **kwargs) -> None:
         self._settled = False
         self.owned -= {(tp.topic, tp.partition) for tp in revoked}
+        self._changelog_at.clear()  # a partition owned again has had other writers: known anew from its sends
         if self.positions is not None:
             self.positions.forget(revoked)
         for tp in revoked:  # whoever reads them next resumes from the checkpointed marks

@@ -87,6 +87,13 @@ class _EngineCollector:
             rows.add_metric([store], n)
         yield rows
         yield CounterMetricFamily("freshet_stream_batches", "Micro-batches processed", value=c.batches)
+        snapshots = CounterMetricFamily("freshet_stream_table_snapshots", "Table partition snapshots: written, "
+                                        "failed (not written), restored (a recovery started from one)",
+                                        labels=["outcome"])
+        for outcome, n in (("written", c.snapshots_written), ("failed", c.snapshot_failures),
+                           ("restored", c.snapshots_restored)):
+            snapshots.add_metric([outcome], n)
+        yield snapshots
         fresh = HistogramMetricFamily("freshet_stream_freshness_seconds", "From an event's time to its view's "
                                       "features in Redis", labels=["view"])
         for view, h in list(self.metrics.freshness.items()):

@@ -16,6 +16,7 @@ def test_defaults_load_without_any_environment():
     assert s.topic_deadletter == "freshet.deadletter"
     assert s.kafka_session_timeout_ms <= 10000  # a join on Tansu takes session/2
     assert s.kafka_fetch_max_wait_ms <= 50
+    assert s.stream_snapshot_interval_s == 30  # a restarted worker replays at most ~30 s of changelog
 
 
 @pytest.mark.parametrize("env, fragment", [
@@ -34,6 +35,8 @@ def test_defaults_load_without_any_environment():
     ({"FRESHET_KAFKA_MIN_INSYNC_REPLICAS": "2"}, "FRESHET_KAFKA_MIN_INSYNC_REPLICAS=2 is more than"),
     ({"FRESHET_KAFKA_IDEMPOTENCE": "yes"}, "FRESHET_KAFKA_IDEMPOTENCE='yes' is not allowed; use one of"),
     ({"FRESHET_STREAM_METRICS_PORT": "70000"}, "FRESHET_STREAM_METRICS_PORT=70000 must be a TCP port"),
+    ({"FRESHET_STREAM_SNAPSHOT_INTERVAL_S": "-1"}, "FRESHET_STREAM_SNAPSHOT_INTERVAL_S=-1 must be 0..86400"),
+    ({"FRESHET_STREAM_SNAPSHOT_INTERVAL_S": "often"}, "FRESHET_STREAM_SNAPSHOT_INTERVAL_S must be an integer"),
 ])
 def test_invalid_setting_names_the_setting_and_what_is_allowed(env, fragment):
     with pytest.raises(SettingsError, match=fragment):
