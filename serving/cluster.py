@@ -172,7 +172,12 @@ class ClusterReads:
         todo, asked = list(range(len(commands))), {}
         for _ in range(MAX_REDIRECTS):
             for node, rnd in self._rounds(todo, keys, commands, asked).items():
-                self._settle(rnd, self.sync_connection(node).execute(rnd.blob, rnd.replies), replies)
+                try:
+                    got = self.sync_connection(node).execute(rnd.blob, rnd.replies)
+                except RedisUnavailable:
+                    self.slots = None  # a primary gone (failed over?): the next read asks for the map again
+                    raise
+                self._settle(rnd, got, replies)
             todo, moved = self._redirected(todo, replies, asked)
             if not todo:
                 return replies
