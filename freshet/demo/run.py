@@ -136,6 +136,8 @@ class Demo:
         for name in ("kafka_bootstrap_servers", "redis_url"):
             if getattr(self.base_settings, name):
                 self.say(f"note: FRESHET_{name.upper()} is ignored: the demo runs on its own embedded stack")
+        if self.base_settings.redis_cluster == "on":
+            self.say("note: FRESHET_REDIS_CLUSTER=on is ignored: the demo's embedded stack runs one Redis")
         rec.components.update({name: "started" for name in COMPONENTS})  # "ran" or "exited ..." by the end
 
     def _start_stack(self) -> None:
@@ -153,7 +155,7 @@ class Demo:
         http_port = plan.http_port or free_port()
         self.settings = dataclasses.replace(
             self.base_settings, kafka_bootstrap_servers=endpoints.kafka, redis_url=endpoints.redis_url,
-            data_dir=str(self.run_dir), mlflow_tracking_uri="", http_host="127.0.0.1", http_port=http_port,
+            redis_cluster="off", data_dir=str(self.run_dir), mlflow_tracking_uri="", http_host="127.0.0.1", http_port=http_port,
             api_token=secrets.token_urlsafe(24), feature_repo=str(features.repo_path(self.base_settings)))
         self.say(f"[setup] embedded stack up in {time.monotonic() - started:.1f}s: kafka {endpoints.kafka}, "
                  f"redis {endpoints.redis_url}")
