@@ -273,6 +273,16 @@ def recoveries(log: Path, starts: list[float]) -> list[dict]:
     return out
 
 
+def uncommitted(settings, group: str, topics: list[str]) -> int:
+    """Records of these topics the group has not committed yet."""
+    behind = 0
+    for name in topics:
+        ends = kafka.partition_ends(settings, name)
+        committed = kafka.committed_offsets(settings, group, name, ends)
+        behind += sum(max(0, end - committed[p]) for p, end in ends.items())
+    return behind
+
+
 def read_redis_counts(url: str, layout: OnlineLayout, view: str, keys: list[str]) -> dict[str, tuple]:
     client = redis.Redis.from_url(url)
     out = {}
@@ -453,15 +463,25 @@ def main() -> int:
             worker.tick()
             time.sleep(0.1)
         say("production done; waiting for the worker to catch up")
-        # until the last probe is in Redis, or nothing new has been seen for --catch-up-s
-        last_probe = produced.probes[-1][0] if produced.probes else None
-        seen, progressed = len(watch.seen), time.monotonic()
-        while last_probe not in watch.seen and time.monotonic() - progressed < args.catch_up_s:
+        # until every probe is in Redis and the group has committed every source and repartition
+        # record (the last probe alone is one partition's: others may still lag after a restart),
+        # or nothing new has been seen or committed for --catch-up-s
+        topics = [topic] + [f"freshet-stream-{name}-repartition" for name in registry.views]
+        seen, behind, progressed = len(watch.seen), None, time.monotonic()
+        while time.monotonic() - progressed < args.catch_up_s:
             worker.tick()
             time.sleep(0.5)
             if len(watch.seen) > seen:
                 seen, progressed = len(watch.seen), time.monotonic()
-        result["caught_up"] = last_probe in watch.seen
+            if seen < len(produced.probes):
+                continue
+            now_behind = uncommitted(settings, "freshet-stream", topics)
+            if now_behind == 0:
+                break
+            if behind is None or now_behind < behind:
+                behind, progressed = now_behind, time.monotonic()
+        result["caught_up"] = len(watch.seen) == len(produced.probes) and \
+            uncommitted(settings, "freshet-stream", topics) == 0
         time.sleep(5)  # the last commit's Parquet parts
         worker.tick()
         during, after = [], []
