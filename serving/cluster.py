@@ -171,13 +171,17 @@ class ClusterReads:
         replies: list = [None] * len(commands)
         todo, asked = list(range(len(commands))), {}
         for _ in range(MAX_REDIRECTS):
-            for node, rnd in self._rounds(todo, keys, commands, asked).items():
-                try:
-                    got = self.sync_connection(node).execute(rnd.blob, rnd.replies)
-                except RedisUnavailable:
-                    self.slots = None  # a primary gone (failed over?): the next read asks for the map again
-                    raise
-                self._settle(rnd, got, replies)
+            rounds = self._rounds(todo, keys, commands, asked)
+            try:  # every primary's pipeline sent first, then their replies read: they work at once
+                for node, rnd in rounds.items():
+                    self.sync_connection(node).send(rnd.blob)
+                for node, rnd in rounds.items():
+                    self._settle(rnd, self.sync_connection(node).receive(rnd.replies), replies)
+            except RedisUnavailable:
+                self.slots = None  # a primary gone (failed over?): the next read asks for the map again
+                for node in rounds:  # replies left unread would answer the next request
+                    self.sync_connection(node).close()
+                raise
             todo, moved = self._redirected(todo, replies, asked)
             if not todo:
                 return replies
@@ -193,9 +197,15 @@ class ClusterReads:
         todo, asked = list(range(len(commands))), {}
         for _ in range(MAX_REDIRECTS):
             rounds = self._rounds(todo, keys, commands, asked)
-            sent = [self.async_client(node).execute(rnd.blob, rnd.replies) for node, rnd in rounds.items()]
-            got = await asyncio.gather(*sent, return_exceptions=True)
-            failed = next((g for g in got if isinstance(g, BaseException)), None)
+            # every primary's request queued before any reply is awaited; no task per primary
+            sent = [self.async_client(node).submit(rnd.blob, rnd.replies) for node, rnd in rounds.items()]
+            got, failed = [], None
+            for pending in sent:
+                try:
+                    got.append(await pending)
+                except Exception as exc:  # noqa: BLE001 - every reply awaited, the first failure raised
+                    failed = failed or exc
+                    got.append(None)
             if failed is not None:
                 self.slots = None  # a primary gone (failed over?): the next read asks for the map again
                 raise failed
