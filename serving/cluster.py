@@ -115,10 +115,10 @@ class ClusterReads:
 
     # -- reads --------------------------------------------------------------------
 
-    def _rounds(self, todo: list[int], keys: Sequence[bytes], commands: Sequence[bytes],
+    def _rounds(self, slots: SlotMap, todo: list[int], keys: Sequence[bytes], commands: Sequence[bytes],
                 asked: dict[int, Node]) -> dict[Node, _Round]:
         """This round's commands by the node each goes to: its slot's owner, or where ASK sent it."""
-        owners = self.slots.owners
+        owners = slots.owners
         by_node: dict[Node, list[int]] = {}
         for i in todo:
             node = asked.get(i) or owners[key_slot(keys[i])]
@@ -166,12 +166,11 @@ class ClusterReads:
 
     def execute(self, keys: Sequence[bytes], commands: Sequence[bytes]) -> list:
         """Each command's reply (blocking); error replies other than redirections are returned as such."""
-        if self.slots is None:
-            self.refresh()
         replies: list = [None] * len(commands)
         todo, asked = list(range(len(commands))), {}
         for _ in range(MAX_REDIRECTS):
-            rounds = self._rounds(todo, keys, commands, asked)
+            # (another thread may have dropped the map meanwhile: the map is read again then)
+            rounds = self._rounds(self.slots or self.refresh(), todo, keys, commands, asked)
             try:  # every primary's pipeline sent first, then their replies read: they work at once
                 for node, rnd in rounds.items():
                     self.sync_connection(node).send(rnd.blob)
@@ -191,12 +190,11 @@ class ClusterReads:
 
     async def execute_async(self, keys: Sequence[bytes], commands: Sequence[bytes]) -> list:
         """`execute` on the running event loop, every primary's pipeline in flight at once."""
-        if self.slots is None:
-            await self.refresh_async()
         replies: list = [None] * len(commands)
         todo, asked = list(range(len(commands))), {}
         for _ in range(MAX_REDIRECTS):
-            rounds = self._rounds(todo, keys, commands, asked)
+            # (a request failing meanwhile may have dropped the map: it is read again then)
+            rounds = self._rounds(self.slots or await self.refresh_async(), todo, keys, commands, asked)
             # every primary's request queued before any reply is awaited; no task per primary
             sent = [self.async_client(node).submit(rnd.blob, rnd.replies) for node, rnd in rounds.items()]
             got, failed = [], None
