@@ -508,24 +508,21 @@ def _exchange(pool: Any, blob: bytes, replies: int) -> Generator:
 async def _exchange_node(node: Any, blob: bytes, replies: int) -> None:
     """`_exchange` on one primary of a redis.asyncio cluster client (its ClusterNode's connections)."""
     conn = node.acquire_connection()
+    error = None
     try:
         await conn.send_packed_command([blob])
-        error = None
         for _ in range(replies):
             try:
                 await conn.read_response()
-            except redis.ResponseError as exc:
+            except redis.ResponseError as exc:  # read every reply so the connection stays in sync
                 error = error or exc
-        if error:
-            raise error
-    except (redis.ConnectionError, redis.TimeoutError, OSError):
-        await conn.disconnect()
-        raise
-    except BaseException:  # cancelled mid-reply: the connection is out of step with its replies
+    except BaseException:  # failed or cancelled mid-reply: the connection is out of step with its replies
         await conn.disconnect()
         raise
     finally:
         node.release(conn)
+    if error:
+        raise error
 
 
 def _run(steps: Generator) -> Any:
