@@ -508,24 +508,21 @@ def _exchange(pool: Any, blob: bytes, replies: int) -> Generator:
 async def _exchange_node(node: Any, blob: bytes, replies: int) -> None:
     """`_exchange` on one primary of a redis.asyncio cluster client (its ClusterNode's connections)."""
     conn = node.acquire_connection()
+    error = None
     try:
         await conn.send_packed_command([blob])
-        error = None
         for _ in range(replies):
             try:
                 await conn.read_response()
-            except redis.ResponseError as exc:
+            except redis.ResponseError as exc:  # read every reply so the connection stays in sync
                 error = error or exc
-        if error:
-            raise error
-    except (redis.ConnectionError, redis.TimeoutError, OSError):
-        await conn.disconnect()
-        raise
-    except BaseException:  # cancelled mid-reply: the connection is out of step with its replies
+    except BaseException:  # failed or cancelled mid-reply: the connection is out of step with its replies
         await conn.disconnect()
         raise
     finally:
         node.release(conn)
+    if error:
+        raise error
 
 
 def _run(steps: Generator) -> Any:
@@ -665,28 +662,43 @@ class OnlineLayout:
         """
         await client.initialize()
         codec = self._codec(view)
-        nodes = client.nodes_manager
-        groups: dict[Any, list] = {}
-        for row in rows:
-            key = codec.key(row[0])
-            groups.setdefault(nodes.get_node_from_slot(key_slot(key)), []).append((key, row))
+        slots = client.nodes_manager.slots_cache  # slot -> [primary, replicas...]
+        key_of = codec.key
+        groups: dict[str, list] = {}  # by node name: a ClusterNode hashes in Python, per row
+        primaries: dict[str, Any] = {}
+        for key_values, values, event_ts in rows:
+            key = key_of(key_values)
+            owners = slots.get(key_slot(key))
+            if not owners:
+                raise redis.exceptions.SlotNotCoveredError(f"slot {key_slot(key)} has no primary in the Redis Cluster")
+            name = owners[0].name
+            group = groups.get(name)
+            if group is None:
+                group = groups[name] = []
+                primaries[name] = owners[0]
+            group.append((key, values, event_ts))
         if not groups:
             return 0
+        ttl = self.key_ttl_s
 
         async def send(node: Any, keyed: list) -> int:
-            blob, replies, n = self._pack_keyed(codec, ((k, r[1], r[2]) for k, r in keyed), False)
+            blob, replies, n = self._pack_keyed(codec, keyed, False)
             try:
                 await _exchange_node(node, blob, replies)
             except (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError):
                 pipe = client.pipeline(transaction=False)
-                self.write_rows(pipe, view, [r for _, r in keyed])
+                for key, values, event_ts in keyed:
+                    pipe.execute_command("HSET", key, *codec.encode(values, event_ts))
+                    if ttl:
+                        pipe.expire(key, ttl)
                 await pipe.execute()
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 client._initialize = True  # a primary gone (failed over?): read the slot map again
                 raise
             return n
 
-        done = await asyncio.gather(*(send(node, keyed) for node, keyed in groups.items()), return_exceptions=True)
+        done = await asyncio.gather(*(send(primaries[name], keyed) for name, keyed in groups.items()),
+                                    return_exceptions=True)
         for result in done:
             if isinstance(result, BaseException):
                 raise result

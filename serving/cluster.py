@@ -115,10 +115,10 @@ class ClusterReads:
 
     # -- reads --------------------------------------------------------------------
 
-    def _rounds(self, todo: list[int], keys: Sequence[bytes], commands: Sequence[bytes],
+    def _rounds(self, slots: SlotMap, todo: list[int], keys: Sequence[bytes], commands: Sequence[bytes],
                 asked: dict[int, Node]) -> dict[Node, _Round]:
         """This round's commands by the node each goes to: its slot's owner, or where ASK sent it."""
-        owners = self.slots.owners
+        owners = slots.owners
         by_node: dict[Node, list[int]] = {}
         for i in todo:
             node = asked.get(i) or owners[key_slot(keys[i])]
@@ -166,18 +166,21 @@ class ClusterReads:
 
     def execute(self, keys: Sequence[bytes], commands: Sequence[bytes]) -> list:
         """Each command's reply (blocking); error replies other than redirections are returned as such."""
-        if self.slots is None:
-            self.refresh()
         replies: list = [None] * len(commands)
         todo, asked = list(range(len(commands))), {}
         for _ in range(MAX_REDIRECTS):
-            for node, rnd in self._rounds(todo, keys, commands, asked).items():
-                try:
-                    got = self.sync_connection(node).execute(rnd.blob, rnd.replies)
-                except RedisUnavailable:
-                    self.slots = None  # a primary gone (failed over?): the next read asks for the map again
-                    raise
-                self._settle(rnd, got, replies)
+            # (another thread may have dropped the map meanwhile: the map is read again then)
+            rounds = self._rounds(self.slots or self.refresh(), todo, keys, commands, asked)
+            try:  # every primary's pipeline sent first, then their replies read: they work at once
+                for node, rnd in rounds.items():
+                    self.sync_connection(node).send(rnd.blob)
+                for node, rnd in rounds.items():
+                    self._settle(rnd, self.sync_connection(node).receive(rnd.replies), replies)
+            except RedisUnavailable:
+                self.slots = None  # a primary gone (failed over?): the next read asks for the map again
+                for node in rounds:  # replies left unread would answer the next request
+                    self.sync_connection(node).close()
+                raise
             todo, moved = self._redirected(todo, replies, asked)
             if not todo:
                 return replies
@@ -187,15 +190,20 @@ class ClusterReads:
 
     async def execute_async(self, keys: Sequence[bytes], commands: Sequence[bytes]) -> list:
         """`execute` on the running event loop, every primary's pipeline in flight at once."""
-        if self.slots is None:
-            await self.refresh_async()
         replies: list = [None] * len(commands)
         todo, asked = list(range(len(commands))), {}
         for _ in range(MAX_REDIRECTS):
-            rounds = self._rounds(todo, keys, commands, asked)
-            sent = [self.async_client(node).execute(rnd.blob, rnd.replies) for node, rnd in rounds.items()]
-            got = await asyncio.gather(*sent, return_exceptions=True)
-            failed = next((g for g in got if isinstance(g, BaseException)), None)
+            # (a request failing meanwhile may have dropped the map: it is read again then)
+            rounds = self._rounds(self.slots or await self.refresh_async(), todo, keys, commands, asked)
+            # every primary's request queued before any reply is awaited; no task per primary
+            sent = [self.async_client(node).submit(rnd.blob, rnd.replies) for node, rnd in rounds.items()]
+            got, failed = [], None
+            for pending in sent:
+                try:
+                    got.append(await pending)
+                except Exception as exc:  # noqa: BLE001 - every reply awaited, the first failure raised
+                    failed = failed or exc
+                    got.append(None)
             if failed is not None:
                 self.slots = None  # a primary gone (failed over?): the next read asks for the map again
                 raise failed

@@ -99,8 +99,11 @@ class RespConnection:
         return conn
 
     def _roundtrip(self, conn, blob: bytes, n: int) -> list:
+        conn[0].sendall(blob)
+        return self._replies(conn, n)
+
+    def _replies(self, conn, n: int) -> list:
         sock, reader = conn
-        sock.sendall(blob)
         out: list = []
         while len(out) < n:
             reply = reader.gets()
@@ -135,9 +138,33 @@ class RespConnection:
         try:
             return self._roundtrip(conn, blob, n)
         except (OSError, hiredis.ProtocolError) as exc:
-            self.close()
-            reason = "timed out" if isinstance(exc, socket.timeout) else (getattr(exc, "strerror", None) or exc)
-            raise RedisUnavailable(f"Redis at {self.endpoint} failed: {reason}") from None
+            self._failed(exc)
+
+    def send(self, blob: bytes) -> None:
+        """The first half of `execute`: send, and read the replies later with `receive` (so a
+        request to several servers has all of them working at once)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        try:
+            conn[0].sendall(blob)
+        except OSError as exc:
+            self._failed(exc)
+
+    def receive(self, n: int) -> list:
+        """The `n` replies to what `send` sent."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            raise RedisUnavailable(f"Redis at {self.endpoint}: the connection closed before its replies")
+        try:
+            return self._replies(conn, n)
+        except (OSError, hiredis.ProtocolError) as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: BaseException):
+        self.close()
+        reason = "timed out" if isinstance(exc, socket.timeout) else (getattr(exc, "strerror", None) or exc)
+        raise RedisUnavailable(f"Redis at {self.endpoint} failed: {reason}") from None
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -289,6 +316,15 @@ class AsyncRespClient:
         if proto is None or proto.closed:
             proto = await self._connection()
         return await proto.send(blob, n)
+
+    def submit(self, blob: bytes, n: int) -> Any:
+        """`execute` without a coroutine when connected: the reply's future, the request already
+        queued (a request to several servers then needs no task per server); else `execute`'s
+        coroutine, which connects first."""
+        proto = self._proto
+        if proto is None or proto.closed:
+            return self.execute(blob, n)
+        return proto.send(blob, n)
 
     async def _watch(self) -> None:
         while True:

@@ -122,8 +122,8 @@ class RowMarkers:
         """
         return f"{self.prefix}{view}:{partition}"
 
-    async def keys(self, view: str, partition: int) -> list[str]:
-        """The marker keys of one (view, partition): one, or on a Redis Cluster one per primary.
+    async def keys(self, pairs: list[tuple[str, int]]) -> list[list[str]]:
+        """The marker keys of each (view, partition): one, or on a Redis Cluster one per primary.
 
         A cluster primary can lose its data alone (flushed, failed over to an empty replica):
         one marker, living on one primary, would not notice the rows the others lost. So each
@@ -131,9 +131,10 @@ class RowMarkers:
         after a resharding the tags are chosen again from the new slot map.
         """
         if not hasattr(self.client, "nodes_manager"):
-            return [self.key(view, partition)]
-        return [f"freshet:{{{tag}}}:{self.prefix[len('freshet:'):]}{view}:{partition}"
-                for tag in await self._tags()]
+            return [[self.key(view, partition)] for view, partition in pairs]
+        tags = await self._tags()
+        rest = self.prefix[len("freshet:"):]
+        return [[f"freshet:{{{tag}}}:{rest}{view}:{partition}" for tag in tags] for view, partition in pairs]
 
     async def _tags(self) -> list[str]:
         from freshet.redis_cluster import hash_tags
@@ -177,7 +178,7 @@ class RowMarkers:
 
     async def _exists(self, pairs: list[tuple[str, int]]) -> list[int]:
         """Per pair: 1 when every one of its marker keys exists, else 0."""
-        keyed = [await self.keys(view, partition) for view, partition in pairs]
+        keyed = await self.keys(pairs)
         pipe = self.client.pipeline(transaction=False)
         for keys in keyed:
             for key in keys:
@@ -188,7 +189,7 @@ class RowMarkers:
     async def mark(self, pairs: list[tuple[str, int]], writer: "PatientWriter") -> None:
         """Set these markers, waiting out an outage as row writes do."""
         async def set_all():
-            keyed = [await self.keys(view, partition) for view, partition in pairs]
+            keyed = await self.keys(pairs)
             pipe = self.client.pipeline(transaction=False)
             for keys in keyed:
                 for key in keys:

@@ -260,3 +260,44 @@ def test_a_redis_of_the_other_kind_is_refused_naming_the_setting(services, clust
     with pytest.raises(CliError, match="is a Redis Cluster node .* set FRESHET_REDIS_CLUSTER=on"):
         check_redis_mode(off_on_a_cluster)
     check_redis_mode(load_settings(env, redis_url=cluster.url, redis_cluster="on", data_dir=str(tmp_path)))
+
+
+def test_the_stream_writer_rewrites_a_share_its_primary_redirects(services, cluster, tmp_path, apply_feature_repo):
+    _, settings = _cluster_settings(services, cluster, tmp_path, "wr")
+    registry = apply_feature_repo(settings)
+    layout = OnlineLayout(registry.project, registry.views)
+    reader = RedisCluster.from_url(cluster.url)
+    cards = [f"wr{os.urandom(3).hex()}-{i}" for i in range(60)]
+    half_done = []
+
+    def rows(offset: float):
+        return [((c,), {"sum_amount_300s": i + offset, "count_amount_300s": i}, time.time())
+                for i, c in enumerate(cards)]
+
+    redirected = []
+
+    async def scenario():
+        client = redis_client(settings, asyncio=True)
+        pipeline = client.pipeline
+        client.pipeline = lambda **kw: redirected.append(kw) or pipeline(**kw)  # only a redirected share uses one
+        try:
+            assert await layout.write_async(client, CARD, rows(0.0)) == len(cards)  # the slot map read
+            for card, finish in ((cards[0], True), (cards[1], False)):  # MOVED, then ASK
+                key = layout.entity_key(CARD, (card,))
+                source = _node_of_slot(cluster, key_slot(key))
+                _move_slot(cluster, key_slot(key), source, (source + 1) % 3, [key], finish=finish)
+                if not finish:
+                    half_done.append((key_slot(key), (source + 1) % 3))
+            return await layout.write_async(client, CARD, rows(0.5))
+        finally:
+            await client.aclose()
+
+    try:
+        assert asyncio.run(scenario()) == len(cards)
+        assert 1 <= len(redirected) <= 2  # the moved slot's share, the migrating one's (one primary may own both)
+        got = layout.read_rows(reader, CARD, [(c,) for c in cards], ["sum_amount_300s"])
+        assert [values["sum_amount_300s"] for _, values in got] == [i + 0.5 for i in range(len(cards))]
+    finally:
+        for slot, owner in half_done:
+            _assign(cluster, slot, owner)
+        reader.close()
