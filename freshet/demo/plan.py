@@ -14,12 +14,13 @@ from freshet.settings import DEFAULT_MODEL_NAME
 if TYPE_CHECKING:
     from freshet.features import FeatureRegistry
 
-# Defaults a bare `freshet demo` runs with: 3.5 minutes of traffic after about a minute of
-# set-up and history, so the whole run (report included) stays within about 6 minutes on 2 cores.
-DEFAULT_MINUTES = 5.0
+# Defaults a bare `freshet demo` runs with: 6 minutes of traffic, so the concept drift at 2.75 min
+# leaves 195 s of it for its retraining (40-80 s of label wait, then training) to be served; with
+# the set-up, history and report, the whole run takes about 9-10 minutes on 2 cores.
+DEFAULT_MINUTES = 6.0
 DEFAULT_RATE = 50.0           # events per wall second, all of them scored over the API
 DEFAULT_TIME_SCALE = 50.0     # simulated seconds per wall second: a 30 s label delay is 0.6 s, and the
-                              # 4 minutes of traffic are 3.3 simulated hours. Serving reads an entity's
+                              # 6 minutes of traffic are 5 simulated hours. Serving reads an entity's
                               # features as of its newest event, so what happens to it while a
                               # transaction waits to be scored (a second, say) is in its features and
                               # not in the training set's: the faster simulated time runs, the more

@@ -536,3 +536,25 @@ def registered_versions(settings: Settings) -> list[dict[str, Any]]:
         return out
     except Exception:  # noqa: BLE001 - the registry may not exist when no model was trained
         return []
+
+
+def retrain_trainings(settings: Settings) -> list[dict[str, Any]]:
+    """Each retraining of the run (<data dir>/retrain/outcomes.jsonl): its version, the requests it
+    answered, and `since`, the event time its training rows start after (the --since-request
+    cut-off; None for a bootstrap or a training without a label wait)."""
+    from datetime import datetime
+
+    path = settings.data_path / "retrain" / "outcomes.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            o = orjson.loads(line)
+        except orjson.JSONDecodeError:  # a line cut short by a stop mid-write
+            continue
+        cut = (o.get("window") or {}).get("since_request") or ""
+        since = datetime.fromisoformat(cut.replace("Z", "+00:00")).timestamp() if cut else None
+        out.append({"version": o.get("version"), "request_ids": o.get("request_ids") or [], "since": since,
+                    "promoted": bool(o.get("promoted")), "wait_restarts": o.get("wait_restarts")})
+    return out

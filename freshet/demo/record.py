@@ -40,6 +40,7 @@ class DemoRecord:
         self.retrains: list[dict[str, Any]] = []
         self.model_events: list[dict[str, Any]] = []
         self.model_versions: list[dict[str, Any]] = []
+        self.trainings: list[dict[str, Any]] = []  # per retraining: version, request ids, `since` cut-off (event time)
         self.bad_messages: Counter = Counter()
 
     def rel(self, epoch: float) -> float:
@@ -81,5 +82,6 @@ class DemoRecord:
             "retrains": [self._timed(x) for x in self.retrains],
             "model_events": [self._timed(x) for x in self.model_events],
             "model_versions": self.model_versions,
+            "trainings": self.trainings,
             "bad_messages": dict(self.bad_messages),
         }

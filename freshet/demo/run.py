@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import orjson
 
 from freshet.demo.plan import DemoError, DemoPlan
-from freshet.demo.probes import ClientProbe, KafkaTap, Sampler, registered_versions
+from freshet.demo.probes import ClientProbe, KafkaTap, Sampler, registered_versions, retrain_trainings
 from freshet.demo.processes import (
     COMPONENTS, STREAM_APP_ID, Component, RunDirectory, Supervisor, producer_summary,
 )
@@ -414,6 +414,8 @@ class Demo:
             self.client.stop()
         if self.settings is not None:
             rec.model_versions = registered_versions(self.settings)
+            # each version's training cut-off: the summary credits a drift only with versions trained after it
+            rec.trainings = retrain_trainings(self.settings)
         killed = self.supervisor.stop(self.hurry) if self.supervisor is not None else []
         if killed:
             rec.problem(f"killed after 10 s without stopping: {', '.join(killed)}")

@@ -54,11 +54,47 @@ def promotion_times(data: dict) -> dict[str, float]:
     return out
 
 
+def trained_from(data: dict) -> dict[str, float] | None:
+    """version -> the traffic second its training rows start after (its --since-request cut-off,
+    an event time, on the traffic clock); None when the run recorded no trainings (an older data.json).
+
+    A version without a cut-off (the bootstrap, a training without a label wait) learnt from labels of
+    any age: it maps to -inf, trained before every drift.
+
+    >>> data = {"meta": {"start_ts": 1000.0, "plan": {"time_scale": 50.0}},
+    ...         "trainings": [{"version": "1", "since": None}, {"version": "2", "since": 1000.0 + 50 * 70}]}
+    >>> trained_from(data)
+    {'1': -inf, '2': 70.0}
+    """
+    if "trainings" not in data:
+        return None
+    start_ts = data["meta"].get("start_ts")
+    scale = (data["meta"].get("plan") or {}).get("time_scale") or 1.0
+    out: dict[str, float] = {}
+    for x in data["trainings"]:
+        if x.get("version") is None:
+            continue
+        since = x.get("since")
+        out[str(x["version"])] = (-math.inf if since is None or start_ts is None
+                                  else round((since - start_ts) / scale, 3))
+    return out
+
+
+def trained_for(data: dict, start: float) -> set[str]:
+    """The versions trained for a drift at traffic second `start`: their training rows all come after
+    it (cut-off at or after the injection). A version promoted after a drift but trained on labels from
+    before it is not the drift's. Without recorded trainings, the versions promoted at or after `start`."""
+    cut = trained_from(data)
+    if cut is None:
+        return {v for v, t in promotion_times(data).items() if t >= start}
+    return {v for v, t in cut.items() if t >= start}
+
+
 def error_buckets(data: dict) -> dict[str, dict[str, Any]]:
     """Error rate of labelled predictions before the first drift, after a drift while served by a
-    model promoted before that drift, and after a drift while served by one promoted after it."""
+    version not trained for it, and after a drift while served by one trained for it (`trained_for`)."""
     drifts = sorted(d["t"] for d in data["meta"].get("drift", []))
-    promoted = promotion_times(data)
+    fresh = {d: trained_for(data, d) for d in drifts}
     p = data["predictions"]
     buckets = {"before_drift": [], "after_drift": [], "after_promotion": []}
     for t, v, pred, truth in zip(p["t"], p["version"], p["label"], p["truth"]):
@@ -69,7 +105,7 @@ def error_buckets(data: dict) -> dict[str, dict[str, Any]]:
             buckets["before_drift"].append(wrong)
             continue
         latest = max(d for d in drifts if d <= t)
-        stale = promoted.get(v, -math.inf) < latest
+        stale = v not in fresh[latest]
         buckets["after_drift" if stale else "after_promotion"].append(wrong)
     return {k: {"error_rate": round(float(np.mean(w)), 4) if w else None, "labelled_predictions": len(w)}
             for k, w in buckets.items()}
@@ -153,7 +189,10 @@ def judge_alerts(data: dict, traffic_s: float) -> dict[str, Any]:
         first_by_kind = {}
         for a in mine:
             first_by_kind.setdefault(a["kind"], round(a["t"] - d["t"], 1))
-        promoted = next((e for e in promotions if d["t"] <= e["t"] < end), None)
+        # the drift's promotion: the first of a version trained for it (not one trained before it and
+        # promoted after it, whose traffic counts with the older versions')
+        mine_v = trained_for(data, d["t"])
+        promoted = next((e for e in promotions if d["t"] <= e["t"] < end and e["version"] in mine_v), None)
         injections.append({
             "kind": d["kind"], "t": d["t"], "alerts": len(mine),
             "first_alert_s": round(mine[0]["t"] - d["t"], 1) if mine else None,
@@ -184,16 +223,16 @@ def _outcomes(data: dict, versions: set[str] | None = None) -> list[tuple[float,
 
 
 def _error_rates_around(data: dict, start: float, end: float) -> dict[str, Any]:
-    """Error rate after a drift at `start` (until `end`): served by versions promoted before it
-    ("between the drift and the promotion") and by versions promoted after it."""
-    promoted = promotion_times(data)
-    old = {v for v, t in promoted.items() if t < start}
+    """Error rate after a drift at `start` (until `end`): served by versions not trained for it
+    ("between the drift and the promotion", whenever they were promoted) and by versions trained
+    for it (`trained_for`)."""
+    fresh = trained_for(data, start)
     p = data["predictions"]
     between, after = [], []
     for t, v, pred, truth in zip(p["t"], p["version"], p["label"], p["truth"]):
         if truth is None or pred is None or not start <= t < end:
             continue
-        (between if v in old else after).append(int(pred != truth))
+        (after if v in fresh else between).append(int(pred != truth))
     b, a = _rate(between), _rate(after)
     return {"error_rate_before_promotion": b, "error_rate_after_promotion": a, "change": _difference(b, a)}
 
