@@ -1,7 +1,7 @@
 """Online serving against Feast on the same data: in-process reads, HTTP features, HTTP predictions.
 
     python bench/serving.py [--quick] [--concurrency 50] [--duration S] [--rate 2000] [--workers N]
-                            [--features-rate R] [--seed N] [--shadow]
+                            [--features-rate R] [--seed N] [--shadow] [--redis-cluster]
 
 Everything runs on this machine, on loopback, on the embedded stack (Tansu + Valkey):
 one Redis, one Feast registry, one model in MLflow (sqlite). Measured in one run:
@@ -19,7 +19,11 @@ one Redis, one Feast registry, one model in MLflow (sqlite). Measured in one run
   throughput (closed loop) and its latency at a fixed offered load (--rate, open loop);
 - with --shadow, /predict again while a second version scores every request in shadow
   (`freshet models shadow`), then once more after it is cleared: `shadow_*_ratio` compare
-  the shadow run with the mean of the runs before and after it.
+  the shadow run with the mean of the runs before and after it;
+- with --redis-cluster, the online store is a local Redis Cluster of three primaries
+  (freshet.app.stack.LocalRedisCluster) instead of the embedded stack's one Redis: freshet
+  serves with FRESHET_REDIS_CLUSTER=on (its fast reader splits each request's keys by
+  primary) and `feast serve` with `redis_type: redis_cluster`; the JSON says `"redis": "cluster"`.
 
 Latency at saturation is queueing (closed loop: mean latency = clients / throughput), so
 latency is compared at a fixed rate, from the time each request was due, not from when a
@@ -259,15 +263,14 @@ def apply_repo(settings) -> None:
 
 
 def populate(settings, cards: int, merchants: int, seed: int) -> tuple[list[str], list[str]]:
-    import redis
-
+    from freshet.endpoints import redis_client
     from freshet.features import load_registry
     from freshet.redis_layout import OnlineLayout
 
     rng = random.Random(seed)
     registry = load_registry(settings)
     layout = OnlineLayout.from_registry(registry)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     now = time.time()
     card_ids = [f"card-{i:06d}" for i in range(cards)]
     merchant_ids = [f"merchant-{i:05d}" for i in range(merchants)]
@@ -360,7 +363,8 @@ class Servers:
     def start_freshet(self, port: int, workers: int = 1) -> subprocess.Popen:
         s = self.settings
         env = {**CHILD_ENV, "PYTHONPATH": str(ROOT), "FRESHET_KAFKA_BOOTSTRAP_SERVERS": s.kafka_bootstrap_servers,
-               "FRESHET_REDIS_URL": s.redis_url, "FRESHET_DATA_DIR": str(s.data_path),
+               "FRESHET_REDIS_URL": s.redis_url, "FRESHET_REDIS_CLUSTER": s.redis_cluster,
+               "FRESHET_DATA_DIR": str(s.data_path),
                "FRESHET_FEATURE_REPO": s.feature_repo, "FRESHET_HTTP_PORT": str(port),
                "FRESHET_HTTP_HOST": "127.0.0.1", "FRESHET_API_TOKEN": TOKEN, "FRESHET_LOG_LEVEL": "WARNING"}
         code = ("import logging; logging.basicConfig(level='WARNING'); from freshet.settings import load_settings; "
@@ -372,7 +376,10 @@ class Servers:
 
         env = {**CHILD_ENV, **features.feast_env(self.settings)}
         feast = str(Path(sys.executable).with_name("feast"))
-        return self._spawn([feast, "-c", self.settings.feature_repo, "serve", "-h", "127.0.0.1", "-p", str(port),
+        repo = self.settings.feature_repo
+        if self.settings.redis_cluster == "on":  # the repo as `freshet apply` deploys it: redis_type redis_cluster
+            repo = str(features._repo_for_sql_registry(Path(repo), self.workdir / "feature_repo", self.settings))
+        return self._spawn([feast, "-c", repo, "serve", "-h", "127.0.0.1", "-p", str(port),
                      "--no-access-log", "-w", str(workers), "--max-requests", "100000000"], env, "feast-serve")
 
     def stop(self) -> None:
@@ -545,6 +552,8 @@ def main() -> int:
     ap.add_argument("--shadow", action="store_true",
                     help="then /predict again with a second version scoring every request in shadow, between "
                          "two runs without it: what a shadow costs")
+    ap.add_argument("--redis-cluster", action="store_true",
+                    help="the online store on a local three-primary Redis Cluster instead of one Redis")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs of both servers)")
     ap.add_argument("--loadgen", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -564,12 +573,19 @@ def main() -> int:
 
     stack = EmbeddedStack(workdir / "stack")
     endpoints = stack.start()
-    servers = None
+    servers = cluster = None
     try:
-        settings = load_settings({}, kafka_bootstrap_servers=endpoints.kafka, redis_url=endpoints.redis_url,
-                                 data_dir=str(workdir / "data"), feature_repo=str(ROOT / "feature_repo"),
-                                 log_level="WARNING")
-        log(f"embedded stack: kafka {endpoints.kafka}, redis {endpoints.redis_url}")
+        redis_url, redis_cluster = endpoints.redis_url, "off"
+        if args.redis_cluster:
+            from freshet.app.stack import LocalRedisCluster
+
+            cluster = LocalRedisCluster(workdir / "cluster").start()
+            redis_url, redis_cluster = cluster.url, "on"
+            log(f"Redis Cluster: primaries on ports {cluster.ports}")
+        settings = load_settings({}, kafka_bootstrap_servers=endpoints.kafka, redis_url=redis_url,
+                                 redis_cluster=redis_cluster, data_dir=str(workdir / "data"),
+                                 feature_repo=str(ROOT / "feature_repo"), log_level="WARNING")
+        log(f"embedded stack: kafka {endpoints.kafka}, redis {redis_url}")
         apply_repo(settings)
         from freshet.features import feature_store, load_registry
 
@@ -681,6 +697,8 @@ def main() -> int:
     finally:
         if servers is not None:
             servers.stop()
+        if cluster is not None:
+            cluster.stop()
         stack.stop()
         if not args.keep:
             import shutil
@@ -705,6 +723,7 @@ def main() -> int:
         "quick": args.quick,
         "concurrency": args.concurrency,
         "workers": args.workers,
+        "redis": "cluster" if args.redis_cluster else "one",
         "feast_serve_workers": args.workers,
         "duration_s": duration,
         "cpus": os.cpu_count(),

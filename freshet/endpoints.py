@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from freshet.errors import CliError
 from freshet.settings import Settings
 
 STATE_FILE = "stack.json"
+log = logging.getLogger("freshet")
 
 
 @dataclass
@@ -134,3 +137,64 @@ def resolve_endpoints(settings: Settings, need_redis: bool = True) -> Settings:
         )
     return settings.with_endpoints(settings.kafka_bootstrap_servers or running.kafka,
                                    settings.redis_url or running.redis_url)
+
+
+def redis_client(settings: Settings, asyncio: bool = False, **kwargs: Any) -> Any:
+    """The Redis client every component uses: one Redis, or a Redis Cluster with
+    FRESHET_REDIS_CLUSTER=on (redis-py's cluster client, seeded from FRESHET_REDIS_URL).
+
+    `asyncio` picks redis.asyncio's client of the same kind; `kwargs` go to the client
+    (socket_timeout, ...).
+    """
+    url = settings.redis_url or "redis://127.0.0.1:6379/0"
+    if settings.redis_cluster == "on":
+        if asyncio:
+            from redis.asyncio.cluster import RedisCluster as AsyncCluster
+
+            return AsyncCluster.from_url(url, **kwargs)
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(url, **kwargs)
+    if asyncio:
+        import redis.asyncio
+
+        return redis.asyncio.Redis.from_url(url, **kwargs)
+    import redis
+
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def check_redis_mode(settings: Settings, timeout: float = 5.0) -> None:
+    """Refuse to start against a Redis of the other kind than FRESHET_REDIS_CLUSTER says.
+
+    A cluster node taken for one Redis answers MOVED for most keys; one Redis taken for a
+    cluster has no slots to route by. Unreachable is not refused here: the components wait
+    for Redis as they do after an outage.
+    """
+    import redis
+
+    node = redis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0",
+                                socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        enabled = str(node.info("cluster").get("cluster_enabled", 0)) == "1"
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return
+    except redis.ResponseError as exc:  # e.g. INFO disabled by ACL: nothing to compare
+        log.warning("cannot tell whether Redis at %s is a cluster node (%s)", _where(settings.redis_url), exc)
+        return
+    finally:
+        node.close()
+    wanted = settings.redis_cluster == "on"
+    if enabled and not wanted:
+        raise CliError(f"Redis at {_where(settings.redis_url)} is a Redis Cluster node (cluster_enabled:1) but "
+                       "FRESHET_REDIS_CLUSTER=off; set FRESHET_REDIS_CLUSTER=on")
+    if wanted and not enabled:
+        raise CliError(f"FRESHET_REDIS_CLUSTER=on but Redis at {_where(settings.redis_url)} is not a cluster node "
+                       "(cluster_enabled:0); point FRESHET_REDIS_URL at a cluster node or set "
+                       "FRESHET_REDIS_CLUSTER=off")
+
+
+def _where(url: str) -> str:
+    """host:port of a Redis URL, for messages (never its password)."""
+    u = urlparse(url or "redis://127.0.0.1:6379")
+    return f"{u.hostname or '127.0.0.1'}:{u.port or 6379}"

@@ -137,10 +137,18 @@ def repo_config(settings: Settings):
     env = feast_env(settings)
     text = (path / "feature_store.yaml").read_text()
     text = re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), os.environ.get(m.group(1), m.group(0))), text)
-    raw = yaml.safe_load(text)
+    raw = _online_store(yaml.safe_load(text), settings)
     if settings.feast_registry:
         raw["registry"] = {**SQL_REGISTRY, "path": sqlalchemy_url(settings.feast_registry)}
     return RepoConfig(repo_path=path, **raw)
+
+
+def _online_store(raw: dict, settings: Settings) -> dict:
+    """feature_store.yaml's online store as this deployment needs it: Feast's Redis Cluster client
+    (`redis_type: redis_cluster`, seeded from the one address) with FRESHET_REDIS_CLUSTER=on."""
+    if settings.redis_cluster == "on":
+        raw["online_store"] = {**(raw.get("online_store") or {"type": "redis"}), "redis_type": "redis_cluster"}
+    return raw
 
 
 # Feast's SQL registry (FRESHET_FEAST_REGISTRY), in place of feature_store.yaml's registry file
@@ -158,14 +166,18 @@ def sqlalchemy_url(url: str) -> str:
     return "postgresql+psycopg://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
 
 
-def _repo_for_sql_registry(repo: Path, into: Path) -> Path:
-    """A copy of the feature repo whose feature_store.yaml names the SQL registry (its URL from the
-    env var FRESHET_FEAST_REGISTRY, which Feast substitutes: no password in the file)."""
+def _repo_for_sql_registry(repo: Path, into: Path, settings: Settings | None = None) -> Path:
+    """A copy of the feature repo whose feature_store.yaml names this deployment: the SQL registry
+    (its URL from the env var FRESHET_FEAST_REGISTRY, which Feast substitutes: no password in the
+    file) when one is set, and a Redis Cluster online store with FRESHET_REDIS_CLUSTER=on."""
     import shutil
 
     shutil.copytree(repo, into, ignore=shutil.ignore_patterns("__pycache__", "data", ".*"))
     raw = yaml.safe_load((repo / "feature_store.yaml").read_text())
-    raw["registry"] = {**SQL_REGISTRY, "path": "${FRESHET_FEAST_REGISTRY}"}
+    if settings is None or settings.feast_registry:
+        raw["registry"] = {**SQL_REGISTRY, "path": "${FRESHET_FEAST_REGISTRY}"}
+    if settings is not None:
+        raw = _online_store(raw, settings)
     (into / "feature_store.yaml").write_text(yaml.safe_dump(raw))
     return into
 
@@ -186,8 +198,9 @@ def apply(settings: Settings, extra_env: dict[str, str] | None = None) -> None:
     feast = Path(sys.executable).with_name("feast")
     with tempfile.TemporaryDirectory(prefix="freshet-repo-") as tmp:
         repo = repo_path(settings)
+        if settings.feast_registry or settings.redis_cluster == "on":
+            repo = _repo_for_sql_registry(repo, Path(tmp) / repo.name, settings)
         if settings.feast_registry:
-            repo = _repo_for_sql_registry(repo, Path(tmp) / repo.name)
             env["FRESHET_FEAST_REGISTRY"] = sqlalchemy_url(settings.feast_registry)
         proc = subprocess.run([str(feast), "-c", str(repo), "apply"], env=env, capture_output=True, text=True,
                               timeout=300)

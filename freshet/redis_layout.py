@@ -21,6 +21,7 @@ b'\\x01\\x00\\x00\\x00\\x02\\x00\\x00\\x00\\x07\\x00\\x00\\x00card_id\\x02\\x00\
 
 from __future__ import annotations
 
+import asyncio
 import math
 import struct
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import Any, Callable, Generator, Iterable, Mapping, Sequence
 import mmh3
 import redis
 from redis.commands.core import Script
+from redis.crc import key_slot
 
 _U32 = struct.Struct("<I")
 _U32x2 = struct.Struct("<II")
@@ -503,6 +505,26 @@ def _exchange(pool: Any, blob: bytes, replies: int) -> Generator:
         yield pool.release(conn)
 
 
+async def _exchange_node(node: Any, blob: bytes, replies: int) -> None:
+    """`_exchange` on one primary of a redis.asyncio cluster client (its ClusterNode's connections)."""
+    conn = node.acquire_connection()
+    error = None
+    try:
+        await conn.send_packed_command([blob])
+        for _ in range(replies):
+            try:
+                await conn.read_response()
+            except redis.ResponseError as exc:  # read every reply so the connection stays in sync
+                error = error or exc
+    except BaseException:  # failed or cancelled mid-reply: the connection is out of step with its replies
+        await conn.disconnect()
+        raise
+    finally:
+        node.release(conn)
+    if error:
+        raise error
+
+
 def _run(steps: Generator) -> Any:
     """The value of `steps` on a sync client, whose calls return their result."""
     try:
@@ -624,8 +646,63 @@ class OnlineLayout:
         return _run(self._writing(client, view, rows, only_newer))
 
     async def write_async(self, client: Any, view: str, rows: Iterable[Row], only_newer: bool = False) -> int:
-        """`write` for a redis.asyncio client (the stream engine's event loop)."""
+        """`write` for a redis.asyncio client (the stream engine's event loop), Redis Cluster too."""
+        if hasattr(client, "nodes_manager") and not only_newer:
+            return await self._write_cluster(client, view, rows)
         return await _run_async(self._writing(client, view, rows, only_newer))
+
+    async def _write_cluster(self, client: Any, view: str, rows: Iterable[Row]) -> int:
+        """Rows grouped by the primary that owns their key's slot, each group packed as `write`
+        packs and sent on one of that primary's connections, every primary at once.
+
+        A group its primary redirects (MOVED after a resharding or a failover, ASK while its
+        slot migrates) is written again through redis-py's cluster pipeline, which follows
+        redirections and refreshes the slot map: rows are whole, so writing one twice leaves
+        the same row.
+        """
+        await client.initialize()
+        codec = self._codec(view)
+        slots = client.nodes_manager.slots_cache  # slot -> [primary, replicas...]
+        key_of = codec.key
+        groups: dict[str, list] = {}  # by node name: a ClusterNode hashes in Python, per row
+        primaries: dict[str, Any] = {}
+        for key_values, values, event_ts in rows:
+            key = key_of(key_values)
+            owners = slots.get(key_slot(key))
+            if not owners:
+                raise redis.exceptions.SlotNotCoveredError(f"slot {key_slot(key)} has no primary in the Redis Cluster")
+            name = owners[0].name
+            group = groups.get(name)
+            if group is None:
+                group = groups[name] = []
+                primaries[name] = owners[0]
+            group.append((key, values, event_ts))
+        if not groups:
+            return 0
+        ttl = self.key_ttl_s
+
+        async def send(node: Any, keyed: list) -> int:
+            blob, replies, n = self._pack_keyed(codec, keyed, False)
+            try:
+                await _exchange_node(node, blob, replies)
+            except (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError):
+                pipe = client.pipeline(transaction=False)
+                for key, values, event_ts in keyed:
+                    pipe.execute_command("HSET", key, *codec.encode(values, event_ts))
+                    if ttl:
+                        pipe.expire(key, ttl)
+                await pipe.execute()
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                client._initialize = True  # a primary gone (failed over?): read the slot map again
+                raise
+            return n
+
+        done = await asyncio.gather(*(send(primaries[name], keyed) for name, keyed in groups.items()),
+                                    return_exceptions=True)
+        for result in done:
+            if isinstance(result, BaseException):
+                raise result
+        return sum(done)
 
     def _writing(self, client: Any, view: str, rows: Iterable[Row], only_newer: bool) -> Generator:
         """`write` for either client: yields each client call's result (an awaitable from asyncio's)."""
@@ -647,14 +724,18 @@ class OnlineLayout:
     def pack_rows(self, view: str, rows: Iterable[Row], only_newer: bool = False) -> tuple[bytes, int, int]:
         """The rows as RESP commands: (bytes to send, replies to read, rows) for any transport."""
         codec = self._codec(view)
+        return self._pack_keyed(codec, ((codec.key(r[0]), r[1], r[2]) for r in rows), only_newer)
+
+    def _pack_keyed(self, codec: _ViewCodec, rows: Iterable[tuple[bytes, Mapping[str, Any], Any]],
+                    only_newer: bool) -> tuple[bytes, int, int]:
+        """`pack_rows` of rows whose entity keys are made already: (key, {feature: value}, event time)."""
         sha = self._write_if_newer.sha.encode()
         head = (b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n" + sha + b"\r\n$1\r\n1\r\n", 6) if only_newer \
             else (b"*%d\r\n$4\r\nHSET\r\n", 4)
         ttl = _bulk(str(self.key_ttl_s).encode()) if self.key_ttl_s else None
         out: list[bytes] = []
         replies = n = 0
-        for key_values, values, event_ts in rows:
-            key = codec.key(key_values)
+        for key, values, event_ts in rows:
             codec.pack(head, key, values, event_ts, out)
             replies += 1
             if ttl:

@@ -119,6 +119,11 @@ class Settings:
     # the thread sleeps: a sleeping thread's wake-up costs more than a local Redis's answer
     # (read p50 71 -> 41-47 us here). Raise it for a remote Redis, 0 to never poll.
     redis_poll_us: int = 100
+    # "on": FRESHET_REDIS_URL is one node of a Redis Cluster (any primary); every component then
+    # talks to the cluster (slots -> nodes, MOVED/ASK followed) and Feast's online store is
+    # configured with `redis_type: redis_cluster`. Needs an explicit URL (the embedded stack is one
+    # Redis) on db 0 (a cluster has no other). "off": one Redis (with replicas behind the address).
+    redis_cluster: str = "off"
 
     data_dir: str = "data"
     # Where the offline logs (raw events, feature rows, labels, served predictions) live: empty for
@@ -246,6 +251,7 @@ _CHOICES = {
     "training_features": {"recomputed", "served"},
     "kafka_idempotence": {"auto", "on", "off"},
     "rollback_auto": {"on", "off"},
+    "redis_cluster": {"on", "off"},
 }
 _POSITIVE = {"kafka_session_timeout_ms", "kafka_partitions", "max_body_bytes", "stream_commit_interval_ms",
              "stream_max_future_s", "stream_max_event_bytes", "max_rows_per_request", "max_features_per_request",
@@ -301,6 +307,7 @@ def _validate(s: Settings) -> None:
             f"{_env_name('redis_url')} must look like redis://[:password@]host:port/db or rediss://... "
             f"(got scheme {urlparse(s.redis_url).scheme!r})"
         )
+    _validate_redis_cluster(s)
     if s.kafka_sasl_mechanism and not s.kafka_security_protocol.startswith("SASL"):
         raise SettingsError(
             f"{_env_name('kafka_sasl_mechanism')} is set but {_env_name('kafka_security_protocol')}="
@@ -321,6 +328,18 @@ def _validate(s: Settings) -> None:
     for topic in ("deadletter", "predictions", "labels", "drift", "retrain", "models"):
         if not getattr(s, f"topic_{topic}"):
             raise SettingsError(f"{_env_name('topic_' + topic)} must not be empty")
+
+
+def _validate_redis_cluster(s: Settings) -> None:
+    if s.redis_cluster != "on":
+        return
+    if not s.redis_url:
+        raise SettingsError(f"{_env_name('redis_cluster')}=on needs {_env_name('redis_url')} set to a node of the "
+                            "cluster (redis://host:port/0); the embedded stack runs one Redis, not a cluster")
+    db = (urlparse(s.redis_url).path or "/").lstrip("/")
+    if db not in ("", "0"):
+        raise SettingsError(f"{_env_name('redis_cluster')}=on but {_env_name('redis_url')} selects database {db}: "
+                            "a Redis Cluster has database 0 only; end the URL with /0")
 
 
 def _validate_rollback(s: Settings) -> None:

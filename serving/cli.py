@@ -13,13 +13,14 @@ log = logging.getLogger("freshet.serving")
 def cmd_serve(args, settings) -> int:
     import dataclasses
 
-    from freshet.endpoints import resolve_endpoints
+    from freshet.endpoints import check_redis_mode, resolve_endpoints
     from freshet.errors import CliError
     from freshet.serving import auth, transport, workers
 
     if args.workers < 1:
         raise CliError(f"--workers must be at least 1, got {args.workers}")
     settings = resolve_endpoints(settings)
+    check_redis_mode(settings)
     if args.port is not None or args.host is not None:
         settings = dataclasses.replace(settings, http_port=args.port or settings.http_port,
                                        http_host=args.host or settings.http_host)

@@ -558,10 +558,9 @@ class LiveFeed(threading.Thread):
             offsets = kafka.consumer(s, self.stream_group)  # never subscribes: reads the group's offsets
             self.progress = StreamProgress(offsets, views_by_topic, self.stream_group)
             OffsetSampler(self.progress, self.problems, self.stop_event).start()
-        import redis
+        from freshet.endpoints import redis_client
 
-        self.freshness = FreshnessProbe(self._layout(), views_by_topic,
-                                        redis.Redis.from_url(s.redis_url, socket_timeout=2))
+        self.freshness = FreshnessProbe(self._layout(), views_by_topic, redis_client(s, socket_timeout=2))
         return reader
 
     # -- the loop ------------------------------------------------------------------------

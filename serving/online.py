@@ -1,31 +1,29 @@
 """Online feature reads straight from Feast's Redis layout, one pipelined round trip per request.
 
 Owns the read plan (feature refs -> views, hash fields and TTLs, resolved once from the
-Feast registry and again when it changes), the Redis connections of the hot path and
-the result, where every value carries a status: PRESENT, NULL_VALUE, NOT_FOUND (the
+Feast registry and again when it changes), the requests of the hot path (their connections
+are resp.py's, a Redis Cluster's cluster.py's) and the result, where every value carries a status: PRESENT, NULL_VALUE, NOT_FOUND (the
 entity has no row for that view) or OUTSIDE_MAX_AGE (older than the view's TTL).
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import logging
 import math
 import os
-import socket
-import ssl
 import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
-from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
 
 from freshet.redis_layout import OnlineLayout, ViewLayout, decode_value, timestamp_parts
+from freshet.serving.cluster import ClusterReads
+# the connections' names, also imported from here
+from freshet.serving.resp import AsyncRespClient, RedisEndpoint, RedisUnavailable, RespConnection  # noqa: F401
 from freshet.settings import Settings
 
 log = logging.getLogger("freshet.serving.online")
@@ -33,10 +31,6 @@ log = logging.getLogger("freshet.serving.online")
 PRESENT, NULL_VALUE, NOT_FOUND, OUTSIDE_MAX_AGE = "PRESENT", "NULL_VALUE", "NOT_FOUND", "OUTSIDE_MAX_AGE"
 EPOCH_RFC3339 = "1970-01-01T00:00:00Z"
 _unpack_double = struct.Struct("<d").unpack_from
-
-
-class RedisUnavailable(RuntimeError):
-    """Redis did not answer; the message says where and why. Reads recover when it returns."""
 
 
 class RequestError(ValueError):
@@ -55,296 +49,6 @@ class UnknownFeature(LookupError):
         super().__init__(f"unknown {kind} {name!r}" + (f"; {hint}" if hint else ""))
         self.kind = kind
         self.name = name
-
-
-# ---------------------------------------------------------------------------
-# Redis connections: RESP over a plain socket, parsed by hiredis
-# ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RedisEndpoint:
-    host: str = "127.0.0.1"
-    port: int = 6379
-    db: int = 0
-    username: str = ""
-    password: str = ""
-    tls: bool = False
-
-    @classmethod
-    def from_url(cls, url: str) -> "RedisEndpoint":
-        u = urlparse(url)
-        query = parse_qs(u.query)
-        db = (u.path or "/").lstrip("/") or query.get("db", ["0"])[0]
-        return cls(
-            host=u.hostname or "127.0.0.1", port=u.port or 6379,
-            db=int(db or 0), username=unquote(u.username or ""), password=unquote(u.password or ""),
-            tls=u.scheme == "rediss",
-        )
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def handshake(self) -> tuple[bytes, int]:
-        """The commands sent on connect (AUTH, SELECT) and how many replies they give."""
-        cmds = []
-        if self.password:
-            auth = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
-            cmds.append(hiredis.pack_command(auth))
-        if self.db:
-            cmds.append(hiredis.pack_command(("SELECT", str(self.db))))
-        return b"".join(cmds), len(cmds)
-
-
-def _check_replies(replies: list, endpoint: RedisEndpoint) -> list:
-    for r in replies:
-        if isinstance(r, hiredis.ReplyError):
-            raise RedisUnavailable(f"Redis at {endpoint} replied with an error: {r}")
-    return replies
-
-
-class RespConnection:
-    """A blocking connection for in-process readers; one per thread, reconnects on next use.
-
-    A reply is first polled for, for up to `poll_s`, before the thread sleeps on the socket:
-    on this machine waking a sleeping thread costs more than Redis takes to answer (a PING
-    round trip on loopback: 43-52 us waiting in recv, 23-26 us polling; bench/serving.py). Polling
-    spends that CPU while the reply is on its way; 0 turns it off.
-    """
-
-    def __init__(self, endpoint: RedisEndpoint, timeout: float = 1.0, poll_s: float = 0.0):
-        self.endpoint = endpoint
-        self.timeout = timeout
-        self.poll_s = 0.0 if endpoint.tls else poll_s  # TLS records need the ssl layer's reads
-        self._local = threading.local()
-
-    def _connect(self) -> tuple[socket.socket, Any]:
-        ep = self.endpoint
-        try:
-            sock = socket.create_connection((ep.host, ep.port), timeout=self.timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if ep.tls:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=ep.host)
-        except OSError as exc:
-            raise RedisUnavailable(f"Redis at {ep} is unreachable: {exc.strerror or exc}") from None
-        conn = (sock, hiredis.Reader())
-        blob, n = ep.handshake()
-        if n:
-            _check_replies(self._roundtrip(conn, blob, n), ep)
-        return conn
-
-    def _roundtrip(self, conn, blob: bytes, n: int) -> list:
-        sock, reader = conn
-        sock.sendall(blob)
-        out: list = []
-        while len(out) < n:
-            reply = reader.gets()
-            if reply is False:
-                data = self._recv(sock)
-                if not data:
-                    raise ConnectionResetError("connection closed by Redis")
-                reader.feed(data)
-            else:
-                out.append(reply)
-        return out
-
-    def _recv(self, sock: socket.socket) -> bytes:
-        if self.poll_s:
-            # the socket has a timeout, so its descriptor is non-blocking: os.read returns
-            # at once, where sock.recv would first wait in poll()
-            fd, clock = sock.fileno(), time.perf_counter
-            until = clock() + self.poll_s
-            while True:
-                try:
-                    return os.read(fd, 1 << 16)
-                except BlockingIOError:
-                    if clock() >= until:
-                        break
-        return sock.recv(1 << 16)
-
-    def execute(self, blob: bytes, n: int) -> list:
-        """Send `n` packed commands, return their `n` replies (error replies as hiredis.ReplyError)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
-        try:
-            return self._roundtrip(conn, blob, n)
-        except (OSError, hiredis.ProtocolError) as exc:
-            self.close()
-            reason = "timed out" if isinstance(exc, socket.timeout) else (getattr(exc, "strerror", None) or exc)
-            raise RedisUnavailable(f"Redis at {self.endpoint} failed: {reason}") from None
-
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn:
-            try:
-                conn[0].close()
-            except OSError:
-                pass
-
-
-class _Waiter:
-    __slots__ = ("future", "n", "replies", "started")
-
-    def __init__(self, future: asyncio.Future, n: int):
-        self.future = future
-        self.n = n
-        self.replies: list = []
-        self.started = time.monotonic()
-
-
-class _RespProtocol(asyncio.Protocol):
-    """Pipelined RESP: requests are written as they come; replies resolve them in order."""
-
-    def __init__(self, endpoint: RedisEndpoint):
-        self.endpoint = endpoint
-        self.reader = hiredis.Reader()
-        self.waiters: collections.deque[_Waiter] = collections.deque()
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.out: list[bytes] = []
-        self.flush_scheduled = False
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        # kept: asyncio.get_running_loop() costs a getpid() syscall per call on CPython 3.11
-        self.loop = asyncio.get_running_loop()
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-        waiters = self.waiters
-        while waiters:
-            reply = self.reader.gets()
-            if reply is False:
-                return
-            w = waiters[0]
-            w.replies.append(reply)
-            if len(w.replies) == w.n:
-                waiters.popleft()
-                if not w.future.done():
-                    w.future.set_result(w.replies)
-
-    def connection_lost(self, exc) -> None:
-        self.closed = True
-        self.fail(RedisUnavailable(f"Redis at {self.endpoint} closed the connection"
-                                   + (f": {exc}" if exc else "")))
-
-    def fail(self, error: Exception) -> None:
-        while self.waiters:
-            w = self.waiters.popleft()
-            if not w.future.done():
-                w.future.set_exception(error)
-
-    def send(self, blob: bytes, n: int) -> asyncio.Future:
-        loop = self.loop
-        fut = loop.create_future()
-        self.waiters.append(_Waiter(fut, n))
-        # Requests of one event-loop turn leave in one write: a syscall per request costs more
-        # than the request's own work when many are in flight.
-        self.out.append(blob)
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            loop.call_soon(self._flush)
-        return fut
-
-    def _flush(self) -> None:
-        self.flush_scheduled = False
-        out, self.out = self.out, []
-        if out and not self.closed:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-
-
-class AsyncRespClient:
-    """Non-blocking Redis for the server's event loop: one multiplexed connection, reconnects.
-
-    A request waiting longer than `timeout` aborts the connection and fails every request
-    on it with RedisUnavailable; the next request reconnects.
-    """
-
-    def __init__(self, endpoint: RedisEndpoint, timeout: float = 1.0, retry_after: float = 0.2):
-        self.endpoint = endpoint
-        self.timeout = timeout
-        self.retry_after = retry_after
-        self._proto: _RespProtocol | None = None
-        self._connecting: asyncio.Future | None = None
-        self._failed_at = 0.0
-        self._last_error = ""
-        self._watchdog: asyncio.Task | None = None
-
-    async def _connect(self) -> _RespProtocol:
-        loop = asyncio.get_running_loop()
-        ep = self.endpoint
-        try:
-            ctx = ssl.create_default_context() if ep.tls else None
-            _, proto = await asyncio.wait_for(loop.create_connection(
-                lambda: _RespProtocol(ep), ep.host, ep.port, ssl=ctx,
-                server_hostname=ep.host if ctx else None), self.timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            reason = "connect timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
-            raise RedisUnavailable(f"Redis at {ep} is unreachable: {reason}") from None
-        blob, n = ep.handshake()
-        if n:
-            try:
-                _check_replies(await asyncio.wait_for(proto.send(blob, n), self.timeout), ep)
-            except BaseException:
-                proto.transport.abort()
-                raise
-        if self._watchdog is None or self._watchdog.done():
-            self._watchdog = loop.create_task(self._watch())
-        return proto
-
-    async def _connection(self) -> _RespProtocol:
-        proto = self._proto
-        if proto is not None and not proto.closed:
-            return proto
-        if self._connecting is None:
-            if time.monotonic() - self._failed_at < self.retry_after:
-                raise RedisUnavailable(self._last_error)
-            self._connecting = asyncio.ensure_future(self._connect())
-            self._connecting.add_done_callback(self._connected)
-        return await asyncio.shield(self._connecting)
-
-    def _connected(self, fut: asyncio.Future) -> None:
-        self._connecting = None
-        if fut.cancelled():
-            return
-        if fut.exception() is not None:
-            self._failed_at = time.monotonic()
-            self._last_error = str(fut.exception())
-        else:
-            self._proto = fut.result()
-
-    async def execute(self, blob: bytes, n: int) -> list:
-        proto = self._proto
-        if proto is None or proto.closed:
-            proto = await self._connection()
-        return await proto.send(blob, n)
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(min(0.1, self.timeout / 4))
-            proto = self._proto
-            if proto is None or proto.closed or not proto.waiters:
-                continue
-            if time.monotonic() - proto.waiters[0].started > self.timeout:
-                proto.fail(RedisUnavailable(f"Redis at {self.endpoint} did not answer within "
-                                            f"{self.timeout:g}s"))
-                proto.transport.abort()
-
-    async def ping(self) -> None:
-        replies = await asyncio.wait_for(self.execute(b"*1\r\n$4\r\nPING\r\n", 1), self.timeout)
-        _check_replies(replies, self.endpoint)
-
-    async def close(self) -> None:
-        if self._watchdog:
-            self._watchdog.cancel()
-        if self._proto and self._proto.transport:
-            self._proto.transport.close()
-        self._proto = None
 
 
 # ---------------------------------------------------------------------------
@@ -524,6 +228,11 @@ class OnlineFeatureReader:
         self._install(registry or ServingRegistry.from_store(self._feature_store()))
         self.sync = RespConnection(self.endpoint, timeout, settings.redis_poll_us / 1e6)
         self.aio = AsyncRespClient(self.endpoint, timeout)
+        # FRESHET_REDIS_CLUSTER=on: keys split by the primary owning them; `aio` pings every primary
+        self.cluster: ClusterReads | None = None
+        if settings.redis_cluster == "on":
+            self.cluster = ClusterReads(self.endpoint, timeout, settings.redis_poll_us / 1e6)
+            self.aio = self.cluster
 
     # -- registry -----------------------------------------------------------
 
@@ -702,6 +411,27 @@ class OnlineFeatureReader:
             slots.append(row_slots)
         return b"".join(parts), count, slots
 
+    def _commands(self, plan: ReadPlan, entities: Mapping[str, list], n_rows: int) -> tuple[list, list, list]:
+        """`_pack` for a Redis Cluster: (keys, one packed HMGET per key, slots), each key once."""
+        keys: list[bytes] = []
+        commands: list[bytes] = []
+        slots: list[list[int]] = []
+        for vr in plan.views:
+            cols = [entities[k] for k in vr.join_keys]
+            seen: dict[bytes, int] = {}
+            row_slots = []
+            key_of = vr.codec.key
+            for r in range(n_rows):
+                key = key_of([c[r] for c in cols])
+                j = seen.get(key)
+                if j is None:
+                    j = seen[key] = len(keys)
+                    keys.append(key)
+                    commands.append(b"".join((vr.head, b"$%d\r\n" % len(key), key, b"\r\n", vr.fields_resp)))
+                row_slots.append(j)
+            slots.append(row_slots)
+        return keys, commands, slots
+
     def _decode(self, plan: ReadPlan, entities: Mapping[str, list], n_rows: int, replies: list,
                 slots: list) -> OnlineFeatures:
         values: list[list] = [[None] * n_rows for _ in plan.feature_names]
@@ -717,7 +447,7 @@ class OnlineFeatureReader:
             for r, j in enumerate(row_slots):
                 reply = replies[j]
                 if isinstance(reply, hiredis.ReplyError):
-                    raise RedisUnavailable(f"Redis at {self.endpoint} replied with an error: {reply}")
+                    raise RedisUnavailable(f"Redis at {self.cluster or self.endpoint} replied with an error: {reply}")
                 parts = timestamp_parts(reply[nf])
                 if parts is None:
                     continue  # no row for this entity in this view: NOT_FOUND
@@ -756,6 +486,10 @@ class OnlineFeatureReader:
         """Read every entity row of `plan` in one round trip (blocking)."""
         self._maybe_refresh()
         n = self._check_entities(plan, entities)
+        if self.cluster is not None:
+            keys, commands, slots = self._commands(plan, entities, n)
+            replies = self.cluster.execute(keys, commands) if keys else []
+            return self._decode(plan, entities, n, replies, slots)
         blob, count, slots = self._pack(plan, entities, n)
         replies = self.sync.execute(blob, count) if count else []
         return self._decode(plan, entities, n, replies, slots)
@@ -763,6 +497,10 @@ class OnlineFeatureReader:
     async def read_async(self, plan: ReadPlan, entities: Mapping[str, Any]) -> OnlineFeatures:
         """Read every entity row of `plan` in one round trip on the running event loop."""
         n = self._check_entities(plan, entities)
+        if self.cluster is not None:
+            keys, commands, slots = self._commands(plan, entities, n)
+            replies = await self.cluster.execute_async(keys, commands) if keys else []
+            return self._decode(plan, entities, n, replies, slots)
         blob, count, slots = self._pack(plan, entities, n)
         replies = await self.aio.execute(blob, count) if count else []
         return self._decode(plan, entities, n, replies, slots)
@@ -779,3 +517,5 @@ class OnlineFeatureReader:
 
     def close(self) -> None:
         self.sync.close()
+        if self.cluster is not None:
+            self.cluster.close_sync()

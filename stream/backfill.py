@@ -175,12 +175,11 @@ def main(args, settings: Settings) -> int:
             pq.write_table(pa.Table.from_pylist(rows), target)
             print(f"wrote {len(rows)} point-in-time rows to {target}")
         if args.online:
-            import redis
-
+            from freshet.endpoints import redis_client
             from freshet.redis_layout import OnlineLayout
 
             layout = OnlineLayout(registry.project, registry.views)
-            client = redis.Redis.from_url(settings.redis_url)
+            client = redis_client(settings)
             # as of the replay's newest event, as the stream evaluates rows as of its clock (stream/expiry.py)
             as_of = max((state["max_ts"] for state in states.values()), default=0.0)
             batch = [(key, agg.result(state, as_of), as_of) for key, state in states.items()]

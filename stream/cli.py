@@ -12,11 +12,12 @@ log = logging.getLogger("freshet.stream")
 
 def cmd_stream(args, settings) -> int:
     from freshet import features, kafka
-    from freshet.endpoints import resolve_endpoints
+    from freshet.endpoints import check_redis_mode, resolve_endpoints
     from freshet.stream.engine import StreamEngine
     from freshet.stream.idempotence import stream_idempotence
 
     settings = resolve_endpoints(settings)
+    check_redis_mode(settings)
     kafka.check_reachable(settings)
     registry = features.load_registry(settings)
     topics = list(registry.views_by_topic())

@@ -39,10 +39,10 @@ import faust
 import faust.transport.drivers.aiokafka as faust_aiokafka
 import orjson
 import pyarrow as pa
-import redis.asyncio as aioredis
 from aiokafka.partitioner import murmur2
 
 from freshet.contracts import DeadLetter
+from freshet.endpoints import redis_client
 from freshet.features import FeatureRegistry, ViewSpec
 from freshet.kafka import topic_config
 from freshet.settings import Settings
@@ -643,7 +643,7 @@ class StreamEngine:
             logging_config=None,
             loghandlers=[],
         )
-        self.redis = aioredis.Redis.from_url(settings.redis_url)
+        self.redis = redis_client(settings, asyncio=True)  # a Redis Cluster with FRESHET_REDIS_CLUSTER=on
         self.sink = FeatureSink(settings, registry, self.redis)
         self.crash = self.sink.crash = CrashPoints(settings.stream_test_crash_at)
         self.markers = RowMarkers(self.redis, app_id)

@@ -23,6 +23,12 @@ _REDIS_STATE_ERRORS = ("OOM", "LOADING", "READONLY", "MISCONF", "BUSY", "NOAUTH"
                        "CLUSTERDOWN", "MOVED", "ASK", "TRYAGAIN", "MASTERDOWN", "NOREPLICAS", "NOSCRIPT")
 
 
+# A Redis Cluster in flux (slots moving or unowned, a primary down): redis-py raises these with the
+# error code stripped from the message, so they are told by type
+_REDIS_CLUSTER_STATE = (redis.exceptions.RedisClusterException, redis.exceptions.ClusterError,
+                        redis.exceptions.AskError, redis.exceptions.TryAgainError)
+
+
 def is_infrastructure(exc: BaseException) -> bool:
     """True for failures of the services the stream writes to; False for ones an event causes.
 
@@ -32,9 +38,13 @@ def is_infrastructure(exc: BaseException) -> bool:
     False
     >>> is_infrastructure(redis.exceptions.ResponseError("OOM command not allowed"))
     True
+    >>> is_infrastructure(redis.exceptions.MovedError("3999 127.0.0.1:6381"))  # redis-py strips "MOVED"
+    True
     """
     if isinstance(exc, (OSError, MemoryError, asyncio.TimeoutError, faust.exceptions.FaustError)):
         return True  # OSError covers ConnectionError and TimeoutError
+    if isinstance(exc, _REDIS_CLUSTER_STATE):
+        return True
     if isinstance(exc, redis.exceptions.ResponseError):
         return str(exc).startswith(_REDIS_STATE_ERRORS)
     if isinstance(exc, redis.exceptions.RedisError):

@@ -32,6 +32,8 @@ WRITE_BACK_ROWS = 5000  # rows per pipelined write while restoring
 
 def where(client: Any) -> str:
     """host:port of a redis.asyncio client, for log lines (never its password)."""
+    if hasattr(client, "nodes_manager"):  # Redis Cluster: the addresses it was given
+        return "Redis Cluster " + ",".join(sorted(client.nodes_manager.startup_nodes))
     kwargs = client.connection_pool.connection_kwargs
     return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}" if "host" in kwargs else \
         str(kwargs.get("path", "redis"))
@@ -120,6 +122,33 @@ class RowMarkers:
         """
         return f"{self.prefix}{view}:{partition}"
 
+    async def keys(self, pairs: list[tuple[str, int]]) -> list[list[str]]:
+        """The marker keys of each (view, partition): one, or on a Redis Cluster one per primary.
+
+        A cluster primary can lose its data alone (flushed, failed over to an empty replica):
+        one marker, living on one primary, would not notice the rows the others lost. So each
+        primary holds its own copy, placed there by a hash tag (freshet.redis_cluster.hash_tags);
+        after a resharding the tags are chosen again from the new slot map.
+        """
+        if not hasattr(self.client, "nodes_manager"):
+            return [[self.key(view, partition)] for view, partition in pairs]
+        tags = await self._tags()
+        rest = self.prefix[len("freshet:"):]
+        return [[f"freshet:{{{tag}}}:{rest}{view}:{partition}" for tag in tags] for view, partition in pairs]
+
+    async def _tags(self) -> list[str]:
+        from freshet.redis_cluster import hash_tags
+
+        await self.client.initialize()
+        slots = self.client.nodes_manager.slots_cache
+
+        def owner(slot: int):
+            nodes = slots.get(slot)
+            return nodes[0].name if nodes else None
+
+        primaries = {node.name for node in self.client.get_primaries()}
+        return sorted(hash_tags(primaries, owner).values())
+
     async def missing(self, pairs: list[tuple[str, int]]) -> list[tuple[str, int]]:
         """The (view, partition) pairs without a marker; none while Redis does not answer
         (the writer waits for it, and the next check looks again).
@@ -148,17 +177,23 @@ class RowMarkers:
         return [pair for pair, n in zip(checked, found) if not n and pair in wanted]
 
     async def _exists(self, pairs: list[tuple[str, int]]) -> list[int]:
+        """Per pair: 1 when every one of its marker keys exists, else 0."""
+        keyed = await self.keys(pairs)
         pipe = self.client.pipeline(transaction=False)
-        for view, partition in pairs:
-            pipe.exists(self.key(view, partition))
-        return await pipe.execute()
+        for keys in keyed:
+            for key in keys:
+                pipe.exists(key)
+        found = iter(await pipe.execute())
+        return [int(all([next(found) for _ in keys])) for keys in keyed]
 
     async def mark(self, pairs: list[tuple[str, int]], writer: "PatientWriter") -> None:
         """Set these markers, waiting out an outage as row writes do."""
         async def set_all():
+            keyed = await self.keys(pairs)
             pipe = self.client.pipeline(transaction=False)
-            for view, partition in pairs:
-                pipe.set(self.key(view, partition), b"%.3f" % time.time())
+            for keys in keyed:
+                for key in keys:
+                    pipe.set(key, b"%.3f" % time.time())
             return await pipe.execute()
 
         await writer.patiently(set_all, f"{len(pairs)} row markers")

@@ -41,7 +41,7 @@ def _retrain_config(args, settings):
                              window=window, holdout_fraction=args.holdout, metric=args.metric, margin=args.margin,
                              C=args.C, seed=args.seed, min_rows=args.min_rows, confidence=args.confidence,
                              wait_labels=args.wait_labels, wait_positives=args.wait_positives,
-                             wait_max_s=args.wait_max, since_request=args.since_request)
+                             wait_max_s=args.wait_max, since_request=args.since_request, folds=args.folds)
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
@@ -84,8 +84,8 @@ def cmd_retrain(args, settings) -> int:
     if args.bootstrap and args.reason:
         raise CliError("--bootstrap trains the first version; it takes no --reason (use --once --reason)")
     manual = args.once or args.bootstrap or bool(args.reason)
+    config = _retrain_config(args, settings)  # a bad flag fails before anything is looked for
     settings = _kafka_settings(settings, required=not manual)
-    config = _retrain_config(args, settings)
     try:
         trainer = Retrainer(settings, config=config, progress=sys.stderr.isatty())
         if manual:
@@ -127,8 +127,10 @@ def _add_retrain(sub) -> None:
                     "to its transaction in the offline "
                     "raw log, builds point-in-time features for the feature service, fits\n"
                     "SimpleImputer -> StandardScaler -> LogisticRegression with the given seed, scores it and the\n"
-                    "serving champion on the newest --holdout share of the examples, registers it with its\n"
-                    "lineage and promotes it only if it beats the champion by --margin on --metric. Requests\n"
+                    "serving champion on the newest --holdout share of the examples (with --since-request\n"
+                    "--folds N: on all of them, the candidate out-of-fold over N time blocks, and fits the\n"
+                    "version on all of them), registers it with its lineage and promotes it only if it beats\n"
+                    "the champion by --margin on --metric. Requests\n"
                     "whose alert ids were all trained for already train nothing (--force overrides).\n"
                     "Outcomes are appended to <data dir>/retrain/outcomes.jsonl.",
         epilog="exit status: 0 trained, skipped or reproduced, 1 not enough labelled data or a reproduction "
@@ -177,6 +179,12 @@ def _add_retrain(sub) -> None:
     fit.add_argument("--C", type=float, default=1.0, help="inverse L2 strength (default: %(default)s)")
     fit.add_argument("--holdout", type=float, default=0.2,
                      help="newest share of examples held out for evaluation (default: %(default)s)")
+    fit.add_argument("--folds", type=int, default=0, metavar="N",
+                     help="with --since-request: judge the candidate out-of-fold over N contiguous time blocks of "
+                          "the rows after the request (each block scored by a fit on the others) against the "
+                          "champion on all of them, and fit the version on all of them; when a fold would have "
+                          "fewer than 10 of a class, the newest --holdout share judges (recorded as folds_skipped). "
+                          "N >= 2 (default: off)")
     fit.add_argument("--metric", choices=["auc", "log_loss", "error_rate"], default="auc",
                      help="what promotion compares (default: %(default)s)")
     fit.add_argument("--margin", type=float, default=0.005,

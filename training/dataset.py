@@ -184,6 +184,48 @@ def time_split(ts: np.ndarray, holdout_fraction: float) -> tuple[np.ndarray, np.
     return ~holdout, holdout
 
 
+def blocked_folds(ts: np.ndarray, n_folds: int) -> np.ndarray:
+    """Each row's block (0 = oldest) when the rows are cut into `n_folds` contiguous spans of event time.
+
+    The blocks are as equal in rows as the times allow: rows sharing an instant are never cut
+    apart, so a block may be smaller (or empty) when many rows share one.
+
+    >>> blocked_folds(np.array([5.0, 1.0, 3.0, 3.0, 2.0, 6.0]), 3).tolist()
+    [2, 0, 1, 1, 0, 2]
+    """
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be >= 2, got {n_folds}")
+    ts = np.asarray(ts, dtype=float)
+    n = len(ts)
+    if n == 0:
+        return np.zeros(0, int)
+    ordered = np.sort(ts, kind="stable")
+    cuts = ordered[[min(n - 1, math.ceil(k * n / n_folds)) for k in range(1, n_folds)]]
+    return np.searchsorted(cuts, ts, side="right")
+
+
+def fold_problem(y: np.ndarray, folds: np.ndarray, n_folds: int, min_class_rows: int) -> str:
+    """Why out-of-fold judging cannot work on these rows ("" when it can): every block must hold
+    rows, and every fold's training rows (the other blocks) `min_class_rows` of each class.
+
+    >>> y = np.array([0, 1, 0, 1, 0, 0, 1, 1])
+    >>> fold_problem(y, np.array([0, 0, 0, 0, 1, 1, 1, 1]), 2, 2)
+    ''
+    >>> fold_problem(y, np.array([0, 0, 0, 1, 1, 1, 1, 1]), 2, 2)
+    'fold 2 of 2 is fitted on 3 rows with 1 positive and 2 negative (need 2 of each)'
+    """
+    y = np.asarray(y).astype(int)
+    for k in range(n_folds):
+        held = folds == k
+        if not held.any():
+            return f"block {k + 1} of {n_folds} holds no rows (too many rows share an instant)"
+        pos, rows = int(y[~held].sum()), int((~held).sum())
+        if min(pos, rows - pos) < min_class_rows:
+            return (f"fold {k + 1} of {n_folds} is fitted on {rows} rows with {pos} positive and {rows - pos} "
+                    f"negative (need {min_class_rows} of each)")
+    return ""
+
+
 def dataset_fingerprint(df: pd.DataFrame, columns: Sequence[str]) -> str:
     """sha256 of the rows and columns a model was trained and evaluated on (order-independent of input)."""
     h = hashlib.sha256()
@@ -300,6 +342,9 @@ class TrainingSet:
     """Point-in-time examples, oldest first, split in event time: the older part to fit, the newest to score.
 
     `inputs` are the model's inputs (feature refs, then request fields); `y` the 0/1 labels.
+    Judged out-of-fold (`n_folds` > 0), every row is in `train` (the version is fitted on all of
+    them), none in `holdout`, and `folds` gives each row's block: each block is scored by a model
+    fitted on the others. `folds_skipped` says why folds were asked for but the holdout judges.
     """
 
     data: pd.DataFrame
@@ -307,12 +352,34 @@ class TrainingSet:
     y: np.ndarray
     train: np.ndarray
     holdout: np.ndarray
+    folds: np.ndarray | None = None
+    folds_skipped: str = ""
 
     @classmethod
-    def split(cls, data: pd.DataFrame, inputs: Sequence[str], holdout_fraction: float) -> "TrainingSet":
+    def split(cls, data: pd.DataFrame, inputs: Sequence[str], holdout_fraction: float, n_folds: int = 0,
+              min_class_rows: int = 1) -> "TrainingSet":
+        """The newest `holdout_fraction` held out or, with `n_folds`, `n_folds` blocks of event time; when a
+        fold could not be fitted (`fold_problem`), the holdout after all, and `folds_skipped` says why."""
         y = (data["label"].to_numpy(dtype=float) > 0.5).astype(int)
-        train, holdout = time_split(data["_t"].to_numpy(), holdout_fraction)
-        return cls(data, list(inputs), y, train, holdout)
+        ts = data["_t"].to_numpy()
+        skipped = ""
+        if n_folds:
+            folds = blocked_folds(ts, n_folds)
+            skipped = fold_problem(y, folds, n_folds, min_class_rows)
+            if not skipped:
+                return cls(data, list(inputs), y, np.ones(len(y), bool), np.zeros(len(y), bool), folds)
+        train, holdout = time_split(ts, holdout_fraction)
+        return cls(data, list(inputs), y, train, holdout, folds_skipped=skipped)
+
+    @property
+    def n_folds(self) -> int:
+        """How many blocks judge the candidate out-of-fold (0: the holdout judges)."""
+        return 0 if self.folds is None else int(self.folds.max()) + 1
+
+    @property
+    def judged(self) -> np.ndarray:
+        """The rows a candidate is scored on: the holdout, or every row out-of-fold."""
+        return self.holdout if self.folds is None else np.ones(len(self.y), bool)
 
     @functools.cached_property
     def X(self) -> np.ndarray:
@@ -320,13 +387,16 @@ class TrainingSet:
         return input_matrix(self.data, self.inputs)
 
     def rows(self) -> dict[str, int]:
-        return {"train": int(self.train.sum()), "holdout": int(self.holdout.sum()),
+        rows = {"train": int(self.train.sum()), "holdout": int(self.holdout.sum()),
                 "train_positives": int(self.y[self.train].sum()),
                 "holdout_positives": int(self.y[self.holdout].sum())}
+        return rows | ({"folds": self.n_folds} if self.n_folds else {})
 
     def holdout_start(self) -> str:
+        """When the rows the candidate is judged on begin (the first row, out-of-fold)."""
         ts = self.data["_t"].to_numpy()
-        return iso_or_blank(float(ts[self.holdout].min())) if self.holdout.any() else ""
+        judged = self.judged
+        return iso_or_blank(float(ts[judged].min())) if judged.any() else ""
 
     def fingerprint(self) -> str:
         """What the model was trained and evaluated on: the examples' ids, labels, times and inputs."""

@@ -1,8 +1,10 @@
 """Scoring models on the holdout, and the promotion rule.
 
-Owns the metrics, `score_on_holdout` (candidate and `Champion` on the same rows), `bootstrap_gains`, `decide_promotion`.
+Owns the metrics, `score_on_holdout` and `score_out_of_fold` (candidate and `Champion` on the same rows),
+`bootstrap_gains`, `decide_promotion`.
 
-The candidate and the current champion are scored on the same holdout, and the candidate
+The candidate and the current champion are scored on the same holdout (or, out-of-fold, on
+every row: the candidate's score of a row comes from a fit on the other blocks), and the candidate
 is promoted only if it beats the champion by `margin` on `metric` and the gain is above
 zero at `confidence`. Either way the decision carries its reason, in a sentence.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -61,9 +63,11 @@ class Decision:
 
 def decide_promotion(candidate: Mapping[str, float], champion: Mapping[str, float] | None,
                      metric: str = "auc", margin: float = 0.005,
-                     gains: Mapping[str, np.ndarray] | None = None, confidence: float = 0.95) -> Decision:
-    """Promote only when the candidate beats the champion by `margin` on `metric` (same holdout)
-    and, given bootstrap `gains` of that metric, the gain is above zero at `confidence`.
+                     gains: Mapping[str, np.ndarray] | None = None, confidence: float = 0.95,
+                     judged_on: str = "the same holdout") -> Decision:
+    """Promote only when the candidate beats the champion by `margin` on `metric` (same rows: `judged_on`
+    says which, for the reason) and, given bootstrap `gains` of that metric, the gain is above zero at
+    `confidence`.
 
     If `metric` is undefined for either (AUC on a one-class holdout), log loss decides.
 
@@ -91,7 +95,7 @@ def decide_promotion(candidate: Mapping[str, float], champion: Mapping[str, floa
         gain = (c - b) if METRICS[name] else (b - c)
         note = "" if name == metric else f" ({metric} undefined on this holdout)"
         verdict = ">=" if gain >= margin else "<"
-        reason = (f"{name} {c:.4f} vs champion {b:.4f} on the same holdout: {gain:+.4f} {verdict} "
+        reason = (f"{name} {c:.4f} vs champion {b:.4f} on {judged_on}: {gain:+.4f} {verdict} "
                   f"margin {margin:.4f}{note}")
         promote = gain >= margin
         boot = None if gains is None else gains.get(name)
@@ -209,9 +213,34 @@ def score_on_holdout(candidate: Any, champion: Champion, training: TrainingSet, 
 
     The champion is scored only if it loaded and the registry still has every feature it reads.
     """
-    holdout = training.holdout
-    y = training.y[holdout]
-    p = candidate.predict_proba(training.X[holdout].tolist())
+    p = candidate.predict_proba(training.X[training.holdout].tolist())
+    return _with_champion(training.y[training.holdout], p, champion, training, training.holdout, plan)
+
+
+def out_of_fold(training: TrainingSet, fit: Callable[[np.ndarray], Any]) -> np.ndarray:
+    """Every row's probability from a model fitted on the other blocks (`training.folds`).
+
+    `fit(rows)` fits on the rows of that mask and returns a model with `predict_proba(rows)`
+    answering one probability per row (as `freshet.models.LinearModel` does, like serving).
+    """
+    assert training.folds is not None, "the training set was not cut into folds"
+    p = np.full(len(training.y), np.nan)
+    for k in range(training.n_folds):
+        block = training.folds == k
+        p[block] = fit(~block).predict_proba(training.X[block].tolist())
+    return p
+
+
+def score_out_of_fold(p_candidate: np.ndarray, champion: Champion, training: TrainingSet,
+                      plan: FeaturePlan) -> HoldoutScores:
+    """The candidate's out-of-fold probabilities (`out_of_fold`) and the champion's on the same rows: all of them."""
+    rows = training.judged
+    return _with_champion(training.y[rows], np.asarray(p_candidate)[rows], champion, training, rows, plan)
+
+
+def _with_champion(y: np.ndarray, p: np.ndarray, champion: Champion, training: TrainingSet, rows: np.ndarray,
+                   plan: FeaturePlan) -> HoldoutScores:
+    """The candidate's probabilities `p` on `rows`, with the champion's there when it can be scored."""
     scores = HoldoutScores(y, p, evaluate(y, p))
     model = champion.model
     if model is None:
@@ -221,6 +250,6 @@ def score_on_holdout(candidate: Any, champion: Champion, training: TrainingSet, 
         scores.champion_note = (f"champion version {champion.version} reads feature(s) the registry no longer "
                                 f"has ({', '.join(missing[:5])}); it cannot be scored")
     else:
-        scores.p_champion = model.predict_proba(input_matrix(training.data[holdout], model.feature_names).tolist())
+        scores.p_champion = model.predict_proba(input_matrix(training.data[rows], model.feature_names).tolist())
         scores.champion = evaluate(y, scores.p_champion)
     return scores

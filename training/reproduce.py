@@ -66,7 +66,7 @@ def reproduce(settings: Settings, name: str, version: str, registry: FeatureRegi
     recorded = mv.tags.get("freshet.dataset_fingerprint", "")
     rebuilt = training.fingerprint()
     diff = compare(export_sklearn(registered, names), export_sklearn(pipeline, training.inputs),
-                   training.X[training.holdout])
+                   training.X[training.judged])
     worst = max([*diff["parameters"].values(), diff["scores"]])
     same_data = recorded == rebuilt and diff["inputs_equal"]
     status = "identical" if same_data and worst == 0 else "equivalent" if same_data and worst <= 1e-9 else "different"

@@ -8,7 +8,8 @@ only those, and logs the snapshot with the version, so the version can be rebuil
 Features come from `freshet.stream.backfill.training_set` over the feature service (the same
 aggregation code as the stream, point-in-time correct). The newest `holdout_fraction` of the
 examples by event time is the holdout; the candidate and the current champion are scored on
-that same holdout, and the candidate is registered either way and promoted only if it beats
+that same holdout (or, with `folds` after a request, on every row, the candidate out-of-fold
+over contiguous time blocks, and the version fitted on all rows), and the candidate is registered either way and promoted only if it beats
 the champion by `margin` on `metric`. The decision and its reason are tags of the MLflow run
 and of the model version, and in the returned outcome.
 """
@@ -34,7 +35,8 @@ from freshet.training.dataset import (
     FeaturePlan, RetrainError, TrainingSet, TrainingWindow, iso_or_blank, join_labels_to_events, point_in_time_features,
 )
 from freshet.training.evaluation import (
-    FALLBACK_METRIC, METRICS, Champion, Decision, HoldoutScores, decide_promotion, rounded, score_on_holdout,
+    FALLBACK_METRIC, METRICS, Champion, Decision, HoldoutScores, decide_promotion, out_of_fold, rounded,
+    score_on_holdout, score_out_of_fold,
 )
 from freshet.training.labels import LabelLog
 from freshet.training.ledger import TrainingLedger, unhandled
@@ -90,6 +92,10 @@ class RetrainConfig:
     # every one known when the request came: the alert says the old regime is over, and its rows
     # would teach the candidate the old mechanism and let the holdout judge it there
     since_request: bool = False
+    # and is judged out-of-fold over this many contiguous time blocks of those rows (0: the newest
+    # holdout_fraction judges): a post-alert window holds a few dozen frauds, its newest fifth a
+    # handful, too few to tell a better candidate from a worse one; the version is fitted on all rows
+    folds: int = 0
 
     def __post_init__(self) -> None:
         self.request_fields = tuple(self.request_fields)
@@ -105,6 +111,10 @@ class RetrainConfig:
                              f"{self.wait_positives}")
         if self.since_request and not (self.wait_labels or self.wait_positives):
             raise ValueError("since_request trains on the labels a wait collected: set wait_labels or wait_positives")
+        if self.folds and (self.folds < 2 or not self.since_request):
+            raise ValueError(f"folds (--folds) judges the rows after a request out-of-fold: it needs since_request "
+                             f"(--since-request) and at least 2 folds, got folds={self.folds}, "
+                             f"since_request={self.since_request}")
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
         if not self.C > 0:
@@ -116,7 +126,7 @@ class RetrainConfig:
                 "request_fields": list(self.request_fields), "request_id_field": self.request_id_field,
                 "window": dataclasses.asdict(self.window), "holdout_fraction": self.holdout_fraction,
                 "min_rows": self.min_rows, "min_class_rows": self.min_class_rows, "C": self.C,
-                "max_iter": self.max_iter, "seed": self.seed}
+                "max_iter": self.max_iter, "seed": self.seed, "folds": self.folds}
 
     @classmethod
     def from_snapshot(cls, config: dict[str, Any]) -> "RetrainConfig":
@@ -126,10 +136,14 @@ class RetrainConfig:
         >>> RetrainConfig.from_snapshot(cfg.snapshot()).snapshot() == cfg.snapshot()
         True
         """
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"folds"}
         kwargs = {k: v for k, v in config.items() if k in known}
         kwargs["window"] = TrainingWindow(**config.get("window", {}))
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
+        # a rebuild takes its cut-off from the snapshot's `since`, not from a wait: folds apply to it as they
+        # did to the training (they decide which rows the version was fitted on)
+        cfg.folds = int(config.get("folds") or 0)
+        return cfg
 
     def params(self) -> dict[str, Any]:
         """The fit and promotion parameters a registered version records."""
@@ -137,7 +151,7 @@ class RetrainConfig:
                 "holdout_fraction": self.holdout_fraction, "metric": self.metric, "margin": self.margin,
                 "confidence": self.confidence, "bootstrap_rounds": self.bootstrap_rounds,
                 "wait_labels": self.wait_labels, "wait_positives": self.wait_positives,
-                "since_request": self.since_request}
+                "since_request": self.since_request, "folds": self.folds}
 
 
 @dataclass
@@ -444,7 +458,20 @@ class Retrainer:
         self._step(2, "training set: %d examples x %d features (%s; %d labels without their event), "
                       "events from %s", len(data), len(plan.refs) + len(cfg.request_fields), cfg.window.describe(),
                    job.outcome["examples"]["dropped"], plan.topic)
-        return TrainingSet.split(data, plan.refs + list(cfg.request_fields), cfg.holdout_fraction)
+        # folds judge only the rows after a request (since_request): a window of the old regime has a holdout big enough
+        folds = cfg.folds if job.since is not None else 0
+        training = TrainingSet.split(data, plan.refs + list(cfg.request_fields), cfg.holdout_fraction, folds,
+                                     cfg.min_class_rows)
+        skipped = training.folds_skipped or (cfg.folds and not folds and "no request cut-off (a bootstrap, or no "
+                                             "label wait): the newest share of the window judges") or ""
+        training.folds_skipped = skipped
+        job.outcome["judging"] = ({"folds": training.n_folds} if training.n_folds else
+                                  {"holdout_fraction": cfg.holdout_fraction,
+                                   **({"folds_skipped": skipped} if skipped else {})})
+        if skipped:
+            log.warning("retrain %s: not judged over %d folds: %s; judged on the newest %g of the rows instead",
+                        cfg.model, cfg.folds, skipped, cfg.holdout_fraction)
+        return training
 
     def _fit(self, job: Retraining, training: TrainingSet):
         """3. Fit the pipeline on the older part, given enough examples of each class."""
@@ -462,25 +489,41 @@ class Retrainer:
         pipeline = fit_pipeline(training.X[training.train], training.y[training.train], cfg.seed, cfg.C, cfg.max_iter,
                                 training.inputs)
         job.lap("fit")
-        self._step(3, "fit: LogisticRegression(C=%g) on %d examples (%d positive), seed %d",
-                   cfg.C, n_train, n_pos, cfg.seed)
+        self._step(3, "fit: LogisticRegression(C=%g) on %d examples (%d positive), seed %d%s",
+                   cfg.C, n_train, n_pos, cfg.seed, " (all of them: judged out-of-fold)" if training.n_folds else "")
         return pipeline
 
     def _evaluate(self, job: Retraining, training: TrainingSet, pipeline: Any, plan: FeaturePlan,
                   champion: Champion) -> HoldoutScores:
-        """4. Score the candidate, as serving will, and the champion on the same holdout."""
-        from freshet.models import LinearModel, export_sklearn
-
-        exported = LinearModel.from_dict(export_sklearn(pipeline, training.inputs))  # what serving will score
-        scores = score_on_holdout(exported, champion, training, plan)
+        """4. Score the candidate, as serving will, and the champion on the same rows: the holdout, or
+        every row out-of-fold (each block scored by the candidate's pipeline fitted on the other blocks)."""
+        if training.n_folds:
+            scores = score_out_of_fold(out_of_fold(training, self._fold_fit(training)), champion, training, plan)
+        else:
+            scores = score_on_holdout(_exported(pipeline, training.inputs), champion, training, plan)
         job.outcome["metrics"] = rounded(scores.candidate)
         job.outcome["champion_metrics"] = rounded(scores.champion) if scores.champion else None
         job.lap("evaluate")
         cand = scores.candidate
-        self._step(4, "evaluate on %d holdout examples from %s: candidate auc %.4f log_loss %.4f error %.4f%s",
-                   int(training.holdout.sum()), job.outcome["window"]["holdout_start"], cand["auc"],
+        self._step(4, "evaluate on %d %s from %s: candidate auc %.4f log_loss %.4f error %.4f%s",
+                   len(scores.y), self._judged_on(training), job.outcome["window"]["holdout_start"], cand["auc"],
                    cand["log_loss"], cand["error_rate"], scores.describe_champion(job.champion))
         return scores
+
+    def _fold_fit(self, training: TrainingSet) -> Callable[[np.ndarray], Any]:
+        """Fits the candidate's pipeline on some rows, exported as serving scores it."""
+        cfg = self.config
+
+        def fit(rows: np.ndarray):
+            return _exported(fit_pipeline(training.X[rows], training.y[rows], cfg.seed, cfg.C, cfg.max_iter,
+                                          training.inputs), training.inputs)
+        return fit
+
+    @staticmethod
+    def _judged_on(training: TrainingSet) -> str:
+        if training.n_folds:
+            return f"examples out-of-fold ({training.n_folds} time blocks)"
+        return "holdout examples" + (f" (folds skipped: {training.folds_skipped})" if training.folds_skipped else "")
 
     def _decide(self, job: Retraining, scores: HoldoutScores) -> Decision:
         cfg = self.config
@@ -493,7 +536,10 @@ class Retrainer:
         gains = None
         if cfg.bootstrap_rounds:
             gains = scores.gains([cfg.metric, FALLBACK_METRIC], cfg.bootstrap_rounds, cfg.seed)
-        return decide_promotion(scores.candidate, scores.champion, cfg.metric, cfg.margin, gains, cfg.confidence)
+        folds = job.outcome.get("judging", {}).get("folds")
+        return decide_promotion(scores.candidate, scores.champion, cfg.metric, cfg.margin, gains, cfg.confidence,
+                                f"the same rows (the candidate out-of-fold, {folds} folds)" if folds else
+                                "the same holdout")
 
     def _register(self, job: Retraining, training: TrainingSet, pipeline: Any, scores: HoldoutScores,
                   plan: FeaturePlan, snapshot: Snapshot) -> str:
@@ -503,11 +549,17 @@ class Retrainer:
         job.outcome["dataset_fingerprint"] = fingerprint
         metrics = {k: v for k, v in scores.candidate.items() if math.isfinite(v)}
         metrics.update({f"champion_{k}": v for k, v in (scores.champion or {}).items() if math.isfinite(v)})
+        metrics["folds"] = float(training.n_folds)
+        tags = {"freshet.snapshot_digest": snapshot.digest,
+                "freshet.judged_on": f"out-of-fold, {training.n_folds} time blocks" if training.n_folds
+                else f"newest {cfg.holdout_fraction:g} of the rows"}
+        if training.folds_skipped:
+            tags["freshet.folds_skipped"] = training.folds_skipped
         version = self.models.register_sklearn(cfg.model, pipeline, training.inputs,
                                                self._lineage(job, plan, fingerprint), metrics,
-                                               reference=self._reference(job, training, pipeline, plan),
-                                               input_example=training.X[training.holdout][:5],
-                                               tags={"freshet.snapshot_digest": snapshot.digest},
+                                               reference=self._reference(job, training, pipeline, plan, scores),
+                                               input_example=training.X[training.judged][:5],
+                                               tags=tags,
                                                training_data=self._training_data(training, snapshot, fingerprint))
         job.outcome["version"] = version
         job.lap("register")
@@ -523,22 +575,19 @@ class Retrainer:
         digest = fingerprint.partition(":")[2][:32]  # MLflow keeps at most 36 characters
         return TrainingData(frame, digest, snapshot.document(), _store_uri(self.settings))
 
-    def _reference(self, job: Retraining, training: TrainingSet, pipeline: Any, plan: FeaturePlan) -> dict[str, Any]:
+    def _reference(self, job: Retraining, training: TrainingSet, pipeline: Any, plan: FeaturePlan,
+                   judged: HoldoutScores) -> dict[str, Any]:
         """The inputs and scores of the newest examples (the holdout: the traffic the version will
         meet first), with each windowed input's window and whether the history behind it filled it."""
-        from freshet.models import LinearModel, export_sklearn
-        from freshet.reference import TrainingReference
-
-        from freshet.reference import OutcomeReference
+        from freshet.reference import OutcomeReference, TrainingReference
 
         rows = training.holdout if training.holdout.sum() >= 1000 else np.ones(len(training.y), dtype=bool)
         X = training.X[rows]
-        model = LinearModel.from_dict(export_sklearn(pipeline, training.inputs))
+        model = _exported(pipeline, training.inputs)
         scores = model.predict_proba(X.tolist())
-        # outcomes on the holdout only: rows the version was not fitted on (the monitor's reference miss rate)
-        held = training.holdout
-        outcomes = (OutcomeReference.of(training.y[held], model.predict_proba(training.X[held].tolist()),
-                                        model.threshold) if held.any() else None)
+        # outcomes only of rows the scoring model was not fitted on (the monitor's reference miss rate):
+        # the holdout, or every row out-of-fold
+        outcomes = OutcomeReference.of(judged.y, judged.p_candidate, model.threshold) if len(judged.y) else None
         windows = {f"{v.name}:{a.name}": a.window_s for v in plan.views for a in v.aggregations}
         reference = TrainingReference.build(X, training.inputs, scores, windows=windows,
                                             history_start=job.outcome.get("history_start"),
@@ -595,6 +644,13 @@ class Retrainer:
             log.error("retrain %s: version %s failed the model gate and is not promoted: %s",
                       self.config.model, version, reason)
         return reason
+
+
+def _exported(pipeline: Any, inputs: Sequence[str]):
+    """The fitted pipeline as serving scores it (`freshet.models.LinearModel`)."""
+    from freshet.models import LinearModel, export_sklearn
+
+    return LinearModel.from_dict(export_sklearn(pipeline, inputs))
 
 
 def _store_uri(settings: Settings) -> str:

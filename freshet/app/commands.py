@@ -177,6 +177,9 @@ def cmd_up(args, settings: Settings) -> int:
     from freshet import features
     from freshet.app.stack import EmbeddedStack
 
+    if settings.redis_cluster == "on":
+        raise CliError("FRESHET_REDIS_CLUSTER=on: 'freshet up' runs the embedded stack, one Redis and no cluster; "
+                       "unset it, or run 'freshet stream' and 'freshet serve' against your cluster")
     stack = EmbeddedStack(settings.data_path, kafka_port=args.kafka_port, redis_port=args.redis_port)
     procs: list[subprocess.Popen] = []
     components = list(UP_COMPONENTS)

@@ -161,6 +161,89 @@ class RedisServer:
             self.kill()
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+class LocalRedisCluster:
+    """A Redis Cluster of `primaries` servers on free loopback ports (no replicas, nothing on
+    disk), for the cluster specs and bench; not for production.
+
+    The slots are split evenly (CLUSTER ADDSLOTSRANGE), the nodes introduced (CLUSTER MEET),
+    and `start` returns once every node reports the whole slot map and cluster_state:ok.
+    """
+
+    def __init__(self, workdir: Path, primaries: int = 3):
+        self.workdir = Path(workdir)
+        self.ports: list[int] = []
+        while len(self.ports) < primaries:
+            port = free_port()
+            # each node also listens on port + 10000 (the cluster bus), so at most 55535
+            if port <= 55535 and port not in self.ports and _bindable(port + 10000):
+                self.ports.append(port)
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def url(self) -> str:
+        """FRESHET_REDIS_URL: any node will do; the first."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def node_url(self, i: int) -> str:
+        return f"redis://127.0.0.1:{self.ports[i]}/0"
+
+    def start(self, timeout: float = 30.0) -> "LocalRedisCluster":
+        import redis
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for port in self.ports:
+            cmd = redis_command(port, self.workdir) + [
+                "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+                "--cluster-node-timeout", "5000"]
+            self.procs.append(_spawn(cmd, self.workdir / f"redis-{port}.log", self.workdir, detach=False))
+        for i in range(len(self.ports)):
+            wait_for_redis(self.node_url(i))
+        nodes = [redis.Redis(port=p) for p in self.ports]
+        step = 16384 // len(nodes)
+        for i, node in enumerate(nodes):
+            last = 16383 if i == len(nodes) - 1 else (i + 1) * step - 1
+            node.execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, last)
+        for port in self.ports[1:]:
+            nodes[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port)
+        deadline = time.monotonic() + timeout
+        while not all(self._settled(node) for node in nodes):
+            if time.monotonic() > deadline:
+                raise StackError(f"the local Redis Cluster on ports {self.ports} did not form within "
+                                 f"{timeout:.0f}s; see {self.workdir}/redis-*.log")
+            time.sleep(0.1)
+        for node in nodes:
+            node.close()
+        return self
+
+    def _settled(self, node) -> bool:
+        info = node.execute_command("CLUSTER", "INFO")
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        fields = dict(line.split(":", 1) for line in text.split() if ":" in line)
+        return (fields.get("cluster_state") == "ok" and fields.get("cluster_known_nodes") == str(len(self.ports))
+                and len(node.execute_command("CLUSTER", "SLOTS")) == len(self.ports))
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs = []
+
+
 class EmbeddedStack:
     """Start, find and stop the embedded broker and Redis for one data dir.
 

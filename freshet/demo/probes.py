@@ -244,9 +244,9 @@ class ClientProbe(threading.Thread):
 
     async def _main(self) -> None:
         import aiohttp
-        import redis.asyncio as aioredis
+        from freshet.endpoints import redis_client
 
-        client = aioredis.Redis.from_url(self.settings.redis_url, socket_timeout=5)
+        client = redis_client(self.settings, asyncio=True, socket_timeout=5)
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=MAX_IN_FLIGHT),
                                         timeout=aiohttp.ClientTimeout(total=10))
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}

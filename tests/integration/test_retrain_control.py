@@ -137,8 +137,8 @@ def test_a_training_for_alerts_learns_only_from_labels_after_the_newest_alert(sc
     group = f"{uid}-since"
     known = TransactionWorkload(seed=5, cards=300, merchants=60, rate=1.0)
     old = known.batch(2500)  # the scenario's events: labelled before any alert
-    new = known.batch(800)  # the traffic after the alerts
-    cfg = RetrainConfig(seed=4, wait_labels=300, wait_positives=5, wait_max_s=120, since_request=True)
+    new = known.batch(2000)  # the traffic after the alerts (with ~25 frauds: 5 folds of it can be fitted)
+    cfg = RetrainConfig(seed=4, wait_labels=300, wait_positives=5, wait_max_s=120, since_request=True, folds=5)
     retrainer = _WatchedRetrainer(settings, registry, cfg)
     outcomes: list[dict] = []
     worker = RetrainWorker(settings, {MODEL: retrainer}, group=group, on_outcome=outcomes.append,
@@ -167,3 +167,23 @@ def test_a_training_for_alerts_learns_only_from_labels_after_the_newest_alert(sc
     assert float(new.event_ts.min()) > float(old.event_ts.max())
     _wait(lambda: _committed(settings, group) == 2, 30, "both requests committed with the one training")
     assert len(outcomes) == 1, outcomes  # the newer alert was answered by that training, not by another
+    _judged_out_of_fold_and_fitted_on_every_row(settings, registry, done, len(new))
+
+
+def _judged_out_of_fold_and_fitted_on_every_row(settings, registry, done: dict, rows: int) -> None:
+    """--folds 5: judged on all the post-request rows out-of-fold, the version fitted on all of them, its
+    miss-rate reference from the out-of-fold scores, and --reproduce rebuilds it the same."""
+    from freshet.training.reproduce import reproduce
+
+    assert done["judging"] == {"folds": 5}, done.get("judging")
+    assert done["rows"]["train"] == rows and done["rows"]["holdout"] == 0 and done["rows"]["folds"] == 5, done["rows"]
+    assert "out-of-fold, 5 folds" in done["decision"] or done["status"] == "promoted", done["decision"]
+    positives = done["rows"]["train_positives"]
+    assert done["reference"]["outcomes"]["positives"] == positives  # every post-request fraud, scored out-of-fold
+    models = ModelRegistry(settings, publish_events=False)
+    mv = models.client.get_model_version(MODEL, done["version"])
+    run = models.client.get_run(mv.run_id)
+    assert run.data.metrics["folds"] == 5 and run.data.params["folds"] == "5", (run.data.metrics, run.data.params)
+    report = reproduce(settings, MODEL, done["version"], registry, models)
+    assert report["status"] in ("identical", "equivalent"), report
+    assert report["rows"] == done["rows"], report

@@ -37,6 +37,10 @@ def test_defaults_load_without_any_environment():
     ({"FRESHET_STREAM_METRICS_PORT": "70000"}, "FRESHET_STREAM_METRICS_PORT=70000 must be a TCP port"),
     ({"FRESHET_STREAM_SNAPSHOT_INTERVAL_S": "-1"}, "FRESHET_STREAM_SNAPSHOT_INTERVAL_S=-1 must be 0..86400"),
     ({"FRESHET_STREAM_SNAPSHOT_INTERVAL_S": "often"}, "FRESHET_STREAM_SNAPSHOT_INTERVAL_S must be an integer"),
+    ({"FRESHET_REDIS_CLUSTER": "yes"}, "FRESHET_REDIS_CLUSTER='yes' is not allowed; use one of"),
+    ({"FRESHET_REDIS_CLUSTER": "on"}, "FRESHET_REDIS_CLUSTER=on needs FRESHET_REDIS_URL set to a node of the cluster"),
+    ({"FRESHET_REDIS_CLUSTER": "on", "FRESHET_REDIS_URL": "redis://r1:7000/2"},
+     "FRESHET_REDIS_CLUSTER=on but FRESHET_REDIS_URL selects database 2: a Redis Cluster has database 0 only"),
 ])
 def test_invalid_setting_names_the_setting_and_what_is_allowed(env, fragment):
     with pytest.raises(SettingsError, match=fragment):
