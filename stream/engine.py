@@ -82,8 +82,6 @@ LIVE_MAX = 100_000  # ~2.7 KB each for a card of the example
 
 
 LAG_INTERVAL_S = 1.0
-# a recovery that read more changelog records than this snapshots the partition at once
-SNAPSHOT_AFTER_RECOVERY_RECORDS = 100
 STARTED = time.monotonic()  # the worker process's start, near enough (this module's import)
 
 
@@ -691,7 +689,6 @@ class StreamEngine:
         self._checkpointing = asyncio.Lock()
         self._assigned_at: float | None = None
         self._recovery_from = (0, 0)  # (changelog partitions started from a snapshot, of)
-        self._recovery_reads: dict = {}
         # (topic, partition) this worker owns: set when an assignment is complete and
         # shrunk only after the revocation's final commit, never from the consumer's
         # assignment mid-rebalance, which can be momentarily empty
@@ -1010,24 +1007,6 @@ class StreamEngine:
         log.info("table snapshots%s: %d partitions, %d keys, written in %.2f s (%s)", what and f" {what}",
                  len(snapshots), rows, time.monotonic() - t0, ", ".join(f"{s.topic}[{s.partition}]@{s.offset}" for s in snapshots)[:400])
 
-    def _snapshot_recovered(self) -> None:
-        """Snapshot the partitions whose recovery just read a long changelog tail, before any
-        event changes them: a worker killed again soon (before its first periodic snapshot)
-        leaves its successor less to read. Their last record, the recovery fence, is the offset."""
-        reads, self._recovery_reads = self._recovery_reads, {}
-        if self._snapshot_writing is not None and not self._snapshot_writing.done():
-            return
-        snapshots = []
-        for name, processor in self.processors.items():
-            topic = processor.table.changelog_topic.get_topic_name()
-            long = {p for p in self._owned_partitions(name)
-                    if (topic, p) in reads and None not in reads[(topic, p)]
-                    and reads[(topic, p)][1] - max(reads[(topic, p)][0], 0) > SNAPSHOT_AFTER_RECOVERY_RECORDS}
-            for p, rows in table_image(processor.table.data, processor.chunked, long).items():
-                snapshots.append(Snapshot(topic, p, reads[(topic, p)][1], self.snapshots.incarnation, rows))
-        if snapshots:
-            self._snapshot_writing = asyncio.ensure_future(self._write_snapshots(snapshots, "of recovered tables"))
-
     def _recover_from_snapshots(self) -> None:
         """Make Faust's table recovery start each active changelog partition at its newest
         snapshot (stream/snapshots.py) when that is further on than where it would read from.
@@ -1073,9 +1052,6 @@ class StreamEngine:
                           f"({time.time() - snapshot.created:.0f} s old), {max(0, (last or 0) - snapshot.offset + 1)} "
                           "records after it to read")
         self._recovery_from = (len(loaded), len([tp for tp in tps if tp.topic in tables]))
-        # what each partition's recovery reads: (the offset it reads after, its last record)
-        self._recovery_reads = {(tp.topic, tp.partition): (destination.get(tp), highwaters.get(tp))
-                                for tp in tps if tp.topic in tables}
         if loaded:
             log.info("table recovery starts from snapshots for %d of %d changelog partitions (%d records not read "
                      "again, loaded in %.2f s): %s", len(loaded), self._recovery_from[1], skipped,
@@ -1176,8 +1152,6 @@ class StreamEngine:
                      "changelog partitions from a snapshot)", time.monotonic() - self._assigned_at,
                      time.monotonic() - STARTED, from_snapshots, of)
             self._assigned_at, self._recovery_from = None, (0, 0)
-        if self.snapshots is not None:
-            self._snapshot_recovered()
         try:
             await self._restore_lost_rows(resuming=True)
         except Exception:  # noqa: BLE001 - a failure here must not stop the rebalance; commits check again

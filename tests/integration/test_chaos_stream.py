@@ -166,10 +166,7 @@ def chaos_stream(services, own: RedisServer, tmp: Path, prefix: str):
     committing every 0.5 s and leaving the group 6 s after they die."""
     uid, topic, settings, env, registry, layout, client = isolated_stream(
         types.SimpleNamespace(kafka=services.kafka, redis_url=own.url), tmp, prefix)
-    # snapshots every second: each generation recovers from its predecessors' snapshots, taken
-    # between the crash points, plus the changelog's tail
-    env = {**env, "FRESHET_STREAM_COMMIT_INTERVAL_MS": "500", "FRESHET_KAFKA_SESSION_TIMEOUT_MS": "6000",
-           "FRESHET_STREAM_SNAPSHOT_INTERVAL_S": "1"}
+    env = {**env, "FRESHET_STREAM_COMMIT_INTERVAL_MS": "500", "FRESHET_KAFKA_SESSION_TIMEOUT_MS": "6000"}
     return uid, topic, settings, env, registry, layout, client
 
 

@@ -16,7 +16,7 @@ def test_defaults_load_without_any_environment():
     assert s.topic_deadletter == "freshet.deadletter"
     assert s.kafka_session_timeout_ms <= 10000  # a join on Tansu takes session/2
     assert s.kafka_fetch_max_wait_ms <= 50
-    assert s.stream_snapshot_interval_s == 30  # a restarted worker replays at most ~30 s of changelog
+    assert s.stream_snapshot_interval_s == 0  # table snapshots are opt-in until the chaos bench passes with them
 
 
 @pytest.mark.parametrize("env, fragment", [
