@@ -41,6 +41,17 @@ TIME_SCALE = 50.0           # simulated seconds per wall second; 1 event per sim
 COVARIATE_S, CONCEPT_S, END_S = 60.0, 165.0, 300.0  # wall seconds of live traffic
 
 
+def demo_examples(tmp: str, seeds: str):
+    """(seed, examples, inputs) for each of the comma-separated `seeds`, with `feature_repo/`
+    applied to a fresh data dir at `tmp` (no FRESHET_* variable of the caller's leaks in)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
+    settings = load_settings(env, data_dir=tmp)
+    features.apply(settings)
+    registry = features.load_registry(settings)
+    for seed in (int(s) for s in seeds.split(",")):
+        yield (seed, *examples(settings, registry, seed))
+
+
 def examples(settings, registry, seed: int) -> pd.DataFrame:
     """The labelled transactions with their features, `live_s` = wall seconds since live traffic began."""
     drift = [f"covariate@{HISTORY_S + COVARIATE_S * TIME_SCALE}", f"concept@{HISTORY_S + CONCEPT_S * TIME_SCALE}"]
@@ -88,12 +99,7 @@ def main() -> int:
     started = time.monotonic()
     results = []
     with tempfile.TemporaryDirectory(prefix="freshet-concept-") as tmp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
-        settings = load_settings(env, data_dir=tmp)
-        features.apply(settings)
-        registry = features.load_registry(settings)
-        for seed in (int(s) for s in args.seeds.split(",")):
-            data, inputs = examples(settings, registry, seed)
+        for seed, data, inputs in demo_examples(tmp, args.seeds):
             results.append(judge(data, inputs, seed, args.alert_s, args.wait_s))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     drop = [r["champion_until_promotion"] - r["challenger_after"] for r in results]

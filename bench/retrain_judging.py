@@ -37,10 +37,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from concept_retrain import CONCEPT_S, COVARIATE_S, END_S, examples  # noqa: E402
-from freshet import features  # noqa: E402
+from concept_retrain import CONCEPT_S, COVARIATE_S, END_S, demo_examples  # noqa: E402
 from freshet.models import LinearModel, export_sklearn  # noqa: E402
-from freshet.settings import load_settings  # noqa: E402
 from freshet.training.dataset import TrainingSet  # noqa: E402
 from freshet.training.evaluation import bootstrap_gains, decide_promotion, evaluate, out_of_fold  # noqa: E402
 from freshet.training.pipeline import fit_pipeline  # noqa: E402
@@ -153,12 +151,7 @@ def main() -> int:
     started = time.monotonic()
     results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="freshet-judging-") as tmp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
-        settings = load_settings(env, data_dir=tmp)
-        features.apply(settings)
-        registry = features.load_registry(settings)
-        for seed in (int(s) for s in args.seeds.split(",")):
-            data, inputs = examples(settings, registry, seed)
+        for seed, data, inputs in demo_examples(tmp, args.seeds):
             results.extend(run_seed(data, inputs, seed, args.folds, args.wait_s))
     print(json.dumps({"bench": "retrain_judging", "folds": args.folds, "wait_s": args.wait_s, "metric": METRIC,
                       "margin": MARGIN, "confidence": CONFIDENCE, "seeds": args.seeds, **tally(results),
