@@ -680,18 +680,35 @@ class OnlineLayout:
         if not groups:
             return 0
         ttl = self.key_ttl_s
+        one_at_a_time = asyncio.Lock()
+
+        async def redirected(keyed: list) -> None:
+            # One redirected share at a time: two pipelines refreshing the slot map at once while
+            # a slot migrates made redis-py bounce between ASK and the old owner until its
+            # redirection budget ran out ("TTL exhausted", seen once under load). A slot in flux
+            # settles: tried again twice, after 0.1 and 0.3 s.
+            async with one_at_a_time:
+                for pause in (0.1, 0.3, None):
+                    pipe = client.pipeline(transaction=False)
+                    for key, values, event_ts in keyed:
+                        pipe.execute_command("HSET", key, *codec.encode(values, event_ts))
+                        if ttl:
+                            pipe.expire(key, ttl)
+                    try:
+                        await pipe.execute()
+                        return
+                    except (redis.exceptions.ClusterError, redis.exceptions.AskError, redis.exceptions.MovedError,
+                            redis.exceptions.TryAgainError):
+                        if pause is None:
+                            raise
+                        await asyncio.sleep(pause)
 
         async def send(node: Any, keyed: list) -> int:
             blob, replies, n = self._pack_keyed(codec, keyed, False)
             try:
                 await _exchange_node(node, blob, replies)
             except (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError):
-                pipe = client.pipeline(transaction=False)
-                for key, values, event_ts in keyed:
-                    pipe.execute_command("HSET", key, *codec.encode(values, event_ts))
-                    if ttl:
-                        pipe.expire(key, ttl)
-                await pipe.execute()
+                await redirected(keyed)
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 client._initialize = True  # a primary gone (failed over?): read the slot map again
                 raise

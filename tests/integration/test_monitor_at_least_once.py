@@ -22,7 +22,7 @@ from test_monitor_service import CONFIG, predictions, produce, read_topic, run_u
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-N_BEFORE, N_SHIFTED = 3000, 3000
+N_BEFORE, N_SHIFTED = 3000, 12000  # a long shifted tail: the monitor must still be reading it when the kill comes, on a busy machine too
 
 
 def _monitor(settings, config: Path, group: str) -> subprocess.Popen:

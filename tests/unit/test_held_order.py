@@ -4,7 +4,7 @@ stream's flow resumes while a fetch is under way and messages of an earlier fetc
 Every view state keeps the last source offset it applied per source partition and skips
 anything at or below it as a replay: a batch handed over before an earlier one makes the
 earlier one's events "duplicates", lost for good. The chaos bench lost 31,228 merchant-view
-events this way (/work/notes/snaploss-report.md): a worker's first fetch of each repartition
+events this way (README, "Table snapshots"): a worker's first fetch of each repartition
 partition arrived while Faust's `on_recovery_completed` was still seeking (flow stopped, so it
 was held); the flow resumed during the next fetch, whose messages were processed at once, and
 the held ones were released one loop turn later, after them.
