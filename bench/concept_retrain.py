@@ -2,7 +2,7 @@
 
     python bench/concept_retrain.py [--seeds 0,1,2] [--wait-s 40] [--alert-s 30]
 
-For each seed: the default demo's traffic (26 simulated hours of history, then 5 minutes at 50
+For each seed: the 5-minute demo's traffic (26 simulated hours of history, then 5 minutes at 50
 events/s and x50 time, covariate drift at minute 1, concept drift at minute 2.75, 500 cards) is
 generated without Kafka, and every labelled transaction of the last two history hours and of the
 live traffic gets its features as of its own event time, with the stream's aggregation code

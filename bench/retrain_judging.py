@@ -2,7 +2,7 @@
 
     python bench/retrain_judging.py [--seeds 0,1,2,3,4] [--folds 5] [--wait-s 40]
 
-The default demo's traffic, generated without Kafka with its features as of each transaction
+The 5-minute demo's traffic, generated without Kafka with its features as of each transaction
 (`bench/concept_retrain.py`'s `examples`). A post-alert retraining sees `--wait-s` of labels
 (about 2,000, 3% frauds) and is judged as `freshet retrain --since-request` judges it, with the
 demo's promotion rule (log loss, margin 0.005, paired bootstrap at 95%), two ways:
