@@ -107,7 +107,8 @@ class Settings:
     # them, and its every fetch costs time in proportion to what a partition holds (a worker
     # restarted late in a long run spent minutes recovering). 0 (the default): off, full replays.
     # Off by default and experimental: bench/chaos.py --seed 2 --fetch-wait-ms 200 lost events
-    # with it on (every 30 s), not yet explained (README, "Table snapshots"); a worker warns at start.
+    # with it on (every 30 s), through a fetch-order race since fixed but not re-run (README,
+    # "Table snapshots"); a worker warns at start.
     stream_snapshot_interval_s: int = 0
     # Port of a stream worker's Prometheus metrics (lag per partition, events, dead letters,
     # freshness) at FRESHET_HTTP_HOST; 0: off.

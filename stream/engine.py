@@ -681,7 +681,8 @@ class StreamEngine:
             from freshet.kafka import broker_incarnation
 
             log.warning("table snapshots are on (FRESHET_STREAM_SNAPSHOT_INTERVAL_S=%d) and experimental: "
-                        "the 10-minute chaos bench lost events with them, cause not yet found; set it to 0 "
+                        "the 10-minute chaos bench lost events with them (a fetch-order race since fixed, not re-run "
+                        "with snapshots on yet); set it to 0 "
                         "for the exactly-once guarantees (README, 'Table snapshots')",
                         settings.stream_snapshot_interval_s)
             self.snapshots = TableSnapshots(settings.data_path / "snapshots", broker_incarnation(settings))
