@@ -392,27 +392,12 @@ class OnlineFeatureReader:
         return n or 0
 
     def _pack(self, plan: ReadPlan, entities: Mapping[str, list], n_rows: int) -> tuple[bytes, int, list]:
-        parts: list[bytes] = []
-        slots: list[list[int]] = []
-        count = 0
-        for vr in plan.views:
-            cols = [entities[k] for k in vr.join_keys]
-            seen: dict[bytes, int] = {}
-            row_slots = []
-            key_of = vr.codec.key
-            for r in range(n_rows):
-                key = key_of([c[r] for c in cols])
-                j = seen.get(key)
-                if j is None:
-                    j = seen[key] = count
-                    count += 1
-                    parts += (vr.head, b"$%d\r\n" % len(key), key, b"\r\n", vr.fields_resp)
-                row_slots.append(j)
-            slots.append(row_slots)
-        return b"".join(parts), count, slots
+        """One Redis's read: every key's HMGET in one blob; (blob, number of keys, slots)."""
+        keys, commands, slots = self._commands(plan, entities, n_rows)
+        return b"".join(commands), len(keys), slots
 
     def _commands(self, plan: ReadPlan, entities: Mapping[str, list], n_rows: int) -> tuple[list, list, list]:
-        """`_pack` for a Redis Cluster: (keys, one packed HMGET per key, slots), each key once."""
+        """(keys, one packed HMGET per key, slots), each key once; `slots[v][r]` is row r's key index in view v."""
         keys: list[bytes] = []
         commands: list[bytes] = []
         slots: list[list[int]] = []
