@@ -6,6 +6,8 @@ backfill, serving, monitor) gets names, types, windows and sources from here.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -63,6 +65,14 @@ class ViewSpec:
     offline_path: str
     online: bool = True
     message_key: str = ""  # the event field producers key messages by (KafkaSource tag)
+    version: int = 0  # the Feast version number of this definition (freshet.feature_versions)
+    fingerprint: str = ""  # what the definition computes, hashed (feature_versions.fingerprint)
+
+    @property
+    def stored_name(self) -> str:
+        """The name the version's rows are stored under: the view's for v0, `<view>_v<N>` after
+        (Feast's online naming with versioning on, so Feast reads the same Redis fields)."""
+        return stored_name(self.name, self.version)
 
     @property
     def keyed_by_message(self) -> bool:
@@ -88,11 +98,23 @@ class ViewSpec:
         return max(a.window_s for a in self.aggregations)
 
 
+def stored_name(view: str, version: int) -> str:
+    """Where version `version` of `view` is stored online (and its feature log offline).
+
+    >>> stored_name("card_txn_stats", 0), stored_name("card_txn_stats", 2)
+    ('card_txn_stats', 'card_txn_stats_v2')
+    """
+    return f"{view}_v{version}" if version > 0 else view
+
+
 @dataclass
 class FeatureRegistry:
     project: str
     views: dict[str, ViewSpec]
     feature_services: dict[str, list[str]] = field(default_factory=dict)  # service -> "view:feature"
+    # the stream's registry only (feature_versions.stream_registry): stored name -> (view, version,
+    # "active" or "pending"), for the views keyed by stored name there
+    versions: dict[str, tuple[str, int, str]] = field(default_factory=dict)
 
     def views_by_topic(self) -> dict[str, list[ViewSpec]]:
         out: dict[str, list[ViewSpec]] = {}
@@ -152,7 +174,7 @@ def _online_store(raw: dict, settings: Settings) -> dict:
 
 
 # Feast's SQL registry (FRESHET_FEAST_REGISTRY), in place of feature_store.yaml's registry file
-SQL_REGISTRY = {"registry_type": "sql", "cache_ttl_seconds": 60,
+SQL_REGISTRY = {"registry_type": "sql", "cache_ttl_seconds": 60, "enable_online_feature_view_versioning": True,
                 "sqlalchemy_config_kwargs": {"echo": False, "pool_pre_ping": True}}
 
 
@@ -190,20 +212,23 @@ def feature_store(settings: Settings):
 
 
 def apply(settings: Settings, extra_env: dict[str, str] | None = None) -> None:
-    """`feast apply` the repo against this deployment (a subprocess, so definitions see fresh env)."""
+    """`feast apply` the repo against this deployment (a subprocess, so definitions see fresh env).
+
+    A view whose definition changed becomes a new version, pending until the stream has built
+    it (freshet.feature_versions); unchanged views stay as registered."""
     import tempfile
 
     settings.data_path.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **feast_env(settings), **(extra_env or {})}
-    feast = Path(sys.executable).with_name("feast")
     with tempfile.TemporaryDirectory(prefix="freshet-repo-") as tmp:
         repo = repo_path(settings)
         if settings.feast_registry or settings.redis_cluster == "on":
             repo = _repo_for_sql_registry(repo, Path(tmp) / repo.name, settings)
         if settings.feast_registry:
             env["FRESHET_FEAST_REGISTRY"] = sqlalchemy_url(settings.feast_registry)
-        proc = subprocess.run([str(feast), "-c", str(repo), "apply"], env=env, capture_output=True, text=True,
-                              timeout=300)
+        # `feast apply --no-promote` that leaves unchanged views be (freshet.feature_apply)
+        proc = subprocess.run([sys.executable, "-m", "freshet.feature_apply", str(repo)], env=env,
+                              capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise FeatureRepoError(f"feast apply failed:\n{proc.stderr.strip()[-2000:]}")
     log.info("feast apply: %s", proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "ok")
@@ -280,10 +305,42 @@ def _view_spec(sfv: Any) -> ViewSpec:
     if not aggs:
         raise FeatureRepoError(f"view {sfv.name!r} declares no aggregations")
     batch = src.batch_source
+    version = int(getattr(sfv, "current_version_number", None) or 0)
+    offline_path = getattr(batch, "path", "") if batch else ""
     return ViewSpec(
         name=sfv.name, join_keys=join_keys, join_key_types=key_types, ttl_s=_seconds(sfv.ttl),
         topic=opts.topic, timestamp_field=ts_field, source_schema=schema,
         lateness_s=_seconds(opts.watermark_delay_threshold), aggregations=tuple(aggs),
-        offline_path=getattr(batch, "path", "") if batch else "", online=sfv.online,
-        message_key=(src.tags or {}).get("freshet.message_key", ""),
+        # each version its own feature log: their columns differ
+        offline_path=f"{offline_path}_v{version}" if offline_path and version else offline_path,
+        online=sfv.online, message_key=(src.tags or {}).get("freshet.message_key", ""),
+        version=version, fingerprint=fingerprint(sfv),
     )
+
+
+def fingerprint(fv: Any) -> str:
+    """What a stream feature view computes, hashed: its aggregations, features, entities and
+    source (topic, schema, event time, lateness). Metadata (description, tags, owner), the TTL,
+    the online/offline flags and the batch source do not count: changing them needs no rebuild.
+
+    The same for a view as defined in feature_repo/ and as read back from the registry (where
+    Feast moves the join key among the features)."""
+    src = fv.stream_source
+    opts = getattr(src, "kafka_options", None)
+    fields = {(f.name, str(f.dtype)) for f in [*fv.features, *fv.entity_columns]}
+    described = {
+        "aggregations": sorted((a.column, a.function, _s(a.time_window), _s(a.slide_interval))
+                               for a in fv.aggregations),
+        "fields": sorted(fields),
+        "entities": sorted(fv.entities),
+        "timestamp_field": fv.timestamp_field,
+        "topic": getattr(opts, "topic", None),
+        "schema": getattr(getattr(opts, "message_format", None), "schema_json", None),
+        "source_timestamp": getattr(src, "timestamp_field", None),
+        "lateness": _s(getattr(opts, "watermark_delay_threshold", None)),
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _s(td) -> int:
+    return int(td.total_seconds()) if td else 0

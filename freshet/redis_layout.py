@@ -286,14 +286,22 @@ class ViewLayout:
     join_key_types: tuple[str, ...]  # Feast ValueType names
     features: dict[str, str] = field(default_factory=dict)  # feature -> Feast ValueType name
     ttl_s: int = 0
+    # the name its rows are stored under when not `name`: `<view>_v<N>` for version N of a view
+    # (Feast's versioned online naming; freshet.feature_versions)
+    stored: str = ""
+
+    @property
+    def stored_name(self) -> str:
+        return self.stored or self.name
 
     @classmethod
     def from_spec(cls, spec: Any) -> "ViewLayout":
         """From a freshet.features.ViewSpec (or anything that already is a ViewLayout)."""
         if isinstance(spec, ViewLayout):
             return spec
+        stored = getattr(spec, "stored_name", spec.name)
         return cls(spec.name, tuple(spec.join_keys), tuple(spec.join_key_types),
-                   {a.name: a.dtype for a in spec.aggregations}, spec.ttl_s)
+                   {a.name: a.dtype for a in spec.aggregations}, spec.ttl_s, "" if stored == spec.name else stored)
 
     @classmethod
     def from_feast(cls, fv: Any) -> "ViewLayout":
@@ -301,10 +309,11 @@ class ViewLayout:
         cols = list(fv.entity_columns)
         keys = tuple(c.name for c in cols)
         # a stream feature view's schema lists its join keys among its features: they are not
+        version = int(getattr(fv, "current_version_number", None) or 0)
         return cls(
             fv.name, keys, tuple(c.dtype.to_value_type().name for c in cols),
             {f.name: f.dtype.to_value_type().name for f in fv.features if f.name not in keys},
-            int(fv.ttl.total_seconds()) if fv.ttl else 0,
+            int(fv.ttl.total_seconds()) if fv.ttl else 0, f"{fv.name}_v{version}" if version > 0 else "",
         )
 
 
@@ -329,9 +338,9 @@ class _ViewCodec:
                                   "entity key encoding")
             self.type_codes.append(VALUE_TYPES[t])
         self.single_string = len(order) == 1 and self.key_types[0] == "STRING"
-        self.ts_field = ts_field(view.name)
+        self.ts_field = ts_field(view.stored_name)
         self.ts_field_resp = _bulk(self.ts_field)
-        self.fields = {f: field_hash(view.name, f) for f in view.features}
+        self.fields = {f: field_hash(view.stored_name, f) for f in view.features}
         # feature -> (hash field, the same as a RESP bulk string, kind, encoder); kind 1 and 2
         # (DOUBLE, INT64) are inlined in the loops below: a call per value costs more than the work
         self.encoders = {

@@ -65,15 +65,28 @@ class ServingRegistry:
 
     @classmethod
     def from_store(cls, store: Any) -> "ServingRegistry":
+        """Every online view under its name (its active version) and each of its versions
+        under `view@vN` (Feast's version-qualified references; freshet.feature_versions)."""
         views: dict[str, ViewLayout] = {}
         for fv in [*store.list_feature_views(), *store.list_stream_feature_views()]:
             if getattr(fv, "online", True):
                 views[fv.name] = ViewLayout.from_feast(fv)
+                views.update(_versions(store, fv))
         services = {}
         for svc in store.list_feature_services():
             services[svc.name] = [(p.name, f.name, p.name_to_use())
                                   for p in svc.feature_view_projections for f in p.features]
         return cls(store.project, views, services)
+
+
+def _versions(store: Any, fv: Any) -> dict[str, ViewLayout]:
+    current = int(getattr(fv, "current_version_number", None) or 0)
+    out = {}
+    for record in store.list_feature_view_versions(fv.name) or []:
+        n = record["version_number"]
+        version = fv if n == current else store.registry.get_feature_view_by_version(fv.name, store.project, n)
+        out[f"{fv.name}@v{n}"] = ViewLayout.from_feast(version)
+    return out
 
 
 @dataclass

@@ -11,7 +11,7 @@ log = logging.getLogger("freshet.stream")
 
 
 def cmd_stream(args, settings) -> int:
-    from freshet import features, kafka
+    from freshet import feature_versions, kafka
     from freshet.endpoints import check_redis_mode, resolve_endpoints
     from freshet.stream.engine import StreamEngine
     from freshet.stream.idempotence import stream_idempotence
@@ -19,7 +19,8 @@ def cmd_stream(args, settings) -> int:
     settings = resolve_endpoints(settings)
     check_redis_mode(settings)
     kafka.check_reachable(settings)
-    registry = features.load_registry(settings)
+    # each view's active version and its pending one, if any (freshet.feature_versions)
+    registry = feature_versions.stream_registry(settings)
     topics = list(registry.views_by_topic())
     kafka.ensure_topics(settings, [*topics, settings.topic_deadletter])
     idempotent = stream_idempotence(settings)
@@ -32,6 +33,10 @@ def cmd_stream(args, settings) -> int:
         log.info("stream metrics on http://%s:%d/metrics", settings.http_host, settings.stream_metrics_port)
     engine = StreamEngine(settings, registry, app_id=args.app_id, idempotent=idempotent, metrics=metrics)
     log.info("stream worker %s: %d views on topics %s", args.app_id, len(registry.views), ", ".join(topics))
+    for stored, (view, number, state) in registry.versions.items():
+        if state == feature_versions.PENDING:
+            log.info("feature view %s: version %d is pending; built from the raw log as partitions are taken (as "
+                     "%s), active once every partition is built", view, number, stored)
     # Entity states are many small long-lived dicts and lists: with the default thresholds
     # the cyclic collector walks all of them again and again (they hold no cycles freshet
     # relies on collecting). Start-up objects are frozen out of its view altogether.

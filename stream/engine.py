@@ -56,6 +56,7 @@ from freshet.offline_store import OfflineStore
 from freshet.stream.offline import PartBuffer
 from freshet.stream.recovery import PatientWriter, RowMarkers, is_entity_key, where, write_back
 from freshet.stream.snapshots import Snapshot, TableSnapshots, load_partition, table_image
+from freshet.stream.versions import VersionBuilds
 from freshet.stream.watermarks import WatermarkMarks, record_key
 
 log = logging.getLogger("freshet.stream")
@@ -706,6 +707,7 @@ class StreamEngine:
         if metrics is not None:
             metrics.attach(self)
             self.app.timer(LAG_INTERVAL_S)(self._export_lag)
+        self.versions = VersionBuilds(self, entity_key)  # versions after v0 built from the raw log (stream/versions.py)
         self._recovered_pending = False
         self._refresh_failing = False
         self._stuck_since: dict = {}
@@ -926,6 +928,7 @@ class StreamEngine:
                     partition = index[key] = owner(key)
                     by_partition.setdefault((topic, partition), []).append((record_key, value))
             self._checkpoint_marks(by_partition)
+            self.versions.checkpoint_records(by_partition)
             if self._snapshot_due():
                 image = self._snapshot_image(by_partition)
         finally:
@@ -1164,6 +1167,9 @@ class StreamEngine:
             await self._restore_lost_rows(resuming=True)
         except Exception:  # noqa: BLE001 - a failure here must not stop the rebalance; commits check again
             log.exception("checking Redis for lost rows before resuming failed; the next commit checks again")
+        # a new version's partitions are built before any event is applied to them; a failure stops
+        # the worker (its successor builds them): resuming would compute the version from nothing
+        await self.versions.run()
 
     async def _on_assigned(self, app, assigned, **kwargs) -> None:
         self.owned = {(tp.topic, tp.partition) for tp in assigned}

@@ -1,4 +1,4 @@
-"""The application shell's own subcommands: stack, up, apply, config.
+"""The application shell's own subcommands: stack, up, apply, features, config.
 
 `up` runs every component beside the embedded stack, each its own process.
 """
@@ -50,15 +50,91 @@ def cmd_apply(args, settings: Settings) -> int:
     from freshet import features
 
     settings = resolve_endpoints(settings)
+    from freshet import feature_versions
+
     features.apply(settings)
-    registry = features.load_registry(settings)
+    store = features.feature_store(settings)
+    registry = features.load_registry(settings, store)
     for view in registry.views.values():
-        print(f"{view.name}: {len(view.aggregations)} features from topic {view.topic!r}, "
+        print(f"{view.name} v{view.version}: {len(view.aggregations)} features from topic {view.topic!r}, "
               f"keys {', '.join(view.join_keys)}, tile {view.tile_s}s, lateness {view.lateness_s}s")
+        pending = feature_versions.pending(store, view.name)
+        if pending is not None:
+            print(f"  v{pending.number} pending: " + "; ".join(feature_versions.diff(view, pending.spec)))
+            print(f"  restart the stream workers: they build v{pending.number} from the raw log and make it active "
+                  f"once every partition is built; until then v{view.version} serves "
+                  f"('freshet features history {view.name}')")
     if args.model_store:
         create_model_store(settings)
         print("model store ready")
     return 0
+
+
+def _version_number(text: str) -> int:
+    """A version as "2" or "v2".
+
+    >>> _version_number("v2"), _version_number("0")
+    (2, 0)
+    """
+    digits = text[1:] if text[:1] in ("v", "V") else text
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version number (like 2 or v2)")
+    return int(digits)
+
+
+def cmd_features(args, settings: Settings) -> int:
+    from freshet import feature_versions as fv
+    from freshet import features
+
+    store = features.feature_store(settings)
+    if args.action == "history":
+        names = [args.view] if args.view else sorted(features.load_registry(settings, store).views)
+        for name in names:
+            versions = fv.history(store, name)
+            built = _built_partitions(settings, args.app_id, versions)
+            print(name)
+            for v in versions:
+                created = v.created.strftime("%Y-%m-%d %H:%M:%S") if v.created else "-"
+                progress = f", built {built[v.number]}/{settings.kafka_partitions} partitions" \
+                    if v.number in built and v.state == fv.PENDING else ""
+                print(f"  v{v.number}  {v.state:<10} {created}  {len(v.spec.aggregations)} features, "
+                      f"stored as {v.stored_name}, fingerprint {v.spec.fingerprint}{progress}")
+        return 0
+    versions = {v.number: v for v in fv.history(store, args.view)}
+    if args.action == "diff":
+        active = next(n for n, v in versions.items() if v.state == fv.ACTIVE)
+        a = active if args.a is None else args.a
+        b = max(versions) if args.b is None else args.b
+        for n in (a, b):
+            if n not in versions:
+                raise CliError(f"{args.view} has no version {n}; it has {', '.join(f'v{k}' for k in versions)}")
+        lines = fv.diff(versions[a].spec, versions[b].spec)
+        print(f"{args.view} v{a} -> v{b}:" + ("" if lines else " the same definition"))
+        for line in lines:
+            print(f"  {line}")
+        return 0
+    if args.to not in versions:
+        raise CliError(f"{args.view} has no version {args.to}; it has {', '.join(f'v{k}' for k in versions)}")
+    number = fv.revert(store, args.view, args.to)
+    if number is None:
+        print(f"{args.view}: the active version already computes what v{args.to} does; nothing to do")
+        return 0
+    print(f"{args.view}: v{number} registered with the definition of v{args.to}, pending; restart the stream "
+          f"workers to build it (the active version serves until it is complete). Edit feature_repo/ to match, or "
+          f"the next 'freshet apply' registers the file's definition again.")
+    return 0
+
+
+def _built_partitions(settings: Settings, group: str, versions) -> dict[int, int]:
+    """Version -> partitions the stream has built (a Redis set per version); empty without Redis."""
+    from freshet import feature_versions as fv
+    from freshet.endpoints import redis_client
+
+    try:
+        client = redis_client(resolve_endpoints(settings))
+        return {v.number: client.scard(fv.built_key(group, v.stored_name)) for v in versions if v.number}
+    except Exception:  # noqa: BLE001 - history works without Redis; it only lacks the progress
+        return {}
 
 
 def cmd_config(args, settings: Settings) -> int:
@@ -256,6 +332,29 @@ def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
                    help="also create the MLflow model store, as 'freshet up' does before its components start "
                         "(components starting together on a fresh store would race to create it)")
     handlers["apply"] = cmd_apply
+
+    p = sub.add_parser("features", help="versions of the feature views: history, diff, revert",
+                       description="A change to a feature view's definition, registered by 'freshet apply', is a "
+                                   "new version: the stream workers build it from the raw log when they start and "
+                                   "make it active once every partition is built; reads without a version get the "
+                                   "active one, 'view@vN:feature' a given one.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="{history,diff,revert}")
+    a = actions.add_parser("history", help="every version of a view (or of every view) and its state")
+    a.add_argument("view", nargs="?", help="a stream feature view (default: all)")
+    a.add_argument("--app-id", default="freshet-stream",
+                   help="the stream workers' consumer group, for the build progress (default: %(default)s)")
+    a = actions.add_parser("diff", help="what changes between two versions of a view")
+    a.add_argument("view")
+    a.add_argument("a", nargs="?", type=_version_number, help="from version (default: the active one)")
+    a.add_argument("b", nargs="?", type=_version_number, help="to version (default: the newest)")
+    a = actions.add_parser("revert", help="register an older version's definition again, as the newest version",
+                           description="The definition of version TO becomes the newest version, pending: the "
+                                       "stream workers build it when they restart and switch to it when complete. "
+                                       "Edit feature_repo/ to match, or the next 'freshet apply' registers the "
+                                       "file's definition again.")
+    a.add_argument("view")
+    a.add_argument("--to", type=_version_number, required=True, metavar="N", help="the version to go back to")
+    handlers["features"] = cmd_features
 
     p = sub.add_parser("config", help="print the effective settings (secrets masked)",
                        epilog="\n".join(f"{n} (default {d!r})" for n, d in settings_table()),
