@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from freshet import feature_versions, features, kafka
+from freshet.cli import build_parser
 from freshet.redis_layout import OnlineLayout
 from freshet.settings import load_settings
 from stream_checks import online_differences, settled, stop_workers
@@ -80,11 +81,13 @@ class Deployment:
             text = text.replace(old, new, 1)
         path.write_text(text)
 
-    def cli(self, *args: str) -> str:
-        proc = subprocess.run([sys.executable, "-m", "freshet.cli", *args], env=self.env, capture_output=True,
-                              text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc.stdout
+    def cli(self, capsys, *args: str) -> str:
+        """A `freshet` command run in this process (the topic's env var set by the fixture); its output."""
+        parser, handlers = build_parser()
+        parsed = parser.parse_args(list(args))
+        capsys.readouterr()
+        assert handlers[parsed.command](parsed, self.settings) == 0
+        return capsys.readouterr().out
 
     def start(self) -> None:
         if self.worker is not None:
@@ -133,14 +136,16 @@ class Deployment:
 
 
 @pytest.fixture
-def deployment(services, tmp_path):
+def deployment(services, tmp_path, monkeypatch):
     d = Deployment(services, tmp_path)
+    for name, value in d.extra.items():  # what feature_repo/definitions.py reads when `freshet apply` runs here
+        monkeypatch.setenv(name, value)
     yield d
     if d.worker is not None:
         stop_workers([d.worker])
 
 
-def test_add_a_window_change_a_window_revert(deployment):
+def test_add_a_window_change_a_window_revert(deployment, capsys):
     d = deployment
     now = time.time()
     d.start()
@@ -150,14 +155,14 @@ def test_add_a_window_change_a_window_revert(deployment):
 
     # add a 10-minute window: v1 registered, pending; the running worker and every read stay on v0
     d.edit(ADD_TEN_MINUTES, TEN_MINUTE_SLIDE)
-    out = d.cli("apply")
+    out = d.cli(capsys, "apply")
     assert "v1 pending: + count_amount_600s: count of amount over 600s, sliding by 60s" in out, out
     assert d.active(CARD) == 0 and d.active(MERCHANT) == 0
     store = d.store()
     card = f"{d.uid}-c1"
     with pytest.raises(Exception, match="count_amount_600s"):
         store.get_online_features(features=[f"{CARD}:count_amount_600s"], entity_rows=[{"card_id": card}])
-    d.cli("apply")  # the same change applied again is the same pending version, not another
+    d.cli(capsys, "apply")  # the same change applied again is the same pending version, not another
     assert [v.number for v in feature_versions.history(d.store(), CARD)] == [0, 1]
 
     # a restarted worker builds v1 from the raw log (the events before the change included) and switches
@@ -178,21 +183,21 @@ def test_add_a_window_change_a_window_revert(deployment):
 
     # change a window (5 minutes -> 2): v2
     d.edit(FIVE_TO_TWO, TWO_MINUTE_SLIDE)
-    out = d.cli("apply")
+    out = d.cli(capsys, "apply")
     assert "- count_amount_300s" in out and "+ count_amount_120s" in out, out
     d.switch(2)
     assert not d.wrong(CARD, 2) and not d.wrong(MERCHANT, 2)
 
     # revert the card view to v0: its definition again, as v3, built and switched to the same way
-    out = d.cli("features", "revert", CARD, "--to", "0")
+    out = d.cli(capsys, "features", "revert", CARD, "--to", "0")
     assert "v3 registered with the definition of v0" in out, out
-    diff = d.cli("features", "diff", CARD, "2", "3")
+    diff = d.cli(capsys, "features", "diff", CARD, "2", "3")
     assert "- count_amount_600s" in diff and "+ count_amount_300s" in diff, diff
     d.start()
     d.wait(lambda: d.active(CARD) == 3, "v3 active after the build")
     d.settle()
     assert not d.wrong(CARD, 3)
-    history = d.cli("features", "history", CARD, "--app-id", d.app_id)
+    history = d.cli(capsys, "features", "history", CARD, "--app-id", d.app_id)
     states = [line.split()[:2] for line in history.splitlines()[1:]]
     assert states == [["v0", "older"], ["v1", "older"], ["v2", "older"], ["v3", "active"]], history
     v0, v3 = (next(v for v in feature_versions.history(d.store(), CARD) if v.number == n) for n in (0, 3))
