@@ -346,7 +346,8 @@ class OnlineFeatureReader:
         for view, feat, prefix in triples:
             layout = reg.views.get(view)
             if layout is None:
-                raise UnknownFeature("feature view", view, f"known: {', '.join(sorted(reg.views))}")
+                raise UnknownFeature("feature view", view, "known: " + ", ".join(sorted(n for n in reg.views if "@" not in n))
+                                     + "; a version of one: 'view@vN' ('freshet features history' lists them)")
             if feat not in layout.features:
                 raise UnknownFeature("feature", f"{view}:{feat}")
             vr = by_view.get(view)

@@ -24,6 +24,7 @@ import redis
 from freshet import feature_versions, features, kafka
 from freshet.cli import build_parser
 from freshet.redis_layout import OnlineLayout
+from freshet.serving.online import OnlineFeatureReader, UnknownFeature
 from freshet.settings import load_settings
 from stream_checks import online_differences, settled, stop_workers
 
@@ -180,6 +181,16 @@ def test_add_a_window_change_a_window_revert(deployment, capsys):
                                                if v.number == 1)}).read_rows(d.client, CARD, [(card,)])[0][1]
     assert got[f"{CARD}__count_amount_600s"] == [ours["count_amount_600s"]]
     assert got[f"{CARD}@v0__count_amount_300s"] == [ours["count_amount_300s"]]  # the same window in both
+    # and so does freshet's reader (the one behind /get-online-features); a version never registered is unknown
+    reader = OnlineFeatureReader(d.settings)
+    try:
+        served = reader.get_online_features([f"{CARD}:count_amount_600s", f"{CARD}@v0:count_amount_300s"],
+                                            [{"card_id": card}], full_feature_names=True).row(0)
+        assert served == {k: v[0] for k, v in got.items() if "__" in k}, (served, got)
+        with pytest.raises(UnknownFeature, match="@v7"):
+            reader.get_online_features([f"{CARD}@v7:count_amount_300s"], [{"card_id": card}])
+    finally:
+        reader.close()
 
     # change a window (5 minutes -> 2): v2
     d.edit(FIVE_TO_TWO, TWO_MINUTE_SLIDE)
