@@ -80,11 +80,11 @@ def _raw_log(settings, events: int, cards: int, merchants: int, partitions: int,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=300_000)
-    parser.add_argument("--cards", type=int, default=20_000)
-    parser.add_argument("--merchants", type=int, default=2_000)
-    parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=1)
+    for flag, default, meaning in (("--events", 300_000, "raw-log events, over the last day"),
+                                   ("--cards", 20_000, "distinct cards"), ("--merchants", 2_000, "distinct merchants"),
+                                   ("--partitions", 4, "source partitions (all built at once)"),
+                                   ("--seed", 1, "the workload's random seed")):
+        parser.add_argument(flag, type=int, default=default, help=f"{meaning} (default: %(default)s)")
     args = parser.parse_args()
 
     from aiokafka.partitioner import murmur2
