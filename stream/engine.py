@@ -129,13 +129,10 @@ def _raw_table(decoder: EventDecoder, accepted, ingested_at: float | None = None
 
     `_ingested_at` (epoch s, the batch's wall clock) says when the stream accepted each event,
     so an offline recomputation can take only what the stream had seen by a request's time."""
-    columns: dict[str, list] = {name: [] for name in decoder.schema}
-    parts, offsets = [], []
-    for partition, offset, ts, row in accepted:
-        for name in columns:
-            columns[name].append(row.get(name))
-        parts.append(partition)
-        offsets.append(offset)
+    rows = [event[3] for event in accepted]
+    columns = {name: [row.get(name) for row in rows] for name in decoder.schema}  # one pass per column
+    parts = [event[0] for event in accepted]
+    offsets = [event[1] for event in accepted]
     arrays = {}
     for name, values in columns.items():
         kind = decoder.schema[name]
@@ -242,37 +239,46 @@ class ViewProcessor:
             self.live[key] = state
         return state
 
-    def checkpoint(self, owns: Callable[[bytes], bool]) -> list[tuple[bytes, bytes, bytes | None]]:
-        """Encode every entity changed since the last checkpoint: (key, record key, value)
-        per changelog record (a large state is several: chunks.py).
+    def checkpoint(self, owner: Callable[[bytes], int], owned: set[int],
+                   index: dict | None = None) -> dict[int, list[tuple[bytes, bytes | None]]]:
+        """Encode every entity changed since the last checkpoint: its changelog records
+        (record key, value) grouped by the partition `owner(key)` gives, each key's records
+        in order (a large state is several: chunks.py); `index` (the table's key ->
+        partition map) learns each key's partition.
 
         Synchronous, so the records hold every event applied so far and nothing half
-        applied (the caller holds `lock`). Entities of partitions no longer owned
-        (`owns(key)` false) are not written: a late write would land after the new
-        owner's recovery.
+        applied (the caller holds `lock`). Entities of partitions no longer owned (not in
+        `owned`) are not written: a late write would land after the new owner's recovery.
         """
-        records = []
-        data = self.table.data
+        out: dict[int, list[tuple[bytes, bytes | None]]] = {}
+        data, live, chunked, encode = self.table.data, self.live, self.chunked, self.agg.encode
+        limit = chunks.CHUNK_BYTES
         for key in self.dirty:
-            if not owns(key):
-                self.live.pop(key, None)
+            partition = owner(key)
+            if partition not in owned:
+                live.pop(key, None)
                 self.disowned += 1
                 continue
-            value = self.agg.encode(self.live[key])
+            value = encode(live[key])
             data[key] = value
-            if len(value) <= chunks.CHUNK_BYTES and key not in self.chunked:
-                records.append((key, key, value))
+            if index is not None:
+                index[key] = partition
+            records = out.get(partition)
+            if records is None:
+                records = out[partition] = []
+            if len(value) <= limit and key not in chunked:
+                records.append((key, value))
                 continue
-            for chunk_key, record in chunks.records(key, value, self.chunked.pop(key, None)):
-                records.append((key, chunk_key, record))
+            for chunk_key, record in chunks.records(key, value, chunked.pop(key, None)):
+                records.append((chunk_key, record))
                 if chunk_key == key and chunks.is_header(record):
-                    self.chunked[key] = chunks.header_of(record)
+                    chunked[key] = chunks.header_of(record)
         self.dirty.clear()
         self.applied.clear()
-        if len(self.live) > LIVE_MAX:  # oldest first: dicts keep insertion order
-            for key in list(self.live)[:len(self.live) - LIVE_MAX]:
-                del self.live[key]
-        return records
+        if len(live) > LIVE_MAX:  # oldest first: dicts keep insertion order
+            for key in list(live)[:len(live) - LIVE_MAX]:
+                del live[key]
+        return out
 
     async def apply(self, items: list[Item], counters: Counters) -> list[tuple[Item, str]]:
         """Apply (key, event time, row, source "topic:partition", source offset) in order.
@@ -922,9 +928,8 @@ class StreamEngine:
                 owner = self._owner_partition
                 topic = processor.table.changelog_topic.get_topic_name()
                 index = processor.table.data._key_partition  # which partition each key's records go to
-                for key, record_key, value in processor.checkpoint(lambda key: owner(key) in owned):
-                    partition = index[key] = owner(key)
-                    by_partition.setdefault((topic, partition), []).append((record_key, value))
+                for partition, records in processor.checkpoint(owner, owned, index).items():
+                    by_partition.setdefault((topic, partition), []).extend(records)
             self._checkpoint_marks(by_partition)
             if self._snapshot_due():
                 image = self._snapshot_image(by_partition)
