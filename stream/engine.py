@@ -31,6 +31,7 @@ import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Callable
 
 
@@ -113,6 +114,14 @@ def entity_key(view: ViewSpec, row: dict[str, Any]) -> bytes:
     if len(view.join_keys) == 1:
         return str(row[view.join_keys[0]]).encode()
     return orjson.dumps([row[k] for k in view.join_keys])
+
+
+def entity_keys(view: ViewSpec) -> Callable[[dict[str, Any]], bytes]:
+    """`entity_key` for one view, its join keys looked up once (it runs per event)."""
+    if len(view.join_keys) == 1:
+        k = view.join_keys[0]
+        return lambda row: str(row[k]).encode()
+    return lambda row: entity_key(view, row)
 
 
 UTC_MICROS = pa.timestamp("us", tz="UTC")
@@ -212,6 +221,9 @@ class ViewProcessor:
         # so a failed batch can be rebuilt from the checkpoint and `applied`
         self.lock = asyncio.Lock()
         self.disowned = 0  # changed entities not written: their partition had moved away
+        # an event's join key values, as a tuple (itemgetter gives a bare value for one key)
+        keys = view.join_keys
+        self._join_values = (lambda row, k=keys[0]: (row[k],)) if len(keys) == 1 else itemgetter(*keys)
 
     def forget(self) -> None:
         """Drop working states; after a rebalance the table (changelog) is the truth.
@@ -299,13 +311,17 @@ class ViewProcessor:
     async def _apply(self, items: list[Item], counters: Counters) -> None:
         t0 = time.perf_counter()
         changed: dict[bytes, tuple[dict, dict]] = {}
+        live, load, update = self.live, self._state, self.agg.update  # looked up once per batch
         for key, ts, row, source, offset in items:
-            state = self._state(key)
-            if state["offsets"].get(source, -1) >= offset:
+            state = live.get(key)
+            if state is None:
+                state = load(key)
+            offsets = state["offsets"]
+            if offsets.get(source, -1) >= offset:
                 counters.duplicates_skipped += 1
                 continue
-            self.agg.update(state, ts, row)
-            state["offsets"][source] = offset
+            update(state, ts, row)
+            offsets[source] = offset
             changed[key] = (state, row)
         counters.timed("aggregate", t0)
         if not changed:
@@ -314,10 +330,12 @@ class ViewProcessor:
         self.clock.observe(max(state["max_ts"] for state, _ in changed.values()))
         now = self.clock.now()
         rows = []
+        evict, result, join_values = self.agg.evict, self.agg.result, self._join_values
         for state, row in changed.values():
-            self.agg.evict(state)
-            as_of = self.refresh.as_of(state, now)
-            rows.append((tuple(row[k] for k in self.view.join_keys), self.agg.result(state, as_of), as_of))
+            evict(state)
+            latest = state["max_ts"]  # IdleRefresh.as_of, inlined
+            as_of = latest if now is None or (latest is not None and latest > now) else now
+            rows.append((join_values(row), result(state, as_of), as_of))
         counters.timed("result", t0)
         t0 = time.perf_counter()
         await self.sink.write(self.view, rows, counters)
@@ -919,6 +937,8 @@ class StreamEngine:
         image = None
         for processor in self.processors.values():  # no batch half applied while encoding
             await processor.lock.acquire()
+        waited = time.perf_counter() - t0
+        t0 += waited
         try:
             # Arrow encodes the parts without the GIL while the states are encoded here
             queued = self.sink.offline.rows
@@ -936,6 +956,10 @@ class StreamEngine:
         finally:
             for processor in self.processors.values():
                 processor.lock.release()
+        # the phase in two: encoding under the locks (the worker's CPU; batches wait) and
+        # waiting, for the locks, the parts and the sends (batches go on meanwhile)
+        self.counters.timed("checkpoint_encode", t0)
+        t0 = time.perf_counter() - waited
         await written
         if queued:
             self.crash.reached("offline-written")
@@ -957,7 +981,7 @@ class StreamEngine:
                 else:
                     image[tp] = (image[tp], at)
         self.counters.changelog_records += n
-        self.counters.timed("checkpoint", t0)
+        self.counters.timed("checkpoint_wait", t0)
         return n, ends, image
 
     def _snapshot_due(self) -> bool:
@@ -1387,13 +1411,20 @@ class StreamEngine:
         event of a view keyed otherwise: correct under any partitioner, one hop dearer.
         """
         items, elsewhere = [], []
-        owner_of = self._owner_partition
-        source = f"{topic}:%d"
+        owner_of, cached = self._owner_partition, self._partition_cache.get
+        key_of = entity_keys(view)
+        sources: dict[int, str] = {}  # "topic:partition", one string per partition
         for event in accepted:
             partition, offset, ts, row = event
-            key = entity_key(view, row)
-            if owner_of(key) == partition:
-                items.append((key, ts, row, source % partition, offset))
+            key = key_of(row)
+            owner = cached(key)
+            if owner is None:
+                owner = owner_of(key)
+            if owner == partition:
+                source = sources.get(partition)
+                if source is None:
+                    source = sources[partition] = f"{topic}:{partition}"
+                items.append((key, ts, row, source, offset))
             else:
                 elsewhere.append(event)
         if elsewhere:
@@ -1418,11 +1449,21 @@ class StreamEngine:
         of at most INTERNAL_MESSAGE_BYTES per destination partition, so each entity has
         exactly one writer."""
         outgoing: dict[int, list] = {}
-        owner_of = self._owner_partition
+        owner_of, cached = self._owner_partition, self._partition_cache.get
+        key_of = entity_keys(view)
+        sources: dict[int, str] = {}  # "topic:partition", one string per partition
         for partition, offset, ts, row in accepted:
-            key = entity_key(view, row)
-            outgoing.setdefault(owner_of(key), []).append(
-                (key.decode("latin-1"), ts, {c: row.get(c) for c in columns}, f"{topic}:{partition}", offset))
+            key = key_of(row)
+            owner = cached(key)
+            if owner is None:
+                owner = owner_of(key)
+            source = sources.get(partition)
+            if source is None:
+                source = sources[partition] = f"{topic}:{partition}"
+            out = outgoing.get(owner)
+            if out is None:
+                out = outgoing[owner] = []
+            out.append((key.decode("latin-1"), ts, {c: row.get(c) for c in columns}, source, offset))
         send = self.repartition_topics[view.name].send
         for owner, items in outgoing.items():
             blobs, failed = split_failures(items, lambda part: (orjson.dumps(part), part))
