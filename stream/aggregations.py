@@ -528,22 +528,21 @@ def _per_window(by_width: dict, shapes: list, fine: int, as_of: float, scan, fol
 
 
 def _scan_tiles(tiles: dict, starts: list, as_of: float) -> list[tuple]:
-    """(count, sum, min, max) of every window [start, as_of] in one pass over the tiles."""
-    k = range(len(starts))
-    ns, sums = [0] * len(starts), [0.0] * len(starts)
-    los, his = [math.inf] * len(starts), [-math.inf] * len(starts)
-    for t, (n, total, lo, hi) in tiles.items():
-        if t > as_of:
-            continue
-        for i in k:
-            if t >= starts[i]:
-                ns[i] += n
-                sums[i] += total
-                if lo < los[i]:
-                    los[i] = lo
-                if hi > his[i]:
-                    his[i] = hi
-    return list(zip(ns, sums, los, his))
+    """(count, sum, min, max) of every window [start, as_of] in one pass over the tiles per
+    window (a sparse entity has a few; locals, not lists indexed per tile and window)."""
+    out = []
+    for start in starts:
+        n, total, lo, hi = 0, 0.0, math.inf, -math.inf
+        for t, (c, s, low, high) in tiles.items():
+            if start <= t <= as_of:
+                n += c
+                total += s
+                if low < lo:
+                    lo = low
+                if high > hi:
+                    hi = high
+        out.append((n, total, lo, hi))
+    return out
 
 
 def _scan_counts(counts: dict, starts: list, as_of: float) -> list[int]:
