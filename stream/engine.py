@@ -31,6 +31,7 @@ import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Callable
 
 
@@ -116,6 +117,14 @@ def entity_key(view: ViewSpec, row: dict[str, Any]) -> bytes:
     return orjson.dumps([row[k] for k in view.join_keys])
 
 
+def entity_keys(view: ViewSpec) -> Callable[[dict[str, Any]], bytes]:
+    """`entity_key` for one view, its join keys looked up once (it runs per event)."""
+    if len(view.join_keys) == 1:
+        k = view.join_keys[0]
+        return lambda row: str(row[k]).encode()
+    return lambda row: entity_key(view, row)
+
+
 UTC_MICROS = pa.timestamp("us", tz="UTC")
 
 
@@ -130,13 +139,10 @@ def _raw_table(decoder: EventDecoder, accepted, ingested_at: float | None = None
 
     `_ingested_at` (epoch s, the batch's wall clock) says when the stream accepted each event,
     so an offline recomputation can take only what the stream had seen by a request's time."""
-    columns: dict[str, list] = {name: [] for name in decoder.schema}
-    parts, offsets = [], []
-    for partition, offset, ts, row in accepted:
-        for name in columns:
-            columns[name].append(row.get(name))
-        parts.append(partition)
-        offsets.append(offset)
+    rows = [event[3] for event in accepted]
+    columns = {name: [row.get(name) for row in rows] for name in decoder.schema}  # one pass per column
+    parts = [event[0] for event in accepted]
+    offsets = [event[1] for event in accepted]
     arrays = {}
     for name, values in columns.items():
         kind = decoder.schema[name]
@@ -216,6 +222,9 @@ class ViewProcessor:
         # so a failed batch can be rebuilt from the checkpoint and `applied`
         self.lock = asyncio.Lock()
         self.disowned = 0  # changed entities not written: their partition had moved away
+        # an event's join key values, as a tuple (itemgetter gives a bare value for one key)
+        keys = view.join_keys
+        self._join_values = (lambda row, k=keys[0]: (row[k],)) if len(keys) == 1 else itemgetter(*keys)
 
     def forget(self) -> None:
         """Drop working states; after a rebalance the table (changelog) is the truth.
@@ -243,37 +252,46 @@ class ViewProcessor:
             self.live[key] = state
         return state
 
-    def checkpoint(self, owns: Callable[[bytes], bool]) -> list[tuple[bytes, bytes, bytes | None]]:
-        """Encode every entity changed since the last checkpoint: (key, record key, value)
-        per changelog record (a large state is several: chunks.py).
+    def checkpoint(self, owner: Callable[[bytes], int], owned: set[int],
+                   index: dict | None = None) -> dict[int, list[tuple[bytes, bytes | None]]]:
+        """Encode every entity changed since the last checkpoint: its changelog records
+        (record key, value) grouped by the partition `owner(key)` gives, each key's records
+        in order (a large state is several: chunks.py); `index` (the table's key ->
+        partition map) learns each key's partition.
 
         Synchronous, so the records hold every event applied so far and nothing half
-        applied (the caller holds `lock`). Entities of partitions no longer owned
-        (`owns(key)` false) are not written: a late write would land after the new
-        owner's recovery.
+        applied (the caller holds `lock`). Entities of partitions no longer owned (not in
+        `owned`) are not written: a late write would land after the new owner's recovery.
         """
-        records = []
-        data = self.table.data
+        out: dict[int, list[tuple[bytes, bytes | None]]] = {}
+        data, live, chunked, encode = self.table.data, self.live, self.chunked, self.agg.encode
+        limit = chunks.CHUNK_BYTES
         for key in self.dirty:
-            if not owns(key):
-                self.live.pop(key, None)
+            partition = owner(key)
+            if partition not in owned:
+                live.pop(key, None)
                 self.disowned += 1
                 continue
-            value = self.agg.encode(self.live[key])
+            value = encode(live[key])
             data[key] = value
-            if len(value) <= chunks.CHUNK_BYTES and key not in self.chunked:
-                records.append((key, key, value))
+            if index is not None:
+                index[key] = partition
+            records = out.get(partition)
+            if records is None:
+                records = out[partition] = []
+            if len(value) <= limit and key not in chunked:
+                records.append((key, value))
                 continue
-            for chunk_key, record in chunks.records(key, value, self.chunked.pop(key, None)):
-                records.append((key, chunk_key, record))
+            for chunk_key, record in chunks.records(key, value, chunked.pop(key, None)):
+                records.append((chunk_key, record))
                 if chunk_key == key and chunks.is_header(record):
-                    self.chunked[key] = chunks.header_of(record)
+                    chunked[key] = chunks.header_of(record)
         self.dirty.clear()
         self.applied.clear()
-        if len(self.live) > LIVE_MAX:  # oldest first: dicts keep insertion order
-            for key in list(self.live)[:len(self.live) - LIVE_MAX]:
-                del self.live[key]
-        return records
+        if len(live) > LIVE_MAX:  # oldest first: dicts keep insertion order
+            for key in list(live)[:len(live) - LIVE_MAX]:
+                del live[key]
+        return out
 
     async def apply(self, items: list[Item], counters: Counters) -> list[tuple[Item, str]]:
         """Apply (key, event time, row, source "topic:partition", source offset) in order.
@@ -294,13 +312,17 @@ class ViewProcessor:
     async def _apply(self, items: list[Item], counters: Counters) -> None:
         t0 = time.perf_counter()
         changed: dict[bytes, tuple[dict, dict]] = {}
+        live, load, update = self.live, self._state, self.agg.update  # looked up once per batch
         for key, ts, row, source, offset in items:
-            state = self._state(key)
-            if state["offsets"].get(source, -1) >= offset:
+            state = live.get(key)
+            if state is None:
+                state = load(key)
+            offsets = state["offsets"]
+            if offsets.get(source, -1) >= offset:
                 counters.duplicates_skipped += 1
                 continue
-            self.agg.update(state, ts, row)
-            state["offsets"][source] = offset
+            update(state, ts, row)
+            offsets[source] = offset
             changed[key] = (state, row)
         counters.timed("aggregate", t0)
         if not changed:
@@ -309,10 +331,12 @@ class ViewProcessor:
         self.clock.observe(max(state["max_ts"] for state, _ in changed.values()))
         now = self.clock.now()
         rows = []
+        evict, result, join_values = self.agg.evict, self.agg.result, self._join_values
         for state, row in changed.values():
-            self.agg.evict(state)
-            as_of = self.refresh.as_of(state, now)
-            rows.append((tuple(row[k] for k in self.view.join_keys), self.agg.result(state, as_of), as_of))
+            evict(state)
+            latest = state["max_ts"]  # IdleRefresh.as_of, inlined
+            as_of = latest if now is None or (latest is not None and latest > now) else now
+            rows.append((join_values(row), result(state, as_of), as_of))
         counters.timed("result", t0)
         t0 = time.perf_counter()
         await self.sink.write(self.view, rows, counters)
@@ -915,6 +939,8 @@ class StreamEngine:
         image = None
         for processor in self.processors.values():  # no batch half applied while encoding
             await processor.lock.acquire()
+        waited = time.perf_counter() - t0
+        t0 += waited
         try:
             # Arrow encodes the parts without the GIL while the states are encoded here
             queued = self.sink.offline.rows
@@ -924,9 +950,8 @@ class StreamEngine:
                 owner = self._owner_partition
                 topic = processor.table.changelog_topic.get_topic_name()
                 index = processor.table.data._key_partition  # which partition each key's records go to
-                for key, record_key, value in processor.checkpoint(lambda key: owner(key) in owned):
-                    partition = index[key] = owner(key)
-                    by_partition.setdefault((topic, partition), []).append((record_key, value))
+                for partition, records in processor.checkpoint(owner, owned, index).items():
+                    by_partition.setdefault((topic, partition), []).extend(records)
             self._checkpoint_marks(by_partition)
             self.versions.checkpoint_records(by_partition)
             if self._snapshot_due():
@@ -934,6 +959,10 @@ class StreamEngine:
         finally:
             for processor in self.processors.values():
                 processor.lock.release()
+        # the phase in two: encoding under the locks (the worker's CPU; batches wait) and
+        # waiting, for the locks, the parts and the sends (batches go on meanwhile)
+        self.counters.timed("checkpoint_encode", t0)
+        t0 = time.perf_counter() - waited
         await written
         if queued:
             self.crash.reached("offline-written")
@@ -955,7 +984,7 @@ class StreamEngine:
                 else:
                     image[tp] = (image[tp], at)
         self.counters.changelog_records += n
-        self.counters.timed("checkpoint", t0)
+        self.counters.timed("checkpoint_wait", t0)
         return n, ends, image
 
     def _snapshot_due(self) -> bool:
@@ -1388,13 +1417,20 @@ class StreamEngine:
         event of a view keyed otherwise: correct under any partitioner, one hop dearer.
         """
         items, elsewhere = [], []
-        owner_of = self._owner_partition
-        source = f"{topic}:%d"
+        owner_of, cached = self._owner_partition, self._partition_cache.get
+        key_of = entity_keys(view)
+        sources: dict[int, str] = {}  # "topic:partition", one string per partition
         for event in accepted:
             partition, offset, ts, row = event
-            key = entity_key(view, row)
-            if owner_of(key) == partition:
-                items.append((key, ts, row, source % partition, offset))
+            key = key_of(row)
+            owner = cached(key)
+            if owner is None:
+                owner = owner_of(key)
+            if owner == partition:
+                source = sources.get(partition)
+                if source is None:
+                    source = sources[partition] = f"{topic}:{partition}"
+                items.append((key, ts, row, source, offset))
             else:
                 elsewhere.append(event)
         if elsewhere:
@@ -1419,11 +1455,21 @@ class StreamEngine:
         of at most INTERNAL_MESSAGE_BYTES per destination partition, so each entity has
         exactly one writer."""
         outgoing: dict[int, list] = {}
-        owner_of = self._owner_partition
+        owner_of, cached = self._owner_partition, self._partition_cache.get
+        key_of = entity_keys(view)
+        sources: dict[int, str] = {}  # "topic:partition", one string per partition
         for partition, offset, ts, row in accepted:
-            key = entity_key(view, row)
-            outgoing.setdefault(owner_of(key), []).append(
-                (key.decode("latin-1"), ts, {c: row.get(c) for c in columns}, f"{topic}:{partition}", offset))
+            key = key_of(row)
+            owner = cached(key)
+            if owner is None:
+                owner = owner_of(key)
+            source = sources.get(partition)
+            if source is None:
+                source = sources[partition] = f"{topic}:{partition}"
+            out = outgoing.get(owner)
+            if out is None:
+                out = outgoing[owner] = []
+            out.append((key.decode("latin-1"), ts, {c: row.get(c) for c in columns}, source, offset))
         send = self.repartition_topics[view.name].send
         for owner, items in outgoing.items():
             blobs, failed = split_failures(items, lambda part: (orjson.dumps(part), part))

@@ -169,13 +169,18 @@ class IdleRefresh:
         oldest tile could first leave a window (`ViewAggregator.change_bound`)."""
         bound = self.processor.agg.change_bound
         looks: dict[float, list[bytes]] = {}
+        field = self.AS_OF
         for key, state in zip(keys, states):
             latest = state["max_ts"]
             as_of = latest if latest is not None and latest > now else now  # dated ahead: its own time
-            state[self.AS_OF] = as_of
+            state[field] = as_of
             due = bound(state, as_of)
             if due is not None:
-                looks.setdefault(due, []).append(key)
+                batch = looks.get(due)
+                if batch is None:
+                    looks[due] = [key]
+                else:
+                    batch.append(key)
         for due, batch in looks.items():
             self.schedule.add(due, batch)
 

@@ -143,3 +143,27 @@ def test_stream_bounds_are_checked_at_start_up(env, message):
         load_settings(env)
     assert load_settings({}).stream_max_future_s == 300
     assert load_settings({}).stream_max_event_bytes == 100_000
+
+
+def test_checkpoint_groups_each_changed_entity_by_partition_and_skips_disowned_ones():
+    """One encode per changed entity, its records under the partition `owner` gives (a large
+    state as chunks then its header, in order); entities of a partition no longer owned are
+    dropped, not written; the table and its key -> partition index learn the rest."""
+    from freshet.stream import chunks
+
+    view = _view()
+    processor = ViewProcessor(view, types.SimpleNamespace(data={}), _Sink())
+    big = [(b"big", NOW + i / 10, {"k": "big", "x": 0.0, "m": f"m{i}-" + "v" * 400}, "t:0", i) for i in range(1200)]
+    small = [(k.encode(), NOW, {"k": k, "x": 0.0, "m": "z"}, "t:0", 0) for k in ("a", "b", "c")]
+    asyncio.run(processor.apply(small + big, Counters()))
+    owner = {b"a": 0, b"b": 1, b"c": 2, b"big": 1}.__getitem__
+    index: dict = {}
+    out = processor.checkpoint(owner, {0, 1}, index)
+    assert sorted(out) == [0, 1] and out[0] == [(b"a", processor.table.data[b"a"])]
+    big_records = [(k, v) for k, v in out[1] if k.startswith(b"big")]
+    assert (b"b", processor.table.data[b"b"]) in out[1] and len(out[1]) == len(big_records) + 1
+    assert len(big_records) >= 3 and big_records[-1][0] == b"big" and chunks.is_header(big_records[-1][1])
+    whole, _ = chunks.joined(dict(big_records), b"big", big_records[-1][1])  # chunks in order, then the header
+    assert whole == processor.table.data[b"big"] and processor.agg.decode(whole)["max_ts"] == NOW + 119.9
+    assert index == {b"a": 0, b"b": 1, b"big": 1} and b"c" not in processor.live and processor.disowned == 1
+    assert processor.checkpoint(owner, {0, 1}, index) == {} and not processor.dirty  # nothing changed since
