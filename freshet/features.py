@@ -66,7 +66,7 @@ class ViewSpec:
     online: bool = True
     message_key: str = ""  # the event field producers key messages by (KafkaSource tag)
     version: int = 0  # the Feast version number of this definition (freshet.feature_versions)
-    fingerprint: str = ""  # what the definition computes, hashed (feature_versions.fingerprint)
+    fingerprint: str = ""  # what the definition computes, hashed (`fingerprint` below)
 
     @property
     def stored_name(self) -> str:
@@ -329,7 +329,7 @@ def fingerprint(fv: Any) -> str:
     opts = getattr(src, "kafka_options", None)
     fields = {(f.name, str(f.dtype)) for f in [*fv.features, *fv.entity_columns]}
     described = {
-        "aggregations": sorted((a.column, a.function, _s(a.time_window), _s(a.slide_interval))
+        "aggregations": sorted((a.column, a.function, _seconds(a.time_window), _seconds(a.slide_interval))
                                for a in fv.aggregations),
         "fields": sorted(fields),
         "entities": sorted(fv.entities),
@@ -337,10 +337,6 @@ def fingerprint(fv: Any) -> str:
         "topic": getattr(opts, "topic", None),
         "schema": getattr(getattr(opts, "message_format", None), "schema_json", None),
         "source_timestamp": getattr(src, "timestamp_field", None),
-        "lateness": _s(getattr(opts, "watermark_delay_threshold", None)),
+        "lateness": _seconds(getattr(opts, "watermark_delay_threshold", None)),
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _s(td) -> int:
-    return int(td.total_seconds()) if td else 0
