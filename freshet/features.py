@@ -22,6 +22,7 @@ import yaml
 
 from freshet.settings import Settings
 from freshet.endpoints import feast_connection_string
+from freshet.redis_layout import stored_name  # a version's names, online and offline
 
 log = logging.getLogger("freshet.features")
 
@@ -96,15 +97,6 @@ class ViewSpec:
     @property
     def max_window_s(self) -> int:
         return max(a.window_s for a in self.aggregations)
-
-
-def stored_name(view: str, version: int) -> str:
-    """Where version `version` of `view` is stored online (and its feature log offline).
-
-    >>> stored_name("card_txn_stats", 0), stored_name("card_txn_stats", 2)
-    ('card_txn_stats', 'card_txn_stats_v2')
-    """
-    return f"{view}_v{version}" if version > 0 else view
 
 
 @dataclass
@@ -312,7 +304,7 @@ def _view_spec(sfv: Any) -> ViewSpec:
         topic=opts.topic, timestamp_field=ts_field, source_schema=schema,
         lateness_s=_seconds(opts.watermark_delay_threshold), aggregations=tuple(aggs),
         # each version its own feature log: their columns differ
-        offline_path=f"{offline_path}_v{version}" if offline_path and version else offline_path,
+        offline_path=stored_name(offline_path, version) if offline_path else offline_path,
         online=sfv.online, message_key=(src.tags or {}).get("freshet.message_key", ""),
         version=version, fingerprint=fingerprint(sfv),
     )

@@ -277,6 +277,16 @@ def _key_value_bytes(value: Any, value_type: str) -> bytes:
     raise LayoutError(f"join keys of type {value_type} are not supported by Feast's entity key encoding")
 
 
+def stored_name(view: str, version: int) -> str:
+    """Where version `version` of `view` is stored online: Feast's name for it with online
+    versioning on (freshet.feature_versions; the version's feature log is named so too).
+
+    >>> stored_name("card_txn_stats", 0), stored_name("card_txn_stats", 2)
+    ('card_txn_stats', 'card_txn_stats_v2')
+    """
+    return f"{view}_v{version}" if version > 0 else view
+
+
 @dataclass(frozen=True)
 class ViewLayout:
     """What the layout needs to know of one feature view."""
@@ -313,7 +323,7 @@ class ViewLayout:
         return cls(
             fv.name, keys, tuple(c.dtype.to_value_type().name for c in cols),
             {f.name: f.dtype.to_value_type().name for f in fv.features if f.name not in keys},
-            int(fv.ttl.total_seconds()) if fv.ttl else 0, f"{fv.name}_v{version}" if version > 0 else "",
+            int(fv.ttl.total_seconds()) if fv.ttl else 0, stored_name(fv.name, version) if version > 0 else "",
         )
 
 
