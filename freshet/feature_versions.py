@@ -61,8 +61,7 @@ def history(store: Any, view: str) -> list[Version]:
     for record in records:
         n = record["version_number"]
         fv = active if n == current else store.registry.get_feature_view_by_version(view, store.project, n)
-        spec = _view_spec(fv)
-        spec = replace(spec, version=n)
+        spec = _view_spec(fv)  # its version number is fv's (Feast sets it on every version it returns)
         if n == current:
             state = ACTIVE
         elif n == newest_pending and spec.fingerprint != current_fp:

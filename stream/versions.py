@@ -104,7 +104,7 @@ class VersionBuilds:
         for stored, partitions in self.needed().items():
             await self._build(stored, partitions)
         if self.pending_built:
-            n, ends, _ = await engine.checkpoint()
+            await engine.checkpoint()
             await engine.app.producer.flush()
         for stored, (view, number, state) in engine.registry.versions.items():
             if number == 0:
