@@ -529,20 +529,8 @@ def _per_window(by_width: dict, shapes: list, fine: int, as_of: float, scan, fol
 
 def _scan_tiles(tiles: dict, starts: list, as_of: float) -> list[tuple]:
     """(count, sum, min, max) of every window [start, as_of] in one pass over the tiles per
-    window (a sparse entity has a few; locals, not lists indexed per tile and window)."""
-    out = []
-    for start in starts:
-        n, total, lo, hi = 0, 0.0, math.inf, -math.inf
-        for t, (c, s, low, high) in tiles.items():
-            if start <= t <= as_of:
-                n += c
-                total += s
-                if low < lo:
-                    lo = low
-                if high > hi:
-                    hi = high
-        out.append((n, total, lo, hi))
-    return out
+    window (a sparse entity has a few), folded as a busy entity's windows are (`_fold`)."""
+    return [_fold(v for t, v in tiles.items() if start <= t <= as_of) for start in starts]
 
 
 def _scan_counts(counts: dict, starts: list, as_of: float) -> list[int]:
@@ -604,7 +592,7 @@ def _distinct_counts(seen: dict, width: int) -> dict[int, int]:
     return counts
 
 
-def _fold(parts: list) -> tuple:
+def _fold(parts: Iterable) -> tuple:
     """(count, sum, min, max) of [count, sum, min, max] tile partials."""
     n, total, lo, hi = 0, 0.0, math.inf, -math.inf
     for tn, tsum, tlo, thi in parts:
