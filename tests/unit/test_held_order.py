@@ -15,20 +15,8 @@ from __future__ import annotations
 import asyncio
 import types
 from collections import defaultdict
-from dataclasses import dataclass
-
 from freshet.stream.engine import Counters, StreamEngine
-
-
-@dataclass(frozen=True)
-class Message:
-    topic: str
-    partition: int
-    offset: int
-
-    @property
-    def tp(self):
-        return (self.topic, self.partition)
+from test_held_messages import Message
 
 
 class Consumer:
