@@ -36,7 +36,7 @@ from pathlib import Path
 
 from freshet.features import FeatureRegistry, _view_spec
 from freshet.redis_layout import OnlineLayout
-from freshet.stream.crashpoints import CrashPoints
+from freshet.stream.crashpoints import stream_crash_points
 from freshet.stream.engine import Counters, FeatureSink, ViewProcessor, entity_key
 from freshet.stream.offline import PartBuffer
 
@@ -78,7 +78,7 @@ def main() -> None:
     sink.online = PackOnly(sink.layout)
     sink.offline = PartBuffer(max_rows=1 << 40)
     sink.offline_roots = {v.name: f"/nonexistent/{v.name}" for v in views}
-    sink.crash, sink.metrics = CrashPoints(""), None
+    sink.crash, sink.metrics = stream_crash_points(""), None
     processors = {v.name: ViewProcessor(v, types.SimpleNamespace(data={}), sink) for v in views}
     keys = {v.name: (lambda v: lambda row: entity_key(v, row))(v) for v in views}
     # ViewProcessor.checkpoint(owns) before 2026-12-03's commit-path change, (owner, owned, index) since:

@@ -190,6 +190,9 @@ class Settings:
     rollback_min_outcomes: int = 200
     rollback_looks: int = 4
     rollback_min_difference: float = 0.0
+    # Test hook for the crash tests, never for production: "<point>:<n>" makes `freshet monitor`
+    # SIGKILL itself the n-th time it passes that point (freshet.monitor.service.CRASH_POINTS).
+    monitor_test_crash_at: str = ""
     # The consumer group whose offsets and lag the dashboard (/ui) shows: `freshet stream --app-id`.
     dashboard_stream_group: str = "freshet-stream"
 

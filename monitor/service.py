@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from freshet.challengers import EVIDENCE_TAG, ROLLED_BACK
 from freshet.contracts import DRIFT_KINDS, ContractError, DriftAlert, Label, Prediction, RetrainRequest
+from freshet.crashpoints import CrashPoints
 from freshet.features import FeatureRegistry
 from freshet.exporter import MetricsEndpoint
 from freshet.settings import DEFAULT_FEATURE_SERVICE, DEFAULT_MODEL_NAME, Settings
@@ -49,6 +50,11 @@ log = logging.getLogger("freshet.monitor.service")
 
 STATE_FORMAT = "freshet.monitor.service/1"
 DEFAULT_REQUEST_FIELDS = ("amount",)
+# FRESHET_MONITOR_TEST_CRASH_AT's points (freshet.crashpoints), a test hook never set in production.
+CRASH_POINTS = {
+    "delivered": "a save's alerts or retrain requests are acknowledged by the broker, the state that covers "
+                 "them not yet saved",
+}
 
 
 class MonitorSetupError(ValueError):
@@ -369,6 +375,7 @@ class MonitorService:
         self._undelivered = 0
         self._stream_ts: float | None = None  # newest prediction time: the policy's clock for due requests
         self._last_snapshot = time.monotonic()
+        self.crash = CrashPoints(settings.monitor_test_crash_at, CRASH_POINTS, "FRESHET_MONITOR_TEST_CRASH_AT")
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -400,9 +407,12 @@ class MonitorService:
         """Flush the library, deliver what is queued, then save state and offsets together."""
         self._publish(self.monitor.flush())
         self._dirty = False
+        sent = len(self._outbox)
         if not self._deliver_outbox():
             log.warning("alerts not delivered; state not saved (a restart replays from the last save)")
             return False
+        if sent:
+            self.crash.reached("delivered")
         state = {"format": STATE_FORMAT, "saved_at": time.time(), "monitor": self.monitor.state_dict(),
                  "policy": self.policy.state_dict(),
                  "offsets": {t: {str(p): o for p, o in parts.items()} for t, parts in self.offsets.items()},

@@ -1,19 +1,17 @@
-"""A test hook: the stream worker SIGKILLs itself at a chosen point of its commit cycle.
+"""The stream worker's crash points (freshet.crashpoints): where one micro-batch and one commit can die.
 
-FRESHET_STREAM_TEST_CRASH_AT=<point>:<n> kills the worker (a real SIGKILL, no clean-up runs) the
-n-th time it passes <point>; the chaos tests use it to prove that no point loses or
-doubles anything. Unset (the default), `reached` is a no-op. Never set it in production.
+FRESHET_STREAM_TEST_CRASH_AT=<point>:<n> kills the worker the n-th time it passes <point>; the
+chaos tests use it to prove that no point loses or doubles anything.
+
+>>> stream_crash_points("nowhere:1")
+Traceback (most recent call last):
+...
+freshet.settings.SettingsError: FRESHET_STREAM_TEST_CRASH_AT names no crash point 'nowhere'; known: changelog-flushed, changelog-partial, committed, offline-written, redis-written
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
-
-from freshet.settings import SettingsError
-
-log = logging.getLogger("freshet.stream")
+from freshet.crashpoints import CrashPoints
 
 # In the order one micro-batch's effects and one commit pass them.
 POINTS = {
@@ -25,41 +23,5 @@ POINTS = {
 }
 
 
-class CrashPoints:
-    """Counts the passes of one armed point and kills the process on the n-th.
-
-    >>> CrashPoints("").armed("committed"), CrashPoints("committed:1").armed("committed")
-    (False, True)
-    >>> CrashPoints("nowhere:1")
-    Traceback (most recent call last):
-    ...
-    freshet.settings.SettingsError: FRESHET_STREAM_TEST_CRASH_AT names no crash point 'nowhere'; known: changelog-flushed, changelog-partial, committed, offline-written, redis-written
-    """
-
-    def __init__(self, spec: str):
-        self.point, self.at, self.passes = "", 0, 0
-        if not spec:
-            return
-        point, _, n = spec.rpartition(":")
-        if point not in POINTS:
-            raise SettingsError(f"FRESHET_STREAM_TEST_CRASH_AT names no crash point {point or spec!r}; "
-                                f"known: {', '.join(sorted(POINTS))}")
-        if not n.isdigit() or int(n) < 1:
-            raise SettingsError(f"FRESHET_STREAM_TEST_CRASH_AT={spec!r}: the count after ':' must be a positive integer")
-        self.point, self.at = point, int(n)
-        log.warning("test hook FRESHET_STREAM_TEST_CRASH_AT=%s: this worker SIGKILLs itself when %s (pass %d)",
-                    spec, POINTS[point], self.at)
-
-    def armed(self, point: str) -> bool:
-        """True when the next pass of `point` may be the fatal one (to make it meaningful first)."""
-        return point == self.point and self.passes + 1 == self.at
-
-    def reached(self, point: str) -> None:
-        if point != self.point:
-            return
-        self.passes += 1
-        if self.passes == self.at:
-            log.warning("test hook: SIGKILL at %s (pass %d)", point, self.passes)
-            for handler in logging.getLogger().handlers + log.handlers:
-                handler.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+def stream_crash_points(spec: str) -> CrashPoints:
+    return CrashPoints(spec, POINTS, "FRESHET_STREAM_TEST_CRASH_AT")

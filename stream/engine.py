@@ -49,7 +49,7 @@ from freshet.kafka import topic_config
 from freshet.settings import Settings
 from freshet.stream import chunks
 from freshet.stream.aggregations import ViewAggregator
-from freshet.stream.crashpoints import CrashPoints
+from freshet.stream.crashpoints import stream_crash_points
 from freshet.stream.events import EventDecoder, EventError
 from freshet.stream.expiry import TICK_S, IdleRefresh, StreamClock
 from freshet.stream.isolation import describe, is_infrastructure, split_failures
@@ -614,7 +614,7 @@ class FeatureSink:
         store = OfflineStore.of(settings)
         self.offline_roots = {name: store.locate(v.offline_path) for name, v in registry.views.items()
                               if v.offline_path}
-        self.crash = CrashPoints("")
+        self.crash = stream_crash_points("")
         self.metrics: Any = None  # a StreamMetrics when the worker exports metrics
 
     async def write(self, view: ViewSpec, rows: list[tuple[tuple, dict, float]], counters: Counters) -> None:
@@ -670,7 +670,7 @@ class StreamEngine:
         )
         self.redis = redis_client(settings, asyncio=True)  # a Redis Cluster with FRESHET_REDIS_CLUSTER=on
         self.sink = FeatureSink(settings, registry, self.redis)
-        self.crash = self.sink.crash = CrashPoints(settings.stream_test_crash_at)
+        self.crash = self.sink.crash = stream_crash_points(settings.stream_test_crash_at)
         self.markers = RowMarkers(self.redis, app_id)
         self.deadletter = self.app.topic(settings.topic_deadletter, key_serializer="raw", value_serializer="raw")
         self.processors: dict[str, ViewProcessor] = {}
