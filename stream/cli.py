@@ -10,6 +10,18 @@ import sys
 log = logging.getLogger("freshet.stream")
 
 
+def tune_collector() -> None:
+    """The cyclic collector as a worker runs it (bench/engine_cpu.py too, to time what a worker does).
+
+    Entity states are many small long-lived dicts and lists: with the default thresholds the
+    collector walks all of them again and again (they hold no cycles freshet relies on
+    collecting). Start-up objects are frozen out of its view altogether.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def cmd_stream(args, settings) -> int:
     from freshet import feature_versions, kafka
     from freshet.endpoints import check_redis_mode, resolve_endpoints
@@ -37,12 +49,7 @@ def cmd_stream(args, settings) -> int:
         if state == feature_versions.PENDING:
             log.info("feature view %s: version %d is pending; built from the raw log as partitions are taken (as "
                      "%s), active once every partition is built", view, number, stored)
-    # Entity states are many small long-lived dicts and lists: with the default thresholds
-    # the cyclic collector walks all of them again and again (they hold no cycles freshet
-    # relies on collecting). Start-up objects are frozen out of its view altogether.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    tune_collector()
     sys.argv = [sys.argv[0]]  # Faust's worker parses argv; ours is already parsed
     engine.run()
     return 0
