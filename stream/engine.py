@@ -31,6 +31,7 @@ import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from operator import itemgetter
 from typing import Any, Callable
 
@@ -156,6 +157,19 @@ def _raw_table(decoder: EventDecoder, accepted, ingested_at: float | None = None
     if ingested_at is not None:
         arrays["_ingested_at"] = pa.array([ingested_at] * len(offsets), pa.float64())
     return pa.table(arrays)
+
+
+def feature_table(view: ViewSpec, segments: list[tuple[list, float]]) -> pa.Table:
+    """The offline feature rows of micro-batches [(rows, created), ...]: join keys, every
+    feature, the event time and `created` (when its batch was written online)."""
+    rows = [row for part, _ in segments for row in part]
+    # transposed in C: every row's values are ViewAggregator.result's, in one order
+    keys, values = zip(*[r[0] for r in rows]), zip(*[r[1].values() for r in rows])
+    columns = {k: pa.array(col) for k, col in zip(view.join_keys, keys)}
+    columns.update((name, pa.array(col)) for name, col in zip(rows[0][1], values))
+    columns[view.timestamp_field] = _timestamps([r[2] for r in rows])
+    columns["created"] = _timestamps([created for part, created in segments for _ in part])
+    return pa.table(columns)
 
 
 def _bounded(blob: bytes, items: list) -> list[bytes]:
@@ -616,6 +630,7 @@ class FeatureSink:
                               if v.offline_path}
         self.crash = stream_crash_points("")
         self.metrics: Any = None  # a StreamMetrics when the worker exports metrics
+        self._tables: dict[str, Callable[[list], pa.Table]] = {}  # view -> feature_table for it
 
     async def write(self, view: ViewSpec, rows: list[tuple[tuple, dict, float]], counters: Counters) -> None:
         if view.online:
@@ -623,14 +638,11 @@ class FeatureSink:
             counters.rows_online += len(rows)
             self.crash.reached("redis-written")
         if view.offline_path:
-            # transposed in C: every row's values are ViewAggregator.result's, in one order
-            keys, values = zip(*[r[0] for r in rows]), zip(*[r[1].values() for r in rows])
-            columns = {k: pa.array(col) for k, col in zip(view.join_keys, keys)}
-            columns.update((name, pa.array(col)) for name, col in zip(rows[0][1], values))
-            columns[view.timestamp_field] = _timestamps([r[2] for r in rows])
-            columns["created"] = _timestamps([time.time()] * len(rows))
-            table = pa.table(columns)
-            self.offline.add(self.offline_roots[view.name], table, view.timestamp_field)
+            # made into an Arrow table when the parts are written, with every batch's rows since
+            build = self._tables.get(view.name)
+            if build is None:
+                build = self._tables[view.name] = partial(feature_table, view)
+            self.offline.add_rows(self.offline_roots[view.name], rows, time.time(), view.timestamp_field, build)
             counters.rows_offline += len(rows)
 
 

@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,6 +23,9 @@ PARTITION = "date"
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 1.0
 WAITING_LOG_S = 5.0
+# Rows queued as Python objects (RowBatches) are made into an Arrow table once this many wait
+# for a write: a commit held up (a full disk) then holds ~200 bytes a row, not ~1.5 KB
+ROWS_AS_OBJECTS = 50_000
 
 log = logging.getLogger("freshet.stream")
 
@@ -63,8 +67,47 @@ def read_parts(root: Location | Path | str, columns: list[str] | None = None,
     return read_table(part_files(root) if files is None else [as_location(f) for f in files], columns)
 
 
+class RowBatches:
+    """Rows of several micro-batches for one dataset, made into one table when written.
+
+    `build(segments)` turns [(rows, created), ...] into a table: one Arrow conversion per column
+    per write instead of per micro-batch, whose fixed cost (a `pa.array` per column, the
+    timestamp casts) was most of a small batch's offline cost. Rows whose values Arrow cannot
+    hold (the Redis encoding of the same row refuses them first) are left out with an error
+    rather than holding up every commit after them.
+    """
+
+    def __init__(self, build: Callable[[list], pa.Table]):
+        self.build = build
+        self.segments: list[tuple[list, float]] = []
+        self.rows = 0
+
+    def table(self) -> pa.Table | None:
+        try:
+            return self.build(self.segments)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+            kept = [([row], created) for rows, created in self.segments for row in rows if self._fits(row, created)]
+            log.error("offline rows: %d of %d cannot be written (%s: %s); the rest are",
+                      sum(len(rows) for rows, _ in self.segments) - len(kept),
+                      sum(len(rows) for rows, _ in self.segments), type(exc).__name__, exc)
+            return self.build(kept) if kept else None
+
+    def _fits(self, row, created: float) -> bool:
+        try:
+            self.build([([row], created)])
+            return True
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            return False
+
+
+def _tables(entries: list) -> list[pa.Table]:
+    """The queued tables, rows made into tables (none for rows that all failed)."""
+    tables = [e.table() if isinstance(e, RowBatches) else e for e in entries]
+    return [t for t in tables if t is not None]
+
+
 class PartBuffer:
-    """Collects tables per dataset; `take` empties it and `write` makes the part files.
+    """Collects tables (or rows, RowBatches) per dataset; `take` empties it and `write` makes the part files.
 
     The engine writes what it took before every offset commit, so whatever Kafka considers
     consumed is already on disk; a crash before that replays into new parts, and
@@ -82,6 +125,23 @@ class PartBuffer:
         self.rows += table.num_rows
         return self.rows >= self.max_rows
 
+    def add_rows(self, root: Location | Path | str, rows: list, created: float, ts_column: str,
+                 build: Callable[[list], pa.Table]) -> bool:
+        """Queue rows that `build` makes into a table when written (RowBatches); rows queued
+        one after another with the same `build` become one table. True when the buffer is full."""
+        entries = self._pending.setdefault((as_location(root), ts_column), [])
+        if not (entries and isinstance(entries[-1], RowBatches) and entries[-1].build is build):
+            entries.append(RowBatches(build))
+        last = entries[-1]
+        last.segments.append((rows, created))
+        last.rows += len(rows)
+        if last.rows >= ROWS_AS_OBJECTS:  # a stalled commit keeps Arrow tables, not Python rows
+            entries[-1] = last.table()
+            if entries[-1] is None:
+                entries.pop()
+        self.rows += len(rows)
+        return self.rows >= self.max_rows
+
     def take(self) -> dict:
         """What is queued (for `write`), leaving the buffer empty."""
         pending, self._pending, self.rows = self._pending, {}, 0
@@ -92,7 +152,9 @@ class PartBuffer:
         """Write what `take` returned; Arrow leaves the GIL while it encodes, so another thread may."""
         written = []
         for (root, ts_column), tables in pending.items():
-            written += append_parts(root, pa.concat_tables(tables, promote_options="permissive"), ts_column)
+            made = _tables(tables)
+            if made:
+                written += append_parts(root, pa.concat_tables(made, promote_options="permissive"), ts_column)
         return written
 
     @staticmethod
@@ -100,12 +162,11 @@ class PartBuffer:
         """`write`, each dataset retried with capped backoff while the disk refuses it (full,
         read-only for a while): the caller, and the offset commit after it, wait, logging why."""
         written, delay, since, logged = [], RETRY_FIRST_S, None, 0.0
-        pending = dict(pending)
+        pending = {dataset: made for dataset, entries in pending.items() if (made := _tables(entries))}
         while pending:
             (root, ts_column), tables = next(iter(pending.items()))
             try:
-                written += append_parts(root, pa.concat_tables(tables, promote_options="permissive"),
-                                        ts_column)
+                written += append_parts(root, pa.concat_tables(tables, promote_options="permissive"), ts_column)
             except OSError as exc:
                 now = time.monotonic()
                 if since is None or now - logged >= WAITING_LOG_S:
