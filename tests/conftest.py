@@ -15,9 +15,14 @@ from dataclasses import dataclass
 
 import pytest
 
+from freshet.cli import skip_feast_typechecks
 from freshet.settings import Settings, load_settings
 
 log = logging.getLogger("freshet.tests")
+
+# Feast imported as freshet's components import it (without typeguard's per-function
+# recompiling, ~3 s per process); `freshet apply` keeps the checks in a process of its own
+skip_feast_typechecks()
 
 
 @dataclass
