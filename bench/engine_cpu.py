@@ -34,14 +34,15 @@ import sys
 import time
 import types
 import warnings
+from functools import partial
 from pathlib import Path
 
 from freshet.features import FeatureRegistry, _view_spec
 from freshet.redis_layout import OnlineLayout
 from freshet.stream.cli import tune_collector
 from freshet.stream.crashpoints import stream_crash_points
-from freshet.stream.engine import Counters, FeatureSink, ViewProcessor, entity_key
-from freshet.stream.offline import PartBuffer, _tables
+from freshet.stream.engine import Counters, FeatureSink, ViewProcessor, entity_key, feature_table
+from freshet.stream.offline import PartBuffer, tables_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,7 +82,8 @@ def main() -> None:
     sink.online = PackOnly(sink.layout)
     sink.offline = PartBuffer(max_rows=1 << 40)
     sink.offline_roots = {v.name: f"/nonexistent/{v.name}" for v in views}
-    sink.crash, sink.metrics, sink._tables = stream_crash_points(""), None, {}
+    sink.crash, sink.metrics = stream_crash_points(""), None
+    sink.offline_tables = {v.name: partial(feature_table, v) for v in views}
     processors = {v.name: ViewProcessor(v, types.SimpleNamespace(data={}), sink) for v in views}
     keys = {v.name: (lambda v: lambda row: entity_key(v, row))(v) for v in views}
     # ViewProcessor.checkpoint(owns) before 2026-12-03's commit-path change, (owner, owned, index) since:
@@ -115,7 +117,7 @@ def main() -> None:
                 counters.timed("checkpoint_encode", t0)
                 t0 = time.perf_counter()
                 for entries in sink.offline.take().values():  # the writer thread's Arrow tables, not written
-                    _tables(entries)
+                    tables_of(entries)
                 counters.timed("offline_tables", t0)
 
     tune_collector()  # as `freshet stream` does: without it the collector's walks over the states cost 15-30% more

@@ -628,9 +628,10 @@ class FeatureSink:
         store = OfflineStore.of(settings)
         self.offline_roots = {name: store.locate(v.offline_path) for name, v in registry.views.items()
                               if v.offline_path}
+        # how each view's queued offline rows become a table when its parts are written
+        self.offline_tables = {name: partial(feature_table, v) for name, v in registry.views.items() if v.offline_path}
         self.crash = stream_crash_points("")
         self.metrics: Any = None  # a StreamMetrics when the worker exports metrics
-        self._tables: dict[str, Callable[[list], pa.Table]] = {}  # view -> feature_table for it
 
     async def write(self, view: ViewSpec, rows: list[tuple[tuple, dict, float]], counters: Counters) -> None:
         if view.online:
@@ -639,10 +640,8 @@ class FeatureSink:
             self.crash.reached("redis-written")
         if view.offline_path:
             # made into an Arrow table when the parts are written, with every batch's rows since
-            build = self._tables.get(view.name)
-            if build is None:
-                build = self._tables[view.name] = partial(feature_table, view)
-            self.offline.add_rows(self.offline_roots[view.name], rows, time.time(), view.timestamp_field, build)
+            self.offline.add_rows(self.offline_roots[view.name], rows, time.time(), view.timestamp_field,
+                                  self.offline_tables[view.name])
             counters.rows_offline += len(rows)
 
 

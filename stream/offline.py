@@ -100,7 +100,7 @@ class RowBatches:
             return False
 
 
-def _tables(entries: list) -> list[pa.Table]:
+def tables_of(entries: list) -> list[pa.Table]:
     """The queued tables, rows made into tables (none for rows that all failed)."""
     tables = [e.table() if isinstance(e, RowBatches) else e for e in entries]
     return [t for t in tables if t is not None]
@@ -152,7 +152,7 @@ class PartBuffer:
         """Write what `take` returned; Arrow leaves the GIL while it encodes, so another thread may."""
         written = []
         for (root, ts_column), tables in pending.items():
-            made = _tables(tables)
+            made = tables_of(tables)
             if made:
                 written += append_parts(root, pa.concat_tables(made, promote_options="permissive"), ts_column)
         return written
@@ -162,7 +162,7 @@ class PartBuffer:
         """`write`, each dataset retried with capped backoff while the disk refuses it (full,
         read-only for a while): the caller, and the offset commit after it, wait, logging why."""
         written, delay, since, logged = [], RETRY_FIRST_S, None, 0.0
-        pending = {dataset: made for dataset, entries in pending.items() if (made := _tables(entries))}
+        pending = {dataset: made for dataset, entries in pending.items() if (made := tables_of(entries))}
         while pending:
             (root, ts_column), tables = next(iter(pending.items()))
             try:
